@@ -1,0 +1,483 @@
+//! Opening, validating and using a CERSA directory.
+
+use crate::dtype::{decode_f32, Dtype};
+use crate::error::{Error, Result};
+use crate::manifest::{
+    factor_names, Manifest, TensorInfo, TensorKind, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE,
+};
+use crate::mmap::MappedFile;
+use crate::safetensors::{self, Header};
+use crate::writer::hex;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// Manifest size cap: a manifest lists each tensor in ~400 bytes, so 256 MiB covers
+/// hundreds of thousands of tensors; larger is hostile.
+pub const MAX_MANIFEST_SIZE: u64 = 256 << 20;
+
+/// Options of [`Checkpoint::open_with`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenOptions {
+    /// Also compare every shard's sha256 with the manifest (reads every byte).
+    pub verify_checksums: bool,
+}
+
+struct Shard {
+    path: PathBuf,
+    map: MappedFile,
+    header: Header,
+}
+
+/// A stored tensor: dtype, shape and its little-endian bytes inside a mapped shard.
+#[derive(Debug, Clone, Copy)]
+pub struct RawTensor<'a> {
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: &'a [usize],
+    /// Little-endian element bytes, row-major.
+    pub bytes: &'a [u8],
+}
+
+impl RawTensor<'_> {
+    /// Values as f32 (F64 rounded); `None` for integer and bool dtypes.
+    pub fn to_f32(&self) -> Option<Vec<f32>> {
+        decode_f32(self.dtype, self.bytes)
+    }
+}
+
+/// The three factors of a factored tensor: W ≈ U · diag(s) · Vᵀ.
+#[derive(Debug, Clone, Copy)]
+pub struct Factors<'a> {
+    /// `U_r`, [m, r].
+    pub u: RawTensor<'a>,
+    /// `σ_r`, [r], F32.
+    pub s: RawTensor<'a>,
+    /// `V_rᵀ`, [r, n].
+    pub vt: RawTensor<'a>,
+    /// Rank r.
+    pub rank: usize,
+    /// Matrix view [m, n] of the original tensor.
+    pub matrix_shape: [usize; 2],
+}
+
+/// A tensor of the checkpoint as stored.
+#[derive(Debug, Clone, Copy)]
+pub enum TensorView<'a> {
+    /// Stored unchanged.
+    Dense(RawTensor<'a>),
+    /// Stored as factors.
+    Factored(Factors<'a>),
+}
+
+/// A row-major f32 matrix.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Matrix {
+    /// Rows.
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+    /// `rows × cols` values, row-major.
+    pub data: Vec<f32>,
+}
+
+/// An open, validated CERSA checkpoint. Shards are memory-mapped; views borrow from them.
+pub struct Checkpoint {
+    dir: PathBuf,
+    manifest: Manifest,
+    shards: Vec<Shard>,
+    /// Stored tensor name → (shard index, entry index in that shard's header).
+    index: HashMap<String, (usize, usize)>,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("dir", &self.dir)
+            .field("tensors", &self.manifest.tensors.len())
+            .field("shards", &self.shards.len())
+            .finish()
+    }
+}
+
+fn mismatch(path: &Path, tensor: &str, reason: String) -> Error {
+    Error::Mismatch {
+        path: path.to_path_buf(),
+        tensor: tensor.to_string(),
+        reason,
+    }
+}
+
+/// Reads and parses `cersa.json` of `dir` without opening shards.
+pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let path = dir.join(MANIFEST_FILE);
+    let meta = std::fs::metadata(&path).map_err(|e| Error::io(&path, "stat", e))?;
+    if meta.len() > MAX_MANIFEST_SIZE {
+        return Err(Error::Manifest {
+            path,
+            reason: format!("{} bytes exceeds the {MAX_MANIFEST_SIZE}-byte cap", meta.len()),
+        });
+    }
+    let text = std::fs::read(&path).map_err(|e| Error::io(&path, "read", e))?;
+    let manifest: Manifest = serde_json::from_slice(&text).map_err(|e| Error::Manifest {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    if manifest.format != FORMAT_NAME {
+        return Err(Error::Manifest {
+            path,
+            reason: format!("format is {:?}, expected \"cersa\"", manifest.format),
+        });
+    }
+    if manifest.format_version != FORMAT_VERSION {
+        return Err(Error::Manifest {
+            path,
+            reason: format!(
+                "format_version {} is not supported (this reader knows {FORMAT_VERSION})",
+                manifest.format_version
+            ),
+        });
+    }
+    Ok(manifest)
+}
+
+impl Checkpoint {
+    /// Opens `dir` and validates manifest ↔ shards (names, shapes, dtypes, sizes, ranks).
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(dir, OpenOptions::default())
+    }
+
+    /// Like [`Checkpoint::open`], with options (e.g. sha256 verification).
+    pub fn open_with(dir: impl AsRef<Path>, options: OpenOptions) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        let manifest = read_manifest(&dir)?;
+        let manifest_path = dir.join(MANIFEST_FILE);
+        let mut shards = Vec::with_capacity(manifest.shards.len());
+        let mut index = HashMap::new();
+        let mut shard_of_file = BTreeMap::new();
+        for (k, info) in manifest.shards.iter().enumerate() {
+            if info.file.contains('/') || info.file.contains('\\') || info.file.starts_with('.') {
+                return Err(Error::Manifest {
+                    path: manifest_path,
+                    reason: format!("shard file name {:?} must be a plain file name", info.file),
+                });
+            }
+            if shard_of_file.insert(info.file.clone(), k).is_some() {
+                return Err(Error::Manifest {
+                    path: manifest_path,
+                    reason: format!("shard {:?} listed twice", info.file),
+                });
+            }
+            let path = dir.join(&info.file);
+            let len = std::fs::metadata(&path)
+                .map_err(|e| Error::io(&path, "stat", e))?
+                .len();
+            if len != info.bytes {
+                return Err(Error::Checksum {
+                    path,
+                    what: "size",
+                    expected: info.bytes.to_string(),
+                    found: len.to_string(),
+                });
+            }
+            // SAFETY (of the contract): CERSA shards are written once and never modified
+            // in place; see `MappedFile::open`.
+            #[allow(unsafe_code)]
+            let map = unsafe { MappedFile::open(&path)? };
+            if options.verify_checksums {
+                let found = hex(&Sha256::digest(map.bytes()));
+                if !found.eq_ignore_ascii_case(&info.sha256) {
+                    return Err(Error::Checksum {
+                        path,
+                        what: "sha256",
+                        expected: info.sha256.clone(),
+                        found,
+                    });
+                }
+            }
+            let header = safetensors::parse(map.bytes()).map_err(|kind| Error::Safetensors {
+                path: path.clone(),
+                kind,
+            })?;
+            for (i, t) in header.tensors.iter().enumerate() {
+                if index.insert(t.name.clone(), (k, i)).is_some() {
+                    return Err(mismatch(&path, &t.name, "stored in more than one shard".into()));
+                }
+            }
+            shards.push(Shard { path, map, header });
+        }
+        let ckpt = Checkpoint {
+            dir,
+            manifest,
+            shards,
+            index,
+        };
+        ckpt.validate(&shard_of_file)?;
+        Ok(ckpt)
+    }
+
+    fn validate(&self, shard_of_file: &BTreeMap<String, usize>) -> Result<()> {
+        let mpath = self.dir.join(MANIFEST_FILE);
+        let mut claimed = 0usize;
+        for (name, info) in &self.manifest.tensors {
+            let &k = shard_of_file.get(&info.shard).ok_or_else(|| {
+                mismatch(&mpath, name, format!("shard {:?} is not in the shard list", info.shard))
+            })?;
+            let check = |stored: &str, dtype: Dtype, shape: &[usize]| -> Result<()> {
+                let (sk, i) = *self.index.get(stored).ok_or_else(|| {
+                    mismatch(&self.shards[k].path, stored, "listed in the manifest but missing from its shard".into())
+                })?;
+                let shard = &self.shards[sk];
+                if sk != k {
+                    return Err(mismatch(&shard.path, stored, format!("manifest says shard {:?}", info.shard)));
+                }
+                let e = &shard.header.tensors[i];
+                if e.dtype != dtype || e.shape != shape {
+                    return Err(mismatch(
+                        &shard.path,
+                        stored,
+                        format!("expected {dtype} {shape:?}, found {} {:?}", e.dtype, e.shape),
+                    ));
+                }
+                Ok(())
+            };
+            match info.kind {
+                TensorKind::Dense => {
+                    check(name, info.stored_dtype, &info.shape)?;
+                    claimed += 1;
+                }
+                TensorKind::Factored => {
+                    let (m, n, r) = factored_dims(&mpath, name, info)?;
+                    let (u, s, vt) = factor_names(name);
+                    check(&u, info.stored_dtype, &[m, r])?;
+                    check(&s, Dtype::F32, &[r])?;
+                    check(&vt, info.stored_dtype, &[r, n])?;
+                    claimed += 3;
+                }
+            }
+        }
+        if claimed != self.index.len() {
+            let stray = self
+                .index
+                .keys()
+                .filter(|n| !self.is_claimed(n))
+                .min()
+                .cloned()
+                .unwrap_or_default();
+            let path = self
+                .index
+                .get(&stray)
+                .map(|(k, _)| self.shards[*k].path.clone())
+                .unwrap_or(mpath);
+            return Err(mismatch(&path, &stray, "stored in a shard but not listed in the manifest".into()));
+        }
+        Ok(())
+    }
+
+    fn is_claimed(&self, stored: &str) -> bool {
+        if let Some(info) = self.manifest.tensors.get(stored) {
+            if info.kind == TensorKind::Dense {
+                return true;
+            }
+        }
+        for suffix in [crate::SUFFIX_U, crate::SUFFIX_S, crate::SUFFIX_VT] {
+            if let Some(base) = stored.strip_suffix(suffix) {
+                if let Some(info) = self.manifest.tensors.get(base) {
+                    return info.kind == TensorKind::Factored;
+                }
+            }
+        }
+        false
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Names of all tensors (source names), sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.manifest.tensors.keys().map(String::as_str)
+    }
+
+    fn raw(&self, stored: &str) -> Result<RawTensor<'_>> {
+        let &(k, i) = self
+            .index
+            .get(stored)
+            .ok_or_else(|| Error::UnknownTensor(stored.to_string()))?;
+        let shard = &self.shards[k];
+        let e = &shard.header.tensors[i];
+        let bytes = shard
+            .map
+            .bytes()
+            .get(shard.header.file_range(e))
+            .ok_or_else(|| mismatch(&shard.path, stored, "data outside the file".into()))?;
+        Ok(RawTensor {
+            dtype: e.dtype,
+            shape: &e.shape,
+            bytes,
+        })
+    }
+
+    /// The stored form of tensor `name`.
+    pub fn get(&self, name: &str) -> Result<TensorView<'_>> {
+        let info = self
+            .manifest
+            .tensors
+            .get(name)
+            .ok_or_else(|| Error::UnknownTensor(name.to_string()))?;
+        match info.kind {
+            TensorKind::Dense => Ok(TensorView::Dense(self.raw(name)?)),
+            TensorKind::Factored => {
+                let (m, n, r) = factored_dims(&self.dir.join(MANIFEST_FILE), name, info)?;
+                let (u, s, vt) = factor_names(name);
+                Ok(TensorView::Factored(Factors {
+                    u: self.raw(&u)?,
+                    s: self.raw(&s)?,
+                    vt: self.raw(&vt)?,
+                    rank: r,
+                    matrix_shape: [m, n],
+                }))
+            }
+        }
+    }
+
+    /// The matrix W (factored: U·diag(s)·Vᵀ; dense: the tensor viewed as
+    /// [shape[0], rest]) as f32.
+    pub fn reconstruct(&self, name: &str) -> Result<Matrix> {
+        match self.get(name)? {
+            TensorView::Dense(t) => {
+                let (rows, cols) = dense_matrix_dims(name, t.shape)?;
+                let data = t.to_f32().ok_or_else(|| Error::Usage {
+                    tensor: name.to_string(),
+                    reason: format!("dtype {} is not a float type", t.dtype),
+                })?;
+                Ok(Matrix { rows, cols, data })
+            }
+            TensorView::Factored(f) => {
+                let (u, s, vt) = decode_factors(name, &f)?;
+                let [m, n] = f.matrix_shape;
+                let r = f.rank;
+                let mut data = vec![0f32; m * n];
+                for i in 0..m {
+                    let row = &mut data[i * n..(i + 1) * n];
+                    for k in 0..r {
+                        let c = u[i * r + k] * s[k];
+                        let vrow = &vt[k * n..(k + 1) * n];
+                        row.iter_mut().zip(vrow).for_each(|(o, v)| *o += c * v);
+                    }
+                }
+                Ok(Matrix { rows: m, cols: n, data })
+            }
+        }
+    }
+
+    /// y = x · Wᵀ for `x` of shape [rows, n] (row-major), computed through the factors
+    /// ((x·V)·diag(s))·Uᵀ without forming W. Returns [rows, m].
+    pub fn apply(&self, name: &str, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let usage = |reason: String| Error::Usage {
+            tensor: name.to_string(),
+            reason,
+        };
+        match self.get(name)? {
+            TensorView::Dense(t) => {
+                let (m, n) = dense_matrix_dims(name, t.shape)?;
+                if x.len() != rows * n {
+                    return Err(usage(format!("x has {} values, expected {rows}×{n}", x.len())));
+                }
+                let w = t
+                    .to_f32()
+                    .ok_or_else(|| usage(format!("dtype {} is not a float type", t.dtype)))?;
+                Ok(matmul_bt(x, rows, n, &w, m))
+            }
+            TensorView::Factored(f) => {
+                let [m, n] = f.matrix_shape;
+                if x.len() != rows * n {
+                    return Err(usage(format!("x has {} values, expected {rows}×{n}", x.len())));
+                }
+                let (u, s, vt) = decode_factors(name, &f)?;
+                let r = f.rank;
+                // t = x · V (V = vtᵀ): t[b, k] = Σ_j x[b, j] vt[k, j]
+                let mut t = matmul_bt(x, rows, n, &vt, r);
+                for row in t.chunks_exact_mut(r.max(1)) {
+                    row.iter_mut().zip(&s).for_each(|(a, b)| *a *= b);
+                }
+                // y = t · Uᵀ: y[b, i] = Σ_k t[b, k] u[i, k]
+                Ok(matmul_bt(&t, rows, r, &u, m))
+            }
+        }
+    }
+}
+
+fn factored_dims(mpath: &Path, name: &str, info: &TensorInfo) -> Result<(usize, usize, usize)> {
+    let [m, n] = info
+        .matrix_shape
+        .ok_or_else(|| mismatch(mpath, name, "factored without matrix_shape".into()))?;
+    let r = info
+        .rank
+        .ok_or_else(|| mismatch(mpath, name, "factored without rank".into()))?;
+    let numel = info.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    if info.shape.len() < 2 || numel != m.checked_mul(n) || info.shape.first() != Some(&m) {
+        return Err(mismatch(
+            mpath,
+            name,
+            format!("matrix_shape [{m}, {n}] does not fit shape {:?}", info.shape),
+        ));
+    }
+    if r == 0 || r > m.min(n) {
+        return Err(mismatch(mpath, name, format!("rank {r} outside 1..=min({m}, {n})")));
+    }
+    if !info.stored_dtype.is_factor_float() {
+        return Err(mismatch(mpath, name, format!("factor dtype {} is not a float type", info.stored_dtype)));
+    }
+    Ok((m, n, r))
+}
+
+fn dense_matrix_dims(name: &str, shape: &[usize]) -> Result<(usize, usize)> {
+    match shape {
+        [] | [_] => Err(Error::Usage {
+            tensor: name.to_string(),
+            reason: format!("shape {shape:?} is not a matrix"),
+        }),
+        [m, rest @ ..] => Ok((*m, rest.iter().product())),
+    }
+}
+
+fn decode_factors(name: &str, f: &Factors<'_>) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let bad = |what: &str| Error::Usage {
+        tensor: name.to_string(),
+        reason: format!("{what} is not a float tensor"),
+    };
+    Ok((
+        f.u.to_f32().ok_or_else(|| bad("cersa_u"))?,
+        f.s.to_f32().ok_or_else(|| bad("cersa_s"))?,
+        f.vt.to_f32().ok_or_else(|| bad("cersa_vt"))?,
+    ))
+}
+
+/// a [rows, k] · bᵀ where b is [cols, k]; both row-major. Result [rows, cols].
+/// Inner products run over contiguous rows of both operands.
+fn matmul_bt(a: &[f32], rows: usize, k: usize, b: &[f32], cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; rows * cols];
+    if k == 0 {
+        return out;
+    }
+    for (i, arow) in a.chunks_exact(k).enumerate().take(rows) {
+        for (j, brow) in b.chunks_exact(k).enumerate().take(cols) {
+            // f64 accumulation: the loader is a reference path, not a hot loop.
+            let dot: f64 = arow
+                .iter()
+                .zip(brow)
+                .map(|(x, y)| f64::from(*x) * f64::from(*y))
+                .sum();
+            out[i * cols + j] = dot as f32;
+        }
+    }
+    out
+}

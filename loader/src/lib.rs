@@ -1,0 +1,22 @@
+#![doc = include_str!("../../formats/cersa-v1.md")]
+#![deny(missing_docs)]
+#![deny(unsafe_code)]
+
+pub mod checkpoint;
+pub mod dtype;
+pub mod error;
+pub mod manifest;
+pub mod mmap;
+pub mod safetensors;
+pub mod writer;
+
+pub use checkpoint::{
+    read_manifest, Checkpoint, Factors, Matrix, OpenOptions, RawTensor, TensorView,
+};
+pub use dtype::Dtype;
+pub use error::{Error, Result, SafetensorsError};
+pub use manifest::{
+    factor_names, shard_file_name, DenseReason, Manifest, TensorInfo, TensorKind, FORMAT_NAME,
+    FORMAT_VERSION, MANIFEST_FILE, SUFFIX_S, SUFFIX_U, SUFFIX_VT,
+};
+pub use writer::CheckpointWriter;

@@ -1,0 +1,192 @@
+//! The `cersa.json` manifest: serde types of the CERSA v1 wire format.
+
+use crate::dtype::Dtype;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Value of the manifest's `format` field.
+pub const FORMAT_NAME: &str = "cersa";
+/// The format version this crate reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+/// File name of the manifest inside a CERSA directory.
+pub const MANIFEST_FILE: &str = "cersa.json";
+/// Suffix of the left factor `U_r` ([m, r]).
+pub const SUFFIX_U: &str = ".cersa_u";
+/// Suffix of the singular values `σ_r` ([r], always F32).
+pub const SUFFIX_S: &str = ".cersa_s";
+/// Suffix of the right factor `V_rᵀ` ([r, n]).
+pub const SUFFIX_VT: &str = ".cersa_vt";
+
+/// The whole manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always `"cersa"`.
+    pub format: String,
+    /// Always 1 for this version.
+    pub format_version: u32,
+    /// The program that wrote the checkpoint.
+    pub producer: Producer,
+    /// The options the checkpoint was made with.
+    pub config: ConvertConfig,
+    /// What was converted.
+    pub source: SourceInfo,
+    /// Shard files, in order.
+    pub shards: Vec<ShardInfo>,
+    /// Every tensor of the source, keyed by its source name.
+    pub tensors: BTreeMap<String, TensorInfo>,
+    /// Sums over all tensors.
+    pub totals: Totals,
+}
+
+/// Name and version of the writer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Producer {
+    /// Program name.
+    pub name: String,
+    /// Program version.
+    pub version: String,
+}
+
+/// Conversion options recorded in the manifest (enough to reproduce the output).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConvertConfig {
+    /// Energy threshold τ in (0, 1].
+    pub energy: f64,
+    /// Lower clamp of the rank.
+    pub min_rank: usize,
+    /// Upper clamp of the rank (`null`: none).
+    pub max_rank: Option<usize>,
+    /// Ranks are rounded up to a multiple of this.
+    pub rank_multiple: usize,
+    /// Factor dtype option: `source`, `f32`, `f16` or `bf16`.
+    pub dtype: String,
+    /// Decomposition algorithm (`svd`, ...).
+    pub algorithm: String,
+    /// Whether matrices were factored even when that saves nothing.
+    pub force_factor: bool,
+    /// `--include` globs.
+    pub include: Vec<String>,
+    /// `--exclude` globs.
+    pub exclude: Vec<String>,
+    /// Maximum shard size in bytes.
+    pub max_shard_size: u64,
+}
+
+/// The converted source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceInfo {
+    /// Source format (`safetensors`, `gguf`, `pytorch`).
+    pub format: String,
+    /// Source files (names relative to the source directory) with their sizes.
+    pub files: Vec<SourceFile>,
+    /// Format-specific facts (e.g. GGUF version, architecture); may be empty.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub details: BTreeMap<String, serde_json::Value>,
+}
+
+/// One source file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceFile {
+    /// File name, relative to the source directory.
+    pub file: String,
+    /// Size in bytes.
+    pub bytes: u64,
+}
+
+/// One shard file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardInfo {
+    /// File name inside the CERSA directory.
+    pub file: String,
+    /// Size in bytes.
+    pub bytes: u64,
+    /// Lowercase hex sha256 of the whole file.
+    pub sha256: String,
+}
+
+/// How a tensor is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TensorKind {
+    /// As `NAME.cersa_u`, `NAME.cersa_s`, `NAME.cersa_vt`.
+    Factored,
+    /// As `NAME`, unchanged.
+    Dense,
+}
+
+/// Why a tensor is stored dense.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DenseReason {
+    /// Not selected by the include/exclude rules.
+    Excluded,
+    /// Fewer than 2 dimensions.
+    NotAMatrix,
+    /// Integer or bool dtype.
+    NonFloat,
+    /// r·(m+n+1) ≥ m·n: the factors would not be smaller.
+    NoSaving,
+    /// ‖W‖_F = 0 (including matrices with a zero dimension).
+    Zero,
+}
+
+/// One tensor of the manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TensorInfo {
+    /// `factored` or `dense`.
+    pub kind: TensorKind,
+    /// Original shape.
+    pub shape: Vec<usize>,
+    /// Dtype in the source (a safetensors dtype name, or e.g. a GGUF type name).
+    pub source_dtype: String,
+    /// Dtype of the stored tensor (dense) or of `cersa_u`/`cersa_vt` (factored).
+    pub stored_dtype: Dtype,
+    /// Shard file holding the stored tensors.
+    pub shard: String,
+    /// Matrix view [m, n] that was factored (factored only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matrix_shape: Option<[usize; 2]>,
+    /// Kept rank r (factored only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<usize>,
+    /// Retained energy Σ_{i≤r} σᵢ² / ‖W‖_F² (factored only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub energy: Option<f64>,
+    /// ‖W − Ŵ‖_F / ‖W‖_F measured on the stored factors (factored only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rel_error: Option<f64>,
+    /// Why the tensor is dense (dense only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<DenseReason>,
+}
+
+/// Sums over all tensors.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    /// Elements in the source.
+    pub source_params: u64,
+    /// Tensor bytes in the source.
+    pub source_bytes: u64,
+    /// Elements stored (factors + dense tensors).
+    pub stored_params: u64,
+    /// Tensor bytes stored.
+    pub stored_bytes: u64,
+    /// Number of factored tensors.
+    pub factored_tensors: u64,
+    /// Number of dense tensors.
+    pub dense_tensors: u64,
+}
+
+/// Names of the three stored tensors of factored tensor `name`: (u, s, vt).
+pub fn factor_names(name: &str) -> (String, String, String) {
+    (
+        format!("{name}{SUFFIX_U}"),
+        format!("{name}{SUFFIX_S}"),
+        format!("{name}{SUFFIX_VT}"),
+    )
+}
+
+/// Shard file name `cersa-0000k-of-0000N.safetensors` (1-based `k`).
+pub fn shard_file_name(k: usize, n: usize) -> String {
+    format!("cersa-{k:05}-of-{n:05}.safetensors")
+}

@@ -1,0 +1,266 @@
+//! Streaming writer of CERSA shards and manifest.
+//!
+//! Tensor data is appended to a per-shard data file as it arrives; when a shard is
+//! closed its safetensors header (known only then) is written, followed by the data,
+//! and the file's sha256 is taken on the way. Memory use is one copy buffer, whatever
+//! the tensor sizes.
+
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+use crate::manifest::{shard_file_name, Manifest, ShardInfo, MANIFEST_FILE};
+use crate::safetensors::serialize_header;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+/// Shard `__metadata__` every CERSA shard carries.
+pub fn shard_metadata() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("format".to_string(), "cersa".to_string()),
+        ("cersa_version".to_string(), "1".to_string()),
+    ])
+}
+
+struct OpenShard {
+    data_path: PathBuf,
+    data: BufWriter<File>,
+    entries: Vec<(String, Dtype, Vec<usize>, usize)>,
+    bytes: u64,
+}
+
+struct OpenTensor {
+    expected: usize,
+    written: usize,
+}
+
+/// Writes the shards and manifest of a CERSA checkpoint into an existing, empty
+/// directory. The caller makes that directory appear atomically (see the converter).
+pub struct CheckpointWriter {
+    dir: PathBuf,
+    max_shard_size: u64,
+    closed: Vec<(PathBuf, u64, String)>,
+    current: Option<OpenShard>,
+    tensor: Option<OpenTensor>,
+    group_shard: BTreeMap<String, usize>,
+}
+
+impl CheckpointWriter {
+    /// Starts writing into `dir`; a shard is closed before it would exceed
+    /// `max_shard_size` bytes of tensor data (a single larger group gets its own shard).
+    pub fn new(dir: &Path, max_shard_size: u64) -> Self {
+        CheckpointWriter {
+            dir: dir.to_path_buf(),
+            max_shard_size: max_shard_size.max(1),
+            closed: Vec::new(),
+            current: None,
+            tensor: None,
+            group_shard: BTreeMap::new(),
+        }
+    }
+
+    /// Starts the stored tensors of manifest entry `name` (`total_bytes` in all); they
+    /// all go to the same shard.
+    pub fn begin_group(&mut self, name: &str, total_bytes: u64) -> Result<()> {
+        let need_new = match &self.current {
+            None => true,
+            Some(s) => s.bytes > 0 && s.bytes.saturating_add(total_bytes) > self.max_shard_size,
+        };
+        if need_new {
+            self.close_current()?;
+            let index = self.closed.len();
+            let data_path = self.dir.join(format!(".shard-{:05}.data", index + 1));
+            let file = File::create(&data_path).map_err(|e| Error::io(&data_path, "create", e))?;
+            self.current = Some(OpenShard {
+                data_path,
+                data: BufWriter::with_capacity(1 << 20, file),
+                entries: Vec::new(),
+                bytes: 0,
+            });
+        }
+        self.group_shard.insert(name.to_string(), self.closed.len());
+        Ok(())
+    }
+
+    /// Starts one stored tensor in the current group.
+    pub fn begin_tensor(&mut self, name: &str, dtype: Dtype, shape: &[usize]) -> Result<()> {
+        let shard = self.current.as_mut().ok_or_else(|| Error::Usage {
+            tensor: name.to_string(),
+            reason: "begin_tensor called before begin_group".into(),
+        })?;
+        let expected = shape
+            .iter()
+            .try_fold(dtype.size(), |a, &d| a.checked_mul(d))
+            .ok_or_else(|| Error::Usage {
+                tensor: name.to_string(),
+                reason: format!("shape {shape:?} overflows"),
+            })?;
+        shard
+            .entries
+            .push((name.to_string(), dtype, shape.to_vec(), expected));
+        self.tensor = Some(OpenTensor {
+            expected,
+            written: 0,
+        });
+        Ok(())
+    }
+
+    /// Appends bytes of the open tensor.
+    pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        let (Some(shard), Some(t)) = (self.current.as_mut(), self.tensor.as_mut()) else {
+            return Err(Error::Usage {
+                tensor: String::new(),
+                reason: "write called without an open tensor".into(),
+            });
+        };
+        t.written += bytes.len();
+        if t.written > t.expected {
+            let name = shard.entries.last().map(|e| e.0.clone()).unwrap_or_default();
+            return Err(Error::Usage {
+                tensor: name,
+                reason: format!("{} bytes written, shape needs {}", t.written, t.expected),
+            });
+        }
+        shard
+            .data
+            .write_all(bytes)
+            .map_err(|e| Error::io(&shard.data_path, "write", e))?;
+        shard.bytes += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Ends the open tensor; its byte count must match its shape.
+    pub fn end_tensor(&mut self) -> Result<()> {
+        let t = self.tensor.take();
+        let name = self
+            .current
+            .as_ref()
+            .and_then(|s| s.entries.last())
+            .map(|e| e.0.clone())
+            .unwrap_or_default();
+        match t {
+            Some(t) if t.written == t.expected => Ok(()),
+            Some(t) => Err(Error::Usage {
+                tensor: name,
+                reason: format!("{} bytes written, shape needs {}", t.written, t.expected),
+            }),
+            None => Err(Error::Usage {
+                tensor: name,
+                reason: "end_tensor without begin_tensor".into(),
+            }),
+        }
+    }
+
+    /// Writes a whole stored tensor from memory.
+    pub fn write_tensor(&mut self, name: &str, dtype: Dtype, shape: &[usize], bytes: &[u8]) -> Result<()> {
+        self.begin_tensor(name, dtype, shape)?;
+        self.write(bytes)?;
+        self.end_tensor()
+    }
+
+    fn close_current(&mut self) -> Result<()> {
+        let Some(shard) = self.current.take() else {
+            return Ok(());
+        };
+        let index = self.closed.len();
+        let data_file = shard
+            .data
+            .into_inner()
+            .map_err(|e| Error::io(&self.dir, "flush", e.into_error()))?;
+        drop(data_file);
+        let header = serialize_header(&shard_metadata(), &shard.entries);
+        let path = self.dir.join(format!(".shard-{:05}.safetensors", index + 1));
+        let mut hasher = Sha256::new();
+        let out = File::create(&path).map_err(|e| Error::io(&path, "create", e))?;
+        let mut out = BufWriter::with_capacity(1 << 20, out);
+        hasher.update(&header);
+        out.write_all(&header).map_err(|e| Error::io(&path, "write", e))?;
+        let mut data =
+            File::open(&shard.data_path).map_err(|e| Error::io(&shard.data_path, "open", e))?;
+        let mut buf = vec![0u8; 8 << 20];
+        loop {
+            let n = data
+                .read(&mut buf)
+                .map_err(|e| Error::io(&shard.data_path, "read", e))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n]).map_err(|e| Error::io(&path, "write", e))?;
+        }
+        let out = out
+            .into_inner()
+            .map_err(|e| Error::io(&path, "flush", e.into_error()))?;
+        out.sync_all().map_err(|e| Error::io(&path, "sync", e))?;
+        std::fs::remove_file(&shard.data_path)
+            .map_err(|e| Error::io(&shard.data_path, "remove", e))?;
+        let bytes = header.len() as u64 + shard.bytes;
+        let sha = hex(&hasher.finalize());
+        self.closed.push((path, bytes, sha));
+        Ok(())
+    }
+
+    /// Closes the last shard, names shards `cersa-0000k-of-0000N.safetensors`, fills the
+    /// manifest's `shards` and each tensor's `shard`, and writes `cersa.json`.
+    pub fn finish(mut self, mut manifest: Manifest) -> Result<Manifest> {
+        if self.tensor.is_some() {
+            return Err(Error::Usage {
+                tensor: String::new(),
+                reason: "finish with a tensor still open".into(),
+            });
+        }
+        self.close_current()?;
+        let n = self.closed.len();
+        let mut names = Vec::with_capacity(n);
+        manifest.shards.clear();
+        for (k, (path, bytes, sha256)) in self.closed.iter().enumerate() {
+            let file = shard_file_name(k + 1, n);
+            let dest = self.dir.join(&file);
+            std::fs::rename(path, &dest).map_err(|e| Error::io(&dest, "rename", e))?;
+            manifest.shards.push(ShardInfo {
+                file: file.clone(),
+                bytes: *bytes,
+                sha256: sha256.clone(),
+            });
+            names.push(file);
+        }
+        for (name, info) in manifest.tensors.iter_mut() {
+            let k = self.group_shard.get(name).ok_or_else(|| Error::Mismatch {
+                path: self.dir.clone(),
+                tensor: name.clone(),
+                reason: "in the manifest but never written".into(),
+            })?;
+            info.shard = names[*k].clone();
+        }
+        if self.group_shard.len() != manifest.tensors.len() {
+            let stray = self
+                .group_shard
+                .keys()
+                .find(|k| !manifest.tensors.contains_key(*k))
+                .cloned()
+                .unwrap_or_default();
+            return Err(Error::Mismatch {
+                path: self.dir.clone(),
+                tensor: stray,
+                reason: "written but missing from the manifest".into(),
+            });
+        }
+        let path = self.dir.join(MANIFEST_FILE);
+        let mut json = serde_json::to_string_pretty(&manifest).map_err(|e| Error::Manifest {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        json.push('\n');
+        let mut f = File::create(&path).map_err(|e| Error::io(&path, "create", e))?;
+        f.write_all(json.as_bytes())
+            .and_then(|_| f.sync_all())
+            .map_err(|e| Error::io(&path, "write", e))?;
+        Ok(manifest)
+    }
+}
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
