@@ -1,0 +1,16 @@
+//! `cersa`: convert model checkpoints into their energy-retaining SVD subspace (CERSA v1).
+//!
+//! Data flows one way: [`input`] (one module per source format) → [`decompose`] (routes
+//! behind one trait, the rank rule) → [`convert`] (the pipeline) → `cersa-loader`'s writer.
+//! [`inspect`] reports spectra and ranks without writing anything.
+#![deny(unsafe_code)]
+
+pub mod convert;
+pub mod decompose;
+pub mod error;
+pub mod input;
+pub mod inspect;
+pub mod select;
+pub mod cli;
+
+pub use error::{ConvertError, Result};

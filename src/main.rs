@@ -1,0 +1,25 @@
+use clap::Parser;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+fn main() -> ExitCode {
+    let cli = cersa::cli::args::Cli::parse();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let flag = cancel.clone();
+    // First Ctrl-C: stop cleanly (partial output removed). Second: exit at once.
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("interrupted: stopping and removing partial output…");
+    });
+    match cersa::cli::run(cli, cancel) {
+        Ok(cersa::cli::Status::Ok) => ExitCode::SUCCESS,
+        Ok(cersa::cli::Status::CheckFailed) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! Raw command-line flags (clap) and their validation into config structs, before any work.
+
+use crate::convert::{ConvertOptions, FactorDtype};
+use crate::decompose::RankRule;
+use crate::inspect::InspectOptions;
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// cersa: convert model checkpoints into their energy-retaining SVD subspace (CERSA v1).
+#[derive(Debug, Parser)]
+#[command(name = "cersa", version, about, long_about = None)]
+pub struct Cli {
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Convert a checkpoint (safetensors file, index, or directory) into a CERSA directory.
+    Convert(ConvertArgs),
+    /// Show ranks and energies of a source checkpoint or of a CERSA directory.
+    Inspect(InspectArgs),
+}
+
+/// Factor dtype flag.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DtypeArg {
+    /// Keep the source float dtype.
+    Source,
+    /// f32.
+    F32,
+    /// f16.
+    F16,
+    /// bf16.
+    Bf16,
+}
+
+/// Flags shared by the selection of tensors.
+#[derive(Debug, Args)]
+pub struct SelectArgs {
+    /// Factor only tensors matching this glob (repeatable; replaces the default name rule).
+    #[arg(long = "include", value_name = "GLOB")]
+    pub include: Vec<String>,
+    /// Never factor tensors matching this glob (repeatable; wins over --include).
+    #[arg(long = "exclude", value_name = "GLOB")]
+    pub exclude: Vec<String>,
+}
+
+/// `cersa convert`.
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// Source checkpoint.
+    pub src: PathBuf,
+    /// Output directory (must not exist, or be empty).
+    pub out_dir: PathBuf,
+    /// Energy threshold τ in (0, 1].
+    #[arg(long, default_value_t = 0.90)]
+    pub energy: f64,
+    #[command(flatten)]
+    pub select: SelectArgs,
+    /// Dtype of the stored factors.
+    #[arg(long, value_enum, default_value = "source")]
+    pub dtype: DtypeArg,
+    /// Lower clamp of the rank.
+    #[arg(long, default_value_t = 1)]
+    pub min_rank: usize,
+    /// Upper clamp of the rank.
+    #[arg(long)]
+    pub max_rank: Option<usize>,
+    /// Round ranks up to a multiple of N.
+    #[arg(long, default_value_t = 1)]
+    pub rank_multiple: usize,
+    /// Factor matrices even when the factors are not smaller.
+    #[arg(long)]
+    pub force_factor: bool,
+    /// Maximum shard size (e.g. 5GB, 500MB, 2GiB, or bytes).
+    #[arg(long, default_value = "5GB")]
+    pub max_shard_size: String,
+    /// Worker threads (default: all cores). The output does not depend on it.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Decomposition route.
+    #[arg(long, default_value = "svd")]
+    pub algorithm: String,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// `cersa inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Source checkpoint or CERSA directory.
+    pub path: PathBuf,
+    /// Comma-separated thresholds (source only).
+    #[arg(long, default_value = "0.9,0.95,0.99")]
+    pub energy: String,
+    #[command(flatten)]
+    pub select: SelectArgs,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// Parses sizes like `5GB`, `500MB`, `2GiB`, `1.5G`, `1048576`.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .with_context(|| format!("size {s:?}: expected a number with an optional unit"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024f64.powi(2),
+        "gib" => 1024f64.powi(3),
+        "tib" => 1024f64.powi(4),
+        other => bail!("size {s:?}: unknown unit {other:?}"),
+    };
+    let bytes = value * mult;
+    if !(bytes.is_finite() && bytes >= 1.0 && bytes < 1.8e19) {
+        bail!("size {s:?} out of range");
+    }
+    Ok(bytes as u64)
+}
+
+/// Validates a threshold τ.
+pub fn check_energy(e: f64) -> Result<f64> {
+    if !(e > 0.0 && e <= 1.0) {
+        bail!("energy threshold {e} must be in (0, 1]");
+    }
+    Ok(e)
+}
+
+/// Thread count: the flag, or every core.
+pub fn threads(flag: Option<usize>) -> Result<usize> {
+    match flag {
+        Some(0) => bail!("--threads must be at least 1"),
+        Some(n) => Ok(n),
+        None => Ok(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+    }
+}
+
+impl ConvertArgs {
+    /// Validated options.
+    pub fn to_options(&self) -> Result<ConvertOptions> {
+        let energy = check_energy(self.energy)?;
+        if self.rank_multiple == 0 {
+            bail!("--rank-multiple must be at least 1");
+        }
+        if let Some(max) = self.max_rank {
+            if max == 0 {
+                bail!("--max-rank must be at least 1");
+            }
+            if max < self.min_rank {
+                bail!("--max-rank {max} is below --min-rank {}", self.min_rank);
+            }
+        }
+        Ok(ConvertOptions {
+            rule: RankRule {
+                energy,
+                min_rank: self.min_rank,
+                max_rank: self.max_rank,
+                rank_multiple: self.rank_multiple,
+            },
+            dtype: match self.dtype {
+                DtypeArg::Source => FactorDtype::Source,
+                DtypeArg::F32 => FactorDtype::F32,
+                DtypeArg::F16 => FactorDtype::F16,
+                DtypeArg::Bf16 => FactorDtype::Bf16,
+            },
+            include: self.select.include.clone(),
+            exclude: self.select.exclude.clone(),
+            force_factor: self.force_factor,
+            max_shard_size: parse_size(&self.max_shard_size).context("--max-shard-size")?,
+            threads: threads(self.threads)?,
+            algorithm: self.algorithm.clone(),
+        })
+    }
+}
+
+impl InspectArgs {
+    /// Validated options.
+    pub fn to_options(&self) -> Result<InspectOptions> {
+        let energies = self
+            .energy
+            .split(',')
+            .map(|s| {
+                let e: f64 = s.trim().parse().with_context(|| format!("--energy: {s:?} is not a number"))?;
+                check_energy(e)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if energies.is_empty() {
+            bail!("--energy needs at least one threshold");
+        }
+        Ok(InspectOptions {
+            energies,
+            include: self.select.include.clone(),
+            exclude: self.select.exclude.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("5GB").unwrap(), 5_000_000_000);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1.5M").unwrap(), 1_500_000);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("12XB").is_err());
+        assert!(parse_size("GB").is_err());
+    }
+}

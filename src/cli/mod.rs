@@ -1,0 +1,120 @@
+//! The command-line front end: parses flags, runs the library, prints results.
+
+pub mod args;
+pub mod output;
+
+use crate::convert::{convert, ConvertReport};
+use crate::decompose;
+use crate::inspect::{inspect_checkpoint, inspect_source};
+use anyhow::{Context, Result};
+use args::{Cli, Command, ConvertArgs, InspectArgs};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::io::Write;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+/// Exit status of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Everything held.
+    Ok,
+    /// A check failed (`verify`).
+    CheckFailed,
+}
+
+fn progress_bar(quiet: bool, len: u64) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+            .expect("static template is valid"),
+    );
+    bar
+}
+
+/// Writes to stdout; a closed pipe (`| head`) is not an error.
+fn emit(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.context("writing to stdout"),
+    }
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<Status> {
+    match cli.command {
+        Command::Convert(a) => run_convert(a, &cancel),
+        Command::Inspect(a) => run_inspect(a),
+    }
+}
+
+fn run_convert(a: ConvertArgs, cancel: &AtomicBool) -> Result<Status> {
+    let opts = a.to_options()?;
+    let start = std::time::Instant::now();
+    let src = crate::input::open(&a.src).with_context(|| format!("opening {}", a.src.display()))?;
+    let bytes: u64 = src.tensors().iter().map(|t| t.source_bytes).sum();
+    let bar = progress_bar(a.quiet, bytes);
+    let manifest = convert(
+        src.as_ref(),
+        &a.out_dir,
+        &opts,
+        &mut |p| {
+            bar.set_position(p.bytes_done);
+            bar.set_message(p.name.to_string());
+        },
+        cancel,
+    )
+    .with_context(|| format!("converting {} into {}", a.src.display(), a.out_dir.display()))?;
+    bar.finish_and_clear();
+    let t = &manifest.totals;
+    let report = ConvertReport {
+        report_version: 1,
+        out_dir: a.out_dir.clone(),
+        seconds: start.elapsed().as_secs_f64(),
+        param_ratio: t.stored_params as f64 / t.source_params.max(1) as f64,
+        byte_ratio: t.stored_bytes as f64 / t.source_bytes.max(1) as f64,
+        manifest,
+    };
+    if a.json {
+        emit(&(serde_json::to_string_pretty(&report)? + "\n"))?;
+    } else {
+        emit(&output::convert_summary(&report))?;
+    }
+    Ok(Status::Ok)
+}
+
+fn run_inspect(a: InspectArgs) -> Result<Status> {
+    let opts = a.to_options()?;
+    let threads = args::threads(a.threads)?;
+    if a.path.join(cersa_loader::MANIFEST_FILE).is_file() {
+        let ckpt = cersa_loader::Checkpoint::open(&a.path)
+            .with_context(|| format!("opening CERSA directory {}", a.path.display()))?;
+        let report = inspect_checkpoint(&ckpt);
+        if a.json {
+            emit(&(serde_json::to_string_pretty(&report)? + "\n"))?;
+        } else {
+            emit(&output::checkpoint_table(&report))?;
+        }
+        return Ok(Status::Ok);
+    }
+    let src = crate::input::open(&a.path).with_context(|| format!("opening {}", a.path.display()))?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .context("starting worker threads")?;
+    let bar = progress_bar(a.quiet, src.tensors().len() as u64);
+    let decomposer = decompose::by_name("svd")?;
+    let report = pool
+        .install(|| inspect_source(src.as_ref(), &opts, decomposer.as_ref(), &|done, _| bar.set_position(done as u64)))
+        .with_context(|| format!("inspecting {}", a.path.display()))?;
+    bar.finish_and_clear();
+    if a.json {
+        emit(&(serde_json::to_string_pretty(&report)? + "\n"))?;
+    } else {
+        emit(&output::source_table(&report))?;
+    }
+    Ok(Status::Ok)
+}

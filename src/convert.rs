@@ -1,0 +1,469 @@
+//! The conversion pipeline: source reader → decomposition workers → ordered shard writer.
+//!
+//! Workers claim tensors in source order and decompose them in parallel; the calling
+//! thread writes results strictly in that order, so the output bytes do not depend on the
+//! thread count. A worker may run at most `window` tensors ahead of the writer, which
+//! bounds the memory held by finished-but-unwritten factors.
+
+use crate::decompose::rank::{energy_at, frobenius2, saves};
+use crate::decompose::svd::residual_norm2;
+use crate::decompose::{self, Decomposer, RankRule};
+use crate::error::{ConvertError, Result};
+use crate::input::{FloatData, Source};
+use crate::select::Selection;
+use cersa_loader::dtype::{decode_f64, encode_f64};
+use cersa_loader::manifest::{ConvertConfig, Producer, SourceInfo, Totals};
+use cersa_loader::{factor_names, CheckpointWriter, DenseReason, Dtype, Manifest, TensorInfo, TensorKind};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex};
+
+/// Dtype of stored factors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FactorDtype {
+    /// The source float dtype (BF16 for quantized sources).
+    Source,
+    /// F32.
+    F32,
+    /// F16.
+    F16,
+    /// BF16.
+    Bf16,
+}
+
+impl FactorDtype {
+    /// The option's name (`source`, `f32`, `f16`, `bf16`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FactorDtype::Source => "source",
+            FactorDtype::F32 => "f32",
+            FactorDtype::F16 => "f16",
+            FactorDtype::Bf16 => "bf16",
+        }
+    }
+
+    fn resolve(self, dense_dtype: Dtype) -> Dtype {
+        match self {
+            FactorDtype::Source if dense_dtype.is_factor_float() => dense_dtype,
+            FactorDtype::Source => Dtype::BF16,
+            FactorDtype::F32 => Dtype::F32,
+            FactorDtype::F16 => Dtype::F16,
+            FactorDtype::Bf16 => Dtype::BF16,
+        }
+    }
+}
+
+/// Conversion options (validated by the CLI before any work).
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    /// Rank rule (τ and clamps).
+    pub rule: RankRule,
+    /// Factor dtype.
+    pub dtype: FactorDtype,
+    /// `--include` globs.
+    pub include: Vec<String>,
+    /// `--exclude` globs.
+    pub exclude: Vec<String>,
+    /// Factor even when it saves nothing.
+    pub force_factor: bool,
+    /// Shard size cap in bytes.
+    pub max_shard_size: u64,
+    /// Worker threads (≥ 1). Does not change the output.
+    pub threads: usize,
+    /// Decomposition route name.
+    pub algorithm: String,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            rule: RankRule::default(),
+            dtype: FactorDtype::Source,
+            include: Vec::new(),
+            exclude: Vec::new(),
+            force_factor: false,
+            max_shard_size: 5_000_000_000,
+            threads: 1,
+            algorithm: "svd".into(),
+        }
+    }
+}
+
+/// Progress reported to the caller (from the writing thread).
+#[derive(Debug, Clone)]
+pub struct Progress<'a> {
+    /// Tensors written so far.
+    pub done: usize,
+    /// Tensors in all.
+    pub total: usize,
+    /// Source bytes of the tensors written so far.
+    pub bytes_done: u64,
+    /// Source bytes in all.
+    pub bytes_total: u64,
+    /// The tensor just written.
+    pub name: &'a str,
+}
+
+/// The result of a conversion, as printed by `cersa convert --json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConvertReport {
+    /// Wire-format version of this report.
+    pub report_version: u32,
+    /// The output directory.
+    pub out_dir: PathBuf,
+    /// Wall time in seconds.
+    pub seconds: f64,
+    /// Stored params / source params.
+    pub param_ratio: f64,
+    /// Stored bytes / source bytes.
+    pub byte_ratio: f64,
+    /// The manifest that was written.
+    pub manifest: Manifest,
+}
+
+enum Outcome {
+    Dense(DenseReason),
+    Factored {
+        m: usize,
+        n: usize,
+        rank: usize,
+        energy: f64,
+        rel_error: f64,
+        dtype: Dtype,
+        u: Vec<u8>,
+        s: Vec<u8>,
+        vt: Vec<u8>,
+    },
+}
+
+struct Shared {
+    next_claim: usize,
+    next_write: usize,
+    results: HashMap<usize, Result<Outcome>>,
+    stop: bool,
+}
+
+/// Converts `src` into a CERSA directory at `out`. The directory appears only when
+/// everything succeeded; on error or cancellation no `out` is left behind.
+pub fn convert(
+    src: &dyn Source,
+    out: &Path,
+    opts: &ConvertOptions,
+    progress: &mut dyn FnMut(&Progress),
+    cancel: &AtomicBool,
+) -> Result<Manifest> {
+    let decomposer = decompose::by_name(&opts.algorithm)?;
+    let selection = Selection::new(&opts.include, &opts.exclude, src.default_excludes())?;
+    let tmp = prepare_output(out)?;
+    let result = run(src, &tmp, opts, decomposer.as_ref(), &selection, progress, cancel)
+        .and_then(|m| {
+            src.check_unchanged()?;
+            commit(&tmp, out)?;
+            Ok(m)
+        });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+/// Checks `out` and creates the sibling temporary directory the output is written into.
+fn prepare_output(out: &Path) -> Result<PathBuf> {
+    if out.exists() {
+        let empty = std::fs::read_dir(out)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(false);
+        if !empty {
+            return Err(ConvertError::OutputExists(out.to_path_buf()));
+        }
+    }
+    let name = out
+        .file_name()
+        .ok_or_else(|| ConvertError::Options(format!("output path {} has no file name", out.display())))?;
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| ConvertError::io(&parent, "create directory", e))?;
+    let tmp = parent.join(format!(".{}.cersa-partial", name.to_string_lossy()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| ConvertError::io(&tmp, "remove stale partial output", e))?;
+    }
+    std::fs::create_dir(&tmp).map_err(|e| ConvertError::io(&tmp, "create directory", e))?;
+    Ok(tmp)
+}
+
+fn commit(tmp: &Path, out: &Path) -> Result<()> {
+    if out.exists() {
+        // An empty directory is replaced (rename(2) onto an empty directory is atomic).
+        std::fs::remove_dir(out).map_err(|e| ConvertError::io(out, "replace empty directory", e))?;
+    }
+    std::fs::rename(tmp, out).map_err(|e| ConvertError::io(out, "rename into place", e))?;
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        // Persist the rename; best effort on filesystems without directory fsync.
+        let _ = std::fs::File::open(parent).and_then(|d| d.sync_all());
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    src: &dyn Source,
+    tmp: &Path,
+    opts: &ConvertOptions,
+    decomposer: &dyn Decomposer,
+    selection: &Selection,
+    progress: &mut dyn FnMut(&Progress),
+    cancel: &AtomicBool,
+) -> Result<Manifest> {
+    let metas = src.tensors();
+    let total = metas.len();
+    let plan: Vec<_> = metas.iter().map(|t| selection.check(t)).collect();
+    let threads = opts.threads.max(1);
+    let window = 2 * threads;
+    let shared = Mutex::new(Shared {
+        next_claim: 0,
+        next_write: 0,
+        results: HashMap::new(),
+        stop: false,
+    });
+    let cv = Condvar::new();
+    let bytes_total: u64 = metas.iter().map(|t| t.source_bytes).sum();
+    let lock = || shared.lock().unwrap_or_else(|p| p.into_inner());
+
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| loop {
+                let i = {
+                    let mut g = lock();
+                    loop {
+                        if g.stop || g.next_claim >= total || cancel.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        if g.next_claim < g.next_write + window {
+                            break;
+                        }
+                        g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
+                    }
+                    g.next_claim += 1;
+                    g.next_claim - 1
+                };
+                let outcome = match plan[i] {
+                    Err(reason) => Ok(Outcome::Dense(reason)),
+                    Ok(()) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        process(src, i, opts, decomposer)
+                    }))
+                    .unwrap_or_else(|_| {
+                        Err(ConvertError::Decompose {
+                            tensor: src.tensors()[i].name.clone(),
+                            reason: "internal panic while decomposing (please report)".into(),
+                        })
+                    }),
+                };
+                let mut g = lock();
+                g.results.insert(i, outcome);
+                cv.notify_all();
+            });
+        }
+
+        let result = write_all(src, tmp, opts, decomposer, &shared, &cv, progress, cancel, bytes_total);
+        let mut g = lock();
+        g.stop = true;
+        cv.notify_all();
+        drop(g);
+        result
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_all(
+    src: &dyn Source,
+    tmp: &Path,
+    opts: &ConvertOptions,
+    decomposer: &dyn Decomposer,
+    shared: &Mutex<Shared>,
+    cv: &Condvar,
+    progress: &mut dyn FnMut(&Progress),
+    cancel: &AtomicBool,
+    bytes_total: u64,
+) -> Result<Manifest> {
+    let metas = src.tensors();
+    let mut writer = CheckpointWriter::new(tmp, opts.max_shard_size);
+    let mut tensors = BTreeMap::new();
+    let mut totals = Totals::default();
+    let mut bytes_done = 0u64;
+    for (i, meta) in metas.iter().enumerate() {
+        let outcome = {
+            let mut g = shared.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(ConvertError::Interrupted);
+                }
+                if let Some(r) = g.results.remove(&i) {
+                    g.next_write = i + 1;
+                    cv.notify_all();
+                    break r?;
+                }
+                g = cv
+                    .wait_timeout(g, std::time::Duration::from_millis(200))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        };
+        totals.source_params += meta.numel();
+        totals.source_bytes += meta.source_bytes;
+        let info = match outcome {
+            Outcome::Dense(reason) => {
+                let nbytes = meta.numel() * meta.dense_dtype.size() as u64;
+                writer.begin_group(&meta.name, nbytes)?;
+                writer.begin_tensor(&meta.name, meta.dense_dtype, &meta.shape)?;
+                src.copy_dense(i, &mut |chunk| {
+                    if cancel.load(Ordering::Relaxed) {
+                        return Err(ConvertError::Interrupted);
+                    }
+                    writer.write(chunk).map_err(ConvertError::from)
+                })?;
+                writer.end_tensor()?;
+                totals.stored_params += meta.numel();
+                totals.stored_bytes += nbytes;
+                totals.dense_tensors += 1;
+                TensorInfo {
+                    kind: TensorKind::Dense,
+                    shape: meta.shape.clone(),
+                    source_dtype: meta.source_dtype.clone(),
+                    stored_dtype: meta.dense_dtype,
+                    shard: String::new(),
+                    matrix_shape: None,
+                    rank: None,
+                    energy: None,
+                    rel_error: None,
+                    reason: Some(reason),
+                }
+            }
+            Outcome::Factored { m, n, rank, energy, rel_error, dtype, u, s, vt } => {
+                let nbytes = (u.len() + s.len() + vt.len()) as u64;
+                let (un, sn, vn) = factor_names(&meta.name);
+                writer.begin_group(&meta.name, nbytes)?;
+                writer.write_tensor(&un, dtype, &[m, rank], &u)?;
+                writer.write_tensor(&sn, Dtype::F32, &[rank], &s)?;
+                writer.write_tensor(&vn, dtype, &[rank, n], &vt)?;
+                totals.stored_params += (rank * (m + n + 1)) as u64;
+                totals.stored_bytes += nbytes;
+                totals.factored_tensors += 1;
+                TensorInfo {
+                    kind: TensorKind::Factored,
+                    shape: meta.shape.clone(),
+                    source_dtype: meta.source_dtype.clone(),
+                    stored_dtype: dtype,
+                    shard: String::new(),
+                    matrix_shape: Some([m, n]),
+                    rank: Some(rank),
+                    energy: Some(energy),
+                    rel_error: Some(rel_error),
+                    reason: None,
+                }
+            }
+        };
+        if tensors.insert(meta.name.clone(), info).is_some() {
+            return Err(ConvertError::Tensor {
+                path: src.file_path(meta.file).to_path_buf(),
+                tensor: meta.name.clone(),
+                reason: "tensor name appears twice in the source".into(),
+            });
+        }
+        bytes_done += meta.source_bytes;
+        progress(&Progress {
+            done: i + 1,
+            total: metas.len(),
+            bytes_done,
+            bytes_total,
+            name: &meta.name,
+        });
+    }
+    let manifest = Manifest {
+        format: cersa_loader::FORMAT_NAME.into(),
+        format_version: cersa_loader::FORMAT_VERSION,
+        producer: Producer {
+            name: "cersa".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        },
+        config: ConvertConfig {
+            energy: opts.rule.energy,
+            min_rank: opts.rule.min_rank,
+            max_rank: opts.rule.max_rank,
+            rank_multiple: opts.rule.rank_multiple,
+            dtype: opts.dtype.as_str().into(),
+            algorithm: decomposer.name().into(),
+            force_factor: opts.force_factor,
+            include: opts.include.clone(),
+            exclude: opts.exclude.clone(),
+            max_shard_size: opts.max_shard_size,
+        },
+        source: SourceInfo {
+            format: src.format().into(),
+            files: src.files().to_vec(),
+            details: src.details(),
+        },
+        shards: Vec::new(),
+        tensors,
+        totals,
+    };
+    Ok(writer.finish(manifest)?)
+}
+
+/// Reads, checks and factors tensor `i`.
+fn process(src: &dyn Source, i: usize, opts: &ConvertOptions, decomposer: &dyn Decomposer) -> Result<Outcome> {
+    let meta = &src.tensors()[i];
+    let path = || src.file_path(meta.file).to_path_buf();
+    let data = src.read_float(i)?;
+    if let Some((count, first, index)) = data.non_finite() {
+        return Err(ConvertError::NonFinite {
+            path: path(),
+            tensor: meta.name.clone(),
+            count,
+            first,
+            index,
+        });
+    }
+    let m = meta.shape[0];
+    let n: usize = meta.shape[1..].iter().product();
+    let norm2 = match &data {
+        FloatData::F32(v) => frobenius2(v),
+        FloatData::F64(v) => frobenius2(v),
+    };
+    if m == 0 || n == 0 || norm2 == 0.0 {
+        return Ok(Outcome::Dense(DenseReason::Zero));
+    }
+    let f = decomposer
+        .factorize(&data, m, n, &opts.rule)
+        .map_err(|reason| ConvertError::Decompose {
+            tensor: meta.name.clone(),
+            reason,
+        })?;
+    let r = f.rank;
+    if !opts.force_factor && !saves(r, m, n) {
+        return Ok(Outcome::Dense(DenseReason::NoSaving));
+    }
+    let dtype = opts.dtype.resolve(meta.dense_dtype);
+    let encode = |v: &[f64], d: Dtype| encode_f64(d, v).expect("factor dtypes are float");
+    let u = encode(&f.u, dtype);
+    let vt = encode(&f.vt, dtype);
+    let s = encode(&f.s, Dtype::F32);
+    // rel_error is measured on the factors exactly as stored.
+    let decode = |b: &[u8], d: Dtype| decode_f64(d, b).expect("factor dtypes are float");
+    let res = residual_norm2(&data, m, n, &decode(&u, dtype), &decode(&s, Dtype::F32), &decode(&vt, dtype));
+    Ok(Outcome::Factored {
+        m,
+        n,
+        rank: r,
+        energy: energy_at(&f.sigma, f.norm2, r),
+        rel_error: (res / norm2).sqrt(),
+        dtype,
+        u,
+        s,
+        vt,
+    })
+}

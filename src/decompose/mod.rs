@@ -1,0 +1,73 @@
+//! Decomposition routes behind one trait, and the rank rule.
+
+pub mod rank;
+pub mod svd;
+
+use crate::error::Result;
+use crate::input::FloatData;
+pub use rank::RankRule;
+
+/// Truncated factors of an m×n matrix W ≈ U·diag(s)·Vᵀ, in f64 for the writer to round.
+#[derive(Debug, Clone)]
+pub struct Factorization {
+    /// Rank r.
+    pub rank: usize,
+    /// U_r, row-major [m, r].
+    pub u: Vec<f64>,
+    /// σ_r.
+    pub s: Vec<f64>,
+    /// V_rᵀ, row-major [r, n].
+    pub vt: Vec<f64>,
+    /// Every singular value the route computed (at least r), non-increasing.
+    pub sigma: Vec<f64>,
+    /// ‖W‖_F² in f64.
+    pub norm2: f64,
+}
+
+/// A route from a matrix to its truncated factors or its singular values.
+///
+/// Implementations must be deterministic: the same input gives the same bits whatever
+/// the thread count (use sequential kernels, or parallel ones with a fixed reduction order).
+pub trait Decomposer: Send + Sync {
+    /// Name recorded in the manifest's `config.algorithm`.
+    fn name(&self) -> &'static str;
+
+    /// Factors the row-major m×n matrix `w`, keeping the rank `rule` picks.
+    /// Signs follow the rule of formats/cersa-v1.md §4.7.
+    fn factorize(&self, w: &FloatData, m: usize, n: usize, rule: &RankRule) -> Result<Factorization, String>;
+
+    /// All min(m, n) singular values of `w`, non-increasing.
+    fn singular_values(&self, w: &FloatData, m: usize, n: usize) -> Result<Vec<f64>, String>;
+}
+
+/// The route named `name`.
+pub fn by_name(name: &str) -> Result<Box<dyn Decomposer>> {
+    match name {
+        "svd" | "auto" => Ok(Box::new(svd::FaerSvd)),
+        other => Err(crate::error::ConvertError::Options(format!(
+            "unknown --algorithm `{other}` (known: svd, auto)"
+        ))),
+    }
+}
+
+/// Makes the largest-|x| entry (first on ties) of each column of U positive, negating the
+/// matching row of Vᵀ. `u` is row-major [m, r], `vt` row-major [r, n].
+pub fn fix_signs(u: &mut [f64], vt: &mut [f64], m: usize, r: usize, n: usize) {
+    for j in 0..r {
+        let mut best = 0.0f64;
+        let mut sign = 1.0f64;
+        for i in 0..m {
+            let x = u[i * r + j];
+            if x.abs() > best {
+                best = x.abs();
+                sign = x.signum();
+            }
+        }
+        if sign < 0.0 {
+            for i in 0..m {
+                u[i * r + j] = -u[i * r + j];
+            }
+            vt[j * n..(j + 1) * n].iter_mut().for_each(|x| *x = -*x);
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! The `svd` route: faer's thin SVD, sequential per matrix so output bits do not depend
+//! on the thread count (parallelism comes from converting several tensors at once).
+
+use super::rank::{frobenius2, RankRule};
+use super::{fix_signs, Decomposer, Factorization};
+use crate::input::FloatData;
+use faer::dyn_stack::{MemBuffer, MemStack};
+use faer::linalg::svd::{svd, svd_scratch, ComputeSvdVectors};
+use faer::{Accum, Mat, MatRef, Par};
+
+/// Float types the routes run in.
+pub trait Elem: faer::traits::RealField + Copy + Into<f64> + Send + Sync + 'static {
+    /// Rounds an f64 to this type.
+    fn of(x: f64) -> Self;
+}
+impl Elem for f32 {
+    fn of(x: f64) -> Self {
+        x as f32
+    }
+}
+impl Elem for f64 {
+    fn of(x: f64) -> Self {
+        x
+    }
+}
+
+/// faer thin SVD.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FaerSvd;
+
+/// Singular values and (optionally) thin singular vectors of a row-major m×n matrix.
+/// Returns (σ, U col-major m×k, V col-major n×k), k = min(m, n).
+fn thin_svd<T: Elem>(w: &[T], m: usize, n: usize, vectors: bool) -> Result<(Vec<f64>, Mat<T>, Mat<T>), String> {
+    let k = m.min(n);
+    // Row-major W is column-major Wᵀ (n×m): Wᵀ = P Σ Qᵀ gives W = Q Σ Pᵀ, so U = Q, V = P.
+    let wt = MatRef::from_column_major_slice(w, n, m);
+    let par = Par::Seq;
+    let which = if vectors {
+        ComputeSvdVectors::Thin
+    } else {
+        ComputeSvdVectors::No
+    };
+    let mut s = faer::diag::Diag::<T>::zeros(k);
+    let mut p = Mat::<T>::zeros(if vectors { n } else { 0 }, if vectors { k } else { 0 });
+    let mut q = Mat::<T>::zeros(if vectors { m } else { 0 }, if vectors { k } else { 0 });
+    let mut mem = MemBuffer::try_new(svd_scratch::<T>(n, m, which, which, par, Default::default()))
+        .map_err(|_| format!("cannot allocate SVD workspace for a {m}×{n} matrix"))?;
+    let stack = MemStack::new(&mut mem);
+    let (pu, qv) = if vectors {
+        (Some(p.as_mut()), Some(q.as_mut()))
+    } else {
+        (None, None)
+    };
+    svd(wt, s.as_mut(), pu, qv, par, stack, Default::default())
+        .map_err(|e| format!("SVD did not converge: {e:?}"))?;
+    let sigma: Vec<f64> = s.column_vector().iter().map(|x| (*x).into()).collect();
+    Ok((sigma, q, p))
+}
+
+fn factorize_t<T: Elem>(w: &[T], m: usize, n: usize, rule: &RankRule) -> Result<Factorization, String> {
+    let norm2 = frobenius2(w);
+    let (sigma, u, v) = thin_svd(w, m, n, true)?;
+    let r = rule.rank(&sigma, norm2, m, n);
+    let mut uo = vec![0f64; m * r];
+    for j in 0..r {
+        for i in 0..m {
+            uo[i * r + j] = u[(i, j)].into();
+        }
+    }
+    let mut vt = vec![0f64; r * n];
+    for j in 0..r {
+        let col = v.col(j);
+        for (c, x) in col.iter().enumerate() {
+            vt[j * n + c] = (*x).into();
+        }
+    }
+    fix_signs(&mut uo, &mut vt, m, r, n);
+    Ok(Factorization {
+        rank: r,
+        u: uo,
+        s: sigma[..r].to_vec(),
+        vt,
+        sigma,
+        norm2,
+    })
+}
+
+impl Decomposer for FaerSvd {
+    fn name(&self) -> &'static str {
+        "svd"
+    }
+
+    fn factorize(&self, w: &FloatData, m: usize, n: usize, rule: &RankRule) -> Result<Factorization, String> {
+        match w {
+            FloatData::F32(v) => factorize_t(v, m, n, rule),
+            FloatData::F64(v) => factorize_t(v, m, n, rule),
+        }
+    }
+
+    fn singular_values(&self, w: &FloatData, m: usize, n: usize) -> Result<Vec<f64>, String> {
+        match w {
+            FloatData::F32(v) => thin_svd(v, m, n, false).map(|r| r.0),
+            FloatData::F64(v) => thin_svd(v, m, n, false).map(|r| r.0),
+        }
+    }
+}
+
+/// ‖W − U·diag(s)·Vᵀ‖_F² for row-major W [m, n], U [m, r], Vᵀ [r, n] (factors already
+/// rounded to their stored dtype), computed in W's precision with an f64 sum.
+pub fn residual_norm2(w: &FloatData, m: usize, n: usize, u: &[f64], s: &[f64], vt: &[f64]) -> f64 {
+    fn imp<T: Elem>(w: &[T], m: usize, n: usize, u: &[f64], s: &[f64], vt: &[f64]) -> f64 {
+        let r = s.len();
+        // Work on Wᵀ (n×m, column-major view of row-major W): Rᵀ = Wᵀ − V·diag(s)·Uᵀ.
+        let mut rt = MatRef::from_column_major_slice(w, n, m).to_owned();
+        let vs = Mat::<T>::from_fn(n, r, |c, k| T::of(vt[k * n + c] * s[k]));
+        let ut = Mat::<T>::from_fn(r, m, |k, i| T::of(u[i * r + k]));
+        faer::linalg::matmul::matmul(rt.as_mut(), Accum::Add, vs.as_ref(), ut.as_ref(), T::of(-1.0), Par::Seq);
+        let mut sum = 0f64;
+        for j in 0..m {
+            sum += rt.col(j).iter().map(|x| {
+                let v: f64 = (*x).into();
+                v * v
+            }).sum::<f64>();
+        }
+        sum
+    }
+    match w {
+        FloatData::F32(v) => imp(v, m, n, u, s, vt),
+        FloatData::F64(v) => imp(v, m, n, u, s, vt),
+    }
+}

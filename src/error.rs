@@ -1,0 +1,92 @@
+//! Errors of the converter library.
+
+use std::path::PathBuf;
+
+/// Everything the converter can fail on. Variants name the file, the tensor and the cause.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConvertError {
+    /// Reading, validating or writing the CERSA format failed.
+    #[error(transparent)]
+    Format(#[from] cersa_loader::Error),
+    /// An I/O operation failed.
+    #[error("{path}: {op}: {source}")]
+    Io {
+        /// File or directory.
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// The source path or its layout is not usable.
+    #[error("{path}: {reason}")]
+    Source {
+        /// The source path.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A tensor of the source cannot be used.
+    #[error("{path}: tensor `{tensor}`: {reason}")]
+    Tensor {
+        /// The file holding the tensor.
+        path: PathBuf,
+        /// Tensor name.
+        tensor: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A tensor selected for factoring contains NaN or ±Inf.
+    #[error("{path}: tensor `{tensor}`: {count} non-finite value(s) (first: {first} at flat index {index}); refusing to factor — exclude it with --exclude or fix the checkpoint")]
+    NonFinite {
+        /// The file holding the tensor.
+        path: PathBuf,
+        /// Tensor name.
+        tensor: String,
+        /// Number of non-finite values.
+        count: usize,
+        /// The first one (`NaN`, `inf`, `-inf`).
+        first: String,
+        /// Its flat index.
+        index: usize,
+    },
+    /// The decomposition did not converge.
+    #[error("tensor `{tensor}`: decomposition failed: {reason}")]
+    Decompose {
+        /// Tensor name.
+        tensor: String,
+        /// Cause reported by the linear-algebra backend.
+        reason: String,
+    },
+    /// The output directory exists and is not empty.
+    #[error("{0}: output directory already exists and is not empty (remove it or choose another path)")]
+    OutputExists(PathBuf),
+    /// A source file changed while it was being read.
+    #[error("{path}: source file changed during conversion ({what}); its memory map can no longer be trusted — rerun on a stable file")]
+    SourceChanged {
+        /// The source file.
+        path: PathBuf,
+        /// What changed.
+        what: String,
+    },
+    /// The run was cancelled (Ctrl-C).
+    #[error("interrupted; partial output removed")]
+    Interrupted,
+    /// Invalid options.
+    #[error("invalid option: {0}")]
+    Options(String),
+}
+
+/// `Result` with [`ConvertError`].
+pub type Result<T, E = ConvertError> = std::result::Result<T, E>;
+
+impl ConvertError {
+    pub(crate) fn io(path: impl Into<PathBuf>, op: &'static str, source: std::io::Error) -> Self {
+        ConvertError::Io {
+            path: path.into(),
+            op,
+            source,
+        }
+    }
+}

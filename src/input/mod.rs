@@ -1,0 +1,206 @@
+//! Source checkpoint readers, one module per format, behind the [`Source`] trait.
+
+pub mod safetensors;
+
+use crate::error::{ConvertError, Result};
+use cersa_loader::manifest::SourceFile;
+use cersa_loader::Dtype;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Precision a float tensor is decomposed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 (F32, F16, BF16 and quantized sources).
+    F32,
+    /// f64 (F64 sources).
+    F64,
+}
+
+/// A tensor's values decoded for decomposition, row-major.
+#[derive(Debug, Clone)]
+pub enum FloatData {
+    /// f32 values.
+    F32(Vec<f32>),
+    /// f64 values.
+    F64(Vec<f64>),
+}
+
+impl FloatData {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        match self {
+            FloatData::F32(v) => v.len(),
+            FloatData::F64(v) => v.len(),
+        }
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// First non-finite value: (count, first as text, flat index).
+    pub fn non_finite(&self) -> Option<(usize, String, usize)> {
+        fn scan<T: Copy + std::fmt::Display>(v: &[T], finite: impl Fn(T) -> bool) -> Option<(usize, String, usize)> {
+            let first = v.iter().position(|x| !finite(*x))?;
+            let count = v[first..].iter().filter(|x| !finite(**x)).count();
+            Some((count, v[first].to_string(), first))
+        }
+        match self {
+            FloatData::F32(v) => scan(v, f32::is_finite),
+            FloatData::F64(v) => scan(v, f64::is_finite),
+        }
+    }
+}
+
+/// What a source says about one tensor.
+#[derive(Debug, Clone)]
+pub struct TensorMeta {
+    /// Tensor name as in the source.
+    pub name: String,
+    /// Shape, row-major (outermost first).
+    pub shape: Vec<usize>,
+    /// Source dtype as the format names it (`F32`, `Q4_K`, ...).
+    pub source_dtype: String,
+    /// `Some` when the tensor holds floats that can be decomposed, with the precision.
+    pub float: Option<Precision>,
+    /// Dtype a dense copy is stored in (the source dtype where safetensors has it).
+    pub dense_dtype: Dtype,
+    /// Bytes of the tensor in the source.
+    pub source_bytes: u64,
+    /// Index into [`Source::files`].
+    pub file: usize,
+}
+
+impl TensorMeta {
+    /// Number of elements.
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().map(|&d| d as u64).product()
+    }
+}
+
+/// A checkpoint being read. Implementations map files and decode tensor by tensor.
+pub trait Source: Send + Sync {
+    /// Format name recorded in the manifest (`safetensors`, `gguf`, `pytorch`).
+    fn format(&self) -> &'static str;
+    /// Files read, with their sizes (names relative to the source directory).
+    fn files(&self) -> &[SourceFile];
+    /// Full path of file `i`.
+    fn file_path(&self, i: usize) -> &Path;
+    /// All tensors, in the order they are converted (file order, then data order).
+    fn tensors(&self) -> &[TensorMeta];
+    /// Format-specific facts for the manifest's `source.details`.
+    fn details(&self) -> BTreeMap<String, serde_json::Value> {
+        BTreeMap::new()
+    }
+    /// Globs excluded from factoring by default in this format, on top of the common ones.
+    fn default_excludes(&self) -> &'static [&'static str] {
+        &[]
+    }
+    /// Decodes tensor `i` to floats in its [`TensorMeta::float`] precision.
+    fn read_float(&self, i: usize) -> Result<FloatData>;
+    /// Streams tensor `i` as bytes of its [`TensorMeta::dense_dtype`], in bounded chunks.
+    fn copy_dense(&self, i: usize, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()>;
+    /// Fails when a source file's size or mtime differs from when it was opened.
+    fn check_unchanged(&self) -> Result<()>;
+}
+
+/// Size and mtime of a file, to detect changes during a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileStamp {
+    len: u64,
+    mtime: Option<std::time::SystemTime>,
+}
+
+impl FileStamp {
+    /// Reads the stamp of `path`.
+    pub fn of(path: &Path) -> Result<Self> {
+        let m = std::fs::metadata(path).map_err(|e| ConvertError::io(path, "stat", e))?;
+        Ok(FileStamp {
+            len: m.len(),
+            mtime: m.modified().ok(),
+        })
+    }
+
+    /// Errors when `path` no longer has this stamp.
+    pub fn check(&self, path: &Path) -> Result<()> {
+        let now = FileStamp::of(path)?;
+        if now.len != self.len {
+            return Err(ConvertError::SourceChanged {
+                path: path.to_path_buf(),
+                what: format!("size {} → {}", self.len, now.len),
+            });
+        }
+        if now.mtime != self.mtime {
+            return Err(ConvertError::SourceChanged {
+                path: path.to_path_buf(),
+                what: "modification time changed".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Opens `path` as a checkpoint, inferring its format from the name or contents.
+pub fn open(path: &Path) -> Result<Box<dyn Source>> {
+    let format = detect_format(path)?;
+    match format {
+        "safetensors" => Ok(Box::new(safetensors::SafetensorsSource::open(path)?)),
+        other => Err(ConvertError::Source {
+            path: path.to_path_buf(),
+            reason: format!("format `{other}` is not supported yet"),
+        }),
+    }
+}
+
+/// Infers the source format of `path`.
+pub fn detect_format(path: &Path) -> Result<&'static str> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    if path.is_dir() {
+        return Ok("safetensors");
+    }
+    if !path.exists() {
+        return Err(ConvertError::Source {
+            path: path.to_path_buf(),
+            reason: "no such file or directory".into(),
+        });
+    }
+    if name.ends_with(".safetensors") || name.ends_with(".index.json") {
+        return Ok("safetensors");
+    }
+    let mut magic = [0u8; 4];
+    let read = std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read(&mut f, &mut magic))
+        .map_err(|e| ConvertError::io(path, "read", e))?;
+    if read == 4 && &magic == b"GGUF" {
+        return Ok("gguf");
+    }
+    if name.ends_with(".pt") || name.ends_with(".pth") || name.ends_with(".bin") {
+        return Ok("pytorch");
+    }
+    Err(ConvertError::Source {
+        path: path.to_path_buf(),
+        reason: "cannot tell the checkpoint format from the name (expected .safetensors, \
+                 .safetensors.index.json, a directory, .gguf, .pt/.pth/.bin)"
+            .into(),
+    })
+}
+
+/// Joins a file name from an index or manifest to `dir`, refusing names that leave it.
+pub fn child_path(dir: &Path, name: &str, what: &Path) -> Result<PathBuf> {
+    let p = Path::new(name);
+    if name.is_empty()
+        || p.is_absolute()
+        || p.components().any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(ConvertError::Source {
+            path: what.to_path_buf(),
+            reason: format!("file name {name:?} must be relative and stay inside {}", dir.display()),
+        });
+    }
+    Ok(dir.join(p))
+}

@@ -1,0 +1,295 @@
+//! Safetensors sources: a single file, a sharded `*.safetensors.index.json`, or a
+//! Hugging Face directory holding either.
+
+use super::{child_path, FileStamp, FloatData, Precision, Source, TensorMeta};
+use crate::error::{ConvertError, Result};
+use cersa_loader::dtype::{decode_f32, decode_f64};
+use cersa_loader::manifest::SourceFile;
+use cersa_loader::mmap::MappedFile;
+use cersa_loader::safetensors::{parse, Header};
+use cersa_loader::Dtype;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// Bytes copied per chunk of a dense pass-through; pages are released after each chunk
+/// so resident memory stays bounded whatever the tensor size.
+const COPY_CHUNK: usize = 32 << 20;
+/// Index files list tensor → file; 64 MiB is far above any real one.
+const MAX_INDEX_SIZE: u64 = 64 << 20;
+
+struct File {
+    path: PathBuf,
+    map: MappedFile,
+    header: Header,
+    stamp: FileStamp,
+}
+
+/// An opened safetensors checkpoint.
+pub struct SafetensorsSource {
+    files: Vec<File>,
+    file_info: Vec<SourceFile>,
+    tensors: Vec<TensorMeta>,
+    /// Position of each tensor in its file's header.
+    entry: Vec<usize>,
+}
+
+impl SafetensorsSource {
+    /// Opens a `.safetensors` file, an index JSON, or a directory.
+    pub fn open(path: &Path) -> Result<Self> {
+        let (dir, names) = resolve(path)?;
+        let mut files = Vec::new();
+        for name in &names {
+            let p = child_path(&dir, name, path)?;
+            let stamp = FileStamp::of(&p)?;
+            // SAFETY (of the contract): `stamp` is checked again before the output is
+            // committed, so a file changed under the map is reported, not trusted.
+            #[allow(unsafe_code)]
+            let map = unsafe { MappedFile::open(&p)? };
+            let header = parse(map.bytes()).map_err(|kind| {
+                ConvertError::Format(cersa_loader::Error::Safetensors {
+                    path: p.clone(),
+                    kind,
+                })
+            })?;
+            files.push(File {
+                path: p,
+                map,
+                header,
+                stamp,
+            });
+        }
+        let mut tensors = Vec::new();
+        let mut entry = Vec::new();
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for (fi, f) in files.iter().enumerate() {
+            for (ei, t) in f.header.tensors.iter().enumerate() {
+                if let Some(prev) = seen.insert(t.name.clone(), fi) {
+                    return Err(ConvertError::Tensor {
+                        path: f.path.clone(),
+                        tensor: t.name.clone(),
+                        reason: format!("also stored in {}", files[prev].path.display()),
+                    });
+                }
+                let float = match t.dtype {
+                    Dtype::F64 => Some(Precision::F64),
+                    Dtype::F32 | Dtype::F16 | Dtype::BF16 => Some(Precision::F32),
+                    _ => None,
+                };
+                tensors.push(TensorMeta {
+                    name: t.name.clone(),
+                    shape: t.shape.clone(),
+                    source_dtype: t.dtype.to_string(),
+                    float,
+                    dense_dtype: t.dtype,
+                    source_bytes: (t.end - t.begin) as u64,
+                    file: fi,
+                });
+                entry.push(ei);
+            }
+        }
+        if let Some(index_path) = index_file(path, &dir) {
+            check_index(&index_path, &files, &seen, &names)?;
+        }
+        let file_info = files
+            .iter()
+            .zip(&names)
+            .map(|(f, n)| SourceFile {
+                file: n.clone(),
+                bytes: f.map.bytes().len() as u64,
+            })
+            .collect();
+        Ok(SafetensorsSource {
+            files,
+            file_info,
+            tensors,
+            entry,
+        })
+    }
+
+    fn bytes(&self, i: usize) -> (&File, std::ops::Range<usize>) {
+        let t = &self.tensors[i];
+        let f = &self.files[t.file];
+        let e = &f.header.tensors[self.entry[i]];
+        (f, f.header.file_range(e))
+    }
+}
+
+impl Source for SafetensorsSource {
+    fn format(&self) -> &'static str {
+        "safetensors"
+    }
+
+    fn files(&self) -> &[SourceFile] {
+        &self.file_info
+    }
+
+    fn file_path(&self, i: usize) -> &Path {
+        &self.files[i].path
+    }
+
+    fn tensors(&self) -> &[TensorMeta] {
+        &self.tensors
+    }
+
+    fn read_float(&self, i: usize) -> Result<FloatData> {
+        let (f, range) = self.bytes(i);
+        let meta = &self.tensors[i];
+        let bytes = f.map.bytes().get(range.clone()).ok_or_else(|| ConvertError::Tensor {
+            path: f.path.clone(),
+            tensor: meta.name.clone(),
+            reason: "data outside the mapped file".into(),
+        })?;
+        let dtype = meta.dense_dtype;
+        let out = match meta.float {
+            Some(Precision::F64) => decode_f64(dtype, bytes).map(FloatData::F64),
+            Some(Precision::F32) => decode_f32(dtype, bytes).map(FloatData::F32),
+            None => None,
+        };
+        f.map.release(range);
+        out.ok_or_else(|| ConvertError::Tensor {
+            path: f.path.clone(),
+            tensor: meta.name.clone(),
+            reason: format!("dtype {dtype} cannot be decoded to floats"),
+        })
+    }
+
+    fn copy_dense(&self, i: usize, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        let (f, range) = self.bytes(i);
+        let mut start = range.start;
+        while start < range.end {
+            let end = (start + COPY_CHUNK).min(range.end);
+            let chunk = f.map.bytes().get(start..end).ok_or_else(|| ConvertError::Tensor {
+                path: f.path.clone(),
+                tensor: self.tensors[i].name.clone(),
+                reason: "data outside the mapped file".into(),
+            })?;
+            sink(chunk)?;
+            f.map.release(start..end);
+            start = end;
+        }
+        Ok(())
+    }
+
+    fn check_unchanged(&self) -> Result<()> {
+        self.files.iter().try_for_each(|f| f.stamp.check(&f.path))
+    }
+}
+
+/// Returns the directory and the shard file names (relative to it) of a source path.
+fn resolve(path: &Path) -> Result<(PathBuf, Vec<String>)> {
+    let err = |reason: String| ConvertError::Source {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let parent = |p: &Path| p.parent().map(Path::to_path_buf).unwrap_or_default();
+    let file_name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if path.is_dir() {
+        if let Some(index) = index_file(path, path) {
+            return Ok((path.to_path_buf(), index_files(&index)?));
+        }
+        if path.join("model.safetensors").is_file() {
+            return Ok((path.to_path_buf(), vec!["model.safetensors".into()]));
+        }
+        let mut names: Vec<String> = std::fs::read_dir(path)
+            .map_err(|e| ConvertError::io(path, "read directory", e))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".safetensors") && !n.starts_with('.'))
+            .collect();
+        names.sort();
+        if names.is_empty() {
+            return Err(err("no .safetensors files or index in this directory".into()));
+        }
+        return Ok((path.to_path_buf(), names));
+    }
+    let name = file_name(path);
+    if name.ends_with(".index.json") {
+        return Ok((parent(path), index_files(path)?));
+    }
+    Ok((parent(path), vec![name]))
+}
+
+fn index_file(path: &Path, dir: &Path) -> Option<PathBuf> {
+    if path.is_file() {
+        return path
+            .to_string_lossy()
+            .ends_with(".index.json")
+            .then(|| path.to_path_buf());
+    }
+    let preferred = dir.join("model.safetensors.index.json");
+    if preferred.is_file() {
+        return Some(preferred);
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with(".safetensors.index.json"))
+        .collect();
+    found.sort();
+    found.into_iter().next()
+}
+
+fn read_index(index: &Path) -> Result<BTreeMap<String, String>> {
+    let len = std::fs::metadata(index)
+        .map_err(|e| ConvertError::io(index, "stat", e))?
+        .len();
+    if len > MAX_INDEX_SIZE {
+        return Err(ConvertError::Source {
+            path: index.to_path_buf(),
+            reason: format!("index is {len} bytes, over the {MAX_INDEX_SIZE}-byte cap"),
+        });
+    }
+    let text = std::fs::read(index).map_err(|e| ConvertError::io(index, "read", e))?;
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: BTreeMap<String, String>,
+    }
+    let idx: Index = serde_json::from_slice(&text).map_err(|e| ConvertError::Source {
+        path: index.to_path_buf(),
+        reason: format!("not a safetensors index (expected {{\"weight_map\": {{...}}}}): {e}"),
+    })?;
+    Ok(idx.weight_map)
+}
+
+/// Shard names of an index, in sorted order (Hugging Face names sort by shard number).
+fn index_files(index: &Path) -> Result<Vec<String>> {
+    let map = read_index(index)?;
+    let mut names: Vec<String> = map.values().cloned().collect();
+    names.sort();
+    names.dedup();
+    if names.is_empty() {
+        return Err(ConvertError::Source {
+            path: index.to_path_buf(),
+            reason: "weight_map is empty".into(),
+        });
+    }
+    Ok(names)
+}
+
+/// Every tensor the index names must be in the file it names, and every tensor of the
+/// shards must be in the index.
+fn check_index(index: &Path, files: &[File], seen: &HashMap<String, usize>, names: &[String]) -> Result<()> {
+    let map = read_index(index)?;
+    for (tensor, file) in &map {
+        let found = seen.get(tensor).map(|&fi| names[fi].as_str());
+        if found != Some(file.as_str()) {
+            return Err(ConvertError::Tensor {
+                path: index.to_path_buf(),
+                tensor: tensor.clone(),
+                reason: match found {
+                    Some(other) => format!("index says {file}, but it is stored in {other}"),
+                    None => format!("index says {file}, but no shard holds it"),
+                },
+            });
+        }
+    }
+    if let Some((t, &fi)) = seen.iter().filter(|(t, _)| !map.contains_key(*t)).min() {
+        return Err(ConvertError::Tensor {
+            path: files[fi].path.clone(),
+            tensor: t.clone(),
+            reason: format!("stored in the shard but missing from {}", index.display()),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,320 @@
+//! `inspect`: ranks and energies of a source (singular values only) or of a CERSA
+//! directory (what its validated manifest says). Both reports are a documented JSON wire
+//! format (`schema_version` 1), see README "inspect --json".
+
+use crate::decompose::rank::{break_even_rank, energy_at, frobenius2, saves, RankRule};
+use crate::decompose::Decomposer;
+use crate::error::{ConvertError, Result};
+use crate::input::{FloatData, Source};
+use crate::select::Selection;
+use cersa_loader::{Checkpoint, DenseReason, TensorKind};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Version of the inspect JSON schema.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Rank of a matrix at one energy threshold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RankAtEnergy {
+    /// τ.
+    pub threshold: f64,
+    /// Rank the rule keeps.
+    pub rank: usize,
+    /// rank / min(m, n).
+    pub rank_fraction: f64,
+    /// Retained energy at that rank.
+    pub energy: f64,
+    /// r·(m+n+1).
+    pub factored_params: u64,
+    /// Whether factoring is smaller than the dense matrix.
+    pub saves: bool,
+}
+
+/// One tensor of a source report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TensorSpectrum {
+    /// Tensor name.
+    pub name: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Source dtype.
+    pub dtype: String,
+    /// Elements.
+    pub params: u64,
+    /// Why it would stay dense regardless of τ (`None`: it is factored when it saves).
+    pub reason: Option<DenseReason>,
+    /// [m, n] matrix view (selected tensors).
+    pub matrix_shape: Option<[usize; 2]>,
+    /// Largest rank that still saves memory, mn/(m+n+1) rounded down.
+    pub break_even_rank: Option<usize>,
+    /// One entry per threshold (selected tensors).
+    pub ranks: Vec<RankAtEnergy>,
+}
+
+/// Totals at one threshold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TotalAtEnergy {
+    /// τ.
+    pub threshold: f64,
+    /// Elements stored if converted at τ (factors where they save, the rest dense).
+    pub stored_params: u64,
+    /// stored_params / params.
+    pub param_ratio: f64,
+}
+
+/// Totals of a source report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceTotals {
+    /// Tensors.
+    pub tensors: usize,
+    /// Elements in all tensors.
+    pub params: u64,
+    /// Elements in selected matrices.
+    pub selected_params: u64,
+    /// Per threshold.
+    pub at_energy: Vec<TotalAtEnergy>,
+}
+
+/// `cersa inspect SRC --json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceReport {
+    /// [`SCHEMA_VERSION`].
+    pub schema_version: u32,
+    /// Always `"source"`.
+    pub kind: String,
+    /// Source format.
+    pub format: String,
+    /// Thresholds.
+    pub energies: Vec<f64>,
+    /// Tensors in source order.
+    pub tensors: Vec<TensorSpectrum>,
+    /// Totals.
+    pub totals: SourceTotals,
+}
+
+/// Options of [`inspect_source`].
+#[derive(Debug, Clone)]
+pub struct InspectOptions {
+    /// Thresholds τ, each in (0, 1].
+    pub energies: Vec<f64>,
+    /// `--include` globs.
+    pub include: Vec<String>,
+    /// `--exclude` globs.
+    pub exclude: Vec<String>,
+}
+
+/// Singular values of every selected matrix of `src` (in parallel over tensors), and the
+/// ranks at each threshold. `progress(done, total)` is called from worker threads.
+pub fn inspect_source(
+    src: &dyn Source,
+    opts: &InspectOptions,
+    decomposer: &dyn Decomposer,
+    progress: &(dyn Fn(usize, usize) + Sync),
+) -> Result<SourceReport> {
+    let selection = Selection::new(&opts.include, &opts.exclude, src.default_excludes())?;
+    let metas = src.tensors();
+    let done = AtomicUsize::new(0);
+    let total = metas.len();
+    let tensors = (0..total)
+        .into_par_iter()
+        .map(|i| {
+            let t = &metas[i];
+            let mut spec = TensorSpectrum {
+                name: t.name.clone(),
+                shape: t.shape.clone(),
+                dtype: t.source_dtype.clone(),
+                params: t.numel(),
+                reason: selection.check(t).err(),
+                matrix_shape: None,
+                break_even_rank: None,
+                ranks: Vec::new(),
+            };
+            if spec.reason.is_none() {
+                analyse(src, i, opts, decomposer, &mut spec)?;
+            }
+            progress(done.fetch_add(1, Ordering::Relaxed) + 1, total);
+            Ok(spec)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let at_energy = opts
+        .energies
+        .iter()
+        .enumerate()
+        .map(|(k, &tau)| {
+            let stored: u64 = tensors
+                .iter()
+                .map(|t| match t.ranks.get(k) {
+                    Some(r) if r.saves => r.factored_params,
+                    _ => t.params,
+                })
+                .sum();
+            let params: u64 = tensors.iter().map(|t| t.params).sum();
+            TotalAtEnergy {
+                threshold: tau,
+                stored_params: stored,
+                param_ratio: ratio(stored, params),
+            }
+        })
+        .collect();
+    let totals = SourceTotals {
+        tensors: tensors.len(),
+        params: tensors.iter().map(|t| t.params).sum(),
+        selected_params: tensors.iter().filter(|t| t.matrix_shape.is_some()).map(|t| t.params).sum(),
+        at_energy,
+    };
+    Ok(SourceReport {
+        schema_version: SCHEMA_VERSION,
+        kind: "source".into(),
+        format: src.format().into(),
+        energies: opts.energies.clone(),
+        tensors,
+        totals,
+    })
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        1.0
+    } else {
+        a as f64 / b as f64
+    }
+}
+
+fn analyse(src: &dyn Source, i: usize, opts: &InspectOptions, decomposer: &dyn Decomposer, spec: &mut TensorSpectrum) -> Result<()> {
+    let t = &src.tensors()[i];
+    let data = src.read_float(i)?;
+    if let Some((count, first, index)) = data.non_finite() {
+        return Err(ConvertError::NonFinite {
+            path: src.file_path(t.file).to_path_buf(),
+            tensor: t.name.clone(),
+            count,
+            first,
+            index,
+        });
+    }
+    let m = t.shape[0];
+    let n: usize = t.shape[1..].iter().product();
+    let norm2 = match &data {
+        FloatData::F32(v) => frobenius2(v),
+        FloatData::F64(v) => frobenius2(v),
+    };
+    if m == 0 || n == 0 || norm2 == 0.0 {
+        spec.reason = Some(DenseReason::Zero);
+        return Ok(());
+    }
+    let sigma = decomposer
+        .singular_values(&data, m, n)
+        .map_err(|reason| ConvertError::Decompose {
+            tensor: t.name.clone(),
+            reason,
+        })?;
+    drop(data);
+    spec.matrix_shape = Some([m, n]);
+    spec.break_even_rank = Some(break_even_rank(m, n));
+    spec.ranks = opts
+        .energies
+        .iter()
+        .map(|&tau| {
+            let rule = RankRule {
+                energy: tau,
+                ..RankRule::default()
+            };
+            let r = rule.rank(&sigma, norm2, m, n);
+            RankAtEnergy {
+                threshold: tau,
+                rank: r,
+                rank_fraction: r as f64 / m.min(n) as f64,
+                energy: energy_at(&sigma, norm2, r),
+                factored_params: (r * (m + n + 1)) as u64,
+                saves: saves(r, m, n),
+            }
+        })
+        .collect();
+    Ok(())
+}
+
+/// One tensor of a CERSA directory report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredTensor {
+    /// Tensor name.
+    pub name: String,
+    /// `factored` or `dense`.
+    pub kind: TensorKind,
+    /// Original shape.
+    pub shape: Vec<usize>,
+    /// Stored dtype.
+    pub stored_dtype: String,
+    /// Rank (factored).
+    pub rank: Option<usize>,
+    /// rank / min(m, n) (factored).
+    pub rank_fraction: Option<f64>,
+    /// Retained energy (factored).
+    pub energy: Option<f64>,
+    /// Relative Frobenius error of the stored factors (factored).
+    pub rel_error: Option<f64>,
+    /// Why dense (dense).
+    pub reason: Option<DenseReason>,
+    /// Elements in the source tensor.
+    pub params: u64,
+    /// Elements stored.
+    pub stored_params: u64,
+    /// Bytes stored.
+    pub stored_bytes: u64,
+}
+
+/// `cersa inspect OUT_DIR --json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointReport {
+    /// [`SCHEMA_VERSION`].
+    pub schema_version: u32,
+    /// Always `"cersa"`.
+    pub kind: String,
+    /// τ the checkpoint was made with.
+    pub energy: f64,
+    /// Tensors sorted by name.
+    pub tensors: Vec<StoredTensor>,
+    /// The manifest's totals.
+    pub totals: cersa_loader::manifest::Totals,
+}
+
+/// Opens and validates a CERSA directory and reports what it stores.
+pub fn inspect_checkpoint(ckpt: &Checkpoint) -> CheckpointReport {
+    let man = ckpt.manifest();
+    let tensors = man
+        .tensors
+        .iter()
+        .map(|(name, t)| {
+            let params: u64 = t.shape.iter().map(|&d| d as u64).product();
+            let (stored_params, stored_bytes) = match (t.kind, t.matrix_shape, t.rank) {
+                (TensorKind::Factored, Some([m, n]), Some(r)) => {
+                    let fp = (r * (m + n)) as u64;
+                    (fp + r as u64, fp * t.stored_dtype.size() as u64 + 4 * r as u64)
+                }
+                _ => (params, params * t.stored_dtype.size() as u64),
+            };
+            StoredTensor {
+                name: name.clone(),
+                kind: t.kind,
+                shape: t.shape.clone(),
+                stored_dtype: t.stored_dtype.to_string(),
+                rank: t.rank,
+                rank_fraction: t.matrix_shape.zip(t.rank).map(|([m, n], r)| r as f64 / m.min(n) as f64),
+                energy: t.energy,
+                rel_error: t.rel_error,
+                reason: t.reason,
+                params,
+                stored_params,
+                stored_bytes,
+            }
+        })
+        .collect();
+    CheckpointReport {
+        schema_version: SCHEMA_VERSION,
+        kind: "cersa".into(),
+        energy: man.config.energy,
+        tensors,
+        totals: man.totals.clone(),
+    }
+}
