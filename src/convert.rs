@@ -13,7 +13,9 @@ use crate::input::{FloatData, Source};
 use crate::select::Selection;
 use cersa_loader::dtype::{decode_f64, encode_f64};
 use cersa_loader::manifest::{ConvertConfig, Producer, SourceInfo, Totals};
-use cersa_loader::{factor_names, CheckpointWriter, DenseReason, Dtype, Manifest, TensorInfo, TensorKind};
+use cersa_loader::{
+    factor_names, CheckpointWriter, DenseReason, Dtype, Manifest, TensorInfo, TensorKind,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -158,12 +160,20 @@ pub fn convert(
     let decomposer = decompose::by_name(&opts.algorithm)?;
     let selection = Selection::new(&opts.include, &opts.exclude, src.default_excludes())?;
     let tmp = prepare_output(out)?;
-    let result = run(src, &tmp, opts, decomposer.as_ref(), &selection, progress, cancel)
-        .and_then(|m| {
-            src.check_unchanged()?;
-            commit(&tmp, out)?;
-            Ok(m)
-        });
+    let result = run(
+        src,
+        &tmp,
+        opts,
+        decomposer.as_ref(),
+        &selection,
+        progress,
+        cancel,
+    )
+    .and_then(|m| {
+        src.check_unchanged()?;
+        commit(&tmp, out)?;
+        Ok(m)
+    });
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
@@ -180,17 +190,19 @@ fn prepare_output(out: &Path) -> Result<PathBuf> {
             return Err(ConvertError::OutputExists(out.to_path_buf()));
         }
     }
-    let name = out
-        .file_name()
-        .ok_or_else(|| ConvertError::Options(format!("output path {} has no file name", out.display())))?;
+    let name = out.file_name().ok_or_else(|| {
+        ConvertError::Options(format!("output path {} has no file name", out.display()))
+    })?;
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    std::fs::create_dir_all(&parent).map_err(|e| ConvertError::io(&parent, "create directory", e))?;
+    std::fs::create_dir_all(&parent)
+        .map_err(|e| ConvertError::io(&parent, "create directory", e))?;
     let tmp = parent.join(format!(".{}.cersa-partial", name.to_string_lossy()));
     if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| ConvertError::io(&tmp, "remove stale partial output", e))?;
+        std::fs::remove_dir_all(&tmp)
+            .map_err(|e| ConvertError::io(&tmp, "remove stale partial output", e))?;
     }
     std::fs::create_dir(&tmp).map_err(|e| ConvertError::io(&tmp, "create directory", e))?;
     Ok(tmp)
@@ -199,7 +211,8 @@ fn prepare_output(out: &Path) -> Result<PathBuf> {
 fn commit(tmp: &Path, out: &Path) -> Result<()> {
     if out.exists() {
         // An empty directory is replaced (rename(2) onto an empty directory is atomic).
-        std::fs::remove_dir(out).map_err(|e| ConvertError::io(out, "replace empty directory", e))?;
+        std::fs::remove_dir(out)
+            .map_err(|e| ConvertError::io(out, "replace empty directory", e))?;
     }
     std::fs::rename(tmp, out).map_err(|e| ConvertError::io(out, "rename into place", e))?;
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -269,7 +282,17 @@ fn run(
             });
         }
 
-        let result = write_all(src, tmp, opts, decomposer, &shared, &cv, progress, cancel, bytes_total);
+        let result = write_all(
+            src,
+            tmp,
+            opts,
+            decomposer,
+            &shared,
+            &cv,
+            progress,
+            cancel,
+            bytes_total,
+        );
         let mut g = lock();
         g.stop = true;
         cv.notify_all();
@@ -343,7 +366,17 @@ fn write_all(
                     reason: Some(reason),
                 }
             }
-            Outcome::Factored { m, n, rank, energy, rel_error, dtype, u, s, vt } => {
+            Outcome::Factored {
+                m,
+                n,
+                rank,
+                energy,
+                rel_error,
+                dtype,
+                u,
+                s,
+                vt,
+            } => {
                 let nbytes = (u.len() + s.len() + vt.len()) as u64;
                 let (un, sn, vn) = factor_names(&meta.name);
                 writer.begin_group(&meta.name, nbytes)?;
@@ -415,7 +448,12 @@ fn write_all(
 }
 
 /// Reads, checks and factors tensor `i`.
-fn process(src: &dyn Source, i: usize, opts: &ConvertOptions, decomposer: &dyn Decomposer) -> Result<Outcome> {
+fn process(
+    src: &dyn Source,
+    i: usize,
+    opts: &ConvertOptions,
+    decomposer: &dyn Decomposer,
+) -> Result<Outcome> {
     let meta = &src.tensors()[i];
     let path = || src.file_path(meta.file).to_path_buf();
     let data = src.read_float(i)?;
@@ -454,7 +492,14 @@ fn process(src: &dyn Source, i: usize, opts: &ConvertOptions, decomposer: &dyn D
     let s = encode(&f.s, Dtype::F32);
     // rel_error is measured on the factors exactly as stored.
     let decode = |b: &[u8], d: Dtype| decode_f64(d, b).expect("factor dtypes are float");
-    let res = residual_norm2(&data, m, n, &decode(&u, dtype), &decode(&s, Dtype::F32), &decode(&vt, dtype));
+    let res = residual_norm2(
+        &data,
+        m,
+        n,
+        &decode(&u, dtype),
+        &decode(&s, Dtype::F32),
+        &decode(&vt, dtype),
+    );
     Ok(Outcome::Factored {
         m,
         n,

@@ -60,7 +60,9 @@ pub enum ConvertError {
         reason: String,
     },
     /// The output directory exists and is not empty.
-    #[error("{0}: output directory already exists and is not empty (remove it or choose another path)")]
+    #[error(
+        "{0}: output directory already exists and is not empty (remove it or choose another path)"
+    )]
     OutputExists(PathBuf),
     /// A source file changed while it was being read.
     #[error("{path}: source file changed during conversion ({what}); its memory map can no longer be trusted — rerun on a stable file")]

@@ -161,7 +161,11 @@ pub fn inspect_source(
     let totals = SourceTotals {
         tensors: tensors.len(),
         params: tensors.iter().map(|t| t.params).sum(),
-        selected_params: tensors.iter().filter(|t| t.matrix_shape.is_some()).map(|t| t.params).sum(),
+        selected_params: tensors
+            .iter()
+            .filter(|t| t.matrix_shape.is_some())
+            .map(|t| t.params)
+            .sum(),
         at_energy,
     };
     Ok(SourceReport {
@@ -182,7 +186,13 @@ fn ratio(a: u64, b: u64) -> f64 {
     }
 }
 
-fn analyse(src: &dyn Source, i: usize, opts: &InspectOptions, decomposer: &dyn Decomposer, spec: &mut TensorSpectrum) -> Result<()> {
+fn analyse(
+    src: &dyn Source,
+    i: usize,
+    opts: &InspectOptions,
+    decomposer: &dyn Decomposer,
+    spec: &mut TensorSpectrum,
+) -> Result<()> {
     let t = &src.tensors()[i];
     let data = src.read_float(i)?;
     if let Some((count, first, index)) = data.non_finite() {
@@ -204,12 +214,13 @@ fn analyse(src: &dyn Source, i: usize, opts: &InspectOptions, decomposer: &dyn D
         spec.reason = Some(DenseReason::Zero);
         return Ok(());
     }
-    let sigma = decomposer
-        .singular_values(&data, m, n)
-        .map_err(|reason| ConvertError::Decompose {
-            tensor: t.name.clone(),
-            reason,
-        })?;
+    let sigma =
+        decomposer
+            .singular_values(&data, m, n)
+            .map_err(|reason| ConvertError::Decompose {
+                tensor: t.name.clone(),
+                reason,
+            })?;
     drop(data);
     spec.matrix_shape = Some([m, n]);
     spec.break_even_rank = Some(break_even_rank(m, n));
@@ -290,7 +301,10 @@ pub fn inspect_checkpoint(ckpt: &Checkpoint) -> CheckpointReport {
             let (stored_params, stored_bytes) = match (t.kind, t.matrix_shape, t.rank) {
                 (TensorKind::Factored, Some([m, n]), Some(r)) => {
                     let fp = (r * (m + n)) as u64;
-                    (fp + r as u64, fp * t.stored_dtype.size() as u64 + 4 * r as u64)
+                    (
+                        fp + r as u64,
+                        fp * t.stored_dtype.size() as u64 + 4 * r as u64,
+                    )
                 }
                 _ => (params, params * t.stored_dtype.size() as u64),
             };
@@ -300,7 +314,10 @@ pub fn inspect_checkpoint(ckpt: &Checkpoint) -> CheckpointReport {
                 shape: t.shape.clone(),
                 stored_dtype: t.stored_dtype.to_string(),
                 rank: t.rank,
-                rank_fraction: t.matrix_shape.zip(t.rank).map(|([m, n], r)| r as f64 / m.min(n) as f64),
+                rank_fraction: t
+                    .matrix_shape
+                    .zip(t.rank)
+                    .map(|([m, n], r)| r as f64 / m.min(n) as f64),
                 energy: t.energy,
                 rel_error: t.rel_error,
                 reason: t.reason,

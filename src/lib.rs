@@ -5,12 +5,12 @@
 //! [`inspect`] reports spectra and ranks without writing anything.
 #![deny(unsafe_code)]
 
+pub mod cli;
 pub mod convert;
 pub mod decompose;
 pub mod error;
 pub mod input;
 pub mod inspect;
 pub mod select;
-pub mod cli;
 
 pub use error::{ConvertError, Result};

@@ -95,20 +95,51 @@ mod tests {
     fn default_rules() {
         let s = Selection::new(&[], &[], &[]).unwrap();
         assert_eq!(s.check(&meta("layer.0.q.weight", &[4, 4], true)), Ok(()));
-        assert_eq!(s.check(&meta("layer.0.q.bias", &[4, 4], true)), Err(DenseReason::Excluded));
-        assert_eq!(s.check(&meta("embeddings.word_embeddings.weight", &[9, 4], true)), Err(DenseReason::Excluded));
-        assert_eq!(s.check(&meta("x.LayerNorm.weight", &[4, 4], true)), Err(DenseReason::Excluded));
-        assert_eq!(s.check(&meta("lm_head.weight", &[4, 4], true)), Err(DenseReason::Excluded));
-        assert_eq!(s.check(&meta("q.weight", &[4], true)), Err(DenseReason::NotAMatrix));
-        assert_eq!(s.check(&meta("q.weight", &[4, 4], false)), Err(DenseReason::NonFloat));
+        assert_eq!(
+            s.check(&meta("layer.0.q.bias", &[4, 4], true)),
+            Err(DenseReason::Excluded)
+        );
+        assert_eq!(
+            s.check(&meta("embeddings.word_embeddings.weight", &[9, 4], true)),
+            Err(DenseReason::Excluded)
+        );
+        assert_eq!(
+            s.check(&meta("x.LayerNorm.weight", &[4, 4], true)),
+            Err(DenseReason::Excluded)
+        );
+        assert_eq!(
+            s.check(&meta("lm_head.weight", &[4, 4], true)),
+            Err(DenseReason::Excluded)
+        );
+        assert_eq!(
+            s.check(&meta("q.weight", &[4], true)),
+            Err(DenseReason::NotAMatrix)
+        );
+        assert_eq!(
+            s.check(&meta("q.weight", &[4, 4], false)),
+            Err(DenseReason::NonFloat)
+        );
     }
 
     #[test]
     fn include_overrides_exclude_wins() {
         let s = Selection::new(&["*embed*".into()], &["*position*".into()], &[]).unwrap();
-        assert_eq!(s.check(&meta("embeddings.word_embeddings.weight", &[9, 4], true)), Ok(()));
-        assert_eq!(s.check(&meta("embeddings.position_embeddings.weight", &[9, 4], true)), Err(DenseReason::Excluded));
-        assert_eq!(s.check(&meta("layer.0.q.weight", &[4, 4], true)), Err(DenseReason::Excluded));
+        assert_eq!(
+            s.check(&meta("embeddings.word_embeddings.weight", &[9, 4], true)),
+            Ok(())
+        );
+        assert_eq!(
+            s.check(&meta(
+                "embeddings.position_embeddings.weight",
+                &[9, 4],
+                true
+            )),
+            Err(DenseReason::Excluded)
+        );
+        assert_eq!(
+            s.check(&meta("layer.0.q.weight", &[4, 4], true)),
+            Err(DenseReason::Excluded)
+        );
         assert!(Selection::new(&["[".into()], &[], &[]).is_err());
     }
 }

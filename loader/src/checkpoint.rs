@@ -116,7 +116,10 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     if meta.len() > MAX_MANIFEST_SIZE {
         return Err(Error::Manifest {
             path,
-            reason: format!("{} bytes exceeds the {MAX_MANIFEST_SIZE}-byte cap", meta.len()),
+            reason: format!(
+                "{} bytes exceeds the {MAX_MANIFEST_SIZE}-byte cap",
+                meta.len()
+            ),
         });
     }
     let text = std::fs::read(&path).map_err(|e| Error::io(&path, "read", e))?;
@@ -202,7 +205,11 @@ impl Checkpoint {
             })?;
             for (i, t) in header.tensors.iter().enumerate() {
                 if index.insert(t.name.clone(), (k, i)).is_some() {
-                    return Err(mismatch(&path, &t.name, "stored in more than one shard".into()));
+                    return Err(mismatch(
+                        &path,
+                        &t.name,
+                        "stored in more than one shard".into(),
+                    ));
                 }
             }
             shards.push(Shard { path, map, header });
@@ -222,22 +229,37 @@ impl Checkpoint {
         let mut claimed = 0usize;
         for (name, info) in &self.manifest.tensors {
             let &k = shard_of_file.get(&info.shard).ok_or_else(|| {
-                mismatch(&mpath, name, format!("shard {:?} is not in the shard list", info.shard))
+                mismatch(
+                    &mpath,
+                    name,
+                    format!("shard {:?} is not in the shard list", info.shard),
+                )
             })?;
             let check = |stored: &str, dtype: Dtype, shape: &[usize]| -> Result<()> {
                 let (sk, i) = *self.index.get(stored).ok_or_else(|| {
-                    mismatch(&self.shards[k].path, stored, "listed in the manifest but missing from its shard".into())
+                    mismatch(
+                        &self.shards[k].path,
+                        stored,
+                        "listed in the manifest but missing from its shard".into(),
+                    )
                 })?;
                 let shard = &self.shards[sk];
                 if sk != k {
-                    return Err(mismatch(&shard.path, stored, format!("manifest says shard {:?}", info.shard)));
+                    return Err(mismatch(
+                        &shard.path,
+                        stored,
+                        format!("manifest says shard {:?}", info.shard),
+                    ));
                 }
                 let e = &shard.header.tensors[i];
                 if e.dtype != dtype || e.shape != shape {
                     return Err(mismatch(
                         &shard.path,
                         stored,
-                        format!("expected {dtype} {shape:?}, found {} {:?}", e.dtype, e.shape),
+                        format!(
+                            "expected {dtype} {shape:?}, found {} {:?}",
+                            e.dtype, e.shape
+                        ),
                     ));
                 }
                 Ok(())
@@ -270,7 +292,11 @@ impl Checkpoint {
                 .get(&stray)
                 .map(|(k, _)| self.shards[*k].path.clone())
                 .unwrap_or(mpath);
-            return Err(mismatch(&path, &stray, "stored in a shard but not listed in the manifest".into()));
+            return Err(mismatch(
+                &path,
+                &stray,
+                "stored in a shard but not listed in the manifest".into(),
+            ));
         }
         Ok(())
     }
@@ -373,7 +399,11 @@ impl Checkpoint {
                         row.iter_mut().zip(vrow).for_each(|(o, v)| *o += c * v);
                     }
                 }
-                Ok(Matrix { rows: m, cols: n, data })
+                Ok(Matrix {
+                    rows: m,
+                    cols: n,
+                    data,
+                })
             }
         }
     }
@@ -389,7 +419,10 @@ impl Checkpoint {
             TensorView::Dense(t) => {
                 let (m, n) = dense_matrix_dims(name, t.shape)?;
                 if x.len() != rows * n {
-                    return Err(usage(format!("x has {} values, expected {rows}×{n}", x.len())));
+                    return Err(usage(format!(
+                        "x has {} values, expected {rows}×{n}",
+                        x.len()
+                    )));
                 }
                 let w = t
                     .to_f32()
@@ -399,7 +432,10 @@ impl Checkpoint {
             TensorView::Factored(f) => {
                 let [m, n] = f.matrix_shape;
                 if x.len() != rows * n {
-                    return Err(usage(format!("x has {} values, expected {rows}×{n}", x.len())));
+                    return Err(usage(format!(
+                        "x has {} values, expected {rows}×{n}",
+                        x.len()
+                    )));
                 }
                 let (u, s, vt) = decode_factors(name, &f)?;
                 let r = f.rank;
@@ -427,14 +463,25 @@ fn factored_dims(mpath: &Path, name: &str, info: &TensorInfo) -> Result<(usize, 
         return Err(mismatch(
             mpath,
             name,
-            format!("matrix_shape [{m}, {n}] does not fit shape {:?}", info.shape),
+            format!(
+                "matrix_shape [{m}, {n}] does not fit shape {:?}",
+                info.shape
+            ),
         ));
     }
     if r == 0 || r > m.min(n) {
-        return Err(mismatch(mpath, name, format!("rank {r} outside 1..=min({m}, {n})")));
+        return Err(mismatch(
+            mpath,
+            name,
+            format!("rank {r} outside 1..=min({m}, {n})"),
+        ));
     }
     if !info.stored_dtype.is_factor_float() {
-        return Err(mismatch(mpath, name, format!("factor dtype {} is not a float type", info.stored_dtype)));
+        return Err(mismatch(
+            mpath,
+            name,
+            format!("factor dtype {} is not a float type", info.stored_dtype),
+        ));
     }
     Ok((m, n, r))
 }

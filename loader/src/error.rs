@@ -84,7 +84,9 @@ pub enum SafetensorsError {
         cap: u64,
     },
     /// The header length points past the end of the file.
-    #[error("header length {header} + 8 is past the end of a {file}-byte file — was it truncated?")]
+    #[error(
+        "header length {header} + 8 is past the end of a {file}-byte file — was it truncated?"
+    )]
     HeaderPastEnd {
         /// Header length from the file.
         header: u64,
@@ -114,7 +116,9 @@ pub enum SafetensorsError {
         shape: Vec<u64>,
     },
     /// Offsets do not match the byte size implied by dtype and shape.
-    #[error("tensor `{tensor}`: data_offsets span {found} bytes but dtype and shape need {expected}")]
+    #[error(
+        "tensor `{tensor}`: data_offsets span {found} bytes but dtype and shape need {expected}"
+    )]
     SizeMismatch {
         /// Tensor name.
         tensor: String,

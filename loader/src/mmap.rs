@@ -55,7 +55,9 @@ impl MappedFile {
             // SAFETY: the map is read-only and shared, so MADV_DONTNEED only discards
             // page-table entries; later reads refault the same file contents. No
             // reference into these pages is used to observe a change.
-            let _ = unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start) };
+            let _ = unsafe {
+                map.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start)
+            };
         }
     }
 }

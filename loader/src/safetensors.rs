@@ -188,7 +188,7 @@ pub fn parse(file: &[u8]) -> Result<Header, SafetensorsError> {
             end: end as usize,
         });
     }
-    tensors.sort_by(|a, b| (a.begin, a.end).cmp(&(b.begin, b.end)));
+    tensors.sort_by_key(|t| (t.begin, t.end));
     let mut expected = 0usize;
     for t in &tensors {
         if t.begin != expected {
@@ -298,15 +298,24 @@ mod tests {
         assert_eq!(parse(&[1, 2]), Err(SafetensorsError::TooShort(2)));
         let mut f = u64::MAX.to_le_bytes().to_vec();
         f.extend([0; 8]);
-        assert!(matches!(parse(&f), Err(SafetensorsError::HeaderTooLarge { .. })));
+        assert!(matches!(
+            parse(&f),
+            Err(SafetensorsError::HeaderTooLarge { .. })
+        ));
         let mut f = 1000u64.to_le_bytes().to_vec();
         f.extend(b"{}");
-        assert!(matches!(parse(&f), Err(SafetensorsError::HeaderPastEnd { .. })));
+        assert!(matches!(
+            parse(&f),
+            Err(SafetensorsError::HeaderPastEnd { .. })
+        ));
         let f = file(
             r#"{"x":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,8]}}"#,
             &[0; 8],
         );
-        assert!(matches!(parse(&f), Err(SafetensorsError::ShapeOverflow { .. })));
+        assert!(matches!(
+            parse(&f),
+            Err(SafetensorsError::ShapeOverflow { .. })
+        ));
         let f = file(
             r#"{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"x":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}"#,
             &[0; 16],
@@ -316,18 +325,39 @@ mod tests {
             r#"{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"y":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
             &[0; 12],
         );
-        assert!(matches!(parse(&f), Err(SafetensorsError::NotContiguous { .. })));
+        assert!(matches!(
+            parse(&f),
+            Err(SafetensorsError::NotContiguous { .. })
+        ));
         let f = file(
             r#"{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
             &[0; 12],
         );
         assert_eq!(parse(&f), Err(SafetensorsError::TrailingBytes(4)));
-        let f = file(r#"{"x":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, &[0; 8]);
-        assert!(matches!(parse(&f), Err(SafetensorsError::SizeMismatch { .. })));
-        let f = file(r#"{"x":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}}"#, &[0; 8]);
-        assert!(matches!(parse(&f), Err(SafetensorsError::UnknownDtype { .. })));
-        let f = file(r#"{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,80]}}"#, &[0; 8]);
-        assert!(matches!(parse(&f), Err(SafetensorsError::OffsetOutOfBounds { .. })));
+        let f = file(
+            r#"{"x":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
+            &[0; 8],
+        );
+        assert!(matches!(
+            parse(&f),
+            Err(SafetensorsError::SizeMismatch { .. })
+        ));
+        let f = file(
+            r#"{"x":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}}"#,
+            &[0; 8],
+        );
+        assert!(matches!(
+            parse(&f),
+            Err(SafetensorsError::UnknownDtype { .. })
+        ));
+        let f = file(
+            r#"{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,80]}}"#,
+            &[0; 8],
+        );
+        assert!(matches!(
+            parse(&f),
+            Err(SafetensorsError::OffsetOutOfBounds { .. })
+        ));
     }
 
     #[test]

@@ -116,7 +116,11 @@ impl CheckpointWriter {
         };
         t.written += bytes.len();
         if t.written > t.expected {
-            let name = shard.entries.last().map(|e| e.0.clone()).unwrap_or_default();
+            let name = shard
+                .entries
+                .last()
+                .map(|e| e.0.clone())
+                .unwrap_or_default();
             return Err(Error::Usage {
                 tensor: name,
                 reason: format!("{} bytes written, shape needs {}", t.written, t.expected),
@@ -153,7 +157,13 @@ impl CheckpointWriter {
     }
 
     /// Writes a whole stored tensor from memory.
-    pub fn write_tensor(&mut self, name: &str, dtype: Dtype, shape: &[usize], bytes: &[u8]) -> Result<()> {
+    pub fn write_tensor(
+        &mut self,
+        name: &str,
+        dtype: Dtype,
+        shape: &[usize],
+        bytes: &[u8],
+    ) -> Result<()> {
         self.begin_tensor(name, dtype, shape)?;
         self.write(bytes)?;
         self.end_tensor()
@@ -170,12 +180,15 @@ impl CheckpointWriter {
             .map_err(|e| Error::io(&self.dir, "flush", e.into_error()))?;
         drop(data_file);
         let header = serialize_header(&shard_metadata(), &shard.entries);
-        let path = self.dir.join(format!(".shard-{:05}.safetensors", index + 1));
+        let path = self
+            .dir
+            .join(format!(".shard-{:05}.safetensors", index + 1));
         let mut hasher = Sha256::new();
         let out = File::create(&path).map_err(|e| Error::io(&path, "create", e))?;
         let mut out = BufWriter::with_capacity(1 << 20, out);
         hasher.update(&header);
-        out.write_all(&header).map_err(|e| Error::io(&path, "write", e))?;
+        out.write_all(&header)
+            .map_err(|e| Error::io(&path, "write", e))?;
         let mut data =
             File::open(&shard.data_path).map_err(|e| Error::io(&shard.data_path, "open", e))?;
         let mut buf = vec![0u8; 8 << 20];
@@ -187,7 +200,8 @@ impl CheckpointWriter {
                 break;
             }
             hasher.update(&buf[..n]);
-            out.write_all(&buf[..n]).map_err(|e| Error::io(&path, "write", e))?;
+            out.write_all(&buf[..n])
+                .map_err(|e| Error::io(&path, "write", e))?;
         }
         let out = out
             .into_inner()

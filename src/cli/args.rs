@@ -137,7 +137,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
         other => bail!("size {s:?}: unknown unit {other:?}"),
     };
     let bytes = value * mult;
-    if !(bytes.is_finite() && bytes >= 1.0 && bytes < 1.8e19) {
+    if !(1.0..1.8e19).contains(&bytes) {
         bail!("size {s:?} out of range");
     }
     Ok(bytes as u64)
@@ -156,7 +156,9 @@ pub fn threads(flag: Option<usize>) -> Result<usize> {
     match flag {
         Some(0) => bail!("--threads must be at least 1"),
         Some(n) => Ok(n),
-        None => Ok(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+        None => Ok(std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)),
     }
 }
 
@@ -205,7 +207,10 @@ impl InspectArgs {
             .energy
             .split(',')
             .map(|s| {
-                let e: f64 = s.trim().parse().with_context(|| format!("--energy: {s:?} is not a number"))?;
+                let e: f64 = s
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("--energy: {s:?} is not a number"))?;
                 check_energy(e)
             })
             .collect::<Result<Vec<_>>>()?;

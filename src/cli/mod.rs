@@ -67,7 +67,13 @@ fn run_convert(a: ConvertArgs, cancel: &AtomicBool) -> Result<Status> {
         },
         cancel,
     )
-    .with_context(|| format!("converting {} into {}", a.src.display(), a.out_dir.display()))?;
+    .with_context(|| {
+        format!(
+            "converting {} into {}",
+            a.src.display(),
+            a.out_dir.display()
+        )
+    })?;
     bar.finish_and_clear();
     let t = &manifest.totals;
     let report = ConvertReport {
@@ -100,7 +106,8 @@ fn run_inspect(a: InspectArgs) -> Result<Status> {
         }
         return Ok(Status::Ok);
     }
-    let src = crate::input::open(&a.path).with_context(|| format!("opening {}", a.path.display()))?;
+    let src =
+        crate::input::open(&a.path).with_context(|| format!("opening {}", a.path.display()))?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
@@ -108,7 +115,11 @@ fn run_inspect(a: InspectArgs) -> Result<Status> {
     let bar = progress_bar(a.quiet, src.tensors().len() as u64);
     let decomposer = decompose::by_name("svd")?;
     let report = pool
-        .install(|| inspect_source(src.as_ref(), &opts, decomposer.as_ref(), &|done, _| bar.set_position(done as u64)))
+        .install(|| {
+            inspect_source(src.as_ref(), &opts, decomposer.as_ref(), &|done, _| {
+                bar.set_position(done as u64)
+            })
+        })
         .with_context(|| format!("inspecting {}", a.path.display()))?;
     bar.finish_and_clear();
     if a.json {

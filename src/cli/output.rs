@@ -117,10 +117,19 @@ pub fn source_table(r: &SourceReport) -> String {
 
 /// `cersa inspect OUT_DIR` table.
 pub fn checkpoint_table(r: &CheckpointReport) -> String {
-    let header: Vec<String> = ["tensor", "kind", "shape", "dtype", "rank", "energy", "rel_error", "note"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let header: Vec<String> = [
+        "tensor",
+        "kind",
+        "shape",
+        "dtype",
+        "rank",
+        "energy",
+        "rel_error",
+        "note",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let rows: Vec<Vec<String>> = r
         .tensors
         .iter()
@@ -137,7 +146,12 @@ pub fn checkpoint_table(r: &CheckpointReport) -> String {
                 t.energy.map(|e| format!("{e:.4}")).unwrap_or_default(),
                 t.rel_error.map(|e| format!("{e:.4}")).unwrap_or_default(),
                 t.reason
-                    .map(|x| serde_json::to_value(x).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default())
+                    .map(|x| {
+                        serde_json::to_value(x)
+                            .ok()
+                            .and_then(|v| v.as_str().map(String::from))
+                            .unwrap_or_default()
+                    })
                     .unwrap_or_default(),
             ]
         })

@@ -34,7 +34,13 @@ pub trait Decomposer: Send + Sync {
 
     /// Factors the row-major m×n matrix `w`, keeping the rank `rule` picks.
     /// Signs follow the rule of formats/cersa-v1.md §4.7.
-    fn factorize(&self, w: &FloatData, m: usize, n: usize, rule: &RankRule) -> Result<Factorization, String>;
+    fn factorize(
+        &self,
+        w: &FloatData,
+        m: usize,
+        n: usize,
+        rule: &RankRule,
+    ) -> Result<Factorization, String>;
 
     /// All min(m, n) singular values of `w`, non-increasing.
     fn singular_values(&self, w: &FloatData, m: usize, n: usize) -> Result<Vec<f64>, String>;

@@ -29,10 +29,14 @@ pub fn frobenius2<T: Copy + Into<f64>>(values: &[T]) -> f64 {
     // Pairwise-by-chunks summation keeps the f64 rounding error negligible for 1e9 entries.
     values
         .chunks(4096)
-        .map(|c| c.iter().map(|&x| {
-            let v: f64 = x.into();
-            v * v
-        }).sum::<f64>())
+        .map(|c| {
+            c.iter()
+                .map(|&x| {
+                    let v: f64 = x.into();
+                    v * v
+                })
+                .sum::<f64>()
+        })
         .sum()
 }
 
@@ -61,7 +65,9 @@ impl RankRule {
     /// Final rank for singular values `sigma` (non-increasing) of an m×n matrix.
     pub fn rank(&self, sigma: &[f64], norm2: f64, m: usize, n: usize) -> usize {
         let k = m.min(n);
-        let mut r = energy_rank(sigma, norm2, self.energy).min(k).max(if k > 0 { 1 } else { 0 });
+        let mut r = energy_rank(sigma, norm2, self.energy)
+            .min(k)
+            .max(if k > 0 { 1 } else { 0 });
         if sigma.len() < k && r == sigma.len() && energy_at(sigma, norm2, r) < self.energy {
             // A partial spectrum that never reached τ: the exact rank is unknown, so keep all.
             r = k;

@@ -28,9 +28,12 @@ impl Elem for f64 {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct FaerSvd;
 
+/// σ (non-increasing, as f64), U (col-major m×k), V (col-major n×k).
+type ThinSvd<T> = (Vec<f64>, Mat<T>, Mat<T>);
+
 /// Singular values and (optionally) thin singular vectors of a row-major m×n matrix.
 /// Returns (σ, U col-major m×k, V col-major n×k), k = min(m, n).
-fn thin_svd<T: Elem>(w: &[T], m: usize, n: usize, vectors: bool) -> Result<(Vec<f64>, Mat<T>, Mat<T>), String> {
+fn thin_svd<T: Elem>(w: &[T], m: usize, n: usize, vectors: bool) -> Result<ThinSvd<T>, String> {
     let k = m.min(n);
     // Row-major W is column-major Wᵀ (n×m): Wᵀ = P Σ Qᵀ gives W = Q Σ Pᵀ, so U = Q, V = P.
     let wt = MatRef::from_column_major_slice(w, n, m);
@@ -43,8 +46,15 @@ fn thin_svd<T: Elem>(w: &[T], m: usize, n: usize, vectors: bool) -> Result<(Vec<
     let mut s = faer::diag::Diag::<T>::zeros(k);
     let mut p = Mat::<T>::zeros(if vectors { n } else { 0 }, if vectors { k } else { 0 });
     let mut q = Mat::<T>::zeros(if vectors { m } else { 0 }, if vectors { k } else { 0 });
-    let mut mem = MemBuffer::try_new(svd_scratch::<T>(n, m, which, which, par, Default::default()))
-        .map_err(|_| format!("cannot allocate SVD workspace for a {m}×{n} matrix"))?;
+    let mut mem = MemBuffer::try_new(svd_scratch::<T>(
+        n,
+        m,
+        which,
+        which,
+        par,
+        Default::default(),
+    ))
+    .map_err(|_| format!("cannot allocate SVD workspace for a {m}×{n} matrix"))?;
     let stack = MemStack::new(&mut mem);
     let (pu, qv) = if vectors {
         (Some(p.as_mut()), Some(q.as_mut()))
@@ -57,7 +67,12 @@ fn thin_svd<T: Elem>(w: &[T], m: usize, n: usize, vectors: bool) -> Result<(Vec<
     Ok((sigma, q, p))
 }
 
-fn factorize_t<T: Elem>(w: &[T], m: usize, n: usize, rule: &RankRule) -> Result<Factorization, String> {
+fn factorize_t<T: Elem>(
+    w: &[T],
+    m: usize,
+    n: usize,
+    rule: &RankRule,
+) -> Result<Factorization, String> {
     let norm2 = frobenius2(w);
     let (sigma, u, v) = thin_svd(w, m, n, true)?;
     let r = rule.rank(&sigma, norm2, m, n);
@@ -90,7 +105,13 @@ impl Decomposer for FaerSvd {
         "svd"
     }
 
-    fn factorize(&self, w: &FloatData, m: usize, n: usize, rule: &RankRule) -> Result<Factorization, String> {
+    fn factorize(
+        &self,
+        w: &FloatData,
+        m: usize,
+        n: usize,
+        rule: &RankRule,
+    ) -> Result<Factorization, String> {
         match w {
             FloatData::F32(v) => factorize_t(v, m, n, rule),
             FloatData::F64(v) => factorize_t(v, m, n, rule),
@@ -114,13 +135,24 @@ pub fn residual_norm2(w: &FloatData, m: usize, n: usize, u: &[f64], s: &[f64], v
         let mut rt = MatRef::from_column_major_slice(w, n, m).to_owned();
         let vs = Mat::<T>::from_fn(n, r, |c, k| T::of(vt[k * n + c] * s[k]));
         let ut = Mat::<T>::from_fn(r, m, |k, i| T::of(u[i * r + k]));
-        faer::linalg::matmul::matmul(rt.as_mut(), Accum::Add, vs.as_ref(), ut.as_ref(), T::of(-1.0), Par::Seq);
+        faer::linalg::matmul::matmul(
+            rt.as_mut(),
+            Accum::Add,
+            vs.as_ref(),
+            ut.as_ref(),
+            T::of(-1.0),
+            Par::Seq,
+        );
         let mut sum = 0f64;
         for j in 0..m {
-            sum += rt.col(j).iter().map(|x| {
-                let v: f64 = (*x).into();
-                v * v
-            }).sum::<f64>();
+            sum += rt
+                .col(j)
+                .iter()
+                .map(|x| {
+                    let v: f64 = (*x).into();
+                    v * v
+                })
+                .sum::<f64>();
         }
         sum
     }

@@ -42,7 +42,10 @@ impl FloatData {
 
     /// First non-finite value: (count, first as text, flat index).
     pub fn non_finite(&self) -> Option<(usize, String, usize)> {
-        fn scan<T: Copy + std::fmt::Display>(v: &[T], finite: impl Fn(T) -> bool) -> Option<(usize, String, usize)> {
+        fn scan<T: Copy + std::fmt::Display>(
+            v: &[T],
+            finite: impl Fn(T) -> bool,
+        ) -> Option<(usize, String, usize)> {
             let first = v.iter().position(|x| !finite(*x))?;
             let count = v[first..].iter().filter(|x| !finite(**x)).count();
             Some((count, v[first].to_string(), first))
@@ -195,11 +198,15 @@ pub fn child_path(dir: &Path, name: &str, what: &Path) -> Result<PathBuf> {
     let p = Path::new(name);
     if name.is_empty()
         || p.is_absolute()
-        || p.components().any(|c| !matches!(c, std::path::Component::Normal(_)))
+        || p.components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
     {
         return Err(ConvertError::Source {
             path: what.to_path_buf(),
-            reason: format!("file name {name:?} must be relative and stay inside {}", dir.display()),
+            reason: format!(
+                "file name {name:?} must be relative and stay inside {}",
+                dir.display()
+            ),
         });
     }
     Ok(dir.join(p))

@@ -134,11 +134,15 @@ impl Source for SafetensorsSource {
     fn read_float(&self, i: usize) -> Result<FloatData> {
         let (f, range) = self.bytes(i);
         let meta = &self.tensors[i];
-        let bytes = f.map.bytes().get(range.clone()).ok_or_else(|| ConvertError::Tensor {
-            path: f.path.clone(),
-            tensor: meta.name.clone(),
-            reason: "data outside the mapped file".into(),
-        })?;
+        let bytes = f
+            .map
+            .bytes()
+            .get(range.clone())
+            .ok_or_else(|| ConvertError::Tensor {
+                path: f.path.clone(),
+                tensor: meta.name.clone(),
+                reason: "data outside the mapped file".into(),
+            })?;
         let dtype = meta.dense_dtype;
         let out = match meta.float {
             Some(Precision::F64) => decode_f64(dtype, bytes).map(FloatData::F64),
@@ -158,11 +162,15 @@ impl Source for SafetensorsSource {
         let mut start = range.start;
         while start < range.end {
             let end = (start + COPY_CHUNK).min(range.end);
-            let chunk = f.map.bytes().get(start..end).ok_or_else(|| ConvertError::Tensor {
-                path: f.path.clone(),
-                tensor: self.tensors[i].name.clone(),
-                reason: "data outside the mapped file".into(),
-            })?;
+            let chunk = f
+                .map
+                .bytes()
+                .get(start..end)
+                .ok_or_else(|| ConvertError::Tensor {
+                    path: f.path.clone(),
+                    tensor: self.tensors[i].name.clone(),
+                    reason: "data outside the mapped file".into(),
+                })?;
             sink(chunk)?;
             f.map.release(start..end);
             start = end;
@@ -182,7 +190,11 @@ fn resolve(path: &Path) -> Result<(PathBuf, Vec<String>)> {
         reason,
     };
     let parent = |p: &Path| p.parent().map(Path::to_path_buf).unwrap_or_default();
-    let file_name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let file_name = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
     if path.is_dir() {
         if let Some(index) = index_file(path, path) {
             return Ok((path.to_path_buf(), index_files(&index)?));
@@ -198,7 +210,9 @@ fn resolve(path: &Path) -> Result<(PathBuf, Vec<String>)> {
             .collect();
         names.sort();
         if names.is_empty() {
-            return Err(err("no .safetensors files or index in this directory".into()));
+            return Err(err(
+                "no .safetensors files or index in this directory".into()
+            ));
         }
         return Ok((path.to_path_buf(), names));
     }
@@ -269,7 +283,12 @@ fn index_files(index: &Path) -> Result<Vec<String>> {
 
 /// Every tensor the index names must be in the file it names, and every tensor of the
 /// shards must be in the index.
-fn check_index(index: &Path, files: &[File], seen: &HashMap<String, usize>, names: &[String]) -> Result<()> {
+fn check_index(
+    index: &Path,
+    files: &[File],
+    seen: &HashMap<String, usize>,
+    names: &[String],
+) -> Result<()> {
     let map = read_index(index)?;
     for (tensor, file) in &map {
         let found = seen.get(tensor).map(|&fi| names[fi].as_str());

@@ -1,0 +1,5 @@
+//! Integration tests: run the real `cersa` binary in temporary directories.
+
+mod util;
+
+mod convert;

@@ -1,0 +1,87 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Path of the binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_cersa")
+}
+
+/// Path of a committed fixture, relative to `fixtures/`.
+pub fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(rel)
+}
+
+/// Runs `cersa ARGS`, returning its output.
+pub fn cersa(args: &[&str]) -> Output {
+    Command::new(bin()).args(args).output().expect("run cersa")
+}
+
+/// Runs `cersa ARGS` and asserts exit 0; returns stdout.
+pub fn cersa_ok(args: &[&str]) -> String {
+    let out = cersa(args);
+    assert!(
+        out.status.success(),
+        "cersa {args:?} failed ({:?}):\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 stdout")
+}
+
+/// Runs `cersa ARGS` expecting exit code `code`; returns stderr.
+pub fn cersa_fails(args: &[&str], code: i32) -> String {
+    let out = cersa(args);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "cersa {args:?}: stdout {} stderr {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A fresh temporary directory.
+pub fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temp dir")
+}
+
+/// `p` as &str.
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// Writes a safetensors file of F32 matrices given as (name, shape, values).
+pub fn write_f32(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
+    let list: Vec<_> = tensors
+        .iter()
+        .map(|(n, shape, v)| {
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            (
+                n.to_string(),
+                cersa_loader::Dtype::F32,
+                shape.clone(),
+                bytes,
+            )
+        })
+        .collect();
+    cersa_loader::safetensors::write_file(path, &Default::default(), &list).expect("write fixture");
+}
+
+/// Deterministic pseudo-random f32 values (xorshift), for synthetic matrices.
+pub fn noise(seed: u64, n: usize) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        })
+        .collect()
+}
