@@ -159,6 +159,7 @@ pub fn convert(
 ) -> Result<Manifest> {
     let decomposer = decompose::by_name(&opts.algorithm)?;
     let selection = Selection::new(&opts.include, &opts.exclude, src.default_excludes())?;
+    check_names(src)?;
     let tmp = prepare_output(out)?;
     let result = run(
         src,
@@ -178,6 +179,28 @@ pub fn convert(
         let _ = std::fs::remove_dir_all(&tmp);
     }
     result
+}
+
+/// Source names ending in a factor suffix would collide with the stored factors.
+fn check_names(src: &dyn Source) -> Result<()> {
+    let suffixes = [
+        cersa_loader::SUFFIX_U,
+        cersa_loader::SUFFIX_S,
+        cersa_loader::SUFFIX_VT,
+    ];
+    for t in src.tensors() {
+        if let Some(suffix) = suffixes.iter().find(|s| t.name.ends_with(*s)) {
+            return Err(ConvertError::Tensor {
+                path: src.file_path(t.file).to_path_buf(),
+                tensor: t.name.clone(),
+                reason: format!(
+                    "name ends in the reserved suffix `{suffix}` (is this already a CERSA checkpoint? \
+                     load it with cersa-loader instead of converting it again)"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Checks `out` and creates the sibling temporary directory the output is written into.

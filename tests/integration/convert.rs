@@ -411,3 +411,23 @@ fn convert_json_report_parses() {
     assert_eq!(report.manifest, cersa_loader::read_manifest(&out).unwrap());
     assert!(report.param_ratio < 1.0);
 }
+
+#[test]
+fn reserved_suffixes_in_source_names_are_rejected() {
+    let dir = tmp();
+    let src = dir.path().join("m.safetensors");
+    write_f32(
+        &src,
+        &[
+            ("x.weight", vec![4, 4], noise(1, 16)),
+            ("x.weight.cersa_u", vec![4, 1], noise(2, 4)),
+        ],
+    );
+    let out = dir.path().join("out");
+    let err = cersa_fails(&["convert", s(&src), s(&out), "-q"], 2);
+    assert!(
+        err.contains("x.weight.cersa_u") && err.contains("reserved suffix"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
