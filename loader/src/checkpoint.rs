@@ -9,7 +9,7 @@ use crate::mmap::MappedFile;
 use crate::safetensors::{self, Header};
 use crate::writer::hex;
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 /// Manifest size cap: a manifest lists each tensor in ~400 bytes, so 256 MiB covers
@@ -226,7 +226,10 @@ impl Checkpoint {
 
     fn validate(&self, shard_of_file: &BTreeMap<String, usize>) -> Result<()> {
         let mpath = self.dir.join(MANIFEST_FILE);
-        let mut claimed = 0usize;
+        // Stored names claimed so far: a stored tensor claimed by two manifest entries
+        // (dense `a.cersa_u` next to factored `a`) would otherwise let a stray one pass a
+        // count comparison.
+        let mut claimed: HashSet<String> = HashSet::new();
         for (name, info) in &self.manifest.tensors {
             let &k = shard_of_file.get(&info.shard).ok_or_else(|| {
                 mismatch(
@@ -264,10 +267,10 @@ impl Checkpoint {
                 }
                 Ok(())
             };
-            match info.kind {
+            let stored = match info.kind {
                 TensorKind::Dense => {
                     check(name, info.stored_dtype, &info.shape)?;
-                    claimed += 1;
+                    vec![name.clone()]
                 }
                 TensorKind::Factored => {
                     let (m, n, r) = factored_dims(&mpath, name, info)?;
@@ -275,11 +278,21 @@ impl Checkpoint {
                     check(&u, info.stored_dtype, &[m, r])?;
                     check(&s, Dtype::F32, &[r])?;
                     check(&vt, info.stored_dtype, &[r, n])?;
-                    claimed += 3;
+                    vec![u, s, vt]
                 }
+            };
+            for t in stored {
+                if claimed.contains(&t) {
+                    return Err(mismatch(
+                        &mpath,
+                        &t,
+                        "stored tensor claimed by two manifest entries".into(),
+                    ));
+                }
+                claimed.insert(t);
             }
         }
-        if claimed != self.index.len() {
+        if claimed.len() != self.index.len() {
             let stray = self
                 .index
                 .keys()

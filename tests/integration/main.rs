@@ -3,4 +3,5 @@
 mod util;
 
 mod convert;
+mod malformed;
 mod memory;

@@ -1,0 +1,463 @@
+#!/usr/bin/env python3
+"""Generates the CERSA v1 test vectors under formats/vectors/ (spec §6).
+
+    python3 formats/vectors/make_vectors.py
+
+Bytes are written here with `struct`/`json`/`numpy` only, independently of the Rust
+writer, so the Rust reader is checked against a second implementation of the spec.
+
+valid/<case>/    a checkpoint + expected.json: for every tensor its kind, shape and the
+                 values `reconstruct` must give (f64, from the factors as stored: numpy
+                 U·diag(s)·Vᵀ; dense: the stored values), flattened row-major.
+invalid/<case>/  a broken checkpoint + expected_error.txt: every non-empty line is a
+                 substring the reader's error (opened with sha256 verification) must contain
+                 — the cause first, then the file and, where there is one, the tensor.
+"""
+import copy
+import hashlib
+import json
+import os
+import shutil
+import struct
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+META = {"format": "cersa", "cersa_version": "1"}
+SHARD1 = "cersa-00001-of-00001.safetensors"
+
+
+# ---------------------------------------------------------------- encoding helpers
+def bf16_bytes(x):
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16  # round to nearest even
+    return rounded.astype("<u2").tobytes()
+
+
+def bf16_values(x):
+    b = np.frombuffer(bf16_bytes(x), dtype="<u2").astype(np.uint32) << 16
+    return b.view(np.float32).astype(np.float64)
+
+
+def encode(dtype, x):
+    """(bytes, values as stored in f64)."""
+    x = np.asarray(x, dtype=np.float64)
+    if dtype == "F32":
+        v = x.astype("<f4")
+        return v.tobytes(), v.astype(np.float64)
+    if dtype == "F64":
+        v = x.astype("<f8")
+        return v.tobytes(), v.astype(np.float64)
+    if dtype == "F16":
+        v = x.astype("<f2")
+        return v.tobytes(), v.astype(np.float64)
+    if dtype == "BF16":
+        return bf16_bytes(x.astype(np.float32)), bf16_values(x.astype(np.float32))
+    raise ValueError(dtype)
+
+
+def safetensors(tensors, metadata=META, pad=True):
+    """tensors: list of (name, dtype, shape, raw) in data order → file bytes."""
+    header = {}
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    off = 0
+    for name, dtype, shape, raw in tensors:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [off, off + len(raw)]}
+        off += len(raw)
+    return raw_safetensors(json.dumps(header, separators=(",", ":")).encode(),
+                           b"".join(t[3] for t in tensors), pad)
+
+
+def raw_safetensors(header_json, data, pad=True):
+    h = header_json + (b" " * (-len(header_json) % 8) if pad else b"")
+    return struct.pack("<Q", len(h)) + h + data
+
+
+# ---------------------------------------------------------------- checkpoint model
+class Ckpt:
+    """An in-memory checkpoint: shard name → list of stored tensors, plus the manifest."""
+
+    def __init__(self):
+        self.shards = {}  # name → list of (stored name, dtype, shape, raw)
+        self.tensors = {}  # manifest entries
+        self.expected = {}  # name → (kind, shape, values f64)
+
+    def add_factored(self, name, shard, w, rank, dtype, shape=None):
+        w = np.asarray(w, dtype=np.float64)
+        m, n = w.shape
+        u, s, vt = np.linalg.svd(w, full_matrices=False)
+        # §4.7 sign rule: largest-magnitude entry of each u_i positive.
+        for i in range(len(s)):
+            j = int(np.argmax(np.abs(u[:, i])))
+            if u[j, i] < 0:
+                u[:, i] *= -1
+                vt[i, :] *= -1
+        ub, uv = encode(dtype, u[:, :rank])
+        sb, sv = encode("F32", s[:rank])
+        vb, vv = encode(dtype, vt[:rank, :])
+        lst = self.shards.setdefault(shard, [])
+        lst.append((name + ".cersa_u", dtype, [m, rank], ub))
+        lst.append((name + ".cersa_s", "F32", [rank], sb))
+        lst.append((name + ".cersa_vt", dtype, [rank, n], vb))
+        rec = uv.reshape(m, rank) @ np.diag(sv) @ vv.reshape(rank, n)
+        energy = float((s[:rank] ** 2).sum() / (w ** 2).sum())
+        rel = float(np.linalg.norm(w - rec) / np.linalg.norm(w))
+        shape = list(shape or [m, n])
+        self.tensors[name] = {
+            "kind": "factored", "shape": shape, "source_dtype": dtype, "stored_dtype": dtype,
+            "shard": shard, "matrix_shape": [m, n], "rank": rank, "energy": energy,
+            "rel_error": rel,
+        }
+        self.expected[name] = ("factored", shape, rec.reshape(-1))
+
+    def add_dense(self, name, shard, x, dtype, reason="not-a-matrix", shape=None):
+        x = np.asarray(x, dtype=np.float64)
+        shape = list(shape if shape is not None else x.shape)
+        raw, vals = encode(dtype, x.reshape(-1))
+        self.shards.setdefault(shard, []).append((name, dtype, shape, raw))
+        self.tensors[name] = {"kind": "dense", "shape": shape, "source_dtype": dtype,
+                              "stored_dtype": dtype, "shard": shard, "reason": reason}
+        self.expected[name] = ("dense", shape, vals)
+
+    def shard_bytes(self):
+        return {k: safetensors(v) for k, v in self.shards.items()}
+
+    def manifest(self, shard_bytes):
+        return {
+            "format": "cersa",
+            "format_version": 1,
+            "producer": {"name": "make_vectors.py", "version": "1"},
+            "config": {"energy": 0.9, "min_rank": 1, "max_rank": None, "rank_multiple": 1,
+                       "dtype": "source", "algorithm": "svd", "force_factor": False,
+                       "include": [], "exclude": [], "max_shard_size": 5000000000},
+            "source": {"format": "safetensors",
+                       "files": [{"file": "model.safetensors", "bytes": 0}]},
+            "shards": [{"file": k, "bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()}
+                       for k, b in sorted(shard_bytes.items())],
+            "tensors": dict(sorted(self.tensors.items())),
+            "totals": {"source_params": 0, "source_bytes": 0, "stored_params": 0,
+                       "stored_bytes": 0, "factored_tensors": 0, "dense_tensors": 0},
+        }
+
+
+def rng(seed):
+    return np.random.default_rng(seed)
+
+
+def base():
+    """The checkpoint the invalid cases break: one shard, a factored 4×3 (rank 2), a bias."""
+    c = Ckpt()
+    c.add_factored("layer.weight", SHARD1, rng(1).standard_normal((4, 3)), 2, "F32")
+    c.add_dense("layer.bias", SHARD1, rng(2).standard_normal(3), "F32")
+    return c
+
+
+def write_dir(path, manifest, shard_bytes, manifest_text=None):
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.makedirs(path)
+    for name, b in shard_bytes.items():
+        with open(os.path.join(path, name), "wb") as f:
+            f.write(b)
+    with open(os.path.join(path, "cersa.json"), "w") as f:
+        f.write(manifest_text if manifest_text is not None else json.dumps(manifest, indent=2) + "\n")
+
+
+def rehash(manifest, shard_bytes):
+    for s in manifest["shards"]:
+        if s["file"] in shard_bytes:
+            b = shard_bytes[s["file"]]
+            s["bytes"], s["sha256"] = len(b), hashlib.sha256(b).hexdigest()
+
+
+# ---------------------------------------------------------------- valid vectors
+def valid_cases():
+    cases = {}
+    c = base()
+    cases["basic"] = c
+
+    c = Ckpt()
+    s1, s2 = "cersa-00001-of-00002.safetensors", "cersa-00002-of-00002.safetensors"
+    c.add_factored("a.weight", s1, rng(3).standard_normal((6, 5)), 3, "BF16")
+    c.add_factored("b.weight", s1, rng(4).standard_normal((5, 7)), 2, "F16")
+    c.add_dense("b.bias", s2, rng(5).standard_normal(5), "F64")
+    c.add_dense("norm.weight", s2, rng(6).standard_normal((2, 3)), "F16", reason="excluded")
+    cases["multi-shard-dtypes"] = c
+
+    c = Ckpt()
+    conv = rng(7).standard_normal((4, 2, 2, 2))
+    c.add_factored("conv.weight", SHARD1, conv.reshape(4, 8), 3, "F32", shape=[4, 2, 2, 2])
+    c.add_factored("f64.weight", SHARD1, rng(8).standard_normal((3, 3)), 3, "F64")
+    cases["conv4d-full-rank"] = c
+
+    c = Ckpt()
+    c.add_dense("empty.weight", SHARD1, np.zeros((0, 3)), "F32", reason="zero")
+    c.add_dense("zero.weight", SHARD1, np.zeros((2, 2)), "F32", reason="zero")
+    c.add_dense("one.weight", SHARD1, [[1.5]], "F32", reason="no-saving")
+    cases["zero-and-tiny"] = c
+
+    for name, c in cases.items():
+        sb = c.shard_bytes()
+        d = os.path.join(HERE, "valid", name)
+        write_dir(d, c.manifest(sb), sb)
+        expected = {t: {"kind": k, "shape": shape, "values": [float(v) for v in vals]}
+                    for t, (k, shape, vals) in sorted(c.expected.items())}
+        with open(os.path.join(d, "expected.json"), "w") as f:
+            json.dump({"tensors": expected}, f, indent=1)
+            f.write("\n")
+
+
+# ---------------------------------------------------------------- invalid vectors
+def invalid_cases():
+    """Each case: a function (manifest, shard_bytes) → optional manifest text; and the
+    expected error lines. Shards are re-hashed after the edit unless the case says not."""
+    cases = []
+
+    def case(name, expected, rehash_after=True):
+        def deco(fn):
+            cases.append((name, fn, expected, rehash_after))
+            return fn
+        return deco
+
+    W = "layer.weight"
+
+    def shard_with(mutate_header=None, extra=None, drop=None, data_suffix=b""):
+        """Re-encodes the base shard with a mutated stored-tensor list."""
+        c = base()
+        lst = [list(t) for t in c.shards[SHARD1]]
+        if drop:
+            lst = [t for t in lst if t[0] != drop]
+        if mutate_header:
+            mutate_header(lst)
+        if extra:
+            lst.append(extra)
+        return safetensors([tuple(t) for t in lst]) + data_suffix
+
+    @case("bad-format", ["format is \"notcersa\"", "cersa.json"])
+    def _(m, sb):
+        m["format"] = "notcersa"
+
+    @case("bad-version", ["format_version 2 is not supported", "cersa.json"])
+    def _(m, sb):
+        m["format_version"] = 2
+
+    @case("manifest-not-json", ["invalid CERSA manifest", "cersa.json"])
+    def _(m, sb):
+        return '{"format": "cersa", '
+
+    @case("manifest-missing-tensors", ["missing field `tensors`", "cersa.json"])
+    def _(m, sb):
+        del m["tensors"]
+
+    @case("manifest-unknown-kind", ["unknown variant `lowrank`", "cersa.json"])
+    def _(m, sb):
+        m["tensors"][W]["kind"] = "lowrank"
+
+    @case("manifest-negative-rank", ["invalid value", "cersa.json"])
+    def _(m, sb):
+        m["tensors"][W]["rank"] = -1
+
+    @case("shard-name-with-slash", ["must be a plain file name", "cersa.json"])
+    def _(m, sb):
+        m["shards"][0]["file"] = "../" + SHARD1
+        m["tensors"][W]["shard"] = m["tensors"]["layer.bias"]["shard"] = "../" + SHARD1
+
+    @case("shard-name-hidden", ["must be a plain file name", "cersa.json"])
+    def _(m, sb):
+        m["shards"][0]["file"] = "." + SHARD1
+
+    @case("shard-listed-twice", ["listed twice", "cersa.json"])
+    def _(m, sb):
+        m["shards"].append(dict(m["shards"][0]))
+
+    @case("shard-file-missing", ["stat", "cersa-00002-of-00002.safetensors"])
+    def _(m, sb):
+        m["shards"].append({"file": "cersa-00002-of-00002.safetensors", "bytes": 8,
+                            "sha256": "0" * 64})
+
+    @case("shard-size-mismatch", ["size mismatch", SHARD1], rehash_after=False)
+    def _(m, sb):
+        m["shards"][0]["bytes"] += 1
+
+    @case("checksum-mismatch", ["sha256 mismatch", SHARD1], rehash_after=False)
+    def _(m, sb):
+        b = bytearray(sb[SHARD1])
+        b[-1] ^= 0x01  # same size, one bit of the last tensor's data flipped
+        sb[SHARD1] = bytes(b)
+
+    @case("truncated-shard", ["size mismatch", SHARD1], rehash_after=False)
+    def _(m, sb):
+        sb[SHARD1] = sb[SHARD1][:-5]
+
+    @case("truncated-shard-rehashed", ["outside the", "was the file truncated", SHARD1,
+                                       "layer.bias"])
+    def _(m, sb):
+        # The manifest agrees with the truncated file, so the safetensors bounds catch it.
+        sb[SHARD1] = sb[SHARD1][:-5]
+
+    @case("shard-too-short", ["too short", SHARD1])
+    def _(m, sb):
+        sb[SHARD1] = b"\x10\x00\x00"
+
+    @case("shard-header-past-end", ["past the end", SHARD1])
+    def _(m, sb):
+        sb[SHARD1] = struct.pack("<Q", 4096) + b"{}"
+
+    @case("shard-header-over-cap", ["exceeds the 100000000-byte cap", SHARD1])
+    def _(m, sb):
+        sb[SHARD1] = struct.pack("<Q", 100_000_001) + b"{}" + b" " * 6
+
+    @case("shard-header-invalid-json", ["header is not valid JSON", SHARD1])
+    def _(m, sb):
+        sb[SHARD1] = raw_safetensors(b'{"layer.bias": {"dtype": "F32",', b"")
+
+    @case("shard-header-not-utf8", ["not UTF-8", SHARD1])
+    def _(m, sb):
+        sb[SHARD1] = raw_safetensors(b'{"\xff\xfe": 1}', b"")
+
+    @case("shard-duplicate-name", ["appears twice", SHARD1, "layer.bias"])
+    def _(m, sb):
+        h = (b'{"layer.bias":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
+             b'"layer.bias":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}')
+        sb[SHARD1] = raw_safetensors(h, b"\0" * 8)
+
+    @case("shard-unknown-dtype", ["unsupported dtype `Q4_0`", SHARD1, "layer.bias"])
+    def _(m, sb):
+        h = b'{"layer.bias":{"dtype":"Q4_0","shape":[3],"data_offsets":[0,12]}}'
+        sb[SHARD1] = raw_safetensors(h, b"\0" * 12)
+
+    @case("shard-shape-overflow", ["overflows", SHARD1, "layer.bias"])
+    def _(m, sb):
+        h = (b'{"layer.bias":{"dtype":"F32","shape":[4294967296,4294967296,16],'
+             b'"data_offsets":[0,12]}}')
+        sb[SHARD1] = raw_safetensors(h, b"\0" * 12)
+
+    @case("shard-dtype-size-mismatch", ["need 12", SHARD1, "layer.bias"])
+    def _(m, sb):
+        h = b'{"layer.bias":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}'
+        sb[SHARD1] = raw_safetensors(h, b"\0" * 8)
+
+    @case("shard-overlapping-offsets", ["must be contiguous", SHARD1])
+    def _(m, sb):
+        h = (b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},'
+             b'"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}')
+        sb[SHARD1] = raw_safetensors(h, b"\0" * 12)
+
+    @case("shard-gap-in-data", ["must be contiguous", SHARD1])
+    def _(m, sb):
+        h = (b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
+             b'"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}')
+        sb[SHARD1] = raw_safetensors(h, b"\0" * 12)
+
+    @case("shard-trailing-bytes", ["not covered by any tensor", SHARD1])
+    def _(m, sb):
+        sb[SHARD1] = sb[SHARD1] + b"\0" * 4
+
+    @case("wrong-factor-shape", ["expected F32 [4, 2], found F32 [4, 1]", SHARD1,
+                                 "layer.weight.cersa_u"])
+    def _(m, sb):
+        def mut(lst):
+            u = lst[0]
+            u[2], u[3] = [4, 1], u[3][:16]
+        sb[SHARD1] = shard_with(mut)
+
+    @case("sigma-not-f32", ["expected F32 [2], found F16 [2]", SHARD1, "layer.weight.cersa_s"])
+    def _(m, sb):
+        def mut(lst):
+            lst[1][1], lst[1][3] = "F16", lst[1][3][:4]
+        sb[SHARD1] = shard_with(mut)
+
+    @case("rank-above-min-dim", ["rank 4 outside 1..=min(4, 3)", "cersa.json", W])
+    def _(m, sb):
+        m["tensors"][W]["rank"] = 4
+
+    @case("rank-zero", ["rank 0 outside", "cersa.json", W])
+    def _(m, sb):
+        m["tensors"][W]["rank"] = 0
+
+    @case("rank-disagrees-with-shard", ["expected F32 [4, 1], found F32 [4, 2]", SHARD1,
+                                        "layer.weight.cersa_u"])
+    def _(m, sb):
+        m["tensors"][W]["rank"] = 1
+
+    @case("factored-without-rank", ["factored without rank", "cersa.json", W])
+    def _(m, sb):
+        del m["tensors"][W]["rank"]
+
+    @case("matrix-shape-mismatch", ["does not fit shape", "cersa.json", W])
+    def _(m, sb):
+        m["tensors"][W]["matrix_shape"] = [2, 6]
+
+    @case("factor-dtype-integer", ["not a float type", "cersa.json", W])
+    def _(m, sb):
+        m["tensors"][W]["stored_dtype"] = "I32"
+
+    @case("dense-dtype-mismatch", ["expected F16 [3], found F32 [3]", SHARD1, "layer.bias"])
+    def _(m, sb):
+        m["tensors"]["layer.bias"]["stored_dtype"] = "F16"
+
+    @case("dense-shape-mismatch", ["expected F32 [1, 3], found F32 [3]", SHARD1,
+                                   "layer.bias"])
+    def _(m, sb):
+        m["tensors"]["layer.bias"]["shape"] = [1, 3]
+
+    @case("tensor-missing-from-shard", ["missing from its shard", SHARD1, "layer.bias"])
+    def _(m, sb):
+        sb[SHARD1] = shard_with(drop="layer.bias")
+
+    @case("stray-tensor", ["not listed in the manifest", SHARD1, "stray"])
+    def _(m, sb):
+        sb[SHARD1] = shard_with(extra=["stray", "F32", [1], b"\0" * 4])
+
+    @case("tensor-shard-not-listed", ["is not in the shard list", "cersa.json", "layer.bias"])
+    def _(m, sb):
+        m["tensors"]["layer.bias"]["shard"] = "cersa-00009-of-00009.safetensors"
+
+    @case("tensor-in-other-shard", ["manifest says shard", "cersa-00002-of-00002", "layer.bias"])
+    def _(m, sb):
+        c = base()
+        s2 = "cersa-00002-of-00002.safetensors"
+        sb[SHARD1] = safetensors(c.shards[SHARD1][:3])
+        sb[s2] = safetensors(c.shards[SHARD1][3:])
+        m["shards"].append({"file": s2})
+        # the manifest still says the bias is in shard 1
+
+    @case("tensor-in-two-shards", ["stored in more than one shard", "layer.bias"])
+    def _(m, sb):
+        c = base()
+        s2 = "cersa-00002-of-00002.safetensors"
+        sb[s2] = safetensors(c.shards[SHARD1][3:])
+        m["shards"].append({"file": s2})
+
+    @case("stored-name-claimed-twice", ["claimed by two manifest entries", "cersa.json",
+                                        "layer.weight.cersa_u"])
+    def _(m, sb):
+        # A dense entry named like a factor of another entry, plus a stray tensor: the
+        # counts of claimed and stored tensors agree, the names do not.
+        sb[SHARD1] = shard_with(extra=["stray", "F32", [1], b"\0" * 4])
+        u = m["tensors"][W]
+        m["tensors"][W + ".cersa_u"] = {
+            "kind": "dense", "shape": [4, 2], "source_dtype": "F32", "stored_dtype": "F32",
+            "shard": u["shard"], "reason": "excluded"}
+
+    for name, fn, expected, rehash_after in cases:
+        c = base()
+        sb = c.shard_bytes()
+        m = c.manifest(sb)
+        text = fn(m, sb)
+        if rehash_after:
+            rehash(m, sb)
+        d = os.path.join(HERE, "invalid", name)
+        write_dir(d, m, sb, manifest_text=text)
+        with open(os.path.join(d, "expected_error.txt"), "w") as f:
+            f.write("\n".join(expected) + "\n")
+    return len(cases)
+
+
+if __name__ == "__main__":
+    for sub in ("valid", "invalid"):
+        shutil.rmtree(os.path.join(HERE, sub), ignore_errors=True)
+    valid_cases()
+    n = invalid_cases()
+    print(f"wrote 4 valid and {n} invalid vectors under {HERE}")
