@@ -47,6 +47,11 @@ impl FactorDtype {
         }
     }
 
+    /// The dtype named by the option; `None` for `source`.
+    pub fn explicit(self) -> Option<Dtype> {
+        (self != FactorDtype::Source).then(|| self.resolve(Dtype::BF16))
+    }
+
     fn resolve(self, dense_dtype: Dtype) -> Dtype {
         match self {
             FactorDtype::Source if dense_dtype.is_factor_float() => dense_dtype,

@@ -27,6 +27,14 @@ pub enum ConvertError {
         /// What is wrong.
         reason: String,
     },
+    /// A GGUF file is malformed or uses what this reader does not support.
+    #[error("{path}: {kind}")]
+    Gguf {
+        /// The GGUF file.
+        path: PathBuf,
+        /// What is wrong.
+        kind: crate::input::gguf_header::GgufError,
+    },
     /// A tensor of the source cannot be used.
     #[error("{path}: tensor `{tensor}`: {reason}")]
     Tensor {

@@ -54,7 +54,12 @@ pub fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<Status> {
 fn run_convert(a: ConvertArgs, cancel: &AtomicBool) -> Result<Status> {
     let opts = a.to_options()?;
     let start = std::time::Instant::now();
-    let src = crate::input::open(&a.src).with_context(|| format!("opening {}", a.src.display()))?;
+    let mut src =
+        crate::input::open(&a.src).with_context(|| format!("opening {}", a.src.display()))?;
+    if let Some(dtype) = opts.dtype.explicit() {
+        // `--dtype` also sets the dtype quantized tensors are dequantized into when dense.
+        src.set_requantized_dtype(dtype);
+    }
     let bytes: u64 = src.tensors().iter().map(|t| t.source_bytes).sum();
     let bar = progress_bar(a.quiet, bytes);
     let manifest = convert(

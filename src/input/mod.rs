@@ -1,5 +1,8 @@
 //! Source checkpoint readers, one module per format, behind the [`Source`] trait.
 
+pub mod ggml_quants;
+pub mod gguf;
+pub mod gguf_header;
 pub mod safetensors;
 
 use crate::error::{ConvertError, Result};
@@ -101,6 +104,9 @@ pub trait Source: Send + Sync {
     fn default_excludes(&self) -> &'static [&'static str] {
         &[]
     }
+    /// Sets the dtype dense copies of quantized tensors are dequantized into (default
+    /// BF16, see [`TensorMeta::dense_dtype`]). Formats that copy bytes verbatim ignore it.
+    fn set_requantized_dtype(&mut self, _dtype: Dtype) {}
     /// Decodes tensor `i` to floats in its [`TensorMeta::float`] precision.
     fn read_float(&self, i: usize) -> Result<FloatData>;
     /// Streams tensor `i` as bytes of its [`TensorMeta::dense_dtype`], in bounded chunks.
@@ -150,6 +156,7 @@ pub fn open(path: &Path) -> Result<Box<dyn Source>> {
     let format = detect_format(path)?;
     match format {
         "safetensors" => Ok(Box::new(safetensors::SafetensorsSource::open(path)?)),
+        "gguf" => Ok(Box::new(gguf::GgufSource::open(path)?)),
         other => Err(ConvertError::Source {
             path: path.to_path_buf(),
             reason: format!("format `{other}` is not supported yet"),

@@ -1,0 +1,398 @@
+//! GGML tensor types (as stored in GGUF) and their dequantization to f32.
+//!
+//! Every formula follows gguf-py's `gguf.quants` (`dequantize_blocks`) operation by
+//! operation, in f32, with the same rounding steps (a product and a sum are two roundings;
+//! Rust never fuses them), so the results are bit-equal to `gguf.quants.dequantize`.
+//! gguf-py has no Q8_K dequantizer; ours follows ggml's `dequantize_row_q8_K`
+//! (`y = d · q`, `d` an f32). `tests/python/test_gguf_dequant.py` checks all of them.
+
+use half::f16;
+
+/// Elements in a K-quant super-block.
+const QK_K: usize = 256;
+
+/// The GGML tensor types this crate reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[allow(non_camel_case_types, missing_docs)]
+pub enum GgmlType {
+    F32,
+    F16,
+    BF16,
+    F64,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q2_K,
+    Q3_K,
+    Q4_K,
+    Q5_K,
+    Q6_K,
+    Q8_K,
+    I8,
+    I16,
+    I32,
+    I64,
+}
+
+/// The float and quantized types that decode to f32, for error messages.
+pub const SUPPORTED: &str =
+    "F32, F16, BF16, F64, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K \
+     (and I8, I16, I32, I64 copied as integers)";
+
+impl GgmlType {
+    /// The type with GGML id `id`, if this crate reads it.
+    pub fn from_id(id: u32) -> Option<Self> {
+        use GgmlType::*;
+        Some(match id {
+            0 => F32,
+            1 => F16,
+            2 => Q4_0,
+            3 => Q4_1,
+            6 => Q5_0,
+            7 => Q5_1,
+            8 => Q8_0,
+            10 => Q2_K,
+            11 => Q3_K,
+            12 => Q4_K,
+            13 => Q5_K,
+            14 => Q6_K,
+            15 => Q8_K,
+            24 => I8,
+            25 => I16,
+            26 => I32,
+            27 => I64,
+            28 => F64,
+            30 => BF16,
+            _ => return None,
+        })
+    }
+
+    /// GGML name (`Q4_K`, ...), as gguf-py spells it.
+    pub fn name(self) -> &'static str {
+        use GgmlType::*;
+        match self {
+            F32 => "F32",
+            F16 => "F16",
+            BF16 => "BF16",
+            F64 => "F64",
+            Q4_0 => "Q4_0",
+            Q4_1 => "Q4_1",
+            Q5_0 => "Q5_0",
+            Q5_1 => "Q5_1",
+            Q8_0 => "Q8_0",
+            Q2_K => "Q2_K",
+            Q3_K => "Q3_K",
+            Q4_K => "Q4_K",
+            Q5_K => "Q5_K",
+            Q6_K => "Q6_K",
+            Q8_K => "Q8_K",
+            I8 => "I8",
+            I16 => "I16",
+            I32 => "I32",
+            I64 => "I64",
+        }
+    }
+
+    /// (elements per block, bytes per block), as in gguf-py's `GGML_QUANT_SIZES`.
+    pub fn block(self) -> (usize, usize) {
+        use GgmlType::*;
+        match self {
+            F32 | I32 => (1, 4),
+            F16 | BF16 | I16 => (1, 2),
+            F64 | I64 => (1, 8),
+            I8 => (1, 1),
+            Q4_0 => (32, 2 + 16),
+            Q4_1 => (32, 2 + 2 + 16),
+            Q5_0 => (32, 2 + 4 + 16),
+            Q5_1 => (32, 2 + 2 + 4 + 16),
+            Q8_0 => (32, 2 + 32),
+            Q2_K => (QK_K, QK_K / 16 + QK_K / 4 + 2 + 2),
+            Q3_K => (QK_K, QK_K / 8 + QK_K / 4 + 12 + 2),
+            Q4_K => (QK_K, 2 + 2 + 12 + QK_K / 2),
+            Q5_K => (QK_K, 2 + 2 + 12 + QK_K / 8 + QK_K / 2),
+            Q6_K => (QK_K, QK_K / 2 + QK_K / 4 + QK_K / 16 + 2),
+            Q8_K => (QK_K, 4 + QK_K + QK_K / 8),
+        }
+    }
+
+    /// True for the block-quantized types (dense copies are re-encoded, not copied).
+    pub fn is_quantized(self) -> bool {
+        self.block().0 > 1
+    }
+
+    /// True for the types that decode to floats.
+    pub fn is_float(self) -> bool {
+        !matches!(
+            self,
+            GgmlType::I8 | GgmlType::I16 | GgmlType::I32 | GgmlType::I64
+        )
+    }
+}
+
+/// Name of a GGML type id this crate does not read (for error messages).
+pub fn unsupported_name(id: u32) -> String {
+    let known = match id {
+        4 => "Q4_2 (removed from ggml)",
+        5 => "Q4_3 (removed from ggml)",
+        9 => "Q8_1",
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        20 => "IQ4_NL",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        29 => "IQ1_M",
+        31..=33 => "Q4_0_N_M (repacked, removed from ggml)",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        36..=38 => "IQ4_NL_N_M (repacked, removed from ggml)",
+        39 => "MXFP4",
+        40 => "NVFP4",
+        41 => "Q1_0",
+        _ => return format!("unknown type id {id}"),
+    };
+    format!("{known} (type id {id})")
+}
+
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// Dequantizes whole blocks of type `t` from `bytes`, appending f32 values to `out`.
+///
+/// `bytes.len()` must be a multiple of the block size in bytes (the caller checks this
+/// against the tensor shape); a trailing partial block is ignored. Integer types are
+/// converted exactly where f32 can hold them (callers use them only as integers).
+pub fn dequantize(t: GgmlType, bytes: &[u8], out: &mut Vec<f32>) {
+    let (_, bsize) = t.block();
+    let blocks = bytes.chunks_exact(bsize);
+    out.reserve(blocks.len() * t.block().0);
+    use GgmlType::*;
+    match t {
+        F32 => out.extend(blocks.map(|c| f32::from_le_bytes(c.try_into().expect("4-byte block")))),
+        F16 => out.extend(blocks.map(|c| f16_at(c, 0))),
+        // gguf-py: (int16 as int32 << 16).view(float32): the bits moved up, NaN payloads
+        // kept (half's bf16::to_f32 would set the quiet bit).
+        BF16 => out.extend(
+            blocks.map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16)),
+        ),
+        F64 => out
+            .extend(blocks.map(|c| f64::from_le_bytes(c.try_into().expect("8-byte block")) as f32)),
+        I8 => out.extend(blocks.map(|c| c[0] as i8 as f32)),
+        I16 => out.extend(blocks.map(|c| i16::from_le_bytes([c[0], c[1]]) as f32)),
+        I32 => out.extend(blocks.map(|c| i32::from_le_bytes(c.try_into().expect("4")) as f32)),
+        I64 => out.extend(blocks.map(|c| i64::from_le_bytes(c.try_into().expect("8")) as f32)),
+        Q4_0 => blocks.for_each(|b| q4_0(b, out)),
+        Q4_1 => blocks.for_each(|b| q4_1(b, out)),
+        Q5_0 => blocks.for_each(|b| q5_0(b, out)),
+        Q5_1 => blocks.for_each(|b| q5_1(b, out)),
+        Q8_0 => blocks.for_each(|b| q8_0(b, out)),
+        Q2_K => blocks.for_each(|b| q2_k(b, out)),
+        Q3_K => blocks.for_each(|b| q3_k(b, out)),
+        Q4_K => blocks.for_each(|b| q4_k(b, out)),
+        Q5_K => blocks.for_each(|b| q5_k(b, out)),
+        Q6_K => blocks.for_each(|b| q6_k(b, out)),
+        Q8_K => blocks.for_each(|b| q8_k(b, out)),
+    }
+}
+
+/// Low nibbles of the 16 bytes give elements 0..16, high nibbles 16..32.
+fn nibble(qs: &[u8], j: usize) -> u8 {
+    if j < 16 {
+        qs[j] & 0x0F
+    } else {
+        qs[j - 16] >> 4
+    }
+}
+
+fn q4_0(b: &[u8], out: &mut Vec<f32>) {
+    let d = f16_at(b, 0);
+    let qs = &b[2..18];
+    out.extend((0..32).map(|j| d * (nibble(qs, j) as i8 - 8) as f32));
+}
+
+fn q4_1(b: &[u8], out: &mut Vec<f32>) {
+    let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+    let qs = &b[4..20];
+    out.extend((0..32).map(|j| d * nibble(qs, j) as f32 + m));
+}
+
+fn q5_0(b: &[u8], out: &mut Vec<f32>) {
+    let d = f16_at(b, 0);
+    let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+    let qs = &b[6..22];
+    out.extend((0..32).map(|j| {
+        let q = nibble(qs, j) | (((qh >> j) & 1) as u8) << 4;
+        d * (q as i8 - 16) as f32
+    }));
+}
+
+fn q5_1(b: &[u8], out: &mut Vec<f32>) {
+    let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+    let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+    let qs = &b[8..24];
+    out.extend((0..32).map(|j| {
+        let q = nibble(qs, j) | (((qh >> j) & 1) as u8) << 4;
+        d * q as f32 + m
+    }));
+}
+
+fn q8_0(b: &[u8], out: &mut Vec<f32>) {
+    let d = f16_at(b, 0);
+    out.extend(b[2..34].iter().map(|&x| x as i8 as f32 * d));
+}
+
+/// Q2_K: scales[16] (low nibble scale, high nibble min), qs[64], d, dmin.
+/// Element e: half h = e/128, shift s = (e%128)/32, lane l = e%32, 2 bits of qs[32h+l].
+fn q2_k(b: &[u8], out: &mut Vec<f32>) {
+    let scales = &b[0..16];
+    let qs = &b[16..80];
+    let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
+    out.extend((0..QK_K).map(|e| {
+        let sub = e / 16;
+        let dl = d * (scales[sub] & 0x0F) as f32;
+        let ml = dmin * (scales[sub] >> 4) as f32;
+        let (h, s, l) = (e / 128, (e % 128) / 32, e % 32);
+        let q = (qs[32 * h + l] >> (2 * s)) & 3;
+        dl * q as f32 - ml
+    }));
+}
+
+/// Q3_K: hmask[32], qs[64], scales[12] (16 six-bit scales), d.
+fn q3_k(b: &[u8], out: &mut Vec<f32>) {
+    let hmask = &b[0..32];
+    let qs = &b[32..96];
+    let sc = &b[96..108];
+    let d = f16_at(b, 108);
+    let scale = |i: usize| {
+        let low = (sc[i % 8] >> (4 * (i / 8))) & 0x0F;
+        let high = (sc[8 + i % 4] >> (2 * (i / 4))) & 0x03;
+        ((low | (high << 4)) as i8 - 32) as f32
+    };
+    out.extend((0..QK_K).map(|e| {
+        let dl = d * scale(e / 16);
+        let (h, s, l) = (e / 128, (e % 128) / 32, e % 32);
+        let low = ((qs[32 * h + l] >> (2 * s)) & 3) as i8;
+        // The high bit subtracts 4 when it is clear.
+        let hbit = ((hmask[l] >> (e / 32)) & 1) ^ 1;
+        let q = low - ((hbit << 2) as i8);
+        dl * q as f32
+    }));
+}
+
+/// Scale and min (6 bits each) of sub-block `j` of a Q4_K/Q5_K block's 12 scale bytes.
+fn scale_min_k4(s: &[u8], j: usize) -> (u8, u8) {
+    if j < 4 {
+        (s[j] & 0x3F, s[4 + j] & 0x3F)
+    } else {
+        (
+            (s[4 + j] & 0x0F) | ((s[j - 4] >> 2) & 0x30),
+            (s[4 + j] >> 4) | ((s[j] >> 2) & 0x30),
+        )
+    }
+}
+
+/// Q4_K: d, dmin, scales[12], qs[128]; 8 sub-blocks of 32, sub-block j = 2c+k uses the
+/// k-th nibble of qs[32c..32c+32].
+fn q4_k(b: &[u8], out: &mut Vec<f32>) {
+    let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+    let sc = &b[4..16];
+    let qs = &b[16..144];
+    for j in 0..8 {
+        let (s, m) = scale_min_k4(sc, j);
+        let (dl, ml) = (d * s as f32, dmin * m as f32);
+        let (c, k) = (j / 2, j % 2);
+        out.extend((0..32).map(|l| {
+            let q = (qs[32 * c + l] >> (4 * k)) & 0x0F;
+            dl * q as f32 - ml
+        }));
+    }
+}
+
+/// Q5_K: Q4_K plus qh[32], whose bit j is the fifth bit of sub-block j.
+fn q5_k(b: &[u8], out: &mut Vec<f32>) {
+    let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+    let sc = &b[4..16];
+    let qh = &b[16..48];
+    let qs = &b[48..176];
+    for j in 0..8 {
+        let (s, m) = scale_min_k4(sc, j);
+        let (dl, ml) = (d * s as f32, dmin * m as f32);
+        let (c, k) = (j / 2, j % 2);
+        out.extend((0..32).map(|l| {
+            let q = ((qs[32 * c + l] >> (4 * k)) & 0x0F) | (((qh[l] >> j) & 1) << 4);
+            dl * q as f32 - ml
+        }));
+    }
+}
+
+/// Q6_K: ql[128], qh[64], scales[16] (i8), d; 16 sub-blocks of 16.
+fn q6_k(b: &[u8], out: &mut Vec<f32>) {
+    let ql = &b[0..128];
+    let qh = &b[128..192];
+    let scales = &b[192..208];
+    let d = f16_at(b, 208);
+    out.extend((0..QK_K).map(|e| {
+        let dl = d * scales[e / 16] as i8 as f32;
+        let (h, r) = (e / 128, e % 128);
+        let low = (ql[64 * h + r % 64] >> (4 * (r / 64))) & 0x0F;
+        let high = (qh[32 * h + r % 32] >> (2 * (r / 32))) & 0x03;
+        let q = (low | (high << 4)) as i8 - 32;
+        dl * q as f32
+    }));
+}
+
+/// Q8_K: d (f32), qs[256] (i8), bsums[16] (i16, unused when dequantizing).
+fn q8_k(b: &[u8], out: &mut Vec<f32>) {
+    let d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    out.extend(b[4..4 + QK_K].iter().map(|&x| d * x as i8 as f32));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Values checked by hand from the block layouts.
+    #[test]
+    fn q4_0_and_q8_0_by_hand() {
+        // d = 0.5 (f16 0x3800); byte 0 = 0x9F: element 0 = 0xF-8 = 7, element 16 = 0x9-8 = 1.
+        let mut b = vec![0x00, 0x38];
+        b.extend([0x9F; 16]);
+        let mut out = Vec::new();
+        dequantize(GgmlType::Q4_0, &b, &mut out);
+        assert_eq!(out.len(), 32);
+        assert_eq!(out[0], 3.5);
+        assert_eq!(out[16], 0.5);
+        let mut b = vec![0x00, 0x40]; // d = 2
+        b.extend((0..32).map(|i| (i as i8 - 16) as u8));
+        out.clear();
+        dequantize(GgmlType::Q8_0, &b, &mut out);
+        assert_eq!(out[0], -32.0);
+        assert_eq!(out[31], 30.0);
+    }
+
+    #[test]
+    fn block_sizes_match_gguf_py() {
+        // GGML_QUANT_SIZES in gguf-py's constants.py.
+        let expect = [
+            (GgmlType::Q4_0, 18),
+            (GgmlType::Q4_1, 20),
+            (GgmlType::Q5_0, 22),
+            (GgmlType::Q5_1, 24),
+            (GgmlType::Q8_0, 34),
+            (GgmlType::Q2_K, 84),
+            (GgmlType::Q3_K, 110),
+            (GgmlType::Q4_K, 144),
+            (GgmlType::Q5_K, 176),
+            (GgmlType::Q6_K, 210),
+            (GgmlType::Q8_K, 292),
+        ];
+        for (t, bytes) in expect {
+            assert_eq!(t.block().1, bytes, "{}", t.name());
+        }
+    }
+}
