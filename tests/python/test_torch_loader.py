@@ -104,3 +104,39 @@ def test_torch_modes_match_numpy(run_cersa, tmp_path):
         trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
         assert trainable == {"frozen": set(), "scale": {"s"}, "core": {"a", "b"},
                              "factors": {"left", "right"}}[mode]
+
+
+def test_torch_patch_linears_and_core_training(run_cersa, tmp_path):
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+    out = tmp_path / "ckpt"
+    run_cersa("convert", "-q", EXCERPT, out)
+    ckpt = cersa_torch.load_cersa(str(out))
+    # A module tree with the checkpoint's names (encoder.layer.0.attention.self.query).
+    model = nn.Module()
+    model.encoder = nn.Module()
+    model.encoder.layer = nn.ModuleList([nn.Module()])
+    model.encoder.layer[0].attention = nn.Module()
+    setattr(model.encoder.layer[0].attention, "self", nn.Module())
+    model.encoder.layer[0].attention.self.query = nn.Linear(384, 384)
+    model.encoder.layer[0].attention.self.extra = nn.Linear(384, 8)  # not in the checkpoint
+    replaced = cersa_torch.patch_linears(model, ckpt, mode="core", k=4)
+    assert replaced == ["encoder.layer.0.attention.self.query"]
+    layer = model.encoder.layer[0].attention.self.query
+    u0, vt0 = layer.u.clone(), layer.vt.clone()
+    torch.manual_seed(0)
+    # Teacher: the same layer with W perturbed inside its subspace (rank-4 core change).
+    delta = torch.randn(layer.rank, 4) @ torch.randn(4, layer.rank) * 0.05
+    w_teacher = layer.u @ (torch.diag(layer.s) + delta) @ layer.vt
+    opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=1e-2,
+                            weight_decay=0.0)
+    losses = []
+    for _ in range(150):
+        x = torch.randn(64, 384)
+        loss = ((layer(x) - (x @ w_teacher.T + layer.bias)) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-10:]) < losses[0] / 100, (losses[0], losses[-10:])
+    assert torch.equal(layer.u, u0) and torch.equal(layer.vt, vt0)
