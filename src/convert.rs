@@ -10,6 +10,7 @@ use crate::decompose::svd::residual_norm2;
 use crate::decompose::{self, Decomposer, RankRule};
 use crate::error::{ConvertError, Result};
 use crate::input::{FloatData, Source};
+use crate::journal::{self, Journal, Recovered, ShardRecord};
 use crate::select::Selection;
 use cersa_loader::dtype::{decode_f64, encode_f64};
 use cersa_loader::manifest::{ConvertConfig, Producer, SourceInfo, Totals};
@@ -82,6 +83,8 @@ pub struct ConvertOptions {
     pub threads: usize,
     /// Decomposition route name.
     pub algorithm: String,
+    /// Continue an interrupted run from its partial directory (see [`crate::journal`]).
+    pub resume: bool,
 }
 
 impl Default for ConvertOptions {
@@ -95,6 +98,7 @@ impl Default for ConvertOptions {
             max_shard_size: 5_000_000_000,
             threads: 1,
             algorithm: "svd".into(),
+            resume: false,
         }
     }
 }
@@ -154,7 +158,10 @@ struct Shared {
 }
 
 /// Converts `src` into a CERSA directory at `out`. The directory appears only when
-/// everything succeeded; on error or cancellation no `out` is left behind.
+/// everything succeeded. The work happens in a sibling `.OUT.cersa-partial` directory with
+/// a journal of the closed shards: after a cancellation or an I/O error (disk full) it is
+/// kept and the error says so, and `opts.resume` continues from it; after any other error
+/// it is removed.
 pub fn convert(
     src: &dyn Source,
     out: &Path,
@@ -165,7 +172,20 @@ pub fn convert(
     let decomposer = decompose::by_name(&opts.algorithm)?;
     let selection = Selection::new(&opts.include, &opts.exclude, src.default_excludes())?;
     check_names(src)?;
-    let tmp = prepare_output(out)?;
+    let fingerprint = run_fingerprint(src, opts, decomposer.name())?;
+    let (tmp, reuse) = prepare_output(out, opts.resume)?;
+    let (mut journal, recovered) = if reuse {
+        // Errors here (a journal of another run) leave the partial directory untouched.
+        journal::recover(&tmp, &fingerprint, src.tensors().len())?
+    } else {
+        match Journal::create(&tmp, &fingerprint) {
+            Ok(j) => (j, Recovered::default()),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(e);
+            }
+        }
+    };
     let result = run(
         src,
         &tmp,
@@ -174,16 +194,28 @@ pub fn convert(
         &selection,
         progress,
         cancel,
+        &mut journal,
+        &recovered,
     )
     .and_then(|m| {
         src.check_unchanged()?;
+        // The journal is not part of the checkpoint.
+        let jpath = tmp.join(journal::JOURNAL_FILE);
+        std::fs::remove_file(&jpath).map_err(|e| ConvertError::io(&jpath, "remove", e))?;
         commit(&tmp, out)?;
         Ok(m)
     });
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
+    match result {
+        Err(e) if keeps_partial(&e) => Err(ConvertError::Resumable {
+            cause: Box::new(e),
+            partial: tmp,
+        }),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+        ok => ok,
     }
-    result
 }
 
 /// Source names ending in a factor suffix would collide with the stored factors.
@@ -208,8 +240,61 @@ fn check_names(src: &dyn Source) -> Result<()> {
     Ok(())
 }
 
-/// Checks `out` and creates the sibling temporary directory the output is written into.
-fn prepare_output(out: &Path) -> Result<PathBuf> {
+/// Errors after which the finished shards are worth keeping: the same command with
+/// `--resume` can go on once the cause (Ctrl-C, a full disk) is gone.
+fn keeps_partial(e: &ConvertError) -> bool {
+    matches!(
+        e,
+        ConvertError::Interrupted
+            | ConvertError::Io { .. }
+            | ConvertError::Format(cersa_loader::Error::Io { .. })
+    )
+}
+
+/// What must be equal for a partial directory to be resumed: the options that shape the
+/// output, and the source (file names, sizes, mtimes, tensor list).
+fn run_fingerprint(
+    src: &dyn Source,
+    opts: &ConvertOptions,
+    algorithm: &str,
+) -> Result<serde_json::Value> {
+    use sha2::{Digest, Sha256};
+    let mut files = Vec::new();
+    for (i, f) in src.files().iter().enumerate() {
+        let path = src.file_path(i);
+        let meta = std::fs::metadata(path).map_err(|e| ConvertError::io(path, "stat", e))?;
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos().to_string());
+        files.push(serde_json::json!({"file": f.file, "bytes": meta.len(), "mtime_ns": mtime}));
+    }
+    let mut tensors = Sha256::new();
+    for t in src.tensors() {
+        tensors.update(format!("{}\t{:?}\t{}\n", t.name, t.shape, t.source_dtype).as_bytes());
+    }
+    Ok(serde_json::json!({
+        "producer_version": env!("CARGO_PKG_VERSION"),
+        "energy": opts.rule.energy,
+        "min_rank": opts.rule.min_rank,
+        "max_rank": opts.rule.max_rank,
+        "rank_multiple": opts.rule.rank_multiple,
+        "dtype": opts.dtype.as_str(),
+        "algorithm": algorithm,
+        "force_factor": opts.force_factor,
+        "include": opts.include,
+        "exclude": opts.exclude,
+        "max_shard_size": opts.max_shard_size,
+        "source_format": src.format(),
+        "source_files": files,
+        "tensors_sha256": cersa_loader::writer::hex(&tensors.finalize()),
+    }))
+}
+
+/// Checks `out` and creates (or, when resuming, reuses) the sibling temporary directory
+/// the output is written into. Returns it and whether it holds a run to resume.
+fn prepare_output(out: &Path, resume: bool) -> Result<(PathBuf, bool)> {
     if out.exists() {
         let empty = std::fs::read_dir(out)
             .map(|mut d| d.next().is_none())
@@ -228,12 +313,15 @@ fn prepare_output(out: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(&parent)
         .map_err(|e| ConvertError::io(&parent, "create directory", e))?;
     let tmp = parent.join(format!(".{}.cersa-partial", name.to_string_lossy()));
+    if resume && tmp.join(journal::JOURNAL_FILE).is_file() {
+        return Ok((tmp, true));
+    }
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)
             .map_err(|e| ConvertError::io(&tmp, "remove stale partial output", e))?;
     }
     std::fs::create_dir(&tmp).map_err(|e| ConvertError::io(&tmp, "create directory", e))?;
-    Ok(tmp)
+    Ok((tmp, false))
 }
 
 fn commit(tmp: &Path, out: &Path) -> Result<()> {
@@ -259,15 +347,18 @@ fn run(
     selection: &Selection,
     progress: &mut dyn FnMut(&Progress),
     cancel: &AtomicBool,
+    journal: &mut Journal,
+    recovered: &Recovered,
 ) -> Result<Manifest> {
     let metas = src.tensors();
     let total = metas.len();
+    let start = recovered.next_tensor();
     let plan: Vec<_> = metas.iter().map(|t| selection.check(t)).collect();
     let threads = opts.threads.max(1);
     let window = 2 * threads;
     let shared = Mutex::new(Shared {
-        next_claim: 0,
-        next_write: 0,
+        next_claim: start,
+        next_write: start,
         results: HashMap::new(),
         stop: false,
     });
@@ -320,6 +411,8 @@ fn run(
             progress,
             cancel,
             bytes_total,
+            journal,
+            recovered,
         );
         let mut g = lock();
         g.stop = true;
@@ -340,13 +433,62 @@ fn write_all(
     progress: &mut dyn FnMut(&Progress),
     cancel: &AtomicBool,
     bytes_total: u64,
+    journal: &mut Journal,
+    recovered: &Recovered,
 ) -> Result<Manifest> {
     let metas = src.tensors();
-    let mut writer = CheckpointWriter::new(tmp, opts.max_shard_size);
+    let start = recovered.next_tensor();
+    let mut writer = CheckpointWriter::resume(
+        tmp,
+        opts.max_shard_size,
+        recovered
+            .shards
+            .iter()
+            .map(|r| (tmp.join(&r.file), r.bytes, r.sha256.clone()))
+            .collect(),
+        &recovered
+            .shards
+            .iter()
+            .map(|r| r.tensors.iter().map(|(n, _)| n.clone()).collect())
+            .collect::<Vec<_>>(),
+    );
     let mut tensors = BTreeMap::new();
     let mut totals = Totals::default();
     let mut bytes_done = 0u64;
-    for (i, meta) in metas.iter().enumerate() {
+    // Tensors finished by the interrupted run count as written.
+    for (meta, (name, info)) in metas
+        .iter()
+        .zip(recovered.shards.iter().flat_map(|r| &r.tensors))
+    {
+        if *name != meta.name {
+            return Err(ConvertError::Tensor {
+                path: tmp.join(journal::JOURNAL_FILE),
+                tensor: name.clone(),
+                reason: format!("journal lists it where the source has `{}`", meta.name),
+            });
+        }
+        add_totals(&mut totals, meta, info);
+        bytes_done += meta.source_bytes;
+        tensors.insert(name.clone(), info.clone());
+    }
+    if start > 0 {
+        progress(&Progress {
+            done: start,
+            total: metas.len(),
+            bytes_done,
+            bytes_total,
+            name: &metas[start - 1].name,
+        });
+    }
+    let mut open_shard = OpenShard {
+        index: recovered.shards.len(),
+        first_tensor: start,
+        tensors: Vec::new(),
+    };
+    for (i, meta) in metas.iter().enumerate().skip(start) {
+        // A source rewritten under its memory map is caught between tensors, not only at
+        // the end (reading a truncated map would fault).
+        src.check_unchanged()?;
         let outcome = {
             let mut g = shared.lock().unwrap_or_else(|p| p.into_inner());
             loop {
@@ -364,12 +506,11 @@ fn write_all(
                     .0;
             }
         };
-        totals.source_params += meta.numel();
-        totals.source_bytes += meta.source_bytes;
         let info = match outcome {
             Outcome::Dense(reason) => {
                 let nbytes = meta.numel() * meta.dense_dtype.size() as u64;
                 writer.begin_group(&meta.name, nbytes)?;
+                journal_closed_shard(&writer, journal, &mut open_shard, i)?;
                 writer.begin_tensor(&meta.name, meta.dense_dtype, &meta.shape)?;
                 src.copy_dense(i, &mut |chunk| {
                     if cancel.load(Ordering::Relaxed) {
@@ -378,9 +519,6 @@ fn write_all(
                     writer.write(chunk).map_err(ConvertError::from)
                 })?;
                 writer.end_tensor()?;
-                totals.stored_params += meta.numel();
-                totals.stored_bytes += nbytes;
-                totals.dense_tensors += 1;
                 TensorInfo {
                     kind: TensorKind::Dense,
                     shape: meta.shape.clone(),
@@ -408,12 +546,10 @@ fn write_all(
                 let nbytes = (u.len() + s.len() + vt.len()) as u64;
                 let (un, sn, vn) = factor_names(&meta.name);
                 writer.begin_group(&meta.name, nbytes)?;
+                journal_closed_shard(&writer, journal, &mut open_shard, i)?;
                 writer.write_tensor(&un, dtype, &[m, rank], &u)?;
                 writer.write_tensor(&sn, Dtype::F32, &[rank], &s)?;
                 writer.write_tensor(&vn, dtype, &[rank, n], &vt)?;
-                totals.stored_params += (rank * (m + n + 1)) as u64;
-                totals.stored_bytes += nbytes;
-                totals.factored_tensors += 1;
                 TensorInfo {
                     kind: TensorKind::Factored,
                     shape: meta.shape.clone(),
@@ -428,6 +564,8 @@ fn write_all(
                 }
             }
         };
+        add_totals(&mut totals, meta, &info);
+        open_shard.tensors.push((meta.name.clone(), info.clone()));
         if tensors.insert(meta.name.clone(), info).is_some() {
             return Err(ConvertError::Tensor {
                 path: src.file_path(meta.file).to_path_buf(),
@@ -473,6 +611,61 @@ fn write_all(
         totals,
     };
     Ok(writer.finish(manifest)?)
+}
+
+/// The shard being written: its index and the tensors in it so far.
+struct OpenShard {
+    index: usize,
+    first_tensor: usize,
+    tensors: Vec<(String, TensorInfo)>,
+}
+
+/// When starting tensor `i`'s group closed the open shard, journals that shard (its file is
+/// complete and synced) with the tensors it holds, before any byte of tensor `i` is written.
+fn journal_closed_shard(
+    writer: &CheckpointWriter,
+    journal: &mut Journal,
+    open: &mut OpenShard,
+    i: usize,
+) -> Result<()> {
+    if writer.closed_count() <= open.index {
+        return Ok(());
+    }
+    let (_, bytes, sha256) = writer
+        .closed_shard(open.index)
+        .expect("closed_count says this shard exists");
+    journal.record(&ShardRecord {
+        index: open.index,
+        file: CheckpointWriter::temp_shard_name(open.index),
+        bytes,
+        sha256: sha256.to_string(),
+        first_tensor: open.first_tensor,
+        end_tensor: i,
+        tensors: std::mem::take(&mut open.tensors),
+    })?;
+    open.index += 1;
+    open.first_tensor = i;
+    Ok(())
+}
+
+/// Adds tensor `meta`, stored as `info`, to the manifest totals.
+fn add_totals(totals: &mut Totals, meta: &crate::input::TensorMeta, info: &TensorInfo) {
+    totals.source_params += meta.numel();
+    totals.source_bytes += meta.source_bytes;
+    match (info.kind, info.matrix_shape, info.rank) {
+        (TensorKind::Factored, Some([m, n]), Some(r)) => {
+            let (m, n, r) = (m as u64, n as u64, r as u64);
+            totals.stored_params += r * (m + n + 1);
+            totals.stored_bytes +=
+                info.stored_dtype.size() as u64 * r * (m + n) + Dtype::F32.size() as u64 * r;
+            totals.factored_tensors += 1;
+        }
+        _ => {
+            totals.stored_params += meta.numel();
+            totals.stored_bytes += meta.numel() * info.stored_dtype.size() as u64;
+            totals.dense_tensors += 1;
+        }
+    }
 }
 
 /// Reads, checks and factors tensor `i`.

@@ -81,8 +81,17 @@ pub enum ConvertError {
         what: String,
     },
     /// The run was cancelled (Ctrl-C).
-    #[error("interrupted; partial output removed")]
+    #[error("interrupted")]
     Interrupted,
+    /// The run stopped (Ctrl-C, a write error such as a full disk) after finishing some
+    /// work, which is kept in `partial` for `cersa convert --resume`.
+    #[error("{cause}\npartial output kept in {partial}: run the same command with --resume to continue (finished shards are re-verified and kept), or delete that directory")]
+    Resumable {
+        /// Why the run stopped.
+        cause: Box<ConvertError>,
+        /// The partial output directory.
+        partial: PathBuf,
+    },
     /// Invalid options.
     #[error("invalid option: {0}")]
     Options(String),

@@ -7,12 +7,12 @@ fn main() -> ExitCode {
     let cli = cersa::cli::args::Cli::parse();
     let cancel = Arc::new(AtomicBool::new(false));
     let flag = cancel.clone();
-    // First Ctrl-C: stop cleanly (partial output removed). Second: exit at once.
+    // First Ctrl-C: stop cleanly (finished shards kept for --resume). Second: exit at once.
     let _ = ctrlc::set_handler(move || {
         if flag.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
-        eprintln!("interrupted: stopping and removing partial output…");
+        eprintln!("interrupted: stopping; finished work is kept for `cersa convert --resume`…");
     });
     let status = cersa::cli::run(cli, cancel);
     if std::env::var_os("CERSA_PRINT_PEAK_RSS").is_some() {

@@ -60,6 +60,45 @@ impl CheckpointWriter {
         }
     }
 
+    /// Continues a run whose first shards were closed before an interruption:
+    /// `closed` holds each closed shard's temporary file (`.shard-0000k.safetensors` in
+    /// `dir`), size and sha256, and `groups` the manifest entries stored in each of them
+    /// (outer index = shard). The next group starts a new shard, exactly as it would have
+    /// in an uninterrupted run, since a shard is only closed when the next group begins.
+    pub fn resume(
+        dir: &Path,
+        max_shard_size: u64,
+        closed: Vec<(PathBuf, u64, String)>,
+        groups: &[Vec<String>],
+    ) -> Self {
+        let mut w = CheckpointWriter::new(dir, max_shard_size);
+        for (k, names) in groups.iter().enumerate() {
+            for name in names {
+                w.group_shard.insert(name.clone(), k);
+            }
+        }
+        w.closed = closed;
+        w
+    }
+
+    /// Number of shards closed so far (their files are complete and synced).
+    pub fn closed_count(&self) -> usize {
+        self.closed.len()
+    }
+
+    /// Temporary path, size and sha256 of closed shard `k` (0-based).
+    pub fn closed_shard(&self, k: usize) -> Option<(&Path, u64, &str)> {
+        self.closed
+            .get(k)
+            .map(|(p, b, s)| (p.as_path(), *b, s.as_str()))
+    }
+
+    /// Temporary file name of shard `k` (0-based) before [`CheckpointWriter::finish`]
+    /// renames it.
+    pub fn temp_shard_name(k: usize) -> String {
+        format!(".shard-{:05}.safetensors", k + 1)
+    }
+
     /// Starts the stored tensors of manifest entry `name` (`total_bytes` in all); they
     /// all go to the same shard.
     pub fn begin_group(&mut self, name: &str, total_bytes: u64) -> Result<()> {
@@ -180,9 +219,7 @@ impl CheckpointWriter {
             .map_err(|e| Error::io(&self.dir, "flush", e.into_error()))?;
         drop(data_file);
         let header = serialize_header(&shard_metadata(), &shard.entries);
-        let path = self
-            .dir
-            .join(format!(".shard-{:05}.safetensors", index + 1));
+        let path = self.dir.join(Self::temp_shard_name(index));
         let mut hasher = Sha256::new();
         let out = File::create(&path).map_err(|e| Error::io(&path, "create", e))?;
         let mut out = BufWriter::with_capacity(1 << 20, out);

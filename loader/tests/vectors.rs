@@ -33,10 +33,14 @@ fn invalid_vectors_give_their_expected_error() {
     assert!(cases.len() >= 30, "only {} invalid vectors", cases.len());
     let mut failures = Vec::new();
     for case in &cases {
-        let expected = std::fs::read_to_string(case.join("expected_error.txt"))
-            .expect("expected_error.txt");
+        let expected =
+            std::fs::read_to_string(case.join("expected_error.txt")).expect("expected_error.txt");
         let lines: Vec<&str> = expected.lines().filter(|l| !l.trim().is_empty()).collect();
-        assert!(!lines.is_empty(), "{}: empty expected_error.txt", case.display());
+        assert!(
+            !lines.is_empty(),
+            "{}: empty expected_error.txt",
+            case.display()
+        );
         match std::panic::catch_unwind(|| open(case)) {
             Err(_) => failures.push(format!("{}: reader panicked", case.display())),
             Ok(Ok(_)) => failures.push(format!("{}: opened without error", case.display())),

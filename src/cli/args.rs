@@ -91,6 +91,11 @@ pub struct ConvertArgs {
     /// No progress bar.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Continue an interrupted conversion (Ctrl-C, crash, full disk) with the same source
+    /// and options, keeping its re-verified finished shards. Without it, a stale partial
+    /// output directory is removed.
+    #[arg(long)]
+    pub resume: bool,
 }
 
 /// `cersa inspect`.
@@ -196,6 +201,7 @@ impl ConvertArgs {
             max_shard_size: parse_size(&self.max_shard_size).context("--max-shard-size")?,
             threads: threads(self.threads)?,
             algorithm: self.algorithm.clone(),
+            resume: self.resume,
         })
     }
 }

@@ -123,7 +123,7 @@ fn output_is_identical_for_any_thread_count() {
     let dir = tmp();
     let src = fixture("minilm-excerpt/model.safetensors");
     let mut outputs = Vec::new();
-    for threads in ["1", "2", "5"] {
+    for threads in ["1", "2", "5", "8"] {
         let out = dir.path().join(format!("t{threads}"));
         cersa_ok(&[
             "convert",
@@ -148,8 +148,9 @@ fn output_is_identical_for_any_thread_count() {
                 .collect::<Vec<_>>(),
         );
     }
-    assert_eq!(outputs[0], outputs[1]);
-    assert_eq!(outputs[0], outputs[2]);
+    for (k, o) in outputs.iter().enumerate().skip(1) {
+        assert!(o == &outputs[0], "output {k} differs from --threads 1");
+    }
 }
 
 #[test]

@@ -5,3 +5,4 @@ mod util;
 mod convert;
 mod malformed;
 mod memory;
+mod resume;

@@ -203,7 +203,10 @@ fn index_naming_a_file_outside_the_directory_is_rejected() {
     .unwrap();
     let out = dir.path().join("out");
     let stderr = cersa_fails(&["convert", s(&src), s(&out), "-q"], 2);
-    assert!(stderr.contains("must be relative and stay inside"), "{stderr}");
+    assert!(
+        stderr.contains("must be relative and stay inside"),
+        "{stderr}"
+    );
     assert!(!out.exists());
 }
 
@@ -212,26 +215,46 @@ fn index_naming_a_file_outside_the_directory_is_rejected() {
 fn non_finite_weights_in_each_float_dtype_fail() {
     // F32 +Inf, F16 NaN (0x7e00), BF16 -Inf (0xff80), F64 NaN.
     let cases: Vec<(&str, &str, Vec<u8>, &str)> = vec![
-        ("F32", "inf", {
-            let mut v: Vec<u8> = noise(1, 16).iter().flat_map(|x| x.to_le_bytes()).collect();
-            v[20..24].copy_from_slice(&f32::INFINITY.to_le_bytes());
-            v
-        }, "inf at flat index 5"),
-        ("F16", "nan", {
-            let mut v = vec![0x00u8, 0x3c].repeat(16);
-            v[6..8].copy_from_slice(&[0x00, 0x7e]);
-            v
-        }, "NaN at flat index 3"),
-        ("BF16", "-inf", {
-            let mut v = vec![0x80u8, 0x3f].repeat(16);
-            v[0..2].copy_from_slice(&[0x80, 0xff]);
-            v
-        }, "-inf at flat index 0"),
-        ("F64", "nan", {
-            let mut v: Vec<u8> = (0..16).flat_map(|i| (i as f64).to_le_bytes()).collect();
-            v[120..128].copy_from_slice(&f64::NAN.to_le_bytes());
-            v
-        }, "NaN at flat index 15"),
+        (
+            "F32",
+            "inf",
+            {
+                let mut v: Vec<u8> = noise(1, 16).iter().flat_map(|x| x.to_le_bytes()).collect();
+                v[20..24].copy_from_slice(&f32::INFINITY.to_le_bytes());
+                v
+            },
+            "inf at flat index 5",
+        ),
+        (
+            "F16",
+            "nan",
+            {
+                let mut v = vec![0x00u8, 0x3c].repeat(16);
+                v[6..8].copy_from_slice(&[0x00, 0x7e]);
+                v
+            },
+            "NaN at flat index 3",
+        ),
+        (
+            "BF16",
+            "-inf",
+            {
+                let mut v = vec![0x80u8, 0x3f].repeat(16);
+                v[0..2].copy_from_slice(&[0x80, 0xff]);
+                v
+            },
+            "-inf at flat index 0",
+        ),
+        (
+            "F64",
+            "nan",
+            {
+                let mut v: Vec<u8> = (0..16).flat_map(|i| (i as f64).to_le_bytes()).collect();
+                v[120..128].copy_from_slice(&f64::NAN.to_le_bytes());
+                v
+            },
+            "NaN at flat index 15",
+        ),
     ];
     for (dtype, what, data, expect) in cases {
         let header = format!(
@@ -243,7 +266,10 @@ fn non_finite_weights_in_each_float_dtype_fail() {
         std::fs::write(&src, raw_file(&header, &data)).unwrap();
         let out = dir.path().join("out");
         let stderr = cersa_fails(&["convert", s(&src), s(&out), "-q"], 2);
-        assert!(stderr.contains("model.safetensors"), "{dtype} {what}: {stderr}");
+        assert!(
+            stderr.contains("model.safetensors"),
+            "{dtype} {what}: {stderr}"
+        );
         assert!(stderr.contains("`bad.weight`"), "{dtype} {what}: {stderr}");
         assert!(stderr.contains("non-finite"), "{dtype} {what}: {stderr}");
         assert!(stderr.contains(expect), "{dtype} {what}: {stderr}");
