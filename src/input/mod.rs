@@ -186,7 +186,8 @@ pub fn detect_format(path: &Path) -> Result<&'static str> {
     let read = std::fs::File::open(path)
         .and_then(|mut f| std::io::Read::read(&mut f, &mut magic))
         .map_err(|e| ConvertError::io(path, "read", e))?;
-    if read == 4 && &magic == b"GGUF" {
+    // A `.gguf` name with a wrong magic is read as GGUF too, so its error says why.
+    if (read == 4 && &magic == b"GGUF") || name.ends_with(".gguf") {
         return Ok("gguf");
     }
     if name.ends_with(".pt") || name.ends_with(".pth") || name.ends_with(".bin") {

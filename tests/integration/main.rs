@@ -3,6 +3,7 @@
 mod util;
 
 mod convert;
+mod gguf;
 mod malformed;
 mod memory;
 mod resume;
