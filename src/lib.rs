@@ -11,6 +11,8 @@ pub mod decompose;
 pub mod error;
 pub mod input;
 pub mod inspect;
+pub mod report;
 pub mod select;
+pub mod verify;
 
 pub use error::{ConvertError, Result};

@@ -3,3 +3,5 @@
 mod util;
 
 mod convert;
+mod report;
+mod verify;
