@@ -27,7 +27,8 @@ pub(crate) fn heatmap(model: &ReportModel, k: usize) -> String {
     let left = 48.0;
     let top = 130.0;
     let width = left + cell_w * kinds.len() as f64 + 80.0;
-    let height = top + cell_h * layers.len() as f64 + 30.0;
+    // Tall enough for the colour scale (11 steps of 10 px) even with a single layer.
+    let height = (top + cell_h * layers.len() as f64 + 30.0).max(top + 125.0);
     let mut out = String::new();
     let _ = write!(
         out,

@@ -116,7 +116,7 @@ def main():
     work = tempfile.mkdtemp(prefix="cersa-browser-")
     src = os.path.join(ROOT, "fixtures", "minilm-excerpt", "model.safetensors")
     out_dir = os.path.join(work, "out")
-    subprocess.run([cersa, "convert", src, out_dir, "-q"], check=True)
+    subprocess.run([cersa, "convert", src, out_dir, "-q"], check=True, stdout=subprocess.DEVNULL)
     pages = {
         "source": os.path.join(work, "source.html"),
         "cersa": os.path.join(work, "cersa.html"),

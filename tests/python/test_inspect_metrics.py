@@ -54,15 +54,17 @@ def test_metrics_match_numpy_f64(inspected):
         assert got.shape == s.shape
         assert np.max(np.abs(got - s)) <= 1e-5 * s[0], t["name"]
         mt = t["metrics"]
-        assert mt["spectral_norm"] == pytest.approx(s[0], rel=1e-5)
+        # F32 sources are decomposed in f32: σ carries ~1e-5·σ₁ error (checked above), so
+        # σ-derived quantities get a relative tolerance of 5e-5; ‖W‖_F is summed in f64.
+        assert mt["spectral_norm"] == pytest.approx(s[0], rel=5e-5)
         assert mt["frobenius_norm"] == pytest.approx(math.sqrt(norm2), rel=1e-12)
-        assert mt["stable_rank"] == pytest.approx(norm2 / s[0] ** 2, rel=1e-5)
+        assert mt["stable_rank"] == pytest.approx(norm2 / s[0] ** 2, rel=5e-5)
         p = s / s.sum()
         p = p[p > 0]
-        assert mt["effective_rank"] == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-5)
+        assert mt["effective_rank"] == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=5e-5)
         k = max(1, math.ceil(0.01 * min(m, n)))
         assert mt["top1pct_directions"] == k
-        assert mt["top1pct_energy"] == pytest.approx((s[:k] ** 2).sum() / norm2, rel=1e-5)
+        assert mt["top1pct_energy"] == pytest.approx((s[:k] ** 2).sum() / norm2, rel=5e-5)
         assert t["break_even_rank"] == (m * n - 1) // (m + n + 1)
         cum = np.cumsum(s ** 2) / norm2
         for tau, r in zip(ENERGIES, t["ranks"]):
