@@ -1,19 +1,24 @@
 //! `inspect`: ranks and energies of a source (singular values only) or of a CERSA
 //! directory (what its validated manifest says). Both reports are a documented JSON wire
-//! format (`schema_version` 1), see README "inspect --json".
+//! format (`schema_version` 2), see README "inspect --json".
+
+pub mod groups;
+pub mod metrics;
 
 use crate::decompose::rank::{break_even_rank, energy_at, frobenius2, saves, RankRule};
 use crate::decompose::Decomposer;
 use crate::error::{ConvertError, Result};
 use crate::input::{FloatData, Source};
 use crate::select::Selection;
-use cersa_loader::{Checkpoint, DenseReason, TensorKind};
+use cersa_loader::{Checkpoint, DenseReason, Dtype, TensorKind};
+use groups::{group, Contribution, GroupRow};
+use metrics::{kind_and_layer, spectrum_metrics, SpectrumMetrics};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// Version of the inspect JSON schema.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Version of the inspect JSON schema (2: metrics, bytes, groups; 1: ranks only).
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Rank of a matrix at one energy threshold.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -30,6 +35,8 @@ pub struct RankAtEnergy {
     pub factored_params: u64,
     /// Whether factoring is smaller than the dense matrix.
     pub saves: bool,
+    /// Bytes stored at τ with `--dtype source`: the factors where they save, else dense.
+    pub stored_bytes: u64,
 }
 
 /// One tensor of a source report.
@@ -43,14 +50,26 @@ pub struct TensorSpectrum {
     pub dtype: String,
     /// Elements.
     pub params: u64,
+    /// Bytes in the source.
+    pub source_bytes: u64,
+    /// Module kind: the name without its layer index (`attention.self.query`).
+    pub module_kind: String,
+    /// Layer index (the first all-digit name segment).
+    pub layer: Option<usize>,
     /// Why it would stay dense regardless of τ (`None`: it is factored when it saves).
     pub reason: Option<DenseReason>,
     /// [m, n] matrix view (selected tensors).
     pub matrix_shape: Option<[usize; 2]>,
     /// Largest rank that still saves memory, mn/(m+n+1) rounded down.
     pub break_even_rank: Option<usize>,
+    /// Spectrum summaries (analysed matrices).
+    pub metrics: Option<SpectrumMetrics>,
     /// One entry per threshold (selected tensors).
     pub ranks: Vec<RankAtEnergy>,
+    /// All min(m, n) singular values, non-increasing; only with `--singular-values`
+    /// (always kept in memory for `cersa report`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub singular_values: Vec<f64>,
 }
 
 /// Totals at one threshold.
@@ -62,6 +81,10 @@ pub struct TotalAtEnergy {
     pub stored_params: u64,
     /// stored_params / params.
     pub param_ratio: f64,
+    /// Bytes stored if converted at τ with `--dtype source`.
+    pub stored_bytes: u64,
+    /// stored_bytes / source_bytes.
+    pub byte_ratio: f64,
 }
 
 /// Totals of a source report.
@@ -73,6 +96,8 @@ pub struct SourceTotals {
     pub params: u64,
     /// Elements in selected matrices.
     pub selected_params: u64,
+    /// Bytes of all tensors in the source.
+    pub source_bytes: u64,
     /// Per threshold.
     pub at_energy: Vec<TotalAtEnergy>,
 }
@@ -92,6 +117,10 @@ pub struct SourceReport {
     pub tensors: Vec<TensorSpectrum>,
     /// Totals.
     pub totals: SourceTotals,
+    /// Sums per module kind, largest first.
+    pub by_kind: Vec<GroupRow>,
+    /// Sums per layer index, tensors outside layers (`"-"`) last.
+    pub by_layer: Vec<GroupRow>,
 }
 
 /// Options of [`inspect_source`].
@@ -103,6 +132,8 @@ pub struct InspectOptions {
     pub include: Vec<String>,
     /// `--exclude` globs.
     pub exclude: Vec<String>,
+    /// Keep every singular value in the report (`--singular-values`, `cersa report`).
+    pub keep_singular_values: bool,
 }
 
 /// Singular values of every selected matrix of `src` (in parallel over tensors), and the
@@ -121,15 +152,21 @@ pub fn inspect_source(
         .into_par_iter()
         .map(|i| {
             let t = &metas[i];
+            let (module_kind, layer) = kind_and_layer(&t.name);
             let mut spec = TensorSpectrum {
                 name: t.name.clone(),
                 shape: t.shape.clone(),
                 dtype: t.source_dtype.clone(),
                 params: t.numel(),
+                source_bytes: t.source_bytes,
+                module_kind,
+                layer,
                 reason: selection.check(t).err(),
                 matrix_shape: None,
                 break_even_rank: None,
+                metrics: None,
                 ranks: Vec::new(),
+                singular_values: Vec::new(),
             };
             if spec.reason.is_none() {
                 analyse(src, i, opts, decomposer, &mut spec)?;
@@ -138,36 +175,43 @@ pub fn inspect_source(
             Ok(spec)
         })
         .collect::<Result<Vec<_>>>()?;
+    let params: u64 = tensors.iter().map(|t| t.params).sum();
+    let source_bytes: u64 = tensors.iter().map(|t| t.source_bytes).sum();
+    let contributions: Vec<Contribution<'_>> = tensors.iter().map(contribution).collect();
     let at_energy = opts
         .energies
         .iter()
         .enumerate()
         .map(|(k, &tau)| {
-            let stored: u64 = tensors
+            let (stored, bytes) = contributions
                 .iter()
-                .map(|t| match t.ranks.get(k) {
-                    Some(r) if r.saves => r.factored_params,
-                    _ => t.params,
+                .map(|c| {
+                    c.at.get(k)
+                        .map_or((c.params, c.source_bytes), |a| (a.0, a.1))
                 })
-                .sum();
-            let params: u64 = tensors.iter().map(|t| t.params).sum();
+                .fold((0u64, 0u64), |(p, b), (x, y)| (p + x, b + y));
             TotalAtEnergy {
                 threshold: tau,
                 stored_params: stored,
                 param_ratio: ratio(stored, params),
+                stored_bytes: bytes,
+                byte_ratio: ratio(bytes, source_bytes),
             }
         })
         .collect();
+    let (by_kind, by_layer) = group(&opts.energies, &contributions);
     let totals = SourceTotals {
         tensors: tensors.len(),
-        params: tensors.iter().map(|t| t.params).sum(),
+        params,
         selected_params: tensors
             .iter()
             .filter(|t| t.matrix_shape.is_some())
             .map(|t| t.params)
             .sum(),
+        source_bytes,
         at_energy,
     };
+    drop(contributions);
     Ok(SourceReport {
         schema_version: SCHEMA_VERSION,
         kind: "source".into(),
@@ -175,7 +219,36 @@ pub fn inspect_source(
         energies: opts.energies.clone(),
         tensors,
         totals,
+        by_kind,
+        by_layer,
     })
+}
+
+/// What a source tensor adds to the group and total sums at each threshold.
+fn contribution(t: &TensorSpectrum) -> Contribution<'_> {
+    Contribution {
+        kind: &t.module_kind,
+        layer: t.layer,
+        params: t.params,
+        source_bytes: t.source_bytes,
+        is_matrix: t.matrix_shape.is_some(),
+        at: t
+            .ranks
+            .iter()
+            .map(|r| {
+                if r.saves {
+                    (
+                        r.factored_params,
+                        r.stored_bytes,
+                        Some(r.rank_fraction),
+                        true,
+                    )
+                } else {
+                    (t.params, r.stored_bytes, Some(r.rank_fraction), false)
+                }
+            })
+            .collect(),
+    }
 }
 
 fn ratio(a: u64, b: u64) -> f64 {
@@ -222,8 +295,16 @@ fn analyse(
                 reason,
             })?;
     drop(data);
+    // Bytes as `convert --dtype source` would store them (its FactorDtype::Source rule).
+    let factor_dtype = if t.dense_dtype.is_factor_float() {
+        t.dense_dtype
+    } else {
+        Dtype::BF16
+    };
+    let dense_bytes = t.numel() * t.dense_dtype.size() as u64;
     spec.matrix_shape = Some([m, n]);
     spec.break_even_rank = Some(break_even_rank(m, n));
+    spec.metrics = spectrum_metrics(&sigma, norm2);
     spec.ranks = opts
         .energies
         .iter()
@@ -233,16 +314,26 @@ fn analyse(
                 ..RankRule::default()
             };
             let r = rule.rank(&sigma, norm2, m, n);
+            let factored_params = r as u64 * (m as u64 + n as u64 + 1);
+            let saves = saves(r, m, n);
             RankAtEnergy {
                 threshold: tau,
                 rank: r,
                 rank_fraction: r as f64 / m.min(n) as f64,
                 energy: energy_at(&sigma, norm2, r),
-                factored_params: (r * (m + n + 1)) as u64,
-                saves: saves(r, m, n),
+                factored_params,
+                saves,
+                stored_bytes: if saves {
+                    r as u64 * (m as u64 + n as u64) * factor_dtype.size() as u64 + 4 * r as u64
+                } else {
+                    dense_bytes
+                },
             }
         })
         .collect();
+    if opts.keep_singular_values {
+        spec.singular_values = sigma;
+    }
     Ok(())
 }
 
@@ -255,8 +346,14 @@ pub struct StoredTensor {
     pub kind: TensorKind,
     /// Original shape.
     pub shape: Vec<usize>,
+    /// Dtype in the source.
+    pub source_dtype: String,
     /// Stored dtype.
     pub stored_dtype: String,
+    /// Module kind: the name without its layer index.
+    pub module_kind: String,
+    /// Layer index (the first all-digit name segment).
+    pub layer: Option<usize>,
     /// Rank (factored).
     pub rank: Option<usize>,
     /// rank / min(m, n) (factored).
@@ -273,6 +370,9 @@ pub struct StoredTensor {
     pub stored_params: u64,
     /// Bytes stored.
     pub stored_bytes: u64,
+    /// Bytes in the source (`null` for source dtypes without a fixed element size, e.g.
+    /// quantized GGUF blocks).
+    pub source_bytes: Option<u64>,
 }
 
 /// `cersa inspect OUT_DIR --json`.
@@ -288,6 +388,10 @@ pub struct CheckpointReport {
     pub tensors: Vec<StoredTensor>,
     /// The manifest's totals.
     pub totals: cersa_loader::manifest::Totals,
+    /// Sums per module kind (one `at_energy` entry: the checkpoint's τ), largest first.
+    pub by_kind: Vec<GroupRow>,
+    /// Sums per layer index, tensors outside layers (`"-"`) last.
+    pub by_layer: Vec<GroupRow>,
 }
 
 /// Opens and validates a CERSA directory and reports what it stores.
@@ -308,11 +412,15 @@ pub fn inspect_checkpoint(ckpt: &Checkpoint) -> CheckpointReport {
                 }
                 _ => (params, params * t.stored_dtype.size() as u64),
             };
+            let (module_kind, layer) = kind_and_layer(name);
             StoredTensor {
                 name: name.clone(),
                 kind: t.kind,
                 shape: t.shape.clone(),
+                source_dtype: t.source_dtype.clone(),
                 stored_dtype: t.stored_dtype.to_string(),
+                module_kind,
+                layer,
                 rank: t.rank,
                 rank_fraction: t
                     .matrix_shape
@@ -324,14 +432,36 @@ pub fn inspect_checkpoint(ckpt: &Checkpoint) -> CheckpointReport {
                 params,
                 stored_params,
                 stored_bytes,
+                source_bytes: Dtype::parse(&t.source_dtype)
+                    .and_then(|d| params.checked_mul(d.size() as u64)),
             }
         })
+        .collect::<Vec<StoredTensor>>();
+    let contributions: Vec<Contribution<'_>> = tensors
+        .iter()
+        .map(|t| Contribution {
+            kind: &t.module_kind,
+            layer: t.layer,
+            params: t.params,
+            source_bytes: t.source_bytes.unwrap_or(t.stored_bytes),
+            is_matrix: t.kind == TensorKind::Factored,
+            at: vec![(
+                t.stored_params,
+                t.stored_bytes,
+                t.rank_fraction,
+                t.kind == TensorKind::Factored,
+            )],
+        })
         .collect();
+    let (by_kind, by_layer) = group(&[man.config.energy], &contributions);
+    drop(contributions);
     CheckpointReport {
         schema_version: SCHEMA_VERSION,
         kind: "cersa".into(),
         energy: man.config.energy,
         tensors,
         totals: man.totals.clone(),
+        by_kind,
+        by_layer,
     }
 }

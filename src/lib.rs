@@ -12,6 +12,8 @@ pub mod error;
 pub mod input;
 pub mod inspect;
 pub mod journal;
+pub mod report;
 pub mod select;
+pub mod verify;
 
 pub use error::{ConvertError, Result};

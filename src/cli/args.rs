@@ -23,6 +23,12 @@ pub enum Command {
     Convert(ConvertArgs),
     /// Show ranks and energies of a source checkpoint or of a CERSA directory.
     Inspect(InspectArgs),
+    /// Check a CERSA directory: shard sha256, tensors vs manifest, finite factors, and
+    /// (with --source) rel_error and dense bytes against the source. Exit 1 on a failed check.
+    Verify(VerifyArgs),
+    /// Write a self-contained HTML report (energy curves, rank heatmap, memory bars,
+    /// spectra, per-tensor table) of a source checkpoint or a CERSA directory.
+    Report(ReportArgs),
 }
 
 /// Factor dtype flag.
@@ -111,7 +117,56 @@ pub struct InspectArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Print JSON on stdout.
+    /// Print JSON on stdout (schema in the README).
+    #[arg(long, conflicts_with = "csv")]
+    pub json: bool,
+    /// Print one CSV row per tensor on stdout.
+    #[arg(long)]
+    pub csv: bool,
+    /// Terminal table rows: one per module kind, per layer, or per tensor.
+    #[arg(long, value_enum, default_value = "kind")]
+    pub group: super::inspect_view::GroupBy,
+    /// Include every singular value in --json (source only).
+    #[arg(long)]
+    pub singular_values: bool,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// `cersa report`.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Source checkpoint or CERSA directory.
+    pub path: PathBuf,
+    /// Output HTML file.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Comma-separated thresholds (source only).
+    #[arg(long, default_value = "0.9,0.95,0.99")]
+    pub energy: String,
+    #[command(flatten)]
+    pub select: SelectArgs,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// `cersa verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// CERSA directory.
+    pub out_dir: PathBuf,
+    /// The source checkpoint it was converted from (enables rel_error and dense-byte checks).
+    #[arg(long)]
+    pub source: Option<PathBuf>,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
     /// No progress bar.
@@ -206,27 +261,45 @@ impl ConvertArgs {
     }
 }
 
+impl ReportArgs {
+    /// Validated inspect options (every singular value kept).
+    pub fn to_options(&self) -> Result<InspectOptions> {
+        Ok(InspectOptions {
+            energies: parse_energies(&self.energy)?,
+            include: self.select.include.clone(),
+            exclude: self.select.exclude.clone(),
+            keep_singular_values: true,
+        })
+    }
+}
+
+/// Parses a comma-separated list of thresholds.
+pub fn parse_energies(text: &str) -> Result<Vec<f64>> {
+    let energies = text
+        .split(',')
+        .map(|s| {
+            let e: f64 = s
+                .trim()
+                .parse()
+                .with_context(|| format!("--energy: {s:?} is not a number"))?;
+            check_energy(e)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if energies.is_empty() {
+        bail!("--energy needs at least one threshold");
+    }
+    Ok(energies)
+}
+
 impl InspectArgs {
     /// Validated options.
     pub fn to_options(&self) -> Result<InspectOptions> {
-        let energies = self
-            .energy
-            .split(',')
-            .map(|s| {
-                let e: f64 = s
-                    .trim()
-                    .parse()
-                    .with_context(|| format!("--energy: {s:?} is not a number"))?;
-                check_energy(e)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        if energies.is_empty() {
-            bail!("--energy needs at least one threshold");
-        }
+        let energies = parse_energies(&self.energy)?;
         Ok(InspectOptions {
             energies,
             include: self.select.include.clone(),
             exclude: self.select.exclude.clone(),
+            keep_singular_values: self.singular_values,
         })
     }
 }

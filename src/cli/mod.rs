@@ -1,13 +1,14 @@
 //! The command-line front end: parses flags, runs the library, prints results.
 
 pub mod args;
+pub mod inspect_view;
 pub mod output;
 
 use crate::convert::{convert, ConvertReport};
 use crate::decompose;
 use crate::inspect::{inspect_checkpoint, inspect_source};
 use anyhow::{Context, Result};
-use args::{Cli, Command, ConvertArgs, InspectArgs};
+use args::{Cli, Command, ConvertArgs, InspectArgs, ReportArgs, VerifyArgs};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::Write;
 use std::sync::atomic::AtomicBool;
@@ -48,6 +49,8 @@ pub fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<Status> {
     match cli.command {
         Command::Convert(a) => run_convert(a, &cancel),
         Command::Inspect(a) => run_inspect(a),
+        Command::Verify(a) => run_verify(a),
+        Command::Report(a) => run_report(a),
     }
 }
 
@@ -106,8 +109,10 @@ fn run_inspect(a: InspectArgs) -> Result<Status> {
         let report = inspect_checkpoint(&ckpt);
         if a.json {
             emit(&(serde_json::to_string_pretty(&report)? + "\n"))?;
+        } else if a.csv {
+            emit(&inspect_view::checkpoint_csv(&report))?;
         } else {
-            emit(&output::checkpoint_table(&report))?;
+            emit(&inspect_view::checkpoint_view(&report, a.group))?;
         }
         return Ok(Status::Ok);
     }
@@ -129,8 +134,80 @@ fn run_inspect(a: InspectArgs) -> Result<Status> {
     bar.finish_and_clear();
     if a.json {
         emit(&(serde_json::to_string_pretty(&report)? + "\n"))?;
+    } else if a.csv {
+        emit(&inspect_view::source_csv(&report))?;
     } else {
-        emit(&output::source_table(&report))?;
+        emit(&inspect_view::source_view(&report, a.group))?;
+    }
+    Ok(Status::Ok)
+}
+
+fn run_verify(a: VerifyArgs) -> Result<Status> {
+    let threads = args::threads(a.threads)?;
+    let src = match &a.source {
+        Some(p) => Some(crate::input::open(p).with_context(|| format!("opening {}", p.display()))?),
+        None => None,
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .context("starting worker threads")?;
+    let bar = progress_bar(a.quiet, 0);
+    let source = a.source.as_deref().zip(src.as_deref());
+    let report = pool
+        .install(|| {
+            crate::verify::verify(&a.out_dir, source, &|done, total| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64)
+            })
+        })
+        .with_context(|| format!("verifying {}", a.out_dir.display()))?;
+    bar.finish_and_clear();
+    if a.json {
+        emit(&(serde_json::to_string_pretty(&report)? + "\n"))?;
+    } else {
+        emit(&output::verify_summary(&report))?;
+    }
+    Ok(if report.ok {
+        Status::Ok
+    } else {
+        Status::CheckFailed
+    })
+}
+
+fn run_report(a: ReportArgs) -> Result<Status> {
+    let title = a.path.display().to_string();
+    let model = if a.path.join(cersa_loader::MANIFEST_FILE).is_file() {
+        let ckpt = cersa_loader::Checkpoint::open(&a.path)
+            .with_context(|| format!("opening CERSA directory {}", a.path.display()))?;
+        let report = inspect_checkpoint(&ckpt);
+        crate::report::model_from_checkpoint(&title, &ckpt, &report)?
+    } else {
+        let opts = a.to_options()?;
+        let threads = args::threads(a.threads)?;
+        let src =
+            crate::input::open(&a.path).with_context(|| format!("opening {}", a.path.display()))?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .context("starting worker threads")?;
+        let bar = progress_bar(a.quiet, src.tensors().len() as u64);
+        let decomposer = decompose::by_name("svd")?;
+        let report = pool
+            .install(|| {
+                inspect_source(src.as_ref(), &opts, decomposer.as_ref(), &|done, _| {
+                    bar.set_position(done as u64)
+                })
+            })
+            .with_context(|| format!("inspecting {}", a.path.display()))?;
+        bar.finish_and_clear();
+        crate::report::model_from_source(&title, &report)
+    };
+    let html = crate::report::render_html(&model);
+    crate::report::write_report(&a.output, &html)
+        .with_context(|| format!("writing {}", a.output.display()))?;
+    if !a.quiet {
+        eprintln!("wrote {} ({} bytes)", a.output.display(), html.len());
     }
     Ok(Status::Ok)
 }

@@ -1,10 +1,10 @@
 //! Human-readable tables for the terminal.
 
 use crate::convert::ConvertReport;
-use crate::inspect::{CheckpointReport, SourceReport};
 use std::fmt::Write;
 
-fn human(n: u64) -> String {
+/// Counts with k/M/G suffixes.
+pub(crate) fn human(n: u64) -> String {
     let n = n as f64;
     if n >= 1e9 {
         format!("{:.2}G", n / 1e9)
@@ -18,7 +18,7 @@ fn human(n: u64) -> String {
 }
 
 /// Renders rows with left-aligned first column and right-aligned others.
-fn table(header: &[String], rows: &[Vec<String>]) -> String {
+pub(crate) fn table(header: &[String], rows: &[Vec<String>]) -> String {
     let mut width: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for r in rows {
         for (w, c) in width.iter_mut().zip(r) {
@@ -67,108 +67,49 @@ pub fn convert_summary(r: &ConvertReport) -> String {
     )
 }
 
-/// `cersa inspect SRC` table.
-pub fn source_table(r: &SourceReport) -> String {
-    let mut header = vec!["tensor".to_string(), "shape".into(), "dtype".into()];
-    for e in &r.energies {
-        header.push(format!("r@{e}"));
+/// `cersa verify` result: every failure, then a one-line verdict.
+pub fn verify_summary(r: &crate::verify::VerifyReport) -> String {
+    let mut out = String::new();
+    for f in &r.failures {
+        let check = serde_json::to_value(f.check)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default();
+        let _ = write!(out, "FAIL {check:<15}");
+        if let Some(file) = &f.file {
+            let _ = write!(out, " {file}");
+        }
+        if let Some(t) = &f.tensor {
+            let _ = write!(out, " `{t}`");
+        }
+        let _ = write!(out, ": {}", f.detail);
+        if let (Some(e), Some(x)) = (&f.expected, &f.found) {
+            let _ = write!(out, " (expected {e}, found {x})");
+        }
+        out.push('\n');
     }
-    header.push("break-even".into());
-    let rows: Vec<Vec<String>> = r
-        .tensors
-        .iter()
-        .filter(|t| t.matrix_shape.is_some())
-        .map(|t| {
-            let mut row = vec![t.name.clone(), format!("{:?}", t.shape), t.dtype.clone()];
-            for k in &t.ranks {
-                row.push(format!(
-                    "{} ({:.0}%){}",
-                    k.rank,
-                    100.0 * k.rank_fraction,
-                    if k.saves { "" } else { "*" }
-                ));
-            }
-            row.push(t.break_even_rank.map(|b| b.to_string()).unwrap_or_default());
-            row
-        })
-        .collect();
-    let mut out = table(&header, &rows);
-    let dense = r.tensors.len() - rows.len();
+    for s in &r.skipped {
+        let _ = writeln!(out, "skipped: {s}");
+    }
+    let c = &r.counts;
     let _ = writeln!(
         out,
-        "\n{} tensors ({} matrices analysed, {} kept dense), {} params; * = factors not smaller than the matrix",
-        r.totals.tensors,
-        rows.len(),
-        dense,
-        human(r.totals.params)
-    );
-    for a in &r.totals.at_energy {
-        let _ = writeln!(
-            out,
-            "τ = {:<5} stored params {} of {} ({:.3}×)",
-            a.threshold,
-            human(a.stored_params),
-            human(r.totals.params),
-            a.param_ratio
-        );
-    }
-    out
-}
-
-/// `cersa inspect OUT_DIR` table.
-pub fn checkpoint_table(r: &CheckpointReport) -> String {
-    let header: Vec<String> = [
-        "tensor",
-        "kind",
-        "shape",
-        "dtype",
-        "rank",
-        "energy",
-        "rel_error",
-        "note",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let rows: Vec<Vec<String>> = r
-        .tensors
-        .iter()
-        .map(|t| {
-            vec![
-                t.name.clone(),
-                format!("{:?}", t.kind).to_lowercase(),
-                format!("{:?}", t.shape),
-                t.stored_dtype.clone(),
-                t.rank
-                    .zip(t.rank_fraction)
-                    .map(|(r, f)| format!("{r} ({:.0}%)", 100.0 * f))
-                    .unwrap_or_default(),
-                t.energy.map(|e| format!("{e:.4}")).unwrap_or_default(),
-                t.rel_error.map(|e| format!("{e:.4}")).unwrap_or_default(),
-                t.reason
-                    .map(|x| {
-                        serde_json::to_value(x)
-                            .ok()
-                            .and_then(|v| v.as_str().map(String::from))
-                            .unwrap_or_default()
-                    })
-                    .unwrap_or_default(),
-            ]
-        })
-        .collect();
-    let mut out = table(&header, &rows);
-    let t = &r.totals;
-    let _ = writeln!(
-        out,
-        "\nτ = {}: {} factored, {} dense; params {} → {} ({:.3}×); bytes {} → {}",
-        r.energy,
-        t.factored_tensors,
-        t.dense_tensors,
-        human(t.source_params),
-        human(t.stored_params),
-        t.stored_params as f64 / t.source_params.max(1) as f64,
-        human(t.source_bytes),
-        human(t.stored_bytes),
+        "{}: {} shard(s) hashed, {} tensor(s) checked{}",
+        if r.ok {
+            "OK".to_string()
+        } else {
+            format!("FAILED ({} check(s))", r.failures.len())
+        },
+        c.shards,
+        c.tensors,
+        if r.source.is_some() {
+            format!(
+                ", {} rel_error(s) recomputed, {} dense tensor(s) compared with the source",
+                c.rel_errors_compared, c.dense_compared
+            )
+        } else {
+            String::new()
+        }
     );
     out
 }

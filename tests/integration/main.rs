@@ -7,3 +7,5 @@ mod gguf;
 mod malformed;
 mod memory;
 mod resume;
+mod report;
+mod verify;

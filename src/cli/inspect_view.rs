@@ -1,0 +1,388 @@
+//! Terminal tables and CSV of `cersa inspect` (source and CERSA directory).
+
+use super::output::{human, table};
+use crate::inspect::groups::GroupRow;
+use crate::inspect::{CheckpointReport, SourceReport};
+use clap::ValueEnum;
+use std::fmt::Write;
+
+/// How the terminal table groups tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GroupBy {
+    /// One row per module kind (name without layer index).
+    Kind,
+    /// One row per layer index.
+    Layer,
+    /// One row per tensor.
+    None,
+}
+
+fn bytes(n: u64) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.2}GB", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.2}MB", n / 1e6)
+    } else if n >= 1e3 {
+        format!("{:.1}kB", n / 1e3)
+    } else {
+        format!("{n}B")
+    }
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.0}%", 100.0 * x)
+}
+
+fn group_table(rows: &[GroupRow], first: &str, thresholds: &[f64]) -> String {
+    let mut header: Vec<String> = [first, "tensors", "matrices", "params", "dense"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for t in thresholds {
+        header.push(format!("rank%@{t}"));
+        header.push(format!("bytes@{t}"));
+    }
+    let body: Vec<Vec<String>> = rows
+        .iter()
+        .map(|g| {
+            let mut row = vec![
+                g.key.clone(),
+                g.tensors.to_string(),
+                g.matrices.to_string(),
+                human(g.params),
+                bytes(g.source_bytes),
+            ];
+            for a in &g.at_energy {
+                row.push(a.mean_rank_fraction.map(pct).unwrap_or_else(|| "-".into()));
+                row.push(format!(
+                    "{} ({:.2}×)",
+                    bytes(a.stored_bytes),
+                    a.stored_bytes as f64 / g.source_bytes.max(1) as f64
+                ));
+            }
+            row
+        })
+        .collect();
+    table(&header, &body)
+}
+
+/// `cersa inspect SRC` on a terminal.
+pub fn source_view(r: &SourceReport, by: GroupBy) -> String {
+    let mut out = match by {
+        GroupBy::Kind => group_table(&r.by_kind, "module kind", &r.energies),
+        GroupBy::Layer => group_table(&r.by_layer, "layer", &r.energies),
+        GroupBy::None => {
+            let mut header: Vec<String> = [
+                "tensor",
+                "shape",
+                "dtype",
+                "σ₁",
+                "‖W‖_F",
+                "stable",
+                "eff.rank",
+                "top1%",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            for e in &r.energies {
+                header.push(format!("r@{e}"));
+            }
+            header.push("break-even".into());
+            let rows: Vec<Vec<String>> = r
+                .tensors
+                .iter()
+                .filter(|t| t.matrix_shape.is_some())
+                .map(|t| {
+                    let mut row = vec![t.name.clone(), format!("{:?}", t.shape), t.dtype.clone()];
+                    match &t.metrics {
+                        Some(m) => {
+                            row.push(format!("{:.3}", m.spectral_norm));
+                            row.push(format!("{:.3}", m.frobenius_norm));
+                            row.push(format!("{:.1}", m.stable_rank));
+                            row.push(format!("{:.1}", m.effective_rank));
+                            row.push(pct(m.top1pct_energy));
+                        }
+                        None => row.extend(vec![String::new(); 5]),
+                    }
+                    for k in &t.ranks {
+                        row.push(format!(
+                            "{} ({:.0}%){}",
+                            k.rank,
+                            100.0 * k.rank_fraction,
+                            if k.saves { "" } else { "*" }
+                        ));
+                    }
+                    row.push(t.break_even_rank.map(|b| b.to_string()).unwrap_or_default());
+                    row
+                })
+                .collect();
+            table(&header, &rows)
+        }
+    };
+    let analysed = r
+        .tensors
+        .iter()
+        .filter(|t| t.matrix_shape.is_some())
+        .count();
+    let _ = writeln!(
+        out,
+        "\n{} tensors ({} matrices analysed, {} kept dense), {} params, {} dense{}",
+        r.totals.tensors,
+        analysed,
+        r.totals.tensors - analysed,
+        human(r.totals.params),
+        bytes(r.totals.source_bytes),
+        if by == GroupBy::None {
+            "; * = factors not smaller than the matrix"
+        } else {
+            ""
+        }
+    );
+    for a in &r.totals.at_energy {
+        let _ = writeln!(
+            out,
+            "τ = {:<5} params {} → {} ({:.3}×)  bytes {} → {} ({:.3}×)",
+            a.threshold,
+            human(r.totals.params),
+            human(a.stored_params),
+            a.param_ratio,
+            bytes(r.totals.source_bytes),
+            bytes(a.stored_bytes),
+            a.byte_ratio,
+        );
+    }
+    out
+}
+
+fn reason_text(r: Option<cersa_loader::DenseReason>) -> String {
+    r.and_then(|x| {
+        serde_json::to_value(x)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+    })
+    .unwrap_or_default()
+}
+
+/// `cersa inspect OUT_DIR` on a terminal.
+pub fn checkpoint_view(r: &CheckpointReport, by: GroupBy) -> String {
+    let mut out = match by {
+        GroupBy::Kind => group_table(&r.by_kind, "module kind", &[r.energy]),
+        GroupBy::Layer => group_table(&r.by_layer, "layer", &[r.energy]),
+        GroupBy::None => {
+            let header: Vec<String> = [
+                "tensor",
+                "kind",
+                "shape",
+                "dtype",
+                "rank",
+                "energy",
+                "rel_error",
+                "bytes",
+                "note",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            let rows: Vec<Vec<String>> = r
+                .tensors
+                .iter()
+                .map(|t| {
+                    vec![
+                        t.name.clone(),
+                        format!("{:?}", t.kind).to_lowercase(),
+                        format!("{:?}", t.shape),
+                        t.stored_dtype.clone(),
+                        t.rank
+                            .zip(t.rank_fraction)
+                            .map(|(r, f)| format!("{r} ({:.0}%)", 100.0 * f))
+                            .unwrap_or_default(),
+                        t.energy.map(|e| format!("{e:.4}")).unwrap_or_default(),
+                        t.rel_error.map(|e| format!("{e:.4}")).unwrap_or_default(),
+                        bytes(t.stored_bytes),
+                        reason_text(t.reason),
+                    ]
+                })
+                .collect();
+            table(&header, &rows)
+        }
+    };
+    let t = &r.totals;
+    let _ = writeln!(
+        out,
+        "\nτ = {}: {} factored, {} dense; params {} → {} ({:.3}×); bytes {} → {} ({:.3}×)",
+        r.energy,
+        t.factored_tensors,
+        t.dense_tensors,
+        human(t.source_params),
+        human(t.stored_params),
+        t.stored_params as f64 / t.source_params.max(1) as f64,
+        bytes(t.source_bytes),
+        bytes(t.stored_bytes),
+        t.stored_bytes as f64 / t.source_bytes.max(1) as f64,
+    );
+    out
+}
+
+/// Quotes a CSV field when it needs it (RFC 4180).
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+fn csv(header: &[String], rows: &[Vec<String>]) -> String {
+    let mut out = String::new();
+    for r in std::iter::once(header).chain(rows.iter().map(Vec::as_slice)) {
+        let cells: Vec<String> = r.iter().map(|c| csv_field(c)).collect();
+        out.push_str(&cells.join(","));
+        out.push('\n');
+    }
+    out
+}
+
+fn opt<T: ToString>(x: Option<T>) -> String {
+    x.map(|v| v.to_string()).unwrap_or_default()
+}
+
+/// `cersa inspect SRC --csv`: one row per tensor, rank columns per threshold.
+pub fn source_csv(r: &SourceReport) -> String {
+    let mut header: Vec<String> = [
+        "name",
+        "module_kind",
+        "layer",
+        "shape",
+        "dtype",
+        "params",
+        "source_bytes",
+        "m",
+        "n",
+        "reason",
+        "spectral_norm",
+        "frobenius_norm",
+        "stable_rank",
+        "effective_rank",
+        "top1pct_energy",
+        "break_even_rank",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for e in &r.energies {
+        for c in ["rank", "rank_fraction", "energy", "saves", "stored_bytes"] {
+            header.push(format!("{c}@{e}"));
+        }
+    }
+    let rows: Vec<Vec<String>> = r
+        .tensors
+        .iter()
+        .map(|t| {
+            let m = t.metrics.as_ref();
+            let mut row = vec![
+                t.name.clone(),
+                t.module_kind.clone(),
+                opt(t.layer),
+                t.shape
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join("x"),
+                t.dtype.clone(),
+                t.params.to_string(),
+                t.source_bytes.to_string(),
+                opt(t.matrix_shape.map(|s| s[0])),
+                opt(t.matrix_shape.map(|s| s[1])),
+                reason_text(t.reason),
+                opt(m.map(|m| m.spectral_norm)),
+                opt(m.map(|m| m.frobenius_norm)),
+                opt(m.map(|m| m.stable_rank)),
+                opt(m.map(|m| m.effective_rank)),
+                opt(m.map(|m| m.top1pct_energy)),
+                opt(t.break_even_rank),
+            ];
+            for k in 0..r.energies.len() {
+                match t.ranks.get(k) {
+                    Some(a) => row.extend([
+                        a.rank.to_string(),
+                        a.rank_fraction.to_string(),
+                        a.energy.to_string(),
+                        a.saves.to_string(),
+                        a.stored_bytes.to_string(),
+                    ]),
+                    None => row.extend(vec![String::new(); 5]),
+                }
+            }
+            row
+        })
+        .collect();
+    csv(&header, &rows)
+}
+
+/// `cersa inspect OUT_DIR --csv`: one row per tensor.
+pub fn checkpoint_csv(r: &CheckpointReport) -> String {
+    let header: Vec<String> = [
+        "name",
+        "module_kind",
+        "layer",
+        "kind",
+        "shape",
+        "source_dtype",
+        "stored_dtype",
+        "rank",
+        "rank_fraction",
+        "energy",
+        "rel_error",
+        "reason",
+        "params",
+        "stored_params",
+        "source_bytes",
+        "stored_bytes",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let rows: Vec<Vec<String>> = r
+        .tensors
+        .iter()
+        .map(|t| {
+            vec![
+                t.name.clone(),
+                t.module_kind.clone(),
+                opt(t.layer),
+                format!("{:?}", t.kind).to_lowercase(),
+                t.shape
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join("x"),
+                t.source_dtype.clone(),
+                t.stored_dtype.clone(),
+                opt(t.rank),
+                opt(t.rank_fraction),
+                opt(t.energy),
+                opt(t.rel_error),
+                reason_text(t.reason),
+                t.params.to_string(),
+                t.stored_params.to_string(),
+                opt(t.source_bytes),
+                t.stored_bytes.to_string(),
+            ]
+        })
+        .collect();
+    csv(&header, &rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_quotes_only_when_needed() {
+        assert_eq!(csv_field("a.b"), "a.b");
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+        assert_eq!(csv_field("say \"x\""), "\"say \"\"x\"\"\"");
+    }
+}

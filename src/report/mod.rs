@@ -1,0 +1,338 @@
+//! `cersa report`: one self-contained HTML file (inline SVG, no script, no external
+//! resources) that shows a checkpoint's spectra to help choose τ.
+//!
+//! Input is either a source (every singular value, from `inspect_source` with
+//! `keep_singular_values`) or a CERSA directory (the stored σ_r of each factored tensor; its
+//! ‖W‖_F² follows from the manifest's energy, so the energy curves stop at the kept rank).
+
+mod energy;
+mod heatmap;
+mod memory;
+mod spectra;
+pub mod svg;
+mod table;
+
+use crate::error::{ConvertError, Result};
+use crate::inspect::groups::GroupRow;
+use crate::inspect::{CheckpointReport, SourceReport};
+use cersa_loader::{Checkpoint, TensorKind, TensorView};
+use std::fmt::Write;
+use svg::esc;
+
+/// The spectrum of one matrix as the plots need it.
+#[derive(Debug, Clone)]
+pub struct MatrixSpectrum {
+    /// Tensor name.
+    pub name: String,
+    /// Module kind.
+    pub kind: String,
+    /// Layer index.
+    pub layer: Option<usize>,
+    /// min(m, n).
+    pub min_dim: usize,
+    /// Leading singular values (all of them for a source, σ_r for a CERSA directory).
+    pub sigma: Vec<f64>,
+    /// ‖W‖_F².
+    pub norm2: f64,
+    /// Rank fraction per threshold.
+    pub rank_fraction: Vec<f64>,
+}
+
+/// One row of the per-tensor table.
+#[derive(Debug, Clone)]
+pub struct TableRow {
+    /// Cells, already formatted.
+    pub cells: Vec<String>,
+}
+
+/// Everything the report shows.
+#[derive(Debug, Clone)]
+pub struct ReportModel {
+    /// Page title (the input path).
+    pub title: String,
+    /// `source` or `cersa`.
+    pub input_kind: &'static str,
+    /// Thresholds τ.
+    pub energies: Vec<f64>,
+    /// Analysed (or factored) matrices.
+    pub matrices: Vec<MatrixSpectrum>,
+    /// Sums per module kind (one `at_energy` per threshold).
+    pub by_kind: Vec<GroupRow>,
+    /// Total bytes dense.
+    pub source_bytes: u64,
+    /// Total bytes stored per threshold.
+    pub stored_bytes: Vec<u64>,
+    /// Per-tensor table header.
+    pub table_header: Vec<String>,
+    /// Per-tensor table rows.
+    pub table_rows: Vec<TableRow>,
+}
+
+/// The model of a source report (it must hold singular values).
+pub fn model_from_source(title: &str, r: &SourceReport) -> ReportModel {
+    let matrices = r
+        .tensors
+        .iter()
+        .filter(|t| t.matrix_shape.is_some() && !t.singular_values.is_empty())
+        .map(|t| {
+            let [m, n] = t.matrix_shape.unwrap_or([0, 0]);
+            let f = t.metrics.as_ref().map_or(0.0, |x| x.frobenius_norm);
+            MatrixSpectrum {
+                name: t.name.clone(),
+                kind: t.module_kind.clone(),
+                layer: t.layer,
+                min_dim: m.min(n),
+                sigma: t.singular_values.clone(),
+                norm2: f * f,
+                rank_fraction: t.ranks.iter().map(|k| k.rank_fraction).collect(),
+            }
+        })
+        .collect();
+    let mut header: Vec<String> = [
+        "tensor", "kind", "layer", "shape", "dtype", "σ₁", "stable", "eff.rank",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for e in &r.energies {
+        header.push(format!("rank@{e}"));
+    }
+    header.push("dense".into());
+    for e in &r.energies {
+        header.push(format!("bytes@{e}"));
+    }
+    let table_rows = r
+        .tensors
+        .iter()
+        .map(|t| {
+            let m = t.metrics.as_ref();
+            let mut cells = vec![
+                t.name.clone(),
+                t.module_kind.clone(),
+                t.layer.map(|l| l.to_string()).unwrap_or_default(),
+                format!("{:?}", t.shape),
+                t.dtype.clone(),
+                m.map(|m| format!("{:.3}", m.spectral_norm))
+                    .unwrap_or_default(),
+                m.map(|m| format!("{:.1}", m.stable_rank))
+                    .unwrap_or_default(),
+                m.map(|m| format!("{:.1}", m.effective_rank))
+                    .unwrap_or_default(),
+            ];
+            for k in 0..r.energies.len() {
+                cells.push(
+                    t.ranks
+                        .get(k)
+                        .map(|a| {
+                            format!(
+                                "{} ({:.0}%){}",
+                                a.rank,
+                                100.0 * a.rank_fraction,
+                                if a.saves { "" } else { "*" }
+                            )
+                        })
+                        .unwrap_or_default(),
+                );
+            }
+            cells.push(t.source_bytes.to_string());
+            for k in 0..r.energies.len() {
+                cells.push(
+                    t.ranks
+                        .get(k)
+                        .map_or(t.source_bytes, |a| a.stored_bytes)
+                        .to_string(),
+                );
+            }
+            TableRow { cells }
+        })
+        .collect();
+    ReportModel {
+        title: title.to_string(),
+        input_kind: "source",
+        energies: r.energies.clone(),
+        matrices,
+        by_kind: r.by_kind.clone(),
+        source_bytes: r.totals.source_bytes,
+        stored_bytes: r.totals.at_energy.iter().map(|a| a.stored_bytes).collect(),
+        table_header: header,
+        table_rows,
+    }
+}
+
+/// The model of a CERSA directory: stored σ_r of every factored tensor.
+pub fn model_from_checkpoint(
+    title: &str,
+    ckpt: &Checkpoint,
+    r: &CheckpointReport,
+) -> Result<ReportModel> {
+    let mut matrices = Vec::new();
+    for t in &r.tensors {
+        if t.kind != TensorKind::Factored {
+            continue;
+        }
+        let TensorView::Factored(f) = ckpt.get(&t.name)? else {
+            continue;
+        };
+        let sigma: Vec<f64> =
+            cersa_loader::dtype::decode_f64(f.s.dtype, f.s.bytes).ok_or_else(|| {
+                ConvertError::Tensor {
+                    path: ckpt.dir().to_path_buf(),
+                    tensor: t.name.clone(),
+                    reason: "cersa_s is not a float tensor".into(),
+                }
+            })?;
+        let kept: f64 = sigma.iter().map(|s| s * s).sum();
+        let energy = t.energy.unwrap_or(1.0);
+        let [m, n] = f.matrix_shape;
+        matrices.push(MatrixSpectrum {
+            name: t.name.clone(),
+            kind: t.module_kind.clone(),
+            layer: t.layer,
+            min_dim: m.min(n),
+            sigma,
+            norm2: if energy > 0.0 { kept / energy } else { kept },
+            rank_fraction: t.rank_fraction.into_iter().collect(),
+        });
+    }
+    let header: Vec<String> = [
+        "tensor",
+        "kind",
+        "layer",
+        "shape",
+        "stored",
+        "rank",
+        "energy",
+        "rel_error",
+        "dense",
+        "stored bytes",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let table_rows = r
+        .tensors
+        .iter()
+        .map(|t| TableRow {
+            cells: vec![
+                t.name.clone(),
+                t.module_kind.clone(),
+                t.layer.map(|l| l.to_string()).unwrap_or_default(),
+                format!("{:?}", t.shape),
+                format!("{:?} {}", t.kind, t.stored_dtype).to_lowercase(),
+                t.rank
+                    .zip(t.rank_fraction)
+                    .map(|(k, f)| format!("{k} ({:.0}%)", 100.0 * f))
+                    .unwrap_or_default(),
+                t.energy.map(|e| format!("{e:.4}")).unwrap_or_default(),
+                t.rel_error.map(|e| format!("{e:.4}")).unwrap_or_default(),
+                t.source_bytes.map(|b| b.to_string()).unwrap_or_default(),
+                t.stored_bytes.to_string(),
+            ],
+        })
+        .collect();
+    Ok(ReportModel {
+        title: title.to_string(),
+        input_kind: "cersa",
+        energies: vec![r.energy],
+        matrices,
+        by_kind: r.by_kind.clone(),
+        source_bytes: r.totals.source_bytes,
+        stored_bytes: vec![r.totals.stored_bytes],
+        table_header: header,
+        table_rows,
+    })
+}
+
+/// Bytes as text.
+pub(crate) fn bytes_text(n: u64) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.2} GB", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.2} MB", n / 1e6)
+    } else if n >= 1e3 {
+        format!("{:.1} kB", n / 1e3)
+    } else {
+        format!("{n} B")
+    }
+}
+
+/// Renders the whole HTML page.
+pub fn render_html(model: &ReportModel) -> String {
+    let mut out = String::new();
+    let _ = write!(
+        out,
+        r#"<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>cersa report: {t}</title>
+<style>
+body{{font-family:sans-serif;margin:1.5em;color:#222;max-width:1400px}}
+h1{{font-size:1.4em}} h2{{font-size:1.15em;margin-top:1.6em}}
+table{{border-collapse:collapse;font-size:12px}} td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}
+td:first-child,th:first-child{{text-align:left}} th{{background:#f3f3f3;position:sticky;top:0}}
+.plots{{display:flex;flex-wrap:wrap;gap:12px}} .note{{color:#555;font-size:13px}}
+</style></head><body>
+<h1>cersa report: {t}</h1>
+"#,
+        t = esc(&model.title)
+    );
+    let _ = writeln!(
+        out,
+        r#"<p class="note">Input: {} · {} matrices · thresholds τ = {} · generated by cersa {}</p>"#,
+        model.input_kind,
+        model.matrices.len(),
+        model
+            .energies
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        env!("CARGO_PKG_VERSION"),
+    );
+    out.push_str("<h2>Memory: dense vs CERSA</h2>\n<ul>");
+    for (tau, stored) in model.energies.iter().zip(&model.stored_bytes) {
+        let _ = write!(
+            out,
+            "<li>τ = {tau}: {} → {} ({:.3}×)</li>",
+            bytes_text(model.source_bytes),
+            bytes_text(*stored),
+            *stored as f64 / model.source_bytes.max(1) as f64
+        );
+    }
+    out.push_str("</ul>\n<div class=\"plots\" id=\"memory\">");
+    out.push_str(&memory::memory_bars(model));
+    out.push_str(
+        "</div>\n<h2>Cumulative energy by module kind</h2>\n<div class=\"plots\" id=\"energy\">",
+    );
+    out.push_str(&energy::energy_curves(model));
+    out.push_str("</div>\n<h2>Rank fraction at τ (layers × module kinds)</h2>\n<div class=\"plots\" id=\"heatmap\">");
+    for k in 0..model.energies.len() {
+        out.push_str(&heatmap::heatmap(model, k));
+    }
+    out.push_str(
+        "</div>\n<h2>Singular-value spectra (log scale)</h2>\n<div class=\"plots\" id=\"spectra\">",
+    );
+    out.push_str(&spectra::spectra(model));
+    out.push_str("</div>\n<h2>Tensors</h2>\n");
+    out.push_str(&table::tensor_table(model));
+    out.push_str("</body></html>\n");
+    out
+}
+
+/// Writes `html` to `path` atomically (temporary sibling, then rename), so a failed run
+/// never leaves a half-written report.
+pub fn write_report(path: &std::path::Path, html: &str) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| std::path::Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "report.html".into());
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, html).map_err(|e| ConvertError::io(&tmp, "write", e))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        ConvertError::io(path, "rename", e)
+    })
+}
