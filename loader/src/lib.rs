@@ -2,10 +2,14 @@
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 
+pub mod adapter;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod checkpoint;
 pub mod dtype;
 pub mod error;
 pub mod manifest;
+pub mod memory;
 pub mod mmap;
 pub mod safetensors;
 pub mod writer;

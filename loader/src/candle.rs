@@ -1,0 +1,413 @@
+//! Trainer integration with [candle](https://github.com/huggingface/candle) (feature
+//! `candle`; `cuda` adds `Device::Cuda`).
+//!
+//! - [`Checkpoint::to_candle`] gives a [`CersaVarBuilder`]: the stored tensors as candle
+//!   `Tensor`s on a device, dense tensors as themselves, factored ones as their factors.
+//!   Candle tensors own their storage, so each tensor is copied once out of the mapped shard
+//!   (a plain copy when the requested dtype is the stored one, a conversion otherwise).
+//! - [`CersaLinear`] implements `candle_nn::Module` as y = ((x·V_r) ⊙ σ)·U_rᵀ + b, in
+//!   that order (W is never formed), in one of the [`Mode`]s; trainable parameters live
+//!   in a `candle_nn::VarMap`, so any candle optimizer (e.g. `AdamW`) trains them.
+//! - [`adapter_from_varmap`] / [`load_adapter_into`] save and restore the trained part
+//!   as an adapter file (see [`crate::adapter`]).
+
+use crate::adapter::{manifest_sha256, Adapter, LayerInfo, Mode};
+use crate::checkpoint::{Checkpoint, RawTensor, TensorView};
+use crate::dtype::Dtype;
+use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_nn::VarMap;
+use std::collections::BTreeMap;
+
+pub use candle_core;
+pub use candle_nn;
+
+fn wrap(e: crate::Error) -> candle_core::Error {
+    candle_core::Error::wrap(e)
+}
+
+/// The candle dtype of a stored dtype, where candle has one.
+pub fn candle_dtype(dtype: Dtype) -> Option<DType> {
+    Some(match dtype {
+        Dtype::U8 => DType::U8,
+        Dtype::U32 => DType::U32,
+        Dtype::I16 => DType::I16,
+        Dtype::I32 => DType::I32,
+        Dtype::I64 => DType::I64,
+        Dtype::F16 => DType::F16,
+        Dtype::BF16 => DType::BF16,
+        Dtype::F32 => DType::F32,
+        Dtype::F64 => DType::F64,
+        Dtype::F8_E4M3 => DType::F8E4M3,
+        _ => return None,
+    })
+}
+
+/// Tensors of a checkpoint as candle tensors on one device, optionally cast to one dtype.
+#[derive(Debug, Clone, Copy)]
+pub struct CersaVarBuilder<'a> {
+    ckpt: &'a Checkpoint,
+    device: &'a Device,
+    dtype: Option<DType>,
+}
+
+/// The factors of a factored tensor as candle tensors.
+#[derive(Debug, Clone)]
+pub struct CandleFactors {
+    /// U_r, [m, r].
+    pub u: Tensor,
+    /// σ_r, [r].
+    pub s: Tensor,
+    /// V_rᵀ, [r, n].
+    pub vt: Tensor,
+}
+
+impl Checkpoint {
+    /// Candle access to this checkpoint on `device`. `dtype`: cast float tensors to it
+    /// (`None` keeps the stored dtypes; integer tensors always keep theirs).
+    pub fn to_candle<'a>(
+        &'a self,
+        device: &'a Device,
+        dtype: Option<DType>,
+    ) -> CersaVarBuilder<'a> {
+        CersaVarBuilder {
+            ckpt: self,
+            device,
+            dtype,
+        }
+    }
+}
+
+impl<'a> CersaVarBuilder<'a> {
+    /// The checkpoint.
+    pub fn checkpoint(&self) -> &'a Checkpoint {
+        self.ckpt
+    }
+
+    /// The device.
+    pub fn device(&self) -> &'a Device {
+        self.device
+    }
+
+    fn load(&self, name: &str, t: RawTensor<'_>) -> Result<Tensor> {
+        let stored = candle_dtype(t.dtype).ok_or_else(|| {
+            candle_core::Error::msg(format!(
+                "{name}: dtype {} has no candle equivalent",
+                t.dtype
+            ))
+        })?;
+        let tensor = Tensor::from_raw_buffer(t.bytes, stored, t.shape, self.device)?;
+        match self.dtype {
+            Some(d) if d != stored && stored.is_float() => tensor.to_dtype(d),
+            _ => Ok(tensor),
+        }
+    }
+
+    /// A dense tensor with its manifest shape.
+    pub fn dense(&self, name: &str) -> Result<Tensor> {
+        match self.ckpt.get(name).map_err(wrap)? {
+            TensorView::Dense(t) => self.load(name, t),
+            TensorView::Factored(_) => candle_core::bail!("{name} is factored; use factors()"),
+        }
+    }
+
+    /// The factors of a factored tensor.
+    pub fn factors(&self, name: &str) -> Result<CandleFactors> {
+        match self.ckpt.get(name).map_err(wrap)? {
+            TensorView::Factored(f) => Ok(CandleFactors {
+                u: self.load(name, f.u)?,
+                s: self.load(name, f.s)?,
+                vt: self.load(name, f.vt)?,
+            }),
+            TensorView::Dense(_) => candle_core::bail!("{name} is stored dense; use dense()"),
+        }
+    }
+
+    /// Every stored tensor by its stored name (`NAME`, or `NAME.cersa_u/_s/_vt`).
+    pub fn all(&self) -> Result<BTreeMap<String, Tensor>> {
+        let mut out = BTreeMap::new();
+        for name in self.ckpt.names() {
+            match self.ckpt.get(name).map_err(wrap)? {
+                TensorView::Dense(t) => {
+                    out.insert(name.to_string(), self.load(name, t)?);
+                }
+                TensorView::Factored(_) => {
+                    let f = self.factors(name)?;
+                    let (u, s, vt) = crate::factor_names(name);
+                    out.insert(u, f.u);
+                    out.insert(s, f.s);
+                    out.insert(vt, f.vt);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Deterministic N(0, 1/r) start for the core's A (B starts at zero, so ΔM = 0): a
+/// splitmix64 stream seeded by the layer name, so runs are reproducible without a global RNG.
+fn core_a_init(name: &str, r: usize, k: usize) -> Vec<f32> {
+    let mut state = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let mut next = || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let scale = 1.0 / (r as f64).sqrt();
+    (0..r * k)
+        .map(|_| {
+            // Box–Muller; 1 − u keeps the log argument in (0, 1].
+            let (u1, u2) = (1.0 - next(), next());
+            ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * scale) as f32
+        })
+        .collect()
+}
+
+/// Names of a layer's variables in the `VarMap` (same as the adapter file's tensors).
+fn var_name(layer: &str, what: &str) -> String {
+    format!("{layer}.adapter_{what}")
+}
+
+fn insert_var(varmap: &VarMap, name: String, value: &Tensor) -> Result<Tensor> {
+    let var = Var::from_tensor(value)?;
+    let t = var.as_tensor().clone();
+    let mut data = varmap
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::msg("VarMap lock poisoned"))?;
+    if data.contains_key(&name) {
+        candle_core::bail!("{name} is already in the VarMap");
+    }
+    data.insert(name, var);
+    Ok(t)
+}
+
+/// A linear layer over a factored weight: y = ((x·V_r) ⊙ σ)·U_rᵀ + b, adapted per [`Mode`].
+#[derive(Debug, Clone)]
+pub struct CersaLinear {
+    name: String,
+    mode: Mode,
+    rank: usize,
+    matrix_shape: [usize; 2],
+    /// V_r [n, r] (frozen; absent in `factors` mode).
+    v: Option<Tensor>,
+    /// U_rᵀ [r, m] (frozen; absent in `factors` mode).
+    ut: Option<Tensor>,
+    /// σ_r [r]: frozen, or the trainable variable in `scale` mode.
+    s: Option<Tensor>,
+    /// `core`: A [r, k], B [k, r] (variables).
+    ab: Option<(Tensor, Tensor)>,
+    /// `factors`: left = U·√σ [m, r], right = √σ·Vᵀ [r, n] (variables).
+    lr: Option<(Tensor, Tensor)>,
+    bias: Option<Tensor>,
+}
+
+impl CersaLinear {
+    /// Builds the layer for factored `weight` (and dense `bias`, if given) of `vb`,
+    /// registering its trainable parameters in `varmap` under `WEIGHT.adapter_*`.
+    /// Compute dtype: the builder's dtype, else F32.
+    pub fn new(
+        vb: &CersaVarBuilder<'_>,
+        weight: &str,
+        bias: Option<&str>,
+        mode: Mode,
+        varmap: &VarMap,
+    ) -> Result<Self> {
+        let dtype = vb.dtype.unwrap_or(DType::F32);
+        let f = vb.factors(weight)?;
+        let (u, s, vt) = (
+            f.u.to_dtype(dtype)?,
+            f.s.to_dtype(dtype)?,
+            f.vt.to_dtype(dtype)?,
+        );
+        let (m, r) = u.dims2()?;
+        let (_, n) = vt.dims2()?;
+        let bias = match bias {
+            Some(b) => Some(vb.dense(b)?.to_dtype(dtype)?.reshape(m)?),
+            None => None,
+        };
+        let mut layer = CersaLinear {
+            name: weight.to_string(),
+            mode,
+            rank: r,
+            matrix_shape: [m, n],
+            v: None,
+            ut: None,
+            s: None,
+            ab: None,
+            lr: None,
+            bias,
+        };
+        if mode == Mode::Factors {
+            let root = s.sqrt()?;
+            let left = u.broadcast_mul(&root.reshape((1, r))?)?;
+            let right = vt.broadcast_mul(&root.reshape((r, 1))?)?;
+            layer.lr = Some((
+                insert_var(varmap, var_name(weight, "left"), &left)?,
+                insert_var(varmap, var_name(weight, "right"), &right)?,
+            ));
+            return Ok(layer);
+        }
+        layer.v = Some(vt.t()?.contiguous()?);
+        layer.ut = Some(u.t()?.contiguous()?);
+        layer.s = Some(match mode {
+            Mode::Scale => insert_var(varmap, var_name(weight, "s"), &s)?,
+            _ => s,
+        });
+        if let Mode::Core { k } = mode {
+            if k == 0 || k > r {
+                candle_core::bail!("{weight}: core k = {k} outside 1..={r}");
+            }
+            let a = Tensor::from_vec(core_a_init(weight, r, k), (r, k), vb.device)?;
+            let b = Tensor::zeros((k, r), DType::F32, vb.device)?;
+            layer.ab = Some((
+                insert_var(varmap, var_name(weight, "a"), &a.to_dtype(dtype)?)?,
+                insert_var(varmap, var_name(weight, "b"), &b.to_dtype(dtype)?)?,
+            ));
+        }
+        Ok(layer)
+    }
+
+    /// The weight's source name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The adaptation mode.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The layer's entry in an adapter's metadata.
+    pub fn layer_info(&self) -> LayerInfo {
+        LayerInfo {
+            mode: self.mode,
+            rank: self.rank,
+            matrix_shape: self.matrix_shape,
+        }
+    }
+
+    /// The frozen tensors (V_r, U_rᵀ, and σ except in `scale` mode): what training must
+    /// leave untouched.
+    pub fn frozen_tensors(&self) -> Vec<Tensor> {
+        let mut out: Vec<Tensor> = self.v.iter().chain(&self.ut).cloned().collect();
+        if !matches!(self.mode, Mode::Scale | Mode::Factors) {
+            out.extend(self.s.iter().cloned());
+        }
+        out
+    }
+}
+
+fn unexpected(name: &str) -> candle_core::Error {
+    candle_core::Error::msg(format!("{name}: layer tensors missing for its mode"))
+}
+
+impl candle_nn::Module for CersaLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let [m, n] = self.matrix_shape;
+        let dims = x.dims().to_vec();
+        let Some((&last, lead)) = dims.split_last() else {
+            candle_core::bail!("{}: input is a scalar", self.name);
+        };
+        if last != n {
+            candle_core::bail!("{}: input width {last}, expected {n}", self.name);
+        }
+        let rows: usize = lead.iter().product();
+        let x2 = x.reshape((rows, n))?;
+        let y = if let Some((left, right)) = &self.lr {
+            x2.matmul(&right.t()?)?.matmul(&left.t()?)?
+        } else {
+            let (v, ut, s) = match (&self.v, &self.ut, &self.s) {
+                (Some(v), Some(ut), Some(s)) => (v, ut, s),
+                _ => return Err(unexpected(&self.name)),
+            };
+            let t = x2.matmul(v)?; // x·V_r [rows, r]
+            let mut z = t.broadcast_mul(s)?; // ⊙ σ
+            if let Some((a, b)) = &self.ab {
+                z = (z + t.matmul(a)?.matmul(b)?)?; // + x·V_r·A·B
+            }
+            z.matmul(ut)? // ·U_rᵀ [rows, m]
+        };
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = lead.to_vec();
+        out_dims.push(m);
+        y.reshape(out_dims)
+    }
+}
+
+/// The trained part of `layers` (their variables in `varmap`) as an [`Adapter`] for the
+/// checkpoint of `ckpt` (frozen layers are omitted).
+pub fn adapter_from_varmap(
+    ckpt: &Checkpoint,
+    layers: &[&CersaLinear],
+    varmap: &VarMap,
+) -> Result<Adapter> {
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::msg("VarMap lock poisoned"))?;
+    let mut adapter = Adapter {
+        manifest_sha256: manifest_sha256(ckpt.dir()).map_err(wrap)?,
+        layers: BTreeMap::new(),
+        tensors: BTreeMap::new(),
+    };
+    for layer in layers.iter().filter(|l| l.mode != Mode::Frozen) {
+        let info = layer.layer_info();
+        for (t, _) in info.mode.tensors(&layer.name, info.rank, info.matrix_shape) {
+            let var = data
+                .get(&t)
+                .ok_or_else(|| candle_core::Error::msg(format!("{t} is not in the VarMap")))?;
+            let values = var
+                .as_tensor()
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()?;
+            adapter.tensors.insert(t, values);
+        }
+        adapter.layers.insert(layer.name.clone(), info);
+    }
+    Ok(adapter)
+}
+
+/// Sets the variables of `layers` in `varmap` from `adapter` (which must belong to the
+/// layers' checkpoint: see [`Adapter::check_base`]).
+pub fn load_adapter_into(
+    adapter: &Adapter,
+    layers: &[&CersaLinear],
+    varmap: &VarMap,
+) -> Result<()> {
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::msg("VarMap lock poisoned"))?;
+    for layer in layers.iter().filter(|l| l.mode != Mode::Frozen) {
+        let info = adapter.layers.get(&layer.name).ok_or_else(|| {
+            candle_core::Error::msg(format!("adapter has no layer {}", layer.name))
+        })?;
+        if *info != layer.layer_info() {
+            candle_core::bail!(
+                "{}: adapter layer {info:?} differs from {:?}",
+                layer.name,
+                layer.layer_info()
+            );
+        }
+        for (t, shape) in info.mode.tensors(&layer.name, info.rank, info.matrix_shape) {
+            let var = data
+                .get(&t)
+                .ok_or_else(|| candle_core::Error::msg(format!("{t} is not in the VarMap")))?;
+            let values = adapter
+                .tensors
+                .get(&t)
+                .ok_or_else(|| candle_core::Error::msg(format!("adapter has no tensor {t}")))?;
+            let value = Tensor::from_slice(values, shape, var.device())?.to_dtype(var.dtype())?;
+            var.set(&value)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,111 @@
+//! Memory accounting of subspace fine-tuning: bytes held for frozen weights, trainable
+//! parameters and optimizer state, per adaptation mode, against the same layer trained
+//! as dense-frozen + LoRA of rank k. Pure arithmetic (no tensor library).
+
+use crate::adapter::Mode;
+
+/// Bytes held while training one m×n layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MemoryUse {
+    /// Frozen weights (never updated).
+    pub frozen: u64,
+    /// Trainable parameters.
+    pub trainable: u64,
+    /// Optimizer state (AdamW: two moments per trainable parameter, plus the gradient).
+    pub optimizer: u64,
+}
+
+impl MemoryUse {
+    /// frozen + trainable + optimizer.
+    pub fn total(&self) -> u64 {
+        self.frozen + self.trainable + self.optimizer
+    }
+
+    fn add(self, o: MemoryUse) -> MemoryUse {
+        MemoryUse {
+            frozen: self.frozen + o.frozen,
+            trainable: self.trainable + o.trainable,
+            optimizer: self.optimizer + o.optimizer,
+        }
+    }
+}
+
+/// Element counts → bytes: frozen at `frozen_bytes` per element, trainable parameters in
+/// f32 with an f32 gradient and AdamW's two f32 moments (3 × 4 bytes of state each).
+fn account(frozen_elems: u64, frozen_bytes: u64, trainable_elems: u64) -> MemoryUse {
+    MemoryUse {
+        frozen: frozen_elems * frozen_bytes,
+        trainable: trainable_elems * 4,
+        optimizer: trainable_elems * 12,
+    }
+}
+
+/// A CERSA layer [m, n] of rank r with factors of `factor_bytes` per element (σ is F32)
+/// trained in `mode`.
+pub fn cersa_layer(m: u64, n: u64, r: u64, factor_bytes: u64, mode: Mode) -> MemoryUse {
+    let uv = r * (m + n);
+    let sigma = account(r, 4, 0);
+    match mode {
+        Mode::Frozen => account(uv, factor_bytes, 0).add(sigma),
+        Mode::Scale => account(uv, factor_bytes, r),
+        Mode::Core { k } => account(uv, factor_bytes, 2 * r * k as u64).add(sigma),
+        // Both factors become f32 variables; nothing stays frozen.
+        Mode::Factors => account(0, 0, uv),
+    }
+}
+
+/// The same layer kept dense and frozen (`weight_bytes` per element) plus LoRA of rank k
+/// (A: k×n, B: m×k trainable).
+pub fn dense_lora_layer(m: u64, n: u64, weight_bytes: u64, k: u64) -> MemoryUse {
+    account(m * n, weight_bytes, k * (m + n))
+}
+
+/// Sum of [`cersa_layer`] over every factored tensor of `ckpt`, and of
+/// [`dense_lora_layer`] over the same tensors at their source dtype size.
+pub fn checkpoint_totals(
+    ckpt: &crate::Checkpoint,
+    mode: Mode,
+    lora_k: u64,
+) -> (MemoryUse, MemoryUse) {
+    let mut cersa = MemoryUse::default();
+    let mut dense = MemoryUse::default();
+    for name in ckpt.names() {
+        let Some(info) = ckpt.manifest().tensors.get(name) else {
+            continue;
+        };
+        let (Some([m, n]), Some(r)) = (info.matrix_shape, info.rank) else {
+            continue;
+        };
+        let (m, n, r) = (m as u64, n as u64, r as u64);
+        let source_bytes = crate::Dtype::parse(&info.source_dtype).map_or(4, |d| d.size() as u64);
+        let mode = match mode {
+            Mode::Core { k } => Mode::Core {
+                k: k.min(r as usize),
+            },
+            other => other,
+        };
+        cersa = cersa.add(cersa_layer(m, n, r, info.stored_dtype.size() as u64, mode));
+        dense = dense.add(dense_lora_layer(m, n, source_bytes, lora_k));
+    }
+    (cersa, dense)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_follow_the_shapes() {
+        // 384×384, r = 200, f32 factors, core k = 8.
+        let c = cersa_layer(384, 384, 200, 4, Mode::Core { k: 8 });
+        assert_eq!(c.frozen, 200 * 768 * 4 + 200 * 4);
+        assert_eq!(c.trainable, 2 * 200 * 8 * 4);
+        assert_eq!(c.optimizer, 3 * c.trainable);
+        let l = dense_lora_layer(384, 384, 4, 8);
+        assert_eq!(l.frozen, 384 * 384 * 4);
+        assert_eq!(l.trainable, 8 * 768 * 4);
+        let f = cersa_layer(10, 20, 3, 2, Mode::Factors);
+        assert_eq!((f.frozen, f.trainable), (0, 3 * 30 * 4));
+        assert_eq!(cersa_layer(10, 20, 3, 2, Mode::Scale).trainable, 12);
+    }
+}
