@@ -6,6 +6,6 @@ mod convert;
 mod gguf;
 mod malformed;
 mod memory;
-mod resume;
 mod report;
+mod resume;
 mod verify;
