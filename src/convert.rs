@@ -181,7 +181,7 @@ pub fn convert(
 }
 
 /// Checks `out` and creates the sibling temporary directory the output is written into.
-fn prepare_output(out: &Path) -> Result<PathBuf> {
+pub(crate) fn prepare_output(out: &Path) -> Result<PathBuf> {
     if out.exists() {
         let empty = std::fs::read_dir(out)
             .map(|mut d| d.next().is_none())
@@ -208,7 +208,7 @@ fn prepare_output(out: &Path) -> Result<PathBuf> {
     Ok(tmp)
 }
 
-fn commit(tmp: &Path, out: &Path) -> Result<()> {
+pub(crate) fn commit(tmp: &Path, out: &Path) -> Result<()> {
     if out.exists() {
         // An empty directory is replaced (rename(2) onto an empty directory is atomic).
         std::fs::remove_dir(out)

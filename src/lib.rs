@@ -11,6 +11,7 @@ pub mod decompose;
 pub mod error;
 pub mod input;
 pub mod inspect;
+pub mod merge;
 pub mod select;
 
 pub use error::{ConvertError, Result};

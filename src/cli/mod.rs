@@ -7,7 +7,7 @@ use crate::convert::{convert, ConvertReport};
 use crate::decompose;
 use crate::inspect::{inspect_checkpoint, inspect_source};
 use anyhow::{Context, Result};
-use args::{Cli, Command, ConvertArgs, InspectArgs};
+use args::{Cli, Command, ConvertArgs, InspectArgs, MergeArgs};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::Write;
 use std::sync::atomic::AtomicBool;
@@ -48,6 +48,7 @@ pub fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<Status> {
     match cli.command {
         Command::Convert(a) => run_convert(a, &cancel),
         Command::Inspect(a) => run_inspect(a),
+        Command::Merge(a) => run_merge(a),
     }
 }
 
@@ -126,6 +127,45 @@ fn run_inspect(a: InspectArgs) -> Result<Status> {
         emit(&(serde_json::to_string_pretty(&report)? + "\n"))?;
     } else {
         emit(&output::source_table(&report))?;
+    }
+    Ok(Status::Ok)
+}
+
+fn run_merge(a: MergeArgs) -> Result<Status> {
+    let decomposer = decompose::by_name("svd")?;
+    let (manifest, layers) =
+        crate::merge::merge(&a.cersa_dir, &a.adapter, &a.out_dir, decomposer.as_ref())
+            .with_context(|| {
+                format!(
+                    "merging {} into {}",
+                    a.adapter.display(),
+                    a.cersa_dir.display()
+                )
+            })?;
+    if a.json {
+        let layers: Vec<_> = layers
+            .iter()
+            .map(|l| {
+                serde_json::json!({"name": l.name, "old_rank": l.old_rank, "new_rank": l.new_rank,
+                    "energy": l.energy, "rel_error": l.rel_error})
+            })
+            .collect();
+        let report = serde_json::json!({"out_dir": a.out_dir, "layers": layers,
+            "totals": manifest.totals});
+        emit(&(serde_json::to_string_pretty(&report)? + "\n"))?;
+    } else {
+        let mut text = format!(
+            "merged {} layer(s) into {}\n",
+            layers.len(),
+            a.out_dir.display()
+        );
+        for l in &layers {
+            text += &format!(
+                "  {}  rank {} -> {}  energy {:.4}  rel_error {:.3e}\n",
+                l.name, l.old_rank, l.new_rank, l.energy, l.rel_error
+            );
+        }
+        emit(&text)?;
     }
     Ok(Status::Ok)
 }
