@@ -294,7 +294,7 @@ fn run_fingerprint(
 
 /// Checks `out` and creates (or, when resuming, reuses) the sibling temporary directory
 /// the output is written into. Returns it and whether it holds a run to resume.
-fn prepare_output(out: &Path, resume: bool) -> Result<(PathBuf, bool)> {
+pub(crate) fn prepare_output(out: &Path, resume: bool) -> Result<(PathBuf, bool)> {
     if out.exists() {
         let empty = std::fs::read_dir(out)
             .map(|mut d| d.next().is_none())
@@ -324,7 +324,7 @@ fn prepare_output(out: &Path, resume: bool) -> Result<(PathBuf, bool)> {
     Ok((tmp, false))
 }
 
-fn commit(tmp: &Path, out: &Path) -> Result<()> {
+pub(crate) fn commit(tmp: &Path, out: &Path) -> Result<()> {
     if out.exists() {
         // An empty directory is replaced (rename(2) onto an empty directory is atomic).
         std::fs::remove_dir(out)

@@ -12,6 +12,7 @@ pub mod error;
 pub mod input;
 pub mod inspect;
 pub mod journal;
+pub mod merge;
 pub mod report;
 pub mod select;
 pub mod verify;

@@ -21,7 +21,7 @@ impl MemoryUse {
         self.frozen + self.trainable + self.optimizer
     }
 
-    fn add(self, o: MemoryUse) -> MemoryUse {
+    fn plus(self, o: MemoryUse) -> MemoryUse {
         MemoryUse {
             frozen: self.frozen + o.frozen,
             trainable: self.trainable + o.trainable,
@@ -46,9 +46,9 @@ pub fn cersa_layer(m: u64, n: u64, r: u64, factor_bytes: u64, mode: Mode) -> Mem
     let uv = r * (m + n);
     let sigma = account(r, 4, 0);
     match mode {
-        Mode::Frozen => account(uv, factor_bytes, 0).add(sigma),
+        Mode::Frozen => account(uv, factor_bytes, 0).plus(sigma),
         Mode::Scale => account(uv, factor_bytes, r),
-        Mode::Core { k } => account(uv, factor_bytes, 2 * r * k as u64).add(sigma),
+        Mode::Core { k } => account(uv, factor_bytes, 2 * r * k as u64).plus(sigma),
         // Both factors become f32 variables; nothing stays frozen.
         Mode::Factors => account(0, 0, uv),
     }
@@ -84,8 +84,8 @@ pub fn checkpoint_totals(
             },
             other => other,
         };
-        cersa = cersa.add(cersa_layer(m, n, r, info.stored_dtype.size() as u64, mode));
-        dense = dense.add(dense_lora_layer(m, n, source_bytes, lora_k));
+        cersa = cersa.plus(cersa_layer(m, n, r, info.stored_dtype.size() as u64, mode));
+        dense = dense.plus(dense_lora_layer(m, n, source_bytes, lora_k));
     }
     (cersa, dense)
 }

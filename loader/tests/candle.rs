@@ -58,13 +58,12 @@ fn every_mode_starts_equal_to_the_reference_reconstruct_and_apply() {
         let b: Vec<f32> = values(&vb.dense(&bias_name).unwrap());
         // Reference 1: x·Ŵᵀ + b with Ŵ from reconstruct, accumulated in f64.
         let mut want = vec![0f32; rows * m];
-        for i in 0..rows {
-            for j in 0..m {
-                let dot: f64 = (0..n)
-                    .map(|p| f64::from(x[i * n + p]) * f64::from(w.data[j * n + p]))
-                    .sum();
-                want[i * m + j] = (dot + f64::from(b[j])) as f32;
-            }
+        for (idx, out) in want.iter_mut().enumerate() {
+            let (i, j) = (idx / m, idx % m);
+            let dot: f64 = (0..n)
+                .map(|p| f64::from(x[i * n + p]) * f64::from(w.data[j * n + p]))
+                .sum();
+            *out = (dot + f64::from(b[j])) as f32;
         }
         // Reference 2: the loader's apply (through the factors).
         let applied = ckpt.apply(&weight, &x, rows).unwrap();
@@ -172,17 +171,16 @@ fn finetune_cuts_the_loss_and_leaves_frozen_factors_alone() {
     let y1 = values(&model.layers[0].forward(&x).unwrap());
     let b = values(&vb.dense("mlp.fc1.bias").unwrap());
     let (m, n) = (48, 32);
-    for i in 0..4 {
-        for j in 0..m {
-            let mut acc = f64::from(b[j]);
-            for t in 0..q {
-                let xr: f64 = (0..n)
-                    .map(|p| f64::from(xs[i * n + p]) * right[t * n + p])
-                    .sum();
-                acc += xr * left[j * q + t];
-            }
-            assert!((acc as f32 - y1[i * m + j]).abs() < 1e-4 * (1.0 + acc.abs() as f32));
+    for (idx, y) in y1.iter().enumerate() {
+        let (i, j) = (idx / m, idx % m);
+        let mut acc = f64::from(b[j]);
+        for t in 0..q {
+            let xr: f64 = (0..n)
+                .map(|p| f64::from(xs[i * n + p]) * right[t * n + p])
+                .sum();
+            acc += xr * left[j * q + t];
         }
+        assert!((acc as f32 - y).abs() < 1e-4 * (1.0 + acc.abs() as f32));
     }
     // A tampered identity is refused.
     let mut other = read.clone();

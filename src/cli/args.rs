@@ -29,6 +29,22 @@ pub enum Command {
     /// Write a self-contained HTML report (energy curves, rank heatmap, memory bars,
     /// spectra, per-tensor table) of a source checkpoint or a CERSA directory.
     Report(ReportArgs),
+    /// Merge a trained adapter into its CERSA checkpoint, writing a new CERSA directory.
+    Merge(MergeArgs),
+}
+
+/// `cersa merge`.
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// The base CERSA directory the adapter was trained on.
+    pub cersa_dir: PathBuf,
+    /// The adapter file (safetensors, format `cersa-adapter`).
+    pub adapter: PathBuf,
+    /// Output directory (must not exist, or be empty).
+    pub out_dir: PathBuf,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Factor dtype flag.

@@ -8,7 +8,7 @@ use crate::convert::{convert, ConvertReport};
 use crate::decompose;
 use crate::inspect::{inspect_checkpoint, inspect_source};
 use anyhow::{Context, Result};
-use args::{Cli, Command, ConvertArgs, InspectArgs, ReportArgs, VerifyArgs};
+use args::{Cli, Command, ConvertArgs, InspectArgs, MergeArgs, ReportArgs, VerifyArgs};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::Write;
 use std::sync::atomic::AtomicBool;
@@ -51,6 +51,7 @@ pub fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<Status> {
         Command::Inspect(a) => run_inspect(a),
         Command::Verify(a) => run_verify(a),
         Command::Report(a) => run_report(a),
+        Command::Merge(a) => run_merge(a),
     }
 }
 
@@ -208,6 +209,45 @@ fn run_report(a: ReportArgs) -> Result<Status> {
         .with_context(|| format!("writing {}", a.output.display()))?;
     if !a.quiet {
         eprintln!("wrote {} ({} bytes)", a.output.display(), html.len());
+    }
+    Ok(Status::Ok)
+}
+
+fn run_merge(a: MergeArgs) -> Result<Status> {
+    let decomposer = decompose::by_name("svd")?;
+    let (manifest, layers) =
+        crate::merge::merge(&a.cersa_dir, &a.adapter, &a.out_dir, decomposer.as_ref())
+            .with_context(|| {
+                format!(
+                    "merging {} into {}",
+                    a.adapter.display(),
+                    a.cersa_dir.display()
+                )
+            })?;
+    if a.json {
+        let layers: Vec<_> = layers
+            .iter()
+            .map(|l| {
+                serde_json::json!({"name": l.name, "old_rank": l.old_rank, "new_rank": l.new_rank,
+                    "energy": l.energy, "rel_error": l.rel_error})
+            })
+            .collect();
+        let report = serde_json::json!({"out_dir": a.out_dir, "layers": layers,
+            "totals": manifest.totals});
+        emit(&(serde_json::to_string_pretty(&report)? + "\n"))?;
+    } else {
+        let mut text = format!(
+            "merged {} layer(s) into {}\n",
+            layers.len(),
+            a.out_dir.display()
+        );
+        for l in &layers {
+            text += &format!(
+                "  {}  rank {} -> {}  energy {:.4}  rel_error {:.3e}\n",
+                l.name, l.old_rank, l.new_rank, l.energy, l.rel_error
+            );
+        }
+        emit(&text)?;
     }
     Ok(Status::Ok)
 }
