@@ -216,7 +216,7 @@ impl CheckpointWriter {
         let data_file = shard
             .data
             .into_inner()
-            .map_err(|e| Error::io(&self.dir, "flush", e.into_error()))?;
+            .map_err(|e| Error::io(&shard.data_path, "flush", e.into_error()))?;
         drop(data_file);
         let header = serialize_header(&shard_metadata(), &shard.entries);
         let path = self.dir.join(Self::temp_shard_name(index));

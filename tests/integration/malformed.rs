@@ -229,7 +229,7 @@ fn non_finite_weights_in_each_float_dtype_fail() {
             "F16",
             "nan",
             {
-                let mut v = vec![0x00u8, 0x3c].repeat(16);
+                let mut v = [0x00u8, 0x3c].repeat(16);
                 v[6..8].copy_from_slice(&[0x00, 0x7e]);
                 v
             },
@@ -239,7 +239,7 @@ fn non_finite_weights_in_each_float_dtype_fail() {
             "BF16",
             "-inf",
             {
-                let mut v = vec![0x80u8, 0x3f].repeat(16);
+                let mut v = [0x80u8, 0x3f].repeat(16);
                 v[0..2].copy_from_slice(&[0x80, 0xff]);
                 v
             },

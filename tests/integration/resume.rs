@@ -275,7 +275,7 @@ fn ctrl_c_keeps_a_resumable_state_and_says_how_to_resume() {
     let output = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     if output.status.success() {
-        // The run won the race against the signal; nothing to check.
+        eprintln!("ctrl_c: the run won the race against the signal; nothing checked");
         return;
     }
     assert_eq!(output.status.code(), Some(2), "{stderr}");
@@ -308,6 +308,7 @@ fn resume_refuses_other_options_and_keeps_the_partial_output() {
     }
     child.kill().ok();
     if child.wait().unwrap().success() {
+        eprintln!("resume_refuses: the run finished before the kill; nothing checked");
         return;
     }
     let before = contents(&partial_dir(&out));
@@ -367,4 +368,33 @@ fn write_error_keeps_partial_output_for_resume() {
     assert!(!out.exists());
     cersa_ok(&["convert", s(&src), s(&out), "-q", "--resume"]);
     assert!(contents(&out) == contents(&clean_dir));
+}
+
+/// A source rewritten while it is converted is caught between tensors, not only at the end.
+#[test]
+fn source_changed_mid_run_stops_with_an_error() {
+    let dir = tmp();
+    let src = make_source(dir.path());
+    let out = dir.path().join("out");
+    let child = spawn(&src, &out, "1", false);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while journal_lines(&out) < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    // Same bytes, new mtime: what a re-download in place looks like to a stat.
+    let f = std::fs::File::options().write(true).open(&src).unwrap();
+    f.set_modified(std::time::SystemTime::now() + Duration::from_secs(5))
+        .unwrap();
+    drop(f);
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if output.status.success() {
+        eprintln!("source_changed: the run finished before the change; nothing checked");
+        return;
+    }
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("changed during conversion"), "{stderr}");
+    assert!(stderr.contains("model.safetensors"), "{stderr}");
+    assert!(!out.exists());
+    assert!(!partial_dir(&out).exists());
 }
