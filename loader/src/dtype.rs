@@ -94,7 +94,7 @@ impl fmt::Display for Dtype {
 
 /// Decodes little-endian float bytes of `dtype` into `f32` values.
 ///
-/// Returns `None` when `dtype` is not one of F16, BF16, F32, F64 or when the byte
+/// Returns `None` when `dtype` is not one of F8_E4M3, F8_E5M2, F16, BF16, F32, F64 or when the byte
 /// length is not a multiple of the element size. F64 values are rounded to f32.
 pub fn decode_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     if bytes.len() % dtype.size() != 0 {
@@ -117,9 +117,34 @@ pub fn decode_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
             .chunks_exact(8)
             .map(|c| f64::from_le_bytes(c.try_into().expect("chunk of 8")) as f32)
             .collect(),
+        Dtype::F8_E4M3 => bytes.iter().map(|&b| f8_e4m3_to_f32(b)).collect(),
+        Dtype::F8_E5M2 => bytes.iter().map(|&b| f8_e5m2_to_f32(b)).collect(),
         _ => return None,
     };
     Some(out)
+}
+
+/// OCP FP8 E4M3 as safetensors/PyTorch store it (`float8_e4m3fn`): bias 7, no
+/// infinities, `S.1111.111` is NaN. Every value is exact in f32.
+pub fn f8_e4m3_to_f32(b: u8) -> f32 {
+    let sign = if b & 0x80 != 0 { -1.0f32 } else { 1.0 };
+    let exp = i32::from((b >> 3) & 0x0F);
+    let man = f32::from(b & 0x07);
+    if exp == 0x0F && b & 0x07 == 0x07 {
+        return sign * f32::NAN;
+    }
+    let v = if exp == 0 {
+        man / 8.0 * 2f32.powi(-6)
+    } else {
+        (1.0 + man / 8.0) * 2f32.powi(exp - 7)
+    };
+    sign * v
+}
+
+/// OCP FP8 E5M2 (`float8_e5m2`): the upper byte of an IEEE f16, infinities and NaN
+/// included.
+pub fn f8_e5m2_to_f32(b: u8) -> f32 {
+    half::f16::from_bits(u16::from(b) << 8).to_f32()
 }
 
 /// Decodes little-endian float bytes of `dtype` into `f64` values (exact for every
@@ -193,6 +218,29 @@ mod tests {
             assert_eq!(json, format!("\"{}\"", d.as_str()));
         }
         assert_eq!(Dtype::parse("F4"), None);
+    }
+
+    #[test]
+    fn f8_known_values() {
+        // OCP 8-bit floating point spec, tables of E4M3 and E5M2 encodings.
+        let e4 = |b| f8_e4m3_to_f32(b);
+        assert_eq!(e4(0x38), 1.0);
+        assert_eq!(e4(0x7E), 448.0); // max normal
+        assert_eq!(e4(0x08), 2f32.powi(-6)); // min normal
+        assert_eq!(e4(0x01), 2f32.powi(-9)); // min subnormal
+        assert_eq!(e4(0xC4), -3.0);
+        assert!(e4(0x7F).is_nan() && e4(0xFF).is_nan());
+        assert_eq!(e4(0x80).to_bits(), (-0.0f32).to_bits());
+        let e5 = |b| f8_e5m2_to_f32(b);
+        assert_eq!(e5(0x3C), 1.0);
+        assert_eq!(e5(0x7B), 57344.0); // max normal
+        assert_eq!(e5(0x01), 2f32.powi(-16)); // min subnormal
+        assert_eq!(e5(0x7C), f32::INFINITY);
+        assert!(e5(0x7D).is_nan());
+        assert_eq!(
+            decode_f32(Dtype::F8_E4M3, &[0x38, 0xC4]),
+            Some(vec![1.0, -3.0])
+        );
     }
 
     #[test]

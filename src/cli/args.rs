@@ -19,7 +19,7 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Convert a checkpoint (safetensors file, index, or directory) into a CERSA directory.
+    /// Convert a checkpoint (safetensors file, index, directory, or GGUF file) into a CERSA directory.
     Convert(ConvertArgs),
     /// Show ranks and energies of a source checkpoint or of a CERSA directory.
     Inspect(InspectArgs),
@@ -83,7 +83,7 @@ pub struct ConvertArgs {
     pub energy: f64,
     #[command(flatten)]
     pub select: SelectArgs,
-    /// Dtype of the stored factors.
+    /// Dtype of the stored factors (and of quantized GGUF tensors kept dense).
     #[arg(long, value_enum, default_value = "source")]
     pub dtype: DtypeArg,
     /// Lower clamp of the rank.

@@ -61,6 +61,11 @@ impl SafetensorsSource {
         let mut tensors = Vec::new();
         let mut entry = Vec::new();
         let mut seen: HashMap<String, usize> = HashMap::new();
+        let block_scaled: std::collections::HashSet<&str> = files
+            .iter()
+            .flat_map(|f| &f.header.tensors)
+            .filter_map(|t| t.name.strip_suffix("_scale_inv"))
+            .collect();
         for (fi, f) in files.iter().enumerate() {
             for (ei, t) in f.header.tensors.iter().enumerate() {
                 if let Some(prev) = seen.insert(t.name.clone(), fi) {
@@ -73,6 +78,12 @@ impl SafetensorsSource {
                 let float = match t.dtype {
                     Dtype::F64 => Some(Precision::F64),
                     Dtype::F32 | Dtype::F16 | Dtype::BF16 => Some(Precision::F32),
+                    // FP8 decodes to f32, except block-scaled FP8 (a `NAME_scale_inv`
+                    // companion, as in DeepSeek-V3 releases): applying those scales is not
+                    // implemented, so such tensors pass through dense, bytes unchanged.
+                    Dtype::F8_E4M3 | Dtype::F8_E5M2 if !block_scaled.contains(t.name.as_str()) => {
+                        Some(Precision::F32)
+                    }
                     _ => None,
                 };
                 tensors.push(TensorMeta {
