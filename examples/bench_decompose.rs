@@ -15,7 +15,9 @@ use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let file = args.get(1).ok_or_else(|| anyhow::anyhow!("usage: bench_decompose FILE"))?;
+    let file = args
+        .get(1)
+        .ok_or_else(|| anyhow::anyhow!("usage: bench_decompose FILE"))?;
     let mut routes = "svd,gram,randomized".to_string();
     let mut tau = 0.9;
     let mut cap = 120.0f64;
@@ -66,11 +68,22 @@ fn main() -> anyhow::Result<()> {
             let mut best = f64::INFINITY;
             for _ in 0..3 {
                 let start = Instant::now();
-                faer::linalg::matmul::matmul(c.as_mut(), Accum::Replace, a, b.as_ref(), 1.0, Par::Seq);
+                faer::linalg::matmul::matmul(
+                    c.as_mut(),
+                    Accum::Replace,
+                    a,
+                    b.as_ref(),
+                    1.0,
+                    Par::Seq,
+                );
                 best = best.min(start.elapsed().as_secs_f64());
             }
             let flops = 2.0 * (m * n * k) as f64;
-            println!("{}\t{m}\t{n}\tgemm\t-\t{best:.4}\t{:.2}", meta.name, flops / best / 1e9);
+            println!(
+                "{}\t{m}\t{n}\tgemm\t-\t{best:.4}\t{:.2}",
+                meta.name,
+                flops / best / 1e9
+            );
         }
     }
     Ok(())

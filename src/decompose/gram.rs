@@ -89,7 +89,12 @@ fn gram_eig<T: Elem>(x: MatRef<'_, T>, vectors: bool) -> Result<(Vec<f64>, Mat<T
     )
     .map_err(|e| format!("Gram eigendecomposition did not converge: {e:?}"))?;
     // faer returns non-decreasing eigenvalues; reverse to non-increasing.
-    let lambda: Vec<f64> = s.column_vector().iter().rev().map(|x| (*x).into()).collect();
+    let lambda: Vec<f64> = s
+        .column_vector()
+        .iter()
+        .rev()
+        .map(|x| (*x).into())
+        .collect();
     let u = if vectors {
         Mat::from_fn(k, k, |i, j| u[(i, k - 1 - j)])
     } else {
@@ -146,9 +151,7 @@ pub(crate) fn thin_q<T: Elem>(y: Mat<T>) -> Result<(Mat<T>, Vec<f64>, Vec<bool>)
     let mut hh = Mat::<T>::zeros(bs, r.min(p));
     let req = StackReq::any_of(&[
         qr::qr_in_place_scratch::<T>(p, r, bs, Par::Seq, Default::default()),
-        householder::apply_block_householder_sequence_on_the_left_in_place_scratch::<T>(
-            p, bs, r,
-        ),
+        householder::apply_block_householder_sequence_on_the_left_in_place_scratch::<T>(p, bs, r),
     ]);
     let mut mem =
         MemBuffer::try_new(req).map_err(|_| format!("cannot allocate QR workspace ({p}×{r})"))?;

@@ -51,14 +51,7 @@ fn orth_against<T: Elem>(q: MatRef<'_, T>, y: Mat<T>) -> Result<Mat<T>, String> 
                 T::of(1.0),
                 Par::Seq,
             );
-            matmul(
-                y.as_mut(),
-                Accum::Add,
-                q,
-                c.as_ref(),
-                T::of(-1.0),
-                Par::Seq,
-            );
+            matmul(y.as_mut(), Accum::Add, q, c.as_ref(), T::of(-1.0), Par::Seq);
         }
     }
     Ok(thin_q(y)?.0)
@@ -67,13 +60,21 @@ fn orth_against<T: Elem>(q: MatRef<'_, T>, y: Mat<T>) -> Result<Mat<T>, String> 
 /// Appends the columns of `add` to `q`.
 fn hcat<T: Elem>(q: &Mat<T>, add: &Mat<T>) -> Mat<T> {
     let (p, a, b) = (q.nrows(), q.ncols(), add.ncols());
-    Mat::from_fn(p, a + b, |i, j| if j < a { q[(i, j)] } else { add[(i, j - a)] })
+    Mat::from_fn(
+        p,
+        a + b,
+        |i, j| if j < a { q[(i, j)] } else { add[(i, j - a)] },
+    )
 }
 
 /// Appends the rows of `add` to `b`.
 fn vcat<T: Elem>(b: &Mat<T>, add: &Mat<T>) -> Mat<T> {
     let (l, a, n) = (b.nrows(), add.nrows(), b.ncols());
-    Mat::from_fn(l + a, n, |i, j| if i < l { b[(i, j)] } else { add[(i - l, j)] })
+    Mat::from_fn(
+        l + a,
+        n,
+        |i, j| if i < l { b[(i, j)] } else { add[(i - l, j)] },
+    )
 }
 
 /// The QB loop on the m×n view `a`. Returns (Q m×l, B l×n), or `None` if the basis grew
@@ -106,12 +107,33 @@ fn qb<T: Elem>(
         let omega = Mat::<T>::from_fn(n, add, |_, _| T::of(rng.normal()));
         // Y = (W − QB)·Ω without forming W − QB.
         let mut y = Mat::<T>::zeros(m, add);
-        matmul(y.as_mut(), Accum::Replace, a, omega.as_ref(), T::of(1.0), Par::Seq);
+        matmul(
+            y.as_mut(),
+            Accum::Replace,
+            a,
+            omega.as_ref(),
+            T::of(1.0),
+            Par::Seq,
+        );
         let proj = |y: &mut Mat<T>, rhs: MatRef<'_, T>| {
             if l > 0 {
                 let mut c = Mat::<T>::zeros(l, rhs.ncols());
-                matmul(c.as_mut(), Accum::Replace, b.as_ref(), rhs, T::of(1.0), Par::Seq);
-                matmul(y.as_mut(), Accum::Add, q.as_ref(), c.as_ref(), T::of(-1.0), Par::Seq);
+                matmul(
+                    c.as_mut(),
+                    Accum::Replace,
+                    b.as_ref(),
+                    rhs,
+                    T::of(1.0),
+                    Par::Seq,
+                );
+                matmul(
+                    y.as_mut(),
+                    Accum::Add,
+                    q.as_ref(),
+                    c.as_ref(),
+                    T::of(-1.0),
+                    Par::Seq,
+                );
             }
         };
         proj(&mut y, omega.as_ref());
@@ -119,20 +141,55 @@ fn qb<T: Elem>(
         for _ in 0..POWER_ITERS {
             // Z = (W − QB)ᵀ·Qᵢ, then Y = (W − QB)·Z, each orthonormalized.
             let mut z = Mat::<T>::zeros(n, add);
-            matmul(z.as_mut(), Accum::Replace, a.transpose(), qi.as_ref(), T::of(1.0), Par::Seq);
+            matmul(
+                z.as_mut(),
+                Accum::Replace,
+                a.transpose(),
+                qi.as_ref(),
+                T::of(1.0),
+                Par::Seq,
+            );
             if l > 0 {
                 let mut c = Mat::<T>::zeros(l, add);
-                matmul(c.as_mut(), Accum::Replace, q.transpose(), qi.as_ref(), T::of(1.0), Par::Seq);
-                matmul(z.as_mut(), Accum::Add, b.transpose(), c.as_ref(), T::of(-1.0), Par::Seq);
+                matmul(
+                    c.as_mut(),
+                    Accum::Replace,
+                    q.transpose(),
+                    qi.as_ref(),
+                    T::of(1.0),
+                    Par::Seq,
+                );
+                matmul(
+                    z.as_mut(),
+                    Accum::Add,
+                    b.transpose(),
+                    c.as_ref(),
+                    T::of(-1.0),
+                    Par::Seq,
+                );
             }
             let z = thin_q(z)?.0;
             let mut y = Mat::<T>::zeros(m, add);
-            matmul(y.as_mut(), Accum::Replace, a, z.as_ref(), T::of(1.0), Par::Seq);
+            matmul(
+                y.as_mut(),
+                Accum::Replace,
+                a,
+                z.as_ref(),
+                T::of(1.0),
+                Par::Seq,
+            );
             proj(&mut y, z.as_ref());
             qi = orth_against(q.as_ref(), y)?;
         }
         let mut bi = Mat::<T>::zeros(add, n);
-        matmul(bi.as_mut(), Accum::Replace, qi.transpose(), a, T::of(1.0), Par::Seq);
+        matmul(
+            bi.as_mut(),
+            Accum::Replace,
+            qi.transpose(),
+            a,
+            T::of(1.0),
+            Par::Seq,
+        );
         for j in 0..n {
             captured += bi
                 .col(j)
@@ -178,7 +235,11 @@ fn small_svd<T: Elem>(b: MatRef<'_, T>) -> Result<(Vec<f64>, Mat<T>, Mat<T>), St
         Default::default(),
     )
     .map_err(|e| format!("SVD of the sketch did not converge: {e:?}"))?;
-    Ok((s.column_vector().iter().map(|x| (*x).into()).collect(), u, v))
+    Ok((
+        s.column_vector().iter().map(|x| (*x).into()).collect(),
+        u,
+        v,
+    ))
 }
 
 /// Randomized factorization; `None` when the exact route should take over.
@@ -194,22 +255,32 @@ pub fn factorize_t<T: Elem>(
     let Some((q, b)) = qb(a, norm2, rule.energy, seed)? else {
         return Ok(None);
     };
-    let (sigma, ub, z) = small_svd(b.as_ref())?;
+    // The small SVD and Q·Ũ run in f64: in f32 the factors' orthogonality drifts past 1e-5.
+    let b64 = Mat::<f64>::from_fn(b.nrows(), b.ncols(), |i, j| b[(i, j)].into());
+    let (sigma, ub, z) = small_svd(b64.as_ref())?;
     let r = rule.rank(&sigma, norm2, m, n);
     if r > sigma.len() {
         // A clamp (min_rank, rank_multiple) asks for more than the sketch holds.
         return Ok(None);
     }
-    let mut uq = Mat::<T>::zeros(m, r);
-    matmul(uq.as_mut(), Accum::Replace, q.as_ref(), ub.get(.., ..r), T::of(1.0), Par::Seq);
+    let q64 = Mat::<f64>::from_fn(q.nrows(), q.ncols(), |i, j| q[(i, j)].into());
+    let mut uq = Mat::<f64>::zeros(m, r);
+    matmul(
+        uq.as_mut(),
+        Accum::Replace,
+        q64.as_ref(),
+        ub.get(.., ..r),
+        1.0,
+        Par::Seq,
+    );
     let mut u = vec![0f64; m * r];
     let mut vt = vec![0f64; r * n];
     for c in 0..r {
         for i in 0..m {
-            u[i * r + c] = uq[(i, c)].into();
+            u[i * r + c] = uq[(i, c)];
         }
         for j in 0..n {
-            vt[c * n + j] = z[(j, c)].into();
+            vt[c * n + j] = z[(j, c)];
         }
     }
     fix_signs(&mut u, &mut vt, m, r, n);

@@ -89,12 +89,18 @@ fn check_route(
         .factorize_named("test.weight", &data, m, n, &rule)
         .unwrap_or_else(|e| panic!("{label}: {e}"));
     let r = f.rank;
-    let ctx = format!("{} {label} {m}×{n} τ={tau}: rank {r} vs ref {ref_rank}", route.name());
+    let ctx = format!(
+        "{} {label} {m}×{n} τ={tau}: rank {r} vs ref {ref_rank}",
+        route.name()
+    );
     let k = m.min(n);
     if route.name() == "randomized" && r > ref_rank {
         // The sketch's σ never exceed W's, so its rank can only be higher: allow a few
         // percent of k (measured on MiniLM: +2…+6 of k = 384 at τ = 0.9).
-        assert!(r <= ref_rank + (k / 20).max(2), "{ctx}: randomized rank too high");
+        assert!(
+            r <= ref_rank + (k / 20).max(2),
+            "{ctx}: randomized rank too high"
+        );
     } else if r != ref_rank {
         // ±1 only where the reference energy at the boundary is within 1e-5 of τ.
         assert!(r.abs_diff(ref_rank) <= 1, "{ctx}");
@@ -103,13 +109,19 @@ fn check_route(
         assert!((e_lo - tau).abs() <= 1e-5, "{ctx}: E({lo}) = {e_lo}");
     }
     // Energy: the best rank-r approximation keeps E_ref(r) ≥ τ (up to the ±1 band).
-    assert!(energy_at(ref_sigma, norm2, r) >= tau - 1e-5, "{ctx}: energy");
+    assert!(
+        energy_at(ref_sigma, norm2, r) >= tau - 1e-5,
+        "{ctx}: energy"
+    );
     assert_eq!(f.u.len(), m * r, "{ctx}");
     assert_eq!(f.vt.len(), r * n, "{ctx}");
     assert!(f.s.windows(2).all(|p| p[0] >= p[1]), "{ctx}: σ order");
     let eu = orthogonality_error(&f.u, m, r, false);
     let ev = orthogonality_error(&f.vt, n, r, true);
-    assert!(eu <= 1e-5 && ev <= 1e-5, "{ctx}: orthogonality U {eu:e} V {ev:e}");
+    assert!(
+        eu <= 1e-5 && ev <= 1e-5,
+        "{ctx}: orthogonality U {eu:e} V {ev:e}"
+    );
     // Reconstruction: residual ≈ optimal 1 − E_ref(r) (f32 factors, f32 arithmetic).
     let res = residual_norm2(&data, m, n, &f.u, &f.s, &f.vt) / norm2;
     let optimal = 1.0 - energy_at(ref_sigma, norm2, r);
@@ -136,11 +148,15 @@ fn spectra(k: usize) -> Vec<(&'static str, Vec<f64>)> {
         ("power-2", (0..k).map(|j| i(j).powf(-2.0)).collect()),
         (
             "spiked",
-            (0..k).map(|j| if j < 5 { 100.0 / i(j) } else { 1.0 }).collect(),
+            (0..k)
+                .map(|j| if j < 5 { 100.0 / i(j) } else { 1.0 })
+                .collect(),
         ),
         (
             "rank-deficient",
-            (0..k).map(|j| if j < k / 6 { 2.0 / i(j) } else { 0.0 }).collect(),
+            (0..k)
+                .map(|j| if j < k / 6 { 2.0 / i(j) } else { 0.0 })
+                .collect(),
         ),
         ("geometric", (0..k).map(|j| 0.8f64.powi(j as i32)).collect()),
     ]
@@ -178,7 +194,8 @@ fn routes_match_numpy_on_minilm() {
         let Some(entry) = reference.get(&t.name) else {
             continue;
         };
-        let shape: Vec<usize> = serde_json::from_value(entry["matrix_shape"].clone()).expect("shape");
+        let shape: Vec<usize> =
+            serde_json::from_value(entry["matrix_shape"].clone()).expect("shape");
         let (m, n) = (shape[0], shape[1]);
         let sigma: Vec<f64> = serde_json::from_value(entry["sigma"].clone()).expect("sigma");
         let FloatData::F32(w) = src.read_float(i).expect("read") else {
@@ -187,7 +204,9 @@ fn routes_match_numpy_on_minilm() {
         // The numpy reference σ must agree with the values-only path of each route.
         let norm2 = frobenius2(&w);
         for route in routes() {
-            let sv = route.singular_values(&FloatData::F32(w.clone()), m, n).expect("σ");
+            let sv = route
+                .singular_values(&FloatData::F32(w.clone()), m, n)
+                .expect("σ");
             for tau in [0.5, 0.9, 0.99] {
                 let a = energy_rank(&sv, norm2, tau);
                 let b = energy_rank(&sigma, norm2, tau);
@@ -233,8 +252,12 @@ fn randomized_is_deterministic_per_name() {
     let w = FloatData::F32(synth(128, 64, &sigma, 11));
     let rule = RankRule::default();
     let route = by_name("randomized").expect("route");
-    let a = route.factorize_named("a.weight", &w, 128, 64, &rule).expect("a");
-    let b = route.factorize_named("a.weight", &w, 128, 64, &rule).expect("b");
+    let a = route
+        .factorize_named("a.weight", &w, 128, 64, &rule)
+        .expect("a");
+    let b = route
+        .factorize_named("a.weight", &w, 128, 64, &rule)
+        .expect("b");
     assert_eq!(a.u, b.u);
     assert_eq!(a.vt, b.vt);
     assert_eq!(a.s, b.s);
