@@ -141,6 +141,7 @@ pub fn gram_decision_is_sound(
 
 /// Orthonormalizes the p×r matrix `y` by a Householder QR: returns (Q p×r, |R_ii|, signs of
 /// R_ii), so that y ≈ Q·diag(sign·|R_ii|) up to the dropped off-diagonal of R.
+#[allow(clippy::type_complexity)]
 pub(crate) fn thin_q<T: Elem>(y: Mat<T>) -> Result<(Mat<T>, Vec<f64>, Vec<bool>), String> {
     let (p, r) = (y.nrows(), y.ncols());
     let mut a = y;
@@ -182,6 +183,7 @@ pub(crate) fn thin_q<T: Elem>(y: Mat<T>) -> Result<(Mat<T>, Vec<f64>, Vec<bool>)
 /// Truncated factors from the short-side basis `vr` (k×r, orthonormal columns) of the
 /// long×short view `x` of the row-major m×n matrix: Y = X·V_r = Q·R, X ≈ Q·diag(|R_ii|)·V_rᵀ
 /// (signs folded into Q). Columns are reordered by non-increasing σ, signs fixed (§4.7).
+#[allow(clippy::type_complexity)]
 pub(crate) fn factors_from_basis<T: Elem>(
     x: MatRef<'_, T>,
     vr: MatRef<'_, T>,

@@ -79,6 +79,7 @@ fn vcat<T: Elem>(b: &Mat<T>, add: &Mat<T>) -> Mat<T> {
 
 /// The QB loop on the m×n view `a`. Returns (Q m×l, B l×n), or `None` if the basis grew
 /// past `MAX_FRACTION`·k before reaching τ.
+#[allow(clippy::type_complexity)]
 fn qb<T: Elem>(
     a: MatRef<'_, T>,
     norm2: f64,
@@ -209,6 +210,7 @@ fn qb<T: Elem>(
 }
 
 /// Thin SVD of the l×n matrix B: (σ, Ũ l×l', Z n×l'), l' = min(l, n).
+#[allow(clippy::type_complexity)]
 fn small_svd<T: Elem>(b: MatRef<'_, T>) -> Result<(Vec<f64>, Mat<T>, Mat<T>), String> {
     let (l, n) = (b.nrows(), b.ncols());
     let k = l.min(n);
@@ -251,13 +253,31 @@ pub fn factorize_t<T: Elem>(
     seed: u64,
 ) -> Result<Option<Factorization>, String> {
     let norm2 = frobenius2(w);
+    // Tiny or huge entries under/overflow the f32 QR norms: scale by 2^-e (exact), σ back.
+    let e = super::svd::scale_exponent(w);
+    let scaled: Vec<T>;
+    let w = if e != 0.0 {
+        let f = (-e).exp2();
+        scaled = w
+            .iter()
+            .map(|&x| {
+                let v: f64 = x.into();
+                T::of(v * f)
+            })
+            .collect();
+        &scaled[..]
+    } else {
+        w
+    };
     let a = MatRef::from_column_major_slice(w, n, m).transpose();
-    let Some((q, b)) = qb(a, norm2, rule.energy, seed)? else {
+    let norm2_scaled = norm2 * (-2.0 * e).exp2();
+    let Some((q, b)) = qb(a, norm2_scaled, rule.energy, seed)? else {
         return Ok(None);
     };
     // The small SVD and Q·Ũ run in f64: in f32 the factors' orthogonality drifts past 1e-5.
     let b64 = Mat::<f64>::from_fn(b.nrows(), b.ncols(), |i, j| b[(i, j)].into());
-    let (sigma, ub, z) = small_svd(b64.as_ref())?;
+    let (mut sigma, ub, z) = small_svd(b64.as_ref())?;
+    sigma.iter_mut().for_each(|v| *v *= e.exp2());
     let r = rule.rank(&sigma, norm2, m, n);
     if r > sigma.len() {
         // A clamp (min_rank, rank_multiple) asks for more than the sketch holds.

@@ -125,6 +125,14 @@ fn check_route(
     // Reconstruction: residual ≈ optimal 1 − E_ref(r) (f32 factors, f32 arithmetic).
     let res = residual_norm2(&data, m, n, &f.u, &f.s, &f.vt) / norm2;
     let optimal = 1.0 - energy_at(ref_sigma, norm2, r);
+    if route.name() == "randomized" {
+        // A sketch is near-optimal, not optimal; its guarantee is the energy: ≤ 1 − τ.
+        assert!(
+            res <= (1.0 - tau) + 1e-5,
+            "{ctx}: residual {res:e} above 1 − τ"
+        );
+        return;
+    }
     assert!(
         res <= optimal * 1.001 + 1e-5,
         "{ctx}: residual {res:e} vs optimal {optimal:e}"
