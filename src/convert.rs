@@ -697,7 +697,7 @@ fn process(
         return Ok(Outcome::Dense(DenseReason::Zero));
     }
     let f = decomposer
-        .factorize(&data, m, n, &opts.rule)
+        .factorize_named(&meta.name, &data, m, n, &opts.rule)
         .map_err(|reason| ConvertError::Decompose {
             tensor: meta.name.clone(),
             reason,

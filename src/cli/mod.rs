@@ -124,7 +124,8 @@ fn run_inspect(a: InspectArgs) -> Result<Status> {
         .build()
         .context("starting worker threads")?;
     let bar = progress_bar(a.quiet, src.tensors().len() as u64);
-    let decomposer = decompose::by_name("svd")?;
+    // Values only: `auto` takes the cheapest exact route to σ (f64 Gram eigenvalues).
+    let decomposer = decompose::by_name("auto")?;
     let report = pool
         .install(|| {
             inspect_source(src.as_ref(), &opts, decomposer.as_ref(), &|done, _| {

@@ -1,7 +1,13 @@
 //! Decomposition routes behind one trait, and the rank rule.
 
+pub mod auto;
+pub mod gram;
+pub mod randomized;
 pub mod rank;
+pub mod rng;
 pub mod svd;
+#[cfg(test)]
+mod tests;
 
 use crate::error::Result;
 use crate::input::FloatData;
@@ -42,6 +48,20 @@ pub trait Decomposer: Send + Sync {
         rule: &RankRule,
     ) -> Result<Factorization, String>;
 
+    /// Like [`Decomposer::factorize`] for the tensor called `name`; routes with randomness
+    /// seed it from the name so output is deterministic and independent of tensor order.
+    fn factorize_named(
+        &self,
+        name: &str,
+        w: &FloatData,
+        m: usize,
+        n: usize,
+        rule: &RankRule,
+    ) -> Result<Factorization, String> {
+        let _ = name;
+        self.factorize(w, m, n, rule)
+    }
+
     /// All min(m, n) singular values of `w`, non-increasing.
     fn singular_values(&self, w: &FloatData, m: usize, n: usize) -> Result<Vec<f64>, String>;
 }
@@ -49,9 +69,12 @@ pub trait Decomposer: Send + Sync {
 /// The route named `name`.
 pub fn by_name(name: &str) -> Result<Box<dyn Decomposer>> {
     match name {
-        "svd" | "auto" => Ok(Box::new(svd::FaerSvd)),
+        "svd" => Ok(Box::new(svd::FaerSvd)),
+        "auto" => Ok(Box::new(auto::Auto)),
+        "gram" => Ok(Box::new(gram::Gram)),
+        "randomized" => Ok(Box::new(randomized::Randomized)),
         other => Err(crate::error::ConvertError::Options(format!(
-            "unknown --algorithm `{other}` (known: svd, auto)"
+            "unknown --algorithm `{other}` (known: svd, gram, randomized, auto)"
         ))),
     }
 }

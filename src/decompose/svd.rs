@@ -67,6 +67,22 @@ fn thin_svd<T: Elem>(w: &[T], m: usize, n: usize, vectors: bool) -> Result<ThinS
     Ok((sigma, q, p))
 }
 
+/// Power-of-two factor that brings the largest |entry| near 1 (1 when already in range):
+/// faer's f32 SVD fails to converge on matrices with entries around 1e28 (found by the route
+/// tests), and scaling by 2^e is exact.
+pub(crate) fn scale_exponent<T: Elem>(w: &[T]) -> f64 {
+    let amax = w.iter().fold(0f64, |a, &x| {
+        let v: f64 = x.into();
+        a.max(v.abs())
+    });
+    let e = if amax > 0.0 { amax.log2().round() } else { 0.0 };
+    if e.abs() > 16.0 {
+        e
+    } else {
+        0.0
+    }
+}
+
 fn factorize_t<T: Elem>(
     w: &[T],
     m: usize,
@@ -74,7 +90,23 @@ fn factorize_t<T: Elem>(
     rule: &RankRule,
 ) -> Result<Factorization, String> {
     let norm2 = frobenius2(w);
-    let (sigma, u, v) = thin_svd(w, m, n, true)?;
+    let e = scale_exponent(w);
+    let scaled: Vec<T>;
+    let w = if e != 0.0 {
+        let f = (-e).exp2();
+        scaled = w
+            .iter()
+            .map(|&x| {
+                let v: f64 = x.into();
+                T::of(v * f)
+            })
+            .collect();
+        &scaled[..]
+    } else {
+        w
+    };
+    let (mut sigma, u, v) = thin_svd(w, m, n, true)?;
+    sigma.iter_mut().for_each(|s| *s *= e.exp2());
     let r = rule.rank(&sigma, norm2, m, n);
     let mut uo = vec![0f64; m * r];
     for j in 0..r {

@@ -1,0 +1,329 @@
+//! The `gram` route: eigendecomposition of the Gram matrix on the short side.
+//!
+//! With X the long×short view of W (X = W when m ≥ n, X = Wᵀ otherwise), G = XᵀX is k×k,
+//! k = min(m, n). Its eigenpairs (λᵢ, vᵢ) give σᵢ = √max(λᵢ, 0) and the short-side singular
+//! vectors; the long-side ones come from Y = X·V_r, re-orthonormalized by a Householder QR
+//! (Y = Q·R, the stored σᵢ are |R_ii|). The QR is needed because the columns of Y are only
+//! orthogonal up to ε·σ₁²/(σᵢσⱼ), far above 1e-5 in f32 for a spread spectrum.
+//!
+//! **Precision rule** (formats/cersa-v1.md §4.9): f32 inputs first form and decompose G in
+//! f32. Eigenvalues of G carry an absolute error of about ε₃₂·k·λ₁, so the energies E(r)
+//! carry about `GRAM_SAFETY·ε·k·λ₁/‖W‖²`. When the rank decision is within that margin of τ
+//! (τ − E(r−1) or E(r) − τ smaller than it), or when λ_r at the cut is below
+//! `CUT_FLOOR·ε·k·λ₁` (its vector is noise), the matrix is redone with G accumulated and
+//! decomposed in f64, whose margin is 2⁻²⁹ times smaller. Both constants were chosen from
+//! the tests in this module (f32 errors measured against f64 on synthetic spectra).
+//!
+//! Everything runs with `Par::Seq`, so bits do not depend on the thread count.
+
+use super::rank::{energy_at, frobenius2, RankRule};
+use super::svd::Elem;
+use super::{fix_signs, Decomposer, Factorization};
+use crate::input::FloatData;
+use faer::dyn_stack::{MemBuffer, MemStack, StackReq};
+use faer::linalg::evd::{self_adjoint_evd, self_adjoint_evd_scratch, ComputeEigenvectors};
+use faer::linalg::householder;
+use faer::linalg::matmul::triangular::{self as tri, BlockStructure};
+use faer::linalg::qr::no_pivoting::factor as qr;
+use faer::{Accum, Conj, Mat, MatRef, Par};
+
+/// Multiplier on ε·k·λ₁/‖W‖² giving the energy uncertainty of a Gram pass.
+pub const GRAM_SAFETY: f64 = 4.0;
+/// λ_r below `CUT_FLOOR·ε·k·λ₁` is too close to rounding noise for its eigenvector.
+pub const CUT_FLOOR: f64 = 64.0;
+
+/// The Gram-eigendecomposition route.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Gram;
+
+/// Long×short view of the row-major m×n matrix `w`.
+pub(crate) fn long_view<T: Elem>(w: &[T], m: usize, n: usize) -> MatRef<'_, T> {
+    // Row-major W is column-major Wᵀ (n×m).
+    let wt = MatRef::from_column_major_slice(w, n, m);
+    if m >= n {
+        wt.transpose()
+    } else {
+        wt
+    }
+}
+
+/// Eigenvalues of XᵀX in non-increasing order, with the matching eigenvectors (k×k,
+/// column j ↔ value j) when `vectors`.
+fn gram_eig<T: Elem>(x: MatRef<'_, T>, vectors: bool) -> Result<(Vec<f64>, Mat<T>), String> {
+    let k = x.ncols();
+    let mut g = Mat::<T>::zeros(k, k);
+    // Symmetric rank-p update: only the lower triangle is formed (half the flops);
+    // the EVD reads only the lower triangle.
+    tri::matmul(
+        g.as_mut(),
+        BlockStructure::TriangularLower,
+        Accum::Replace,
+        x.transpose(),
+        BlockStructure::Rectangular,
+        x,
+        BlockStructure::Rectangular,
+        T::of(1.0),
+        Par::Seq,
+    );
+    let which = if vectors {
+        ComputeEigenvectors::Yes
+    } else {
+        ComputeEigenvectors::No
+    };
+    let mut mem = MemBuffer::try_new(self_adjoint_evd_scratch::<T>(
+        k,
+        which,
+        Par::Seq,
+        Default::default(),
+    ))
+    .map_err(|_| format!("cannot allocate eigensolver workspace for a {k}×{k} Gram matrix"))?;
+    let mut s = faer::diag::Diag::<T>::zeros(k);
+    let mut u = Mat::<T>::zeros(if vectors { k } else { 0 }, if vectors { k } else { 0 });
+    self_adjoint_evd(
+        g.as_ref(),
+        s.as_mut(),
+        if vectors { Some(u.as_mut()) } else { None },
+        Par::Seq,
+        MemStack::new(&mut mem),
+        Default::default(),
+    )
+    .map_err(|e| format!("Gram eigendecomposition did not converge: {e:?}"))?;
+    // faer returns non-decreasing eigenvalues; reverse to non-increasing.
+    let lambda: Vec<f64> = s
+        .column_vector()
+        .iter()
+        .rev()
+        .map(|x| (*x).into())
+        .collect();
+    let u = if vectors {
+        Mat::from_fn(k, k, |i, j| u[(i, k - 1 - j)])
+    } else {
+        u
+    };
+    Ok((lambda, u))
+}
+
+/// σᵢ = √max(λᵢ, 0), non-increasing.
+fn sigma_of(lambda: &[f64]) -> Vec<f64> {
+    let mut s: Vec<f64> = lambda.iter().map(|l| l.max(0.0).sqrt()).collect();
+    // Rounding can break the order of the clamped tail by a hair; keep it non-increasing.
+    for i in 1..s.len() {
+        if s[i] > s[i - 1] {
+            s[i] = s[i - 1];
+        }
+    }
+    s
+}
+
+/// Whether a rank decision taken from Gram eigenvalues computed with unit roundoff `eps`
+/// is trustworthy (see the module docs for the rule).
+pub fn gram_decision_is_sound(
+    lambda: &[f64],
+    norm2: f64,
+    rule: &RankRule,
+    r: usize,
+    eps: f64,
+) -> bool {
+    let k = lambda.len() as f64;
+    let l1 = lambda.first().copied().unwrap_or(0.0).max(0.0);
+    let noise = eps * k * l1;
+    let margin = GRAM_SAFETY * noise / norm2;
+    let sigma = sigma_of(lambda);
+    let e_r = energy_at(&sigma, norm2, r);
+    let e_prev = energy_at(&sigma, norm2, r.saturating_sub(1));
+    let tau = rule.energy;
+    // Only the energy-picked part of the rank is in question; clamps are exact.
+    let energy_near = (e_r - tau).abs() < margin || (tau - e_prev).abs() < margin;
+    let cut = lambda.get(r.saturating_sub(1)).copied().unwrap_or(0.0);
+    let cut_noisy = cut < CUT_FLOOR * noise;
+    !(energy_near || cut_noisy)
+}
+
+/// Orthonormalizes the p×r matrix `y` by a Householder QR: returns (Q p×r, |R_ii|, signs of
+/// R_ii), so that y ≈ Q·diag(sign·|R_ii|) up to the dropped off-diagonal of R.
+#[allow(clippy::type_complexity)]
+pub(crate) fn thin_q<T: Elem>(y: Mat<T>) -> Result<(Mat<T>, Vec<f64>, Vec<bool>), String> {
+    let (p, r) = (y.nrows(), y.ncols());
+    let mut a = y;
+    if r == 0 {
+        return Ok((Mat::zeros(p, 0), vec![], vec![]));
+    }
+    let bs = qr::recommended_block_size::<T>(p, r);
+    let mut hh = Mat::<T>::zeros(bs, r.min(p));
+    let req = StackReq::any_of(&[
+        qr::qr_in_place_scratch::<T>(p, r, bs, Par::Seq, Default::default()),
+        householder::apply_block_householder_sequence_on_the_left_in_place_scratch::<T>(p, bs, r),
+    ]);
+    let mut mem =
+        MemBuffer::try_new(req).map_err(|_| format!("cannot allocate QR workspace ({p}×{r})"))?;
+    qr::qr_in_place(
+        a.as_mut(),
+        hh.as_mut(),
+        Par::Seq,
+        MemStack::new(&mut mem),
+        Default::default(),
+    );
+    let diag: Vec<f64> = (0..r).map(|i| a[(i, i)].into()).collect();
+    let mut q = Mat::<T>::from_fn(p, r, |i, j| if i == j { T::of(1.0) } else { T::of(0.0) });
+    householder::apply_block_householder_sequence_on_the_left_in_place_with_conj(
+        a.as_ref(),
+        hh.as_ref(),
+        Conj::No,
+        q.as_mut(),
+        Par::Seq,
+        MemStack::new(&mut mem),
+    );
+    Ok((
+        q,
+        diag.iter().map(|d| d.abs()).collect(),
+        diag.iter().map(|d| *d < 0.0).collect(),
+    ))
+}
+
+/// Truncated factors from the short-side basis `vr` (k×r, orthonormal columns) of the
+/// long×short view `x` of the row-major m×n matrix: Y = X·V_r = Q·R, X ≈ Q·diag(|R_ii|)·V_rᵀ
+/// (signs folded into Q). Columns are reordered by non-increasing σ, signs fixed (§4.7).
+#[allow(clippy::type_complexity)]
+pub(crate) fn factors_from_basis<T: Elem>(
+    x: MatRef<'_, T>,
+    vr: MatRef<'_, T>,
+    m: usize,
+    n: usize,
+) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>), String> {
+    let (p, r) = (x.nrows(), vr.ncols());
+    let mut y = Mat::<T>::zeros(p, r);
+    faer::linalg::matmul::matmul(y.as_mut(), Accum::Replace, x, vr, T::of(1.0), Par::Seq);
+    let (q, s, neg) = thin_q(y)?;
+    let mut order: Vec<usize> = (0..r).collect();
+    // Stable sort: ties keep basis order, so the result is deterministic.
+    order.sort_by(|&a, &b| s[b].total_cmp(&s[a]));
+    let sgn = |j: usize| if neg[j] { -1.0 } else { 1.0 };
+    // Long side (p = rows of X) basis is Q·sign, short side is V_r.
+    let long = |i: usize, c: usize| -> f64 {
+        let j = order[c];
+        let v: f64 = q[(i, j)].into();
+        v * sgn(j)
+    };
+    let short = |i: usize, c: usize| -> f64 { vr[(i, order[c])].into() };
+    let mut u = vec![0f64; m * r];
+    let mut vt = vec![0f64; r * n];
+    let x_is_w = m >= n;
+    for c in 0..r {
+        for i in 0..m {
+            u[i * r + c] = if x_is_w { long(i, c) } else { short(i, c) };
+        }
+        for j in 0..n {
+            vt[c * n + j] = if x_is_w { short(j, c) } else { long(j, c) };
+        }
+    }
+    let s_sorted: Vec<f64> = order.iter().map(|&j| s[j]).collect();
+    fix_signs(&mut u, &mut vt, m, r, n);
+    Ok((u, s_sorted, vt))
+}
+
+/// One Gram pass in precision T. Returns `None` when the precision rule asks for f64.
+fn factorize_pass<T: Elem>(
+    w: &[T],
+    m: usize,
+    n: usize,
+    rule: &RankRule,
+    norm2: f64,
+    eps: Option<f64>,
+) -> Result<Option<Factorization>, String> {
+    // Squaring entries under- or overflows f32 outside ~[1e-19, 1e19]: scale by a power of
+    // two (exact) so the largest entry is near 1, and scale σ back.
+    let amax = w.iter().fold(0f64, |a, &x| {
+        let v: f64 = x.into();
+        a.max(v.abs())
+    });
+    let e = if amax > 0.0 { amax.log2().round() } else { 0.0 };
+    let scaled: Option<Vec<T>>;
+    let (x, unscale) = if e.abs() > 16.0 {
+        let f = (-e).exp2();
+        scaled = Some(
+            w.iter()
+                .map(|&v| {
+                    let v: f64 = v.into();
+                    T::of(v * f)
+                })
+                .collect(),
+        );
+        (long_view(scaled.as_deref().unwrap_or(w), m, n), e.exp2())
+    } else {
+        (long_view(w, m, n), 1.0)
+    };
+    let (mut lambda, evecs) = gram_eig(x, true)?;
+    lambda.iter_mut().for_each(|l| *l *= unscale * unscale);
+    let sigma = sigma_of(&lambda);
+    let r = rule.rank(&sigma, norm2, m, n);
+    if let Some(eps) = eps {
+        if !gram_decision_is_sound(&lambda, norm2, rule, r, eps) {
+            return Ok(None);
+        }
+    }
+    let (u, mut s, vt) = factors_from_basis(x, evecs.get(.., ..r), m, n)?;
+    s.iter_mut().for_each(|v| *v *= unscale);
+    Ok(Some(Factorization {
+        rank: r,
+        u,
+        s,
+        vt,
+        sigma,
+        norm2,
+    }))
+}
+
+/// Gram factorization of an f32 matrix with the f64 fallback; `force_f64` skips the f32 pass.
+pub fn factorize_f32(
+    w: &[f32],
+    m: usize,
+    n: usize,
+    rule: &RankRule,
+    force_f64: bool,
+) -> Result<Factorization, String> {
+    let norm2 = frobenius2(w);
+    if !force_f64 {
+        if let Some(f) = factorize_pass(w, m, n, rule, norm2, Some(f32::EPSILON as f64 / 2.0))? {
+            return Ok(f);
+        }
+    }
+    let w64: Vec<f64> = w.iter().map(|&x| x as f64).collect();
+    factorize_pass(&w64, m, n, rule, norm2, None).map(|f| f.expect("no check in f64"))
+}
+
+/// σ of the row-major m×n matrix `w` from a Gram matrix accumulated in f64 (f64 absolute
+/// accuracy ≈ √(ε₆₄)·σ₁ ≈ 1e-8·σ₁, finer than an f32 SVD's ε₃₂·σ₁).
+pub fn singular_values_f64<T: Elem>(w: &[T], m: usize, n: usize) -> Result<Vec<f64>, String> {
+    let x = long_view(w, m, n);
+    let x64 = Mat::<f64>::from_fn(x.nrows(), x.ncols(), |i, j| x[(i, j)].into());
+    let (lambda, _) = gram_eig(x64.as_ref(), false)?;
+    Ok(sigma_of(&lambda))
+}
+
+impl Decomposer for Gram {
+    fn name(&self) -> &'static str {
+        "gram"
+    }
+
+    fn factorize(
+        &self,
+        w: &FloatData,
+        m: usize,
+        n: usize,
+        rule: &RankRule,
+    ) -> Result<Factorization, String> {
+        match w {
+            FloatData::F32(v) => factorize_f32(v, m, n, rule, false),
+            FloatData::F64(v) => {
+                factorize_pass(v, m, n, rule, frobenius2(v), None).map(|f| f.expect("no check"))
+            }
+        }
+    }
+
+    fn singular_values(&self, w: &FloatData, m: usize, n: usize) -> Result<Vec<f64>, String> {
+        match w {
+            FloatData::F32(v) => singular_values_f64(v, m, n),
+            FloatData::F64(v) => singular_values_f64(v, m, n),
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! The `randomized` route: fixed-precision blocked randomized QB with error indicator
+//! (randQB_EI, Yu, Gu & Li 2018), then an SVD of the small B.
+//!
+//! The basis Q grows by blocks of `block` Gaussian-sketched, power-iterated, re-orthogonalized
+//! columns; with B = QᵀW, ‖W − QB‖_F² = ‖W‖_F² − ‖B‖_F² exactly, so the loop stops once
+//! ‖W‖_F² − ‖B‖_F² ≤ (1 − τ)‖W‖_F² (‖W‖_F² from the entries, in f64), plus one oversampling
+//! block so the singular values of B near the cut are accurate. Because σᵢ(B) ≤ σᵢ(W), the
+//! rank the rule picks from B's values is never below the exact rank and the stored factors
+//! (a projection of W) keep energy ≥ τ. If the basis would exceed `MAX_FRACTION` of k the
+//! sketch is not paying off and the matrix goes to the exact `gram` route instead.
+//!
+//! The Gaussian test matrices come from a stream seeded with the tensor name (FNV-1a), so
+//! the output is deterministic; all kernels use `Par::Seq`.
+
+use super::gram::{self, thin_q};
+use super::rank::{frobenius2, RankRule};
+use super::rng::{seed_of, Rng};
+use super::svd::Elem;
+use super::{fix_signs, Decomposer, Factorization};
+use crate::input::FloatData;
+use faer::dyn_stack::{MemBuffer, MemStack};
+use faer::linalg::matmul::matmul;
+use faer::linalg::svd::{svd, svd_scratch, ComputeSvdVectors};
+use faer::{Accum, Mat, MatRef, Par};
+
+/// Power iterations per block.
+pub const POWER_ITERS: usize = 1;
+/// Above this basis size as a fraction of min(m, n) the exact route is cheaper.
+pub const MAX_FRACTION: f64 = 0.5;
+
+/// Randomized QB route.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Randomized;
+
+/// Columns added per step for a matrix with short side k.
+fn block_size(k: usize) -> usize {
+    (k / 16).clamp(16, 128).min(k.max(1))
+}
+
+/// Y − Q·(QᵀY), twice (classical Gram–Schmidt, re-orthogonalized), then orthonormalized.
+fn orth_against<T: Elem>(q: MatRef<'_, T>, y: Mat<T>) -> Result<Mat<T>, String> {
+    let mut y = y;
+    if q.ncols() > 0 {
+        for _ in 0..2 {
+            let mut c = Mat::<T>::zeros(q.ncols(), y.ncols());
+            matmul(
+                c.as_mut(),
+                Accum::Replace,
+                q.transpose(),
+                y.as_ref(),
+                T::of(1.0),
+                Par::Seq,
+            );
+            matmul(y.as_mut(), Accum::Add, q, c.as_ref(), T::of(-1.0), Par::Seq);
+        }
+    }
+    Ok(thin_q(y)?.0)
+}
+
+/// Appends the columns of `add` to `q`.
+fn hcat<T: Elem>(q: &Mat<T>, add: &Mat<T>) -> Mat<T> {
+    let (p, a, b) = (q.nrows(), q.ncols(), add.ncols());
+    Mat::from_fn(
+        p,
+        a + b,
+        |i, j| if j < a { q[(i, j)] } else { add[(i, j - a)] },
+    )
+}
+
+/// Appends the rows of `add` to `b`.
+fn vcat<T: Elem>(b: &Mat<T>, add: &Mat<T>) -> Mat<T> {
+    let (l, a, n) = (b.nrows(), add.nrows(), b.ncols());
+    Mat::from_fn(
+        l + a,
+        n,
+        |i, j| if i < l { b[(i, j)] } else { add[(i - l, j)] },
+    )
+}
+
+/// The QB loop on the m×n view `a`. Returns (Q m×l, B l×n), or `None` if the basis grew
+/// past `MAX_FRACTION`·k before reaching τ.
+#[allow(clippy::type_complexity)]
+fn qb<T: Elem>(
+    a: MatRef<'_, T>,
+    norm2: f64,
+    tau: f64,
+    seed: u64,
+) -> Result<Option<(Mat<T>, Mat<T>)>, String> {
+    let (m, n) = (a.nrows(), a.ncols());
+    let k = m.min(n);
+    let cap = ((k as f64 * MAX_FRACTION).ceil() as usize).max(1);
+    let bs = block_size(k);
+    let mut rng = Rng::new(seed);
+    let mut q = Mat::<T>::zeros(m, 0);
+    let mut b = Mat::<T>::zeros(0, n);
+    let mut captured = 0f64;
+    let mut extra_done = false;
+    loop {
+        let l = q.ncols();
+        let reached = norm2 - captured <= (1.0 - tau) * norm2;
+        if reached && extra_done {
+            return Ok(Some((q, b)));
+        }
+        if l >= cap || l >= k {
+            return Ok(if reached { Some((q, b)) } else { None });
+        }
+        let add = bs.min(k - l);
+        let omega = Mat::<T>::from_fn(n, add, |_, _| T::of(rng.normal()));
+        // Y = (W − QB)·Ω without forming W − QB.
+        let mut y = Mat::<T>::zeros(m, add);
+        matmul(
+            y.as_mut(),
+            Accum::Replace,
+            a,
+            omega.as_ref(),
+            T::of(1.0),
+            Par::Seq,
+        );
+        let proj = |y: &mut Mat<T>, rhs: MatRef<'_, T>| {
+            if l > 0 {
+                let mut c = Mat::<T>::zeros(l, rhs.ncols());
+                matmul(
+                    c.as_mut(),
+                    Accum::Replace,
+                    b.as_ref(),
+                    rhs,
+                    T::of(1.0),
+                    Par::Seq,
+                );
+                matmul(
+                    y.as_mut(),
+                    Accum::Add,
+                    q.as_ref(),
+                    c.as_ref(),
+                    T::of(-1.0),
+                    Par::Seq,
+                );
+            }
+        };
+        proj(&mut y, omega.as_ref());
+        let mut qi = orth_against(q.as_ref(), y)?;
+        for _ in 0..POWER_ITERS {
+            // Z = (W − QB)ᵀ·Qᵢ, then Y = (W − QB)·Z, each orthonormalized.
+            let mut z = Mat::<T>::zeros(n, add);
+            matmul(
+                z.as_mut(),
+                Accum::Replace,
+                a.transpose(),
+                qi.as_ref(),
+                T::of(1.0),
+                Par::Seq,
+            );
+            if l > 0 {
+                let mut c = Mat::<T>::zeros(l, add);
+                matmul(
+                    c.as_mut(),
+                    Accum::Replace,
+                    q.transpose(),
+                    qi.as_ref(),
+                    T::of(1.0),
+                    Par::Seq,
+                );
+                matmul(
+                    z.as_mut(),
+                    Accum::Add,
+                    b.transpose(),
+                    c.as_ref(),
+                    T::of(-1.0),
+                    Par::Seq,
+                );
+            }
+            let z = thin_q(z)?.0;
+            let mut y = Mat::<T>::zeros(m, add);
+            matmul(
+                y.as_mut(),
+                Accum::Replace,
+                a,
+                z.as_ref(),
+                T::of(1.0),
+                Par::Seq,
+            );
+            proj(&mut y, z.as_ref());
+            qi = orth_against(q.as_ref(), y)?;
+        }
+        let mut bi = Mat::<T>::zeros(add, n);
+        matmul(
+            bi.as_mut(),
+            Accum::Replace,
+            qi.transpose(),
+            a,
+            T::of(1.0),
+            Par::Seq,
+        );
+        for j in 0..n {
+            captured += bi
+                .col(j)
+                .iter()
+                .map(|x| {
+                    let v: f64 = (*x).into();
+                    v * v
+                })
+                .sum::<f64>();
+        }
+        if reached {
+            extra_done = true;
+        }
+        q = hcat(&q, &qi);
+        b = vcat(&b, &bi);
+    }
+}
+
+/// Thin SVD of the l×n matrix B: (σ, Ũ l×l', Z n×l'), l' = min(l, n).
+#[allow(clippy::type_complexity)]
+fn small_svd<T: Elem>(b: MatRef<'_, T>) -> Result<(Vec<f64>, Mat<T>, Mat<T>), String> {
+    let (l, n) = (b.nrows(), b.ncols());
+    let k = l.min(n);
+    let which = ComputeSvdVectors::Thin;
+    let mut s = faer::diag::Diag::<T>::zeros(k);
+    let mut u = Mat::<T>::zeros(l, k);
+    let mut v = Mat::<T>::zeros(n, k);
+    let mut mem = MemBuffer::try_new(svd_scratch::<T>(
+        l,
+        n,
+        which,
+        which,
+        Par::Seq,
+        Default::default(),
+    ))
+    .map_err(|_| format!("cannot allocate SVD workspace for a {l}×{n} matrix"))?;
+    svd(
+        b,
+        s.as_mut(),
+        Some(u.as_mut()),
+        Some(v.as_mut()),
+        Par::Seq,
+        MemStack::new(&mut mem),
+        Default::default(),
+    )
+    .map_err(|e| format!("SVD of the sketch did not converge: {e:?}"))?;
+    Ok((
+        s.column_vector().iter().map(|x| (*x).into()).collect(),
+        u,
+        v,
+    ))
+}
+
+/// Randomized factorization; `None` when the exact route should take over.
+pub fn factorize_t<T: Elem>(
+    w: &[T],
+    m: usize,
+    n: usize,
+    rule: &RankRule,
+    seed: u64,
+) -> Result<Option<Factorization>, String> {
+    let norm2 = frobenius2(w);
+    // Tiny or huge entries under/overflow the f32 QR norms: scale by 2^-e (exact), σ back.
+    let e = super::svd::scale_exponent(w);
+    let scaled: Vec<T>;
+    let w = if e != 0.0 {
+        let f = (-e).exp2();
+        scaled = w
+            .iter()
+            .map(|&x| {
+                let v: f64 = x.into();
+                T::of(v * f)
+            })
+            .collect();
+        &scaled[..]
+    } else {
+        w
+    };
+    let a = MatRef::from_column_major_slice(w, n, m).transpose();
+    let norm2_scaled = norm2 * (-2.0 * e).exp2();
+    let Some((q, b)) = qb(a, norm2_scaled, rule.energy, seed)? else {
+        return Ok(None);
+    };
+    // The small SVD and Q·Ũ run in f64: in f32 the factors' orthogonality drifts past 1e-5.
+    let b64 = Mat::<f64>::from_fn(b.nrows(), b.ncols(), |i, j| b[(i, j)].into());
+    let (mut sigma, ub, z) = small_svd(b64.as_ref())?;
+    sigma.iter_mut().for_each(|v| *v *= e.exp2());
+    let r = rule.rank(&sigma, norm2, m, n);
+    if r > sigma.len() {
+        // A clamp (min_rank, rank_multiple) asks for more than the sketch holds.
+        return Ok(None);
+    }
+    let q64 = Mat::<f64>::from_fn(q.nrows(), q.ncols(), |i, j| q[(i, j)].into());
+    let mut uq = Mat::<f64>::zeros(m, r);
+    matmul(
+        uq.as_mut(),
+        Accum::Replace,
+        q64.as_ref(),
+        ub.get(.., ..r),
+        1.0,
+        Par::Seq,
+    );
+    let mut u = vec![0f64; m * r];
+    let mut vt = vec![0f64; r * n];
+    for c in 0..r {
+        for i in 0..m {
+            u[i * r + c] = uq[(i, c)];
+        }
+        for j in 0..n {
+            vt[c * n + j] = z[(j, c)];
+        }
+    }
+    fix_signs(&mut u, &mut vt, m, r, n);
+    Ok(Some(Factorization {
+        rank: r,
+        u,
+        s: sigma[..r].to_vec(),
+        vt,
+        sigma,
+        norm2,
+    }))
+}
+
+impl Randomized {
+    /// Factors `w` with the sketch seeded by `seed`, falling back to `gram` when the sketch
+    /// would not pay off.
+    pub fn factorize_seeded(
+        &self,
+        w: &FloatData,
+        m: usize,
+        n: usize,
+        rule: &RankRule,
+        seed: u64,
+    ) -> Result<Factorization, String> {
+        let got = match w {
+            FloatData::F32(v) => factorize_t(v, m, n, rule, seed)?,
+            FloatData::F64(v) => factorize_t(v, m, n, rule, seed)?,
+        };
+        match got {
+            Some(f) => Ok(f),
+            None => gram::Gram.factorize(w, m, n, rule),
+        }
+    }
+}
+
+impl Decomposer for Randomized {
+    fn name(&self) -> &'static str {
+        "randomized"
+    }
+
+    fn factorize(
+        &self,
+        w: &FloatData,
+        m: usize,
+        n: usize,
+        rule: &RankRule,
+    ) -> Result<Factorization, String> {
+        self.factorize_seeded(w, m, n, rule, seed_of(""))
+    }
+
+    fn factorize_named(
+        &self,
+        name: &str,
+        w: &FloatData,
+        m: usize,
+        n: usize,
+        rule: &RankRule,
+    ) -> Result<Factorization, String> {
+        self.factorize_seeded(w, m, n, rule, seed_of(name))
+    }
+
+    /// Values-only needs every σ: the exact f64-Gram values.
+    fn singular_values(&self, w: &FloatData, m: usize, n: usize) -> Result<Vec<f64>, String> {
+        gram::Gram.singular_values(w, m, n)
+    }
+}
