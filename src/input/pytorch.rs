@@ -624,3 +624,64 @@ fn read_zip(b: &[u8]) -> std::result::Result<(Value, Storages), String> {
         .collect();
     Ok((root, storages))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// End-of-central-directory record announcing `count` entries in `size` bytes at `off`.
+    fn eocd(count: u16, size: u32, off: u32) -> Vec<u8> {
+        let mut e = b"PK\x05\x06\0\0\0\0".to_vec();
+        e.extend_from_slice(&count.to_le_bytes());
+        e.extend_from_slice(&count.to_le_bytes());
+        e.extend_from_slice(&size.to_le_bytes());
+        e.extend_from_slice(&off.to_le_bytes());
+        e.extend_from_slice(&[0, 0]);
+        e
+    }
+
+    #[test]
+    fn zip_hostile_directory_fields_are_refused() {
+        let mut f = b"PK\x03\x04".to_vec();
+        f.extend([0u8; 46]);
+        f.extend(eocd(0xfffe, 46, 4));
+        let e = zip_entries(&f).err().unwrap();
+        assert!(e.contains("65534 entries in a 46-byte directory"), "{e}");
+        let mut f = b"PK\x03\x04".to_vec();
+        f.extend(eocd(1, 0xffff_fff0, 0));
+        let e = zip_entries(&f).err().unwrap();
+        assert!(e.contains("past the end of the file"), "{e}");
+        let e = zip_entries(b"PK\x03\x04 no directory").err().unwrap();
+        assert!(e.contains("truncated"), "{e}");
+    }
+
+    #[test]
+    fn view_bounds_use_checked_arithmetic() {
+        let storage = StorageRef {
+            dtype: Dtype::F32,
+            key: "0".into(),
+            numel: 4,
+        };
+        let view = |offset, shape: Vec<u64>, stride: Vec<u64>| TensorRef {
+            storage: storage.clone(),
+            offset,
+            shape,
+            stride,
+        };
+        let range = 0..16;
+        assert!(check_view(&view(0, vec![2, 2], vec![2, 1]), &range, Dtype::F32).is_ok());
+        // Transposed view of the same storage.
+        assert!(check_view(&view(0, vec![2, 2], vec![1, 2]), &range, Dtype::F32).is_ok());
+        let e = check_view(&view(1, vec![2, 2], vec![2, 1]), &range, Dtype::F32).unwrap_err();
+        assert!(e.contains("needs 5 elements"), "{e}");
+        let e = check_view(
+            &view(0, vec![u64::MAX, 2], vec![u64::MAX, 1]),
+            &range,
+            Dtype::F32,
+        )
+        .unwrap_err();
+        assert!(e.contains("overflows"), "{e}");
+        // Empty tensors address nothing.
+        assert!(check_view(&view(99, vec![0, 3], vec![3, 1]), &range, Dtype::F32).is_ok());
+    }
+}

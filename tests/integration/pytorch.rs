@@ -124,6 +124,33 @@ fn pickle_calling_os_system_is_refused_and_not_executed() {
 }
 
 #[test]
+fn zip_checkpoint_calling_os_system_is_refused_and_not_executed() {
+    // fixtures/pytorch/os-system.pt: data.pkl calls os.system("touch cersa-pwned-marker"),
+    // relative to the working directory, which is a fresh temp dir here.
+    let dir = tmp();
+    let out = dir.path().join("out");
+    let src = fixture("pytorch/os-system.pt");
+    for args in [
+        vec!["convert", s(&src), s(&out), "-q"],
+        vec!["inspect", s(&src)],
+    ] {
+        let run = std::process::Command::new(bin())
+            .args(&args)
+            .current_dir(dir.path())
+            .output()
+            .expect("run cersa");
+        assert_eq!(run.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert!(err.contains("refused global `os.system`"), "{err}");
+    }
+    assert!(!out.exists(), "no output directory after an error");
+    assert!(
+        !dir.path().join("cersa-pwned-marker").exists(),
+        "the pickle's command ran"
+    );
+}
+
+#[test]
 fn pickle_opcode_outside_the_allowed_set_is_refused() {
     let dir = tmp();
     let src = dir.path().join("persid.pt");
