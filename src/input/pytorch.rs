@@ -152,6 +152,23 @@ impl PytorchSource {
         true
     }
 
+    /// File byte range of tensor `i` when it is a contiguous run of its storage.
+    fn contiguous_range(&self, i: usize) -> Option<Range<usize>> {
+        let t = &self.views[i];
+        if !self.contiguous(i) {
+            return None;
+        }
+        let size = t.view.storage.dtype.size();
+        let numel: u64 = t.view.shape.iter().product();
+        if numel == 0 {
+            // An empty view's offset is not bounded by check_view: address nothing.
+            return Some(t.storage.start..t.storage.start);
+        }
+        // check_view bounded offset + numel by the storage, so these cannot overflow.
+        let start = t.storage.start + t.view.offset as usize * size;
+        Some(start..start + numel as usize * size)
+    }
+
     /// Streams the row-major bytes of tensor `i` in chunks.
     fn stream(&self, i: usize, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
         let t = &self.views[i];
@@ -255,17 +272,35 @@ impl Source for PytorchSource {
 
     fn read_float(&self, i: usize) -> Result<FloatData> {
         let meta = &self.tensors[i];
-        let mut bytes = Vec::with_capacity(meta.source_bytes as usize);
-        self.stream(i, &mut |c| {
-            bytes.extend_from_slice(c);
-            Ok(())
-        })?;
+        // Contiguous views decode straight from the map; strided ones are gathered first.
+        let gathered;
+        let (bytes, mapped) = match self.contiguous_range(i) {
+            Some(r) => (
+                self.map
+                    .bytes()
+                    .get(r.clone())
+                    .ok_or_else(|| self.terr(i, "view outside the mapped file".into()))?,
+                Some(r),
+            ),
+            None => {
+                let mut buf = Vec::with_capacity(meta.source_bytes as usize);
+                self.stream(i, &mut |c| {
+                    buf.extend_from_slice(c);
+                    Ok(())
+                })?;
+                gathered = buf;
+                (gathered.as_slice(), None)
+            }
+        };
         let dtype = meta.dense_dtype;
         let out = match meta.float {
-            Some(Precision::F64) => decode_f64(dtype, &bytes).map(FloatData::F64),
-            Some(Precision::F32) => decode_f32(dtype, &bytes).map(FloatData::F32),
+            Some(Precision::F64) => decode_f64(dtype, bytes).map(FloatData::F64),
+            Some(Precision::F32) => decode_f32(dtype, bytes).map(FloatData::F32),
             None => None,
         };
+        if let Some(r) = mapped {
+            self.map.release(r);
+        }
         out.ok_or_else(|| self.terr(i, format!("dtype {dtype} cannot be decoded to floats")))
     }
 
