@@ -193,3 +193,20 @@ fn view_larger_than_its_storage_is_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn zip_excerpt_output_is_identical_for_any_thread_count() {
+    let dir = tmp();
+    let src = fixture("pytorch/tiny-excerpt.pt");
+    let shard = "cersa-00001-of-00001.safetensors";
+    let mut shards = Vec::new();
+    for threads in ["1", "3"] {
+        let out = dir.path().join(format!("out{threads}"));
+        cersa_ok(&["convert", s(&src), s(&out), "-q", "--threads", threads]);
+        shards.push(std::fs::read(out.join(shard)).expect("shard written"));
+    }
+    assert!(
+        shards[0] == shards[1],
+        "shards differ between 1 and 3 threads"
+    );
+}
