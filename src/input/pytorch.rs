@@ -719,4 +719,31 @@ mod tests {
         // Empty tensors address nothing.
         assert!(check_view(&view(99, vec![0, 3], vec![3, 1]), &range, Dtype::F32).is_ok());
     }
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/pytorch")
+            .join(name);
+        std::fs::read(p).expect("fixture")
+    }
+
+    #[test]
+    fn every_truncation_and_byte_flip_errors_or_reads_without_panic() {
+        for (name, read) in [
+            ("pnet.pt", read_legacy as fn(&[u8]) -> _),
+            ("tiny-excerpt.pt", read_zip),
+        ] {
+            let full = fixture(name);
+            assert!(read(&full).is_ok(), "{name} reads");
+            for cut in (0..full.len()).step_by(61) {
+                assert!(read(&full[..cut]).is_err(), "{name} cut at {cut} must fail");
+            }
+            let mut bytes = full.clone();
+            for at in (0..full.len()).step_by(7) {
+                bytes[at] ^= 0xa5;
+                let _ = read(&bytes).map(|(root, _)| storage_refs(&root));
+                bytes[at] = full[at];
+            }
+        }
+    }
 }
