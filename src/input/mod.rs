@@ -3,6 +3,8 @@
 pub mod ggml_quants;
 pub mod gguf;
 pub mod gguf_header;
+pub mod pickle;
+pub mod pytorch;
 pub mod safetensors;
 
 use crate::error::{ConvertError, Result};
@@ -157,6 +159,7 @@ pub fn open(path: &Path) -> Result<Box<dyn Source>> {
     match format {
         "safetensors" => Ok(Box::new(safetensors::SafetensorsSource::open(path)?)),
         "gguf" => Ok(Box::new(gguf::GgufSource::open(path)?)),
+        "pytorch" => Ok(Box::new(pytorch::PytorchSource::open(path)?)),
         other => Err(ConvertError::Source {
             path: path.to_path_buf(),
             reason: format!("format `{other}` is not supported yet"),

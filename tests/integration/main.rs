@@ -6,6 +6,7 @@ mod convert;
 mod gguf;
 mod malformed;
 mod memory;
+mod pytorch;
 mod report;
 mod resume;
 mod verify;
