@@ -33,6 +33,8 @@ pub enum Global {
     RebuildTensorV2,
     /// `torch._utils._rebuild_tensor`.
     RebuildTensor,
+    /// `torch._utils._rebuild_parameter` (an `nn.Parameter` in a state dict): its tensor.
+    RebuildParameter,
     /// `torch.FloatStorage` and friends, with their element type.
     Storage(Dtype),
 }
@@ -142,12 +144,13 @@ fn resolve_global(module: &str, name: &str) -> Result<Global, String> {
         ("collections", "OrderedDict") => Ok(Global::OrderedDict),
         ("torch._utils", "_rebuild_tensor_v2") => Ok(Global::RebuildTensorV2),
         ("torch._utils", "_rebuild_tensor") => Ok(Global::RebuildTensor),
+        ("torch._utils", "_rebuild_parameter") => Ok(Global::RebuildParameter),
         ("torch", n) if storage_dtype(n).is_some() => {
             Ok(Global::Storage(storage_dtype(n).unwrap_or(Dtype::U8)))
         }
         _ => Err(format!(
             "refused global `{module}.{name}`: only collections.OrderedDict, \
-             torch._utils._rebuild_tensor_v2/_rebuild_tensor and torch.*Storage types are \
+             torch._utils._rebuild_tensor_v2/_rebuild_tensor/_rebuild_parameter and torch.*Storage types are \
              allowed (pickled code is never executed)"
         )),
     }
@@ -350,6 +353,15 @@ fn call(f: Global, args: Value) -> Result<Value, String> {
                 stride,
             })))
         }
+        Global::RebuildParameter => match args.first() {
+            // (data, requires_grad, backward_hooks): only the data matters to a converter.
+            Some(t @ Value::Tensor(_)) => Ok(t.clone()),
+            Some(other) => Err(format!(
+                "_rebuild_parameter: first argument is a {}, not a tensor",
+                other.kind()
+            )),
+            None => Err("_rebuild_parameter without arguments".into()),
+        },
         Global::Storage(_) => Err("calling a storage type is not allowed".into()),
     }
 }
@@ -597,6 +609,24 @@ mod tests {
         assert!(unpickle(b"h\x05.").is_err());
         assert!(unpickle(b"t.").is_err());
         assert!(unpickle(b"").is_err());
+    }
+
+    #[test]
+    fn parameters_unwrap_to_their_tensor() {
+        // torch._utils._rebuild_parameter(_rebuild_tensor_v2(storage, 0, (2, 2), (2, 1),
+        // False, OrderedDict()), True, OrderedDict())
+        let mut p =
+            b"\x80\x02ctorch._utils\n_rebuild_parameter\n(ctorch._utils\n_rebuild_tensor_v2\n("
+                .to_vec();
+        p.extend(b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x04tQ");
+        p.extend(b"K\x00K\x02K\x02\x86K\x02K\x01\x86\x89ccollections\nOrderedDict\n)Rt");
+        p.extend(b"R\x88ccollections\nOrderedDict\n)RtR.");
+        let v = unpickle(&p).unwrap().value;
+        let Value::Tensor(t) = v else {
+            panic!("expected a tensor, got {}", v.kind())
+        };
+        assert_eq!(t.shape, vec![2, 2]);
+        assert_eq!(t.stride, vec![2, 1]);
     }
 
     #[test]
