@@ -31,7 +31,13 @@ pub struct SafetensorsSource {
     tensors: Vec<TensorMeta>,
     /// Position of each tensor in its file's header.
     entry: Vec<usize>,
+    /// FP8 tensor index → index of its `NAME_scale_inv` block-scale companion.
+    scale_inv: HashMap<usize, usize>,
 }
+
+/// Block edge of the FP8 block-scale scheme (DeepSeek-V3 style releases): one inverse
+/// scale per 128×128 block, `scale_inv` of shape [⌈m/128⌉, ⌈n/128⌉].
+const FP8_BLOCK: usize = 128;
 
 impl SafetensorsSource {
     /// Opens a `.safetensors` file, an index JSON, or a directory.
@@ -78,12 +84,9 @@ impl SafetensorsSource {
                 let float = match t.dtype {
                     Dtype::F64 => Some(Precision::F64),
                     Dtype::F32 | Dtype::F16 | Dtype::BF16 => Some(Precision::F32),
-                    // FP8 decodes to f32, except block-scaled FP8 (a `NAME_scale_inv`
-                    // companion, as in DeepSeek-V3 releases): applying those scales is not
-                    // implemented, so such tensors pass through dense, bytes unchanged.
-                    Dtype::F8_E4M3 | Dtype::F8_E5M2 if !block_scaled.contains(t.name.as_str()) => {
-                        Some(Precision::F32)
-                    }
+                    // FP8 decodes to f32; with a `NAME_scale_inv` companion its 128×128
+                    // block scales are applied on reading (see `read_float`).
+                    Dtype::F8_E4M3 | Dtype::F8_E5M2 => Some(Precision::F32),
                     _ => None,
                 };
                 tensors.push(TensorMeta {
@@ -109,12 +112,69 @@ impl SafetensorsSource {
                 bytes: f.map.bytes().len() as u64,
             })
             .collect();
+        let index: HashMap<&str, usize> = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.as_str(), i))
+            .collect();
+        let scale_inv = tensors
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| {
+                matches!(t.dense_dtype, Dtype::F8_E4M3 | Dtype::F8_E5M2)
+                    && block_scaled.contains(t.name.as_str())
+            })
+            .filter_map(|(i, t)| {
+                index
+                    .get(format!("{}_scale_inv", t.name).as_str())
+                    .map(|&k| (i, k))
+            })
+            .collect();
         Ok(SafetensorsSource {
             files,
             file_info,
             tensors,
             entry,
+            scale_inv,
         })
+    }
+
+    /// Multiplies FP8 values of tensor `i` by its 128×128 block scales.
+    fn apply_block_scales(&self, i: usize, k: usize, values: &mut [f32]) -> Result<()> {
+        let meta = &self.tensors[i];
+        let scales_meta = &self.tensors[k];
+        let err = |reason: String| ConvertError::Tensor {
+            path: self.files[meta.file].path.clone(),
+            tensor: meta.name.clone(),
+            reason,
+        };
+        let [m, n] = meta.shape[..] else {
+            return Err(err(format!(
+                "block-scaled FP8 needs a 2-D tensor, shape is {:?}",
+                meta.shape
+            )));
+        };
+        let (bm, bn) = (m.div_ceil(FP8_BLOCK), n.div_ceil(FP8_BLOCK));
+        if scales_meta.shape != [bm, bn] {
+            return Err(err(format!(
+                "{} has shape {:?}, expected [{bm}, {bn}] for 128×128 blocks of [{m}, {n}]",
+                scales_meta.name, scales_meta.shape
+            )));
+        }
+        let (f, range) = self.bytes(k);
+        let scales = f
+            .map
+            .bytes()
+            .get(range)
+            .and_then(|b| decode_f32(scales_meta.dense_dtype, b))
+            .ok_or_else(|| err(format!("{} is not a float tensor", scales_meta.name)))?;
+        for (r, row) in values.chunks_exact_mut(n.max(1)).enumerate().take(m) {
+            let srow = &scales[(r / FP8_BLOCK) * bn..(r / FP8_BLOCK + 1) * bn];
+            for (c, v) in row.iter_mut().enumerate() {
+                *v *= srow[c / FP8_BLOCK];
+            }
+        }
+        Ok(())
     }
 
     fn bytes(&self, i: usize) -> (&File, std::ops::Range<usize>) {
@@ -161,11 +221,29 @@ impl Source for SafetensorsSource {
             None => None,
         };
         f.map.release(range);
-        out.ok_or_else(|| ConvertError::Tensor {
+        let mut out = out.ok_or_else(|| ConvertError::Tensor {
             path: f.path.clone(),
             tensor: meta.name.clone(),
             reason: format!("dtype {dtype} cannot be decoded to floats"),
-        })
+        })?;
+        if let (Some(&k), FloatData::F32(values)) = (self.scale_inv.get(&i), &mut out) {
+            self.apply_block_scales(i, k, values)?;
+        }
+        Ok(out)
+    }
+
+    fn details(&self) -> std::collections::BTreeMap<String, serde_json::Value> {
+        let mut names: Vec<&str> = self
+            .scale_inv
+            .keys()
+            .map(|&i| self.tensors[i].name.as_str())
+            .collect();
+        names.sort_unstable();
+        let mut d = std::collections::BTreeMap::new();
+        if !names.is_empty() {
+            d.insert("fp8_block_scaled".to_string(), serde_json::json!(names));
+        }
+        d
     }
 
     fn copy_dense(&self, i: usize, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
