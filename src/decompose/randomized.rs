@@ -255,20 +255,8 @@ pub fn factorize_t<T: Elem>(
     let norm2 = frobenius2(w);
     // Tiny or huge entries under/overflow the f32 QR norms: scale by 2^-e (exact), σ back.
     let e = super::svd::scale_exponent(w);
-    let scaled: Vec<T>;
-    let w = if e != 0.0 {
-        let f = (-e).exp2();
-        scaled = w
-            .iter()
-            .map(|&x| {
-                let v: f64 = x.into();
-                T::of(v * f)
-            })
-            .collect();
-        &scaled[..]
-    } else {
-        w
-    };
+    let scaled = super::svd::scaled_by_pow2(w, e);
+    let w = scaled.as_deref().unwrap_or(w);
     let a = MatRef::from_column_major_slice(w, n, m).transpose();
     let norm2_scaled = norm2 * (-2.0 * e).exp2();
     let Some((q, b)) = qb(a, norm2_scaled, rule.energy, seed)? else {

@@ -67,6 +67,22 @@ fn thin_svd<T: Elem>(w: &[T], m: usize, n: usize, vectors: bool) -> Result<ThinS
     Ok((sigma, q, p))
 }
 
+/// `w · 2^-e` (exact in binary floating point), or `None` when `e` is 0.
+pub(crate) fn scaled_by_pow2<T: Elem>(w: &[T], e: f64) -> Option<Vec<T>> {
+    if e == 0.0 {
+        return None;
+    }
+    let f = (-e).exp2();
+    Some(
+        w.iter()
+            .map(|&x| {
+                let v: f64 = x.into();
+                T::of(v * f)
+            })
+            .collect(),
+    )
+}
+
 /// Power-of-two factor that brings the largest |entry| near 1 (1 when already in range):
 /// faer's f32 SVD fails to converge on matrices with entries around 1e28 (found by the route
 /// tests), and scaling by 2^e is exact.
@@ -91,20 +107,8 @@ fn factorize_t<T: Elem>(
 ) -> Result<Factorization, String> {
     let norm2 = frobenius2(w);
     let e = scale_exponent(w);
-    let scaled: Vec<T>;
-    let w = if e != 0.0 {
-        let f = (-e).exp2();
-        scaled = w
-            .iter()
-            .map(|&x| {
-                let v: f64 = x.into();
-                T::of(v * f)
-            })
-            .collect();
-        &scaled[..]
-    } else {
-        w
-    };
+    let scaled = scaled_by_pow2(w, e);
+    let w = scaled.as_deref().unwrap_or(w);
     let (mut sigma, u, v) = thin_svd(w, m, n, true)?;
     sigma.iter_mut().for_each(|s| *s *= e.exp2());
     let r = rule.rank(&sigma, norm2, m, n);
