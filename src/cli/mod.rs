@@ -101,6 +101,33 @@ fn run_convert(a: ConvertArgs, cancel: &AtomicBool) -> Result<Status> {
     Ok(Status::Ok)
 }
 
+/// Singular values of every selected matrix of the source at `path`, on `threads` workers,
+/// with a progress bar unless `quiet` (shared by `inspect` and `report`).
+fn spectra_of_source(
+    path: &std::path::Path,
+    opts: &crate::inspect::InspectOptions,
+    threads: usize,
+    quiet: bool,
+) -> Result<crate::inspect::SourceReport> {
+    let src = crate::input::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .context("starting worker threads")?;
+    let bar = progress_bar(quiet, src.tensors().len() as u64);
+    // Values only: `auto` takes the cheapest exact route to σ (f64 Gram eigenvalues).
+    let decomposer = decompose::by_name("auto")?;
+    let report = pool
+        .install(|| {
+            inspect_source(src.as_ref(), opts, decomposer.as_ref(), &|done, _| {
+                bar.set_position(done as u64)
+            })
+        })
+        .with_context(|| format!("inspecting {}", path.display()))?;
+    bar.finish_and_clear();
+    Ok(report)
+}
+
 fn run_inspect(a: InspectArgs) -> Result<Status> {
     let opts = a.to_options()?;
     let threads = args::threads(a.threads)?;
@@ -117,23 +144,7 @@ fn run_inspect(a: InspectArgs) -> Result<Status> {
         }
         return Ok(Status::Ok);
     }
-    let src =
-        crate::input::open(&a.path).with_context(|| format!("opening {}", a.path.display()))?;
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .context("starting worker threads")?;
-    let bar = progress_bar(a.quiet, src.tensors().len() as u64);
-    // Values only: `auto` takes the cheapest exact route to σ (f64 Gram eigenvalues).
-    let decomposer = decompose::by_name("auto")?;
-    let report = pool
-        .install(|| {
-            inspect_source(src.as_ref(), &opts, decomposer.as_ref(), &|done, _| {
-                bar.set_position(done as u64)
-            })
-        })
-        .with_context(|| format!("inspecting {}", a.path.display()))?;
-    bar.finish_and_clear();
+    let report = spectra_of_source(&a.path, &opts, threads, a.quiet)?;
     if a.json {
         emit(&(serde_json::to_string_pretty(&report)? + "\n"))?;
     } else if a.csv {
@@ -187,22 +198,7 @@ fn run_report(a: ReportArgs) -> Result<Status> {
     } else {
         let opts = a.to_options()?;
         let threads = args::threads(a.threads)?;
-        let src =
-            crate::input::open(&a.path).with_context(|| format!("opening {}", a.path.display()))?;
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .context("starting worker threads")?;
-        let bar = progress_bar(a.quiet, src.tensors().len() as u64);
-        let decomposer = decompose::by_name("svd")?;
-        let report = pool
-            .install(|| {
-                inspect_source(src.as_ref(), &opts, decomposer.as_ref(), &|done, _| {
-                    bar.set_position(done as u64)
-                })
-            })
-            .with_context(|| format!("inspecting {}", a.path.display()))?;
-        bar.finish_and_clear();
+        let report = spectra_of_source(&a.path, &opts, threads, a.quiet)?;
         crate::report::model_from_source(&title, &report)
     };
     let html = crate::report::render_html(&model);
