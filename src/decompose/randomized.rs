@@ -191,16 +191,7 @@ fn qb<T: Elem>(
             T::of(1.0),
             Par::Seq,
         );
-        for j in 0..n {
-            captured += bi
-                .col(j)
-                .iter()
-                .map(|x| {
-                    let v: f64 = (*x).into();
-                    v * v
-                })
-                .sum::<f64>();
-        }
+        captured += super::svd::mat_norm2(bi.as_ref());
         if reached {
             extra_done = true;
         }

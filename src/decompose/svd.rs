@@ -67,6 +67,21 @@ fn thin_svd<T: Elem>(w: &[T], m: usize, n: usize, vectors: bool) -> Result<ThinS
     Ok((sigma, q, p))
 }
 
+/// ‖M‖_F² of a faer matrix, summed in f64 column by column.
+pub(crate) fn mat_norm2<T: Elem>(m: MatRef<'_, T>) -> f64 {
+    (0..m.ncols())
+        .map(|j| {
+            m.col(j)
+                .iter()
+                .map(|x| {
+                    let v: f64 = (*x).into();
+                    v * v
+                })
+                .sum::<f64>()
+        })
+        .sum()
+}
+
 /// `w · 2^-e` (exact in binary floating point), or `None` when `e` is 0.
 pub(crate) fn scaled_by_pow2<T: Elem>(w: &[T], e: f64) -> Option<Vec<T>> {
     if e == 0.0 {
@@ -179,18 +194,7 @@ pub fn residual_norm2(w: &FloatData, m: usize, n: usize, u: &[f64], s: &[f64], v
             T::of(-1.0),
             Par::Seq,
         );
-        let mut sum = 0f64;
-        for j in 0..m {
-            sum += rt
-                .col(j)
-                .iter()
-                .map(|x| {
-                    let v: f64 = (*x).into();
-                    v * v
-                })
-                .sum::<f64>();
-        }
-        sum
+        mat_norm2(rt.as_ref())
     }
     match w {
         FloatData::F32(v) => imp(v, m, n, u, s, vt),
