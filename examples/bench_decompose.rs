@@ -2,6 +2,7 @@
 //! single-thread faer GEMM of the same size, for bench/run.sh.
 //!
 //! Usage: bench_decompose FILE [--routes svd,gram,randomized] [--tau 0.9] [--cap SECONDS]
+//! (built with `--features cuda`, the default routes add `cuda`, timed after a warm-up).
 //! Prints one tab-separated line per (tensor, route): name m n route rank seconds gflops,
 //! and per tensor a `gemm` line: the rate of C[m,k] = W[m,n]·B[n,k], k = min(m, n).
 //!
@@ -18,7 +19,13 @@ fn main() -> anyhow::Result<()> {
     let file = args
         .get(1)
         .ok_or_else(|| anyhow::anyhow!("usage: bench_decompose FILE"))?;
-    let mut routes = "svd,gram,randomized".to_string();
+    // Builds with the `cuda` feature also time the GPU route by default.
+    let mut routes = if cfg!(feature = "cuda") {
+        "svd,gram,randomized,cuda"
+    } else {
+        "svd,gram,randomized"
+    }
+    .to_string();
     let mut tau = 0.9;
     let mut cap = 120.0f64;
     let mut i = 2;
@@ -36,6 +43,17 @@ fn main() -> anyhow::Result<()> {
         energy: tau,
         ..Default::default()
     };
+    #[cfg(feature = "cuda")]
+    if routes.split(',').any(|r| r == "cuda") {
+        // Open the device and load the libraries' kernels before timing: one small matrix
+        // outside the measurement, so per-matrix times exclude the one-off start-up.
+        let name = cersa::decompose::cuda::device_name().map_err(|e| anyhow::anyhow!(e))?;
+        let warm = FloatData::F32((0..64 * 48).map(|i| ((i * 37) % 101) as f32).collect());
+        by_name("cuda")?
+            .factorize(&warm, 64, 48, &rule)
+            .map_err(|e| anyhow::anyhow!(e))?;
+        println!("# cuda device: {name}");
+    }
     for (t, meta) in src.tensors().iter().enumerate() {
         if meta.shape.len() != 2 {
             continue;

@@ -104,7 +104,7 @@ fn gram_eig<T: Elem>(x: MatRef<'_, T>, vectors: bool) -> Result<(Vec<f64>, Mat<T
 }
 
 /// σᵢ = √max(λᵢ, 0), non-increasing.
-fn sigma_of(lambda: &[f64]) -> Vec<f64> {
+pub(crate) fn sigma_of(lambda: &[f64]) -> Vec<f64> {
     let mut s: Vec<f64> = lambda.iter().map(|l| l.max(0.0).sqrt()).collect();
     // Rounding can break the order of the clamped tail by a hair; keep it non-increasing.
     for i in 1..s.len() {
@@ -194,6 +194,21 @@ pub(crate) fn factors_from_basis<T: Elem>(
     let mut y = Mat::<T>::zeros(p, r);
     faer::linalg::matmul::matmul(y.as_mut(), Accum::Replace, x, vr, T::of(1.0), Par::Seq);
     let (q, s, neg) = thin_q(y)?;
+    Ok(factors_from_qr(q.as_ref(), &s, &neg, vr, m, n))
+}
+
+/// Assembles U_r, σ_r, V_rᵀ of the row-major m×n matrix from the QR of Y = X·V_r: `q`
+/// (p×r), |R_ii| `s`, signs `neg` of R_ii, and the short-side basis `vr` (k×r). Columns are
+/// reordered by non-increasing σ and signs fixed (§4.7). Shared with the `cuda` route.
+pub(crate) fn factors_from_qr<T: Elem>(
+    q: MatRef<'_, T>,
+    s: &[f64],
+    neg: &[bool],
+    vr: MatRef<'_, T>,
+    m: usize,
+    n: usize,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let r = vr.ncols();
     let mut order: Vec<usize> = (0..r).collect();
     // Stable sort: ties keep basis order, so the result is deterministic.
     order.sort_by(|&a, &b| s[b].total_cmp(&s[a]));
@@ -218,7 +233,7 @@ pub(crate) fn factors_from_basis<T: Elem>(
     }
     let s_sorted: Vec<f64> = order.iter().map(|&j| s[j]).collect();
     fix_signs(&mut u, &mut vt, m, r, n);
-    Ok((u, s_sorted, vt))
+    (u, s_sorted, vt)
 }
 
 /// One Gram pass in precision T. Returns `None` when the precision rule asks for f64.

@@ -1,6 +1,8 @@
 //! Decomposition routes behind one trait, and the rank rule.
 
 pub mod auto;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod gram;
 pub mod randomized;
 pub mod rank;
@@ -73,10 +75,26 @@ pub fn by_name(name: &str) -> Result<Box<dyn Decomposer>> {
         "auto" => Ok(Box::new(auto::Auto)),
         "gram" => Ok(Box::new(gram::Gram)),
         "randomized" => Ok(Box::new(randomized::Randomized)),
+        "cuda" => cuda_route(),
         other => Err(crate::error::ConvertError::Options(format!(
-            "unknown --algorithm `{other}` (known: svd, gram, randomized, auto)"
+            "unknown --algorithm `{other}` (known: svd, gram, randomized, auto, cuda)"
         ))),
     }
+}
+
+/// The GPU route (src/decompose/cuda.rs), present only in builds with the `cuda` feature.
+#[cfg(feature = "cuda")]
+fn cuda_route() -> Result<Box<dyn Decomposer>> {
+    Ok(Box::new(cuda::Cuda))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_route() -> Result<Box<dyn Decomposer>> {
+    Err(crate::error::ConvertError::Options(
+        "--algorithm cuda: this cersa binary was built without the `cuda` feature \
+         (rebuild with `cargo build --release --features cuda`)"
+            .into(),
+    ))
 }
 
 /// Makes the largest-|x| entry (first on ties) of each column of U positive, negating the

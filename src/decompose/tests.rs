@@ -18,7 +18,7 @@ fn orthonormal(p: usize, k: usize, rng: &mut Rng) -> Mat<f64> {
 }
 
 /// Row-major f32 m×n matrix with singular values `sigma` (len ≤ min(m, n)).
-fn synth(m: usize, n: usize, sigma: &[f64], seed: u64) -> Vec<f32> {
+pub(super) fn synth(m: usize, n: usize, sigma: &[f64], seed: u64) -> Vec<f32> {
     let mut rng = Rng::new(seed);
     let k = sigma.len();
     let u = orthonormal(m, k, &mut rng);
@@ -43,7 +43,7 @@ fn synth(m: usize, n: usize, sigma: &[f64], seed: u64) -> Vec<f32> {
 }
 
 /// Reference σ: f64 SVD of the f32 matrix.
-fn reference_sigma(w: &[f32], m: usize, n: usize) -> Vec<f64> {
+pub(super) fn reference_sigma(w: &[f32], m: usize, n: usize) -> Vec<f64> {
     let w64: Vec<f64> = w.iter().map(|&x| x as f64).collect();
     FaerSvd
         .singular_values(&FloatData::F64(w64), m, n)
@@ -52,7 +52,7 @@ fn reference_sigma(w: &[f32], m: usize, n: usize) -> Vec<f64> {
 
 /// max |AᵀA − I| of a row-major [p, r] (`by_rows` = false) or [r, p] (true) factor,
 /// after rounding to f32 as the writer does.
-fn orthogonality_error(a: &[f64], p: usize, r: usize, by_rows: bool) -> f64 {
+pub(super) fn orthogonality_error(a: &[f64], p: usize, r: usize, by_rows: bool) -> f64 {
     let at = |i: usize, c: usize| -> f64 {
         let x = if by_rows { a[c * p + i] } else { a[i * r + c] };
         x as f32 as f64
@@ -69,7 +69,7 @@ fn orthogonality_error(a: &[f64], p: usize, r: usize, by_rows: bool) -> f64 {
 }
 
 /// Checks one route on one f32 matrix against the reference σ.
-fn check_route(
+pub(super) fn check_route(
     route: &dyn Decomposer,
     label: &str,
     w: &[f32],
@@ -151,7 +151,7 @@ fn routes() -> Vec<Box<dyn Decomposer>> {
 }
 
 /// (label, σ) spectra for short side k.
-fn spectra(k: usize) -> Vec<(&'static str, Vec<f64>)> {
+pub(super) fn spectra(k: usize) -> Vec<(&'static str, Vec<f64>)> {
     let i = |j: usize| (j + 1) as f64;
     vec![
         ("flat", vec![1.0; k]),
@@ -176,7 +176,13 @@ fn spectra(k: usize) -> Vec<(&'static str, Vec<f64>)> {
 
 #[test]
 fn routes_match_reference_on_synthetic_spectra() {
-    for (m, n) in [(96, 64), (48, 120)] {
+    check_synthetic(&routes(), &[(96, 64), (48, 120)]);
+}
+
+/// Every route in `routes` against the f64 SVD reference on every synthetic spectrum, at
+/// normal, tiny and huge scale, for each (m, n) of `sizes`.
+pub(super) fn check_synthetic(routes: &[Box<dyn Decomposer>], sizes: &[(usize, usize)]) {
+    for &(m, n) in sizes {
         let k = m.min(n);
         for (label, sigma) in spectra(k) {
             for (scale, sname) in [(1.0, ""), (1e-30, " tiny"), (1e30, " huge")] {
@@ -184,7 +190,7 @@ fn routes_match_reference_on_synthetic_spectra() {
                 let w = synth(m, n, &s, 7 + k as u64);
                 let refs = reference_sigma(&w, m, n);
                 for tau in [0.5, 0.9, 0.99, 0.999] {
-                    for route in routes() {
+                    for route in routes {
                         let lab = format!("{label}{sname}");
                         check_route(route.as_ref(), &lab, &w, m, n, tau, &refs);
                     }
@@ -196,6 +202,12 @@ fn routes_match_reference_on_synthetic_spectra() {
 
 #[test]
 fn routes_match_numpy_on_minilm() {
+    check_minilm(&routes());
+}
+
+/// Every route in `routes` against numpy's f64 σ of the MiniLM excerpt (values-only ranks
+/// and full factorizations).
+pub(super) fn check_minilm(routes: &[Box<dyn Decomposer>]) {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/minilm-excerpt");
     let reference: serde_json::Value =
         serde_json::from_slice(&std::fs::read(root.join("reference.json")).expect("reference"))
@@ -215,7 +227,7 @@ fn routes_match_numpy_on_minilm() {
         };
         // The numpy reference σ must agree with the values-only path of each route.
         let norm2 = frobenius2(&w);
-        for route in routes() {
+        for route in routes {
             let sv = route
                 .singular_values(&FloatData::F32(w.clone()), m, n)
                 .expect("σ");
@@ -273,4 +285,17 @@ fn randomized_is_deterministic_per_name() {
     assert_eq!(a.u, b.u);
     assert_eq!(a.vt, b.vt);
     assert_eq!(a.s, b.s);
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_route_needs_the_feature() {
+    let err = match by_name("cuda") {
+        Ok(_) => panic!("the cuda route exists without the `cuda` feature"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("built without the `cuda` feature"),
+        "unclear error: {err}"
+    );
 }
