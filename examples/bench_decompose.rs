@@ -2,6 +2,7 @@
 //! single-thread faer GEMM of the same size, for bench/run.sh.
 //!
 //! Usage: bench_decompose FILE [--routes svd,gram,randomized] [--tau 0.9] [--cap SECONDS]
+//! [--gemm off]
 //! (built with `--features cuda`, the default routes add `cuda`, timed after a warm-up).
 //! Prints one tab-separated line per (tensor, route): name m n route rank seconds gflops,
 //! and per tensor a `gemm` line: the rate of C[m,k] = W[m,n]·B[n,k], k = min(m, n).
@@ -28,12 +29,14 @@ fn main() -> anyhow::Result<()> {
     .to_string();
     let mut tau = 0.9;
     let mut cap = 120.0f64;
+    let mut gemm = true;
     let mut i = 2;
     while i + 1 < args.len() {
         match args[i].as_str() {
             "--routes" => routes = args[i + 1].clone(),
             "--tau" => tau = args[i + 1].parse()?,
             "--cap" => cap = args[i + 1].parse()?,
+            "--gemm" => gemm = args[i + 1] != "off",
             other => anyhow::bail!("unknown option {other}"),
         }
         i += 2;
@@ -79,7 +82,7 @@ fn main() -> anyhow::Result<()> {
                 break;
             }
         }
-        if let FloatData::F32(w) = &data {
+        if let (true, FloatData::F32(w)) = (gemm, &data) {
             let a = MatRef::from_column_major_slice(w, n, m).transpose();
             let b = Mat::<f32>::from_fn(n, k, |i, j| ((i * 7 + j * 13) % 17) as f32 - 8.0);
             let mut c = Mat::<f32>::zeros(m, k);
