@@ -201,6 +201,9 @@ fn check_info(st: &Arc<CudaStream>, info: &CudaSlice<i32>, what: &str) -> Result
     }
 }
 
+/// Picks the rank from the eigenvalues of the (scaled) Gram matrix, non-increasing.
+type RankPicker<'a> = dyn Fn(&[f64]) -> usize + 'a;
+
 /// The Gram route on the device for the m×n matrix whose row-major f64 entries are `a`.
 /// Without `pick_rank` only the eigenvalues are computed.
 #[allow(unsafe_code)]
@@ -209,7 +212,7 @@ fn run_on_gpu(
     a: &[f64],
     m: usize,
     n: usize,
-    pick_rank: Option<&dyn Fn(&[f64]) -> usize>,
+    pick_rank: Option<&RankPicker>,
 ) -> Result<GpuOut, String> {
     let (p, k) = (m.max(n), m.min(n));
     let (ni, pi, ki) = (dim(n, "n")?, dim(p, "p")?, dim(k, "k")?);
