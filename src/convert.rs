@@ -97,7 +97,7 @@ impl Default for ConvertOptions {
             force_factor: false,
             max_shard_size: 5_000_000_000,
             threads: 1,
-            algorithm: "svd".into(),
+            algorithm: "auto".into(),
             resume: false,
         }
     }

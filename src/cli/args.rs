@@ -104,8 +104,8 @@ pub struct ConvertArgs {
     /// Worker threads (default: all cores). The output does not depend on it.
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Decomposition route.
-    #[arg(long, default_value = "svd")]
+    /// Decomposition route: auto (default), svd, gram, randomized.
+    #[arg(long, default_value = "auto")]
     pub algorithm: String,
     /// Print the result as JSON on stdout.
     #[arg(long)]
