@@ -58,11 +58,13 @@ t "== bench: CPU routes gram, svd (1 thread each; the 4 files run side by side o
 pids=()
 for s in 2048x2048 4096x4096 4096x11008 32000x2048; do
     r=gram; [ $s = 2048x2048 ] && r=gram,svd
-    timeout 200 $B/bench_decompose $G/m$s.safetensors --routes $r --cap 100 > $G/cpu_$s.tsv &
+    timeout 200 $B/bench_decompose $G/m$s.safetensors --routes $r --cap 100 --gemm off > $G/cpu_$s.tsv &
     pids+=($!)
 done
 wait "${pids[@]}"
 cat $G/cpu_*.tsv | tee $OUT/bench_cpu.tsv
+t "== CPU GEMM rate lines (alone on the machine; gram again as a by-product)"
+timeout 120 $B/bench_decompose $G/m4096x11008.safetensors --routes gram | tee -a $OUT/bench_cpu.tsv
 
 t "== generate Llama-shaped checkpoint"
 timeout 60 python3 $B/tools.py gen-llama $G/llama
