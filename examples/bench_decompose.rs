@@ -2,6 +2,7 @@
 //! single-thread faer GEMM of the same size, for bench/run.sh.
 //!
 //! Usage: bench_decompose FILE [--routes svd,gram,randomized] [--tau 0.9] [--cap SECONDS]
+//! (the default routes add `lapack` when built with `--features lapack`)
 //! Prints one tab-separated line per (tensor, route): name m n route rank seconds gflops,
 //! and per tensor a `gemm` line: the rate of C[m,k] = W[m,n]·B[n,k], k = min(m, n).
 //!
@@ -19,6 +20,10 @@ fn main() -> anyhow::Result<()> {
         .get(1)
         .ok_or_else(|| anyhow::anyhow!("usage: bench_decompose FILE"))?;
     let mut routes = "svd,gram,randomized".to_string();
+    if cfg!(feature = "lapack") {
+        // Built with `--features lapack`: time LAPACK gesdd (system OpenBLAS) too.
+        routes.push_str(",lapack");
+    }
     let mut tau = 0.9;
     let mut cap = 120.0f64;
     let mut i = 2;

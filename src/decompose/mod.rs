@@ -2,6 +2,10 @@
 
 pub mod auto;
 pub mod gram;
+#[cfg(feature = "lapack")]
+pub mod lapack;
+#[cfg(all(test, feature = "lapack"))]
+mod lapack_tests;
 pub mod randomized;
 pub mod rank;
 pub mod rng;
@@ -73,8 +77,17 @@ pub fn by_name(name: &str) -> Result<Box<dyn Decomposer>> {
         "auto" => Ok(Box::new(auto::Auto)),
         "gram" => Ok(Box::new(gram::Gram)),
         "randomized" => Ok(Box::new(randomized::Randomized)),
+        #[cfg(feature = "lapack")]
+        "lapack" => Ok(Box::new(lapack::LapackSvd)),
+        #[cfg(not(feature = "lapack"))]
+        "lapack" => Err(crate::error::ConvertError::Options(
+            "--algorithm lapack needs a cersa built with the cargo feature `lapack` \
+             (cargo build --features lapack, with a system OpenBLAS such as Debian's \
+             libopenblas-dev)"
+                .to_string(),
+        )),
         other => Err(crate::error::ConvertError::Options(format!(
-            "unknown --algorithm `{other}` (known: svd, gram, randomized, auto)"
+            "unknown --algorithm `{other}` (known: svd, gram, randomized, auto, lapack)"
         ))),
     }
 }
