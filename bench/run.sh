@@ -10,6 +10,7 @@
 # Environment: THREADS (default nproc), CAP (seconds per matrix before larger sizes are
 # skipped for the larger sizes, default 60), SIZES, LLAMA_ARGS (e.g. "--hidden 1024 --layers 2 --ffn 2816
 # --vocab 8000" for a quick run), MINILM (path), WORK (scratch dir), ALGO (cersa route),
+# LAPACK (1: add the lapack route to the per-matrix table; default: if libopenblas is found),
 # PARTS (matrix,e2e; cli-matrix times whole one-tensor converts instead of the example).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +24,14 @@ WORK=${WORK:-$(mktemp -d)}
 T=bench/tools.py
 
 PARTS=${PARTS:-matrix,e2e}
+# LAPACK=1 builds the example with `--features lapack` (gesdd through a system OpenBLAS) so
+# the per-matrix table gets a lapack column; default: on when libopenblas is installed.
+if [ -z "${LAPACK:-}" ]; then
+  LAPACK=0
+  if ldconfig -p 2>/dev/null | grep -q 'libopenblas\.so '; then LAPACK=1; fi
+fi
+FEATURES=()
+[ "$LAPACK" = 1 ] && FEATURES=(--features lapack)
 cargo build --release --quiet --bin cersa
 CERSA=target/release/cersa
 
@@ -33,7 +42,7 @@ if [[ $PARTS == *cli-matrix* ]]; then
   # Without the example binary: whole `cersa convert` of one tensor per route (upper bound).
   python3 $T cli-times "$CERSA" "$WORK/mats.safetensors" "$WORK" svd,gram,randomized "$CAP" > "$WORK/rust.tsv"
 else
-  cargo build --release --quiet --example bench_decompose
+  cargo build --release --quiet "${FEATURES[@]}" --example bench_decompose
   target/release/examples/bench_decompose "$WORK/mats.safetensors" --cap "$CAP" > "$WORK/rust.tsv"
 fi
 OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
@@ -64,4 +73,4 @@ for entry in "${models[@]}"; do
   echo "| $label | $cw | $pw | $ratio | $cr | $pr | $ranks |"
 done
 echo
-echo "rerun: THREADS=$THREADS CAP=$CAP SIZES=$SIZES LLAMA_ARGS='$LLAMA_ARGS' ALGO=$ALGO PARTS=$PARTS bench/run.sh"
+echo "rerun: THREADS=$THREADS CAP=$CAP SIZES=$SIZES LLAMA_ARGS='$LLAMA_ARGS' ALGO=$ALGO PARTS=$PARTS LAPACK=$LAPACK bench/run.sh"

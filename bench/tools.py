@@ -148,6 +148,8 @@ def matrix_table(*files):
             name, m, n, route, rank, secs, gflops = line.rstrip("\n").split("\t")
             rows.setdefault((int(m), int(n)), {})[route] = (rank, float(secs), gflops)
     cols = ["svd", "gram", "randomized", "numpy", "scipy-gesdd", "gemm"]
+    if any("lapack" in r for r in rows.values()):
+        cols.insert(3, "lapack")  # cersa built with --features lapack
     print("| matrix | " + " | ".join(f"{c} s" for c in cols) + " | numpy/gram | gesdd/gram | gram GFLOP/s (nominal) | GEMM GFLOP/s 1 thread | gram % of GEMM | GEMM GFLOP/s all cores | ranks svd/gram/rand |")
     print("|" + "---|" * (len(cols) + 8))
     for (m, n), r in sorted(rows.items(), key=lambda x: x[0][0] * x[0][1]):

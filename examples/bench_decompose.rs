@@ -3,7 +3,8 @@
 //!
 //! Usage: bench_decompose FILE [--routes svd,gram,randomized] [--tau 0.9] [--cap SECONDS]
 //! [--gemm off]
-//! (built with `--features cuda`, the default routes add `cuda`, timed after a warm-up).
+//! (built with `--features lapack` / `cuda`, the default routes add `lapack` / `cuda`; cuda
+//! is timed after a warm-up).
 //! Prints one tab-separated line per (tensor, route): name m n route rank seconds gflops,
 //! and per tensor `gemm` (one thread) and `gemm-all-cores` lines: the rate of
 //! C[m,k] = W[m,n]·B[n,k], k = min(m, n) (not with `--gemm off`).
@@ -21,13 +22,15 @@ fn main() -> anyhow::Result<()> {
     let file = args
         .get(1)
         .ok_or_else(|| anyhow::anyhow!("usage: bench_decompose FILE"))?;
-    // Builds with the `cuda` feature also time the GPU route by default.
-    let mut routes = if cfg!(feature = "cuda") {
-        "svd,gram,randomized,cuda"
-    } else {
-        "svd,gram,randomized"
+    // Builds with the `cuda` / `lapack` features also time those routes by default.
+    let mut routes = "svd,gram,randomized".to_string();
+    if cfg!(feature = "lapack") {
+        // Built with `--features lapack`: time LAPACK gesdd (system OpenBLAS) too.
+        routes.push_str(",lapack");
     }
-    .to_string();
+    if cfg!(feature = "cuda") {
+        routes.push_str(",cuda");
+    }
     let mut tau = 0.9;
     let mut cap = 120.0f64;
     let mut gemm = true;

@@ -4,6 +4,10 @@ pub mod auto;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod gram;
+#[cfg(feature = "lapack")]
+pub mod lapack;
+#[cfg(all(test, feature = "lapack"))]
+mod lapack_tests;
 pub mod randomized;
 pub mod rank;
 pub mod rng;
@@ -76,8 +80,17 @@ pub fn by_name(name: &str) -> Result<Box<dyn Decomposer>> {
         "gram" => Ok(Box::new(gram::Gram)),
         "randomized" => Ok(Box::new(randomized::Randomized)),
         "cuda" => cuda_route(),
+        #[cfg(feature = "lapack")]
+        "lapack" => Ok(Box::new(lapack::LapackSvd)),
+        #[cfg(not(feature = "lapack"))]
+        "lapack" => Err(crate::error::ConvertError::Options(
+            "--algorithm lapack needs a cersa built with the cargo feature `lapack` \
+             (cargo build --features lapack, with a system OpenBLAS such as Debian's \
+             libopenblas-dev)"
+                .to_string(),
+        )),
         other => Err(crate::error::ConvertError::Options(format!(
-            "unknown --algorithm `{other}` (known: svd, gram, randomized, auto, cuda)"
+            "unknown --algorithm `{other}` (known: svd, gram, randomized, auto, cuda, lapack)"
         ))),
     }
 }

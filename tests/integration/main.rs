@@ -4,6 +4,7 @@ mod util;
 
 mod convert;
 mod gguf;
+mod lapack;
 mod malformed;
 mod memory;
 mod pytorch;
