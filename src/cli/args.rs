@@ -104,7 +104,8 @@ pub struct ConvertArgs {
     /// Worker threads (default: all cores). The output does not depend on it.
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Decomposition route: auto (default), svd, gram, randomized.
+    /// Decomposition route: auto (default), svd, gram, randomized; cuda in builds with the
+    /// `cuda` feature (NVIDIA GPU).
     #[arg(long, default_value = "auto")]
     pub algorithm: String,
     /// Print the result as JSON on stdout.

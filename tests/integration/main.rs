@@ -3,6 +3,7 @@
 mod util;
 
 mod convert;
+mod cuda_route;
 mod gguf;
 mod lapack;
 mod malformed;
