@@ -183,13 +183,16 @@ pub(crate) fn thin_q<T: Elem>(y: Mat<T>) -> Result<(Mat<T>, Vec<f64>, Vec<bool>)
 /// Truncated factors from the short-side basis `vr` (k×r, orthonormal columns) of the
 /// long×short view `x` of the row-major m×n matrix: Y = X·V_r = Q·R, X ≈ Q·diag(|R_ii|)·V_rᵀ
 /// (signs folded into Q). Columns are reordered by non-increasing σ, signs fixed (§4.7).
+/// Returns (U row-major m×r, σ, Vᵀ row-major r×n) in precision T. Memory: Y becomes the QR
+/// storage, which is freed once Q is formed; Q is freed once the long-side factor is copied
+/// out, so at most two p×r matrices are alive next to X.
 #[allow(clippy::type_complexity)]
 pub(crate) fn factors_from_basis<T: Elem>(
     x: MatRef<'_, T>,
     vr: MatRef<'_, T>,
     m: usize,
     n: usize,
-) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>), String> {
+) -> Result<(Vec<T>, Vec<f64>, Vec<T>), String> {
     let (p, r) = (x.nrows(), vr.ncols());
     let mut y = Mat::<T>::zeros(p, r);
     faer::linalg::matmul::matmul(y.as_mut(), Accum::Replace, x, vr, T::of(1.0), Par::Seq);
@@ -197,28 +200,39 @@ pub(crate) fn factors_from_basis<T: Elem>(
     let mut order: Vec<usize> = (0..r).collect();
     // Stable sort: ties keep basis order, so the result is deterministic.
     order.sort_by(|&a, &b| s[b].total_cmp(&s[a]));
-    let sgn = |j: usize| if neg[j] { -1.0 } else { 1.0 };
-    // Long side (p = rows of X) basis is Q·sign, short side is V_r.
-    let long = |i: usize, c: usize| -> f64 {
+    // Long side (p = rows of X) basis is Q·sign (negation is exact), short side is V_r.
+    let long = |i: usize, c: usize| -> T {
         let j = order[c];
-        let v: f64 = q[(i, j)].into();
-        v * sgn(j)
+        if neg[j] {
+            let v: f64 = q[(i, j)].into();
+            T::of(-v)
+        } else {
+            q[(i, j)]
+        }
     };
-    let short = |i: usize, c: usize| -> f64 { vr[(i, order[c])].into() };
-    let mut u = vec![0f64; m * r];
-    let mut vt = vec![0f64; r * n];
-    let x_is_w = m >= n;
-    for c in 0..r {
-        for i in 0..m {
-            u[i * r + c] = if x_is_w { long(i, c) } else { short(i, c) };
-        }
-        for j in 0..n {
-            vt[c * n + j] = if x_is_w { short(j, c) } else { long(j, c) };
-        }
-    }
+    let short = |i: usize, c: usize| -> T { vr[(i, order[c])] };
+    // The long-side factor is copied out of Q first, then Q is freed.
+    let (mut u, mut vt) = if m >= n {
+        let u = row_major(m, r, |i, c| long(i, c));
+        drop(q);
+        (u, row_major(r, n, |c, j| short(j, c)))
+    } else {
+        let vt = row_major(r, n, |c, j| long(j, c));
+        drop(q);
+        (row_major(m, r, short), vt)
+    };
     let s_sorted: Vec<f64> = order.iter().map(|&j| s[j]).collect();
     fix_signs(&mut u, &mut vt, m, r, n);
     Ok((u, s_sorted, vt))
+}
+
+/// A row-major rows×cols matrix with entries `at(i, j)`.
+fn row_major<T: Elem>(rows: usize, cols: usize, at: impl Fn(usize, usize) -> T) -> Vec<T> {
+    let mut out = Vec::with_capacity(rows * cols);
+    for i in 0..rows {
+        out.extend((0..cols).map(|j| at(i, j)));
+    }
+    out
 }
 
 /// One Gram pass in precision T. Returns `None` when the precision rule asks for f64.
@@ -265,9 +279,9 @@ fn factorize_pass<T: Elem>(
     s.iter_mut().for_each(|v| *v *= unscale);
     Ok(Some(Factorization {
         rank: r,
-        u,
+        u: T::wrap(u),
         s,
-        vt,
+        vt: T::wrap(vt),
         sigma,
         norm2,
     }))
