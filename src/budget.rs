@@ -16,6 +16,28 @@ pub const DEFAULT_FRACTION: f64 = 0.5;
 /// Budget when /proc/meminfo cannot be read (non-Linux, restricted /proc).
 pub const FALLBACK_BUDGET: u64 = 4 << 30;
 
+/// With `CERSA_TRACE_RSS` set, prints `cersa-rss LABEL: VmRSS` to stderr (for calibrating
+/// [`footprint_estimate`]; costs one env lookup otherwise).
+pub fn trace_rss(label: &str) {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !*ON.get_or_init(|| std::env::var_os("CERSA_TRACE_RSS").is_some()) {
+        return;
+    }
+    if let Some(line) = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .map(str::to_owned)
+        })
+    {
+        eprintln!(
+            "cersa-rss {label}: {}",
+            line.trim_start_matches("VmRSS:").trim()
+        );
+    }
+}
+
 /// Default budget: [`DEFAULT_FRACTION`] of `MemAvailable` from /proc/meminfo.
 ///
 /// `MemAvailable` rather than `MemTotal`: on a machine where other processes already hold
@@ -48,15 +70,16 @@ pub fn mem_available_bytes(meminfo: &str) -> Option<u64> {
 /// `precision`, from the input to the encoded factors. With e the element size (4 for f32,
 /// 8 for f64), S = m·n·e and k = min(m, n):
 ///
-/// * `gram`, `auto`, `randomized` (randomized falls back to gram): 3·S + 3·k²·e — the input
-///   X, then Y = X·V_r (becoming the QR storage) and Q, each at most p×k (≤ S); plus G,
-///   its eigenvectors and the eigensolver workspace (k² each). A spectrum whose rank
-///   decision is too close to τ for f32 reruns in f64 (see `decompose::gram`) and then
-///   needs about twice this; the estimate covers the common f32 pass.
-/// * `svd` and other routes: 4·S + 3·k²·e — faer's thin SVD works on a copy of the
-///   matrix and forms the full m×k and n×k singular vectors.
+/// * `gram`, `auto`, `randomized` (randomized falls back to gram): 5·S + 6·k²·e. The f32
+///   pass needs the input X, G, its eigenvectors and the eigensolver workspace (measured
+///   X + 5.3·k²·e on 8192×2048), then Y = X·V_r (becoming the QR storage) and Q, each at
+///   most p×r ≤ S. A spectrum whose rank decision is too close to τ for f32 reruns in f64
+///   (see `decompose::gram`): an f64 copy of X (2·S for f32 data), f64 G and eigenvectors,
+///   f64 Y and Q — measured peak 5.5·S on an 8192×2048 f32 power-law matrix that took the
+///   rerun (368 MB above the process baseline, S = 67 MB).
+/// * `svd` and other routes: 5·S + 3·k²·e — faer's thin SVD works on a copy of the matrix
+///   and forms the full m×k and n×k singular vectors (measured peak 5.1·S on 8192×2048).
 ///
-/// Calibrated on 8192×2048 and 32000×2048 f32 power-law matrices (README, "Memory").
 /// Saturates instead of overflowing on absurd shapes.
 pub fn footprint_estimate(m: usize, n: usize, precision: Precision, route: &str) -> u64 {
     let e: u64 = match precision {
@@ -67,12 +90,12 @@ pub fn footprint_estimate(m: usize, n: usize, precision: Precision, route: &str)
     let k = m.min(n);
     let s = m.saturating_mul(n).saturating_mul(e);
     let k2 = k.saturating_mul(k).saturating_mul(e);
-    let copies = match route {
-        "gram" | "auto" | "randomized" => 3,
-        _ => 4,
+    let k2_copies = match route {
+        "gram" | "auto" | "randomized" => 6,
+        _ => 3,
     };
-    s.saturating_mul(copies)
-        .saturating_add(k2.saturating_mul(3))
+    s.saturating_mul(5)
+        .saturating_add(k2.saturating_mul(k2_copies))
 }
 
 /// Bytes held by the tensors in flight.
@@ -162,8 +185,8 @@ mod tests {
         let gram = footprint_estimate(8192, 2048, Precision::F32, "gram");
         let s = 8192 * 2048 * 4u64;
         let k2 = 2048 * 2048 * 4u64;
-        assert_eq!(gram, 3 * s + 3 * k2);
-        assert_eq!(svd, 4 * s + 3 * k2);
+        assert_eq!(gram, 5 * s + 6 * k2);
+        assert_eq!(svd, 5 * s + 3 * k2);
         // Orientation does not matter; f64 doubles; the unknown route gets the svd figure.
         assert_eq!(footprint_estimate(2048, 8192, Precision::F32, "gram"), gram);
         assert_eq!(

@@ -723,6 +723,7 @@ fn process(
     let meta = &src.tensors()[i];
     let path = || src.file_path(meta.file).to_path_buf();
     let data = src.read_float(i)?;
+    crate::budget::trace_rss("convert: read");
     if let Some((count, first, index)) = data.non_finite() {
         return Err(ConvertError::NonFinite {
             path: path(),
@@ -747,6 +748,7 @@ fn process(
             tensor: meta.name.clone(),
             reason,
         })?;
+    crate::budget::trace_rss("convert: factorized");
     let r = f.rank;
     let energy = energy_at(&f.sigma, f.norm2, r);
     if !opts.force_factor && !saves(r, m, n) {
@@ -766,6 +768,7 @@ fn process(
     let u = encode(u);
     let vt = encode(vt);
     let s = encode_f64(Dtype::F32, &s).expect("F32 is a float dtype");
+    crate::budget::trace_rss("convert: encoded");
     // rel_error is measured on the factors exactly as stored, streamed by row blocks.
     let s_stored = decode_f64(Dtype::F32, &s).expect("F32 is a float dtype");
     let res = stored_residual_norm2(
@@ -779,6 +782,7 @@ fn process(
             vt: &vt,
         },
     );
+    crate::budget::trace_rss("convert: residual");
     drop(data);
     Ok(Outcome::Factored {
         m,

@@ -52,6 +52,7 @@ pub(crate) fn long_view<T: Elem>(w: &[T], m: usize, n: usize) -> MatRef<'_, T> {
 fn gram_eig<T: Elem>(x: MatRef<'_, T>, vectors: bool) -> Result<(Vec<f64>, Mat<T>), String> {
     let k = x.ncols();
     let mut g = Mat::<T>::zeros(k, k);
+    crate::budget::trace_rss("gram: G allocated");
     // Symmetric rank-p update: only the lower triangle is formed (half the flops);
     // the EVD reads only the lower triangle.
     tri::matmul(
@@ -65,6 +66,14 @@ fn gram_eig<T: Elem>(x: MatRef<'_, T>, vectors: bool) -> Result<(Vec<f64>, Mat<T
         T::of(1.0),
         Par::Seq,
     );
+    crate::budget::trace_rss("gram: G formed");
+    eig_of_gram(g, vectors)
+}
+
+/// Eigenvalues (non-increasing) and, when `vectors`, eigenvectors of the Gram matrix `g`
+/// (only its lower triangle is read); `g` is freed before the vectors are reordered.
+fn eig_of_gram<T: Elem>(g: Mat<T>, vectors: bool) -> Result<(Vec<f64>, Mat<T>), String> {
+    let k = g.nrows();
     let which = if vectors {
         ComputeEigenvectors::Yes
     } else {
@@ -88,6 +97,7 @@ fn gram_eig<T: Elem>(x: MatRef<'_, T>, vectors: bool) -> Result<(Vec<f64>, Mat<T
         Default::default(),
     )
     .map_err(|e| format!("Gram eigendecomposition did not converge: {e:?}"))?;
+    crate::budget::trace_rss("gram: EVD done");
     // faer returns non-decreasing eigenvalues; reverse to non-increasing.
     let lambda: Vec<f64> = s
         .column_vector()
@@ -95,11 +105,17 @@ fn gram_eig<T: Elem>(x: MatRef<'_, T>, vectors: bool) -> Result<(Vec<f64>, Mat<T
         .rev()
         .map(|x| (*x).into())
         .collect();
-    let u = if vectors {
-        Mat::from_fn(k, k, |i, j| u[(i, k - 1 - j)])
-    } else {
-        u
-    };
+    // Free G and the workspace, then reverse the columns in place (no second k×k copy).
+    drop((g, mem));
+    if vectors {
+        for j in 0..k / 2 {
+            for i in 0..k {
+                let t = u[(i, j)];
+                u[(i, j)] = u[(i, k - 1 - j)];
+                u[(i, k - 1 - j)] = t;
+            }
+        }
+    }
     Ok((lambda, u))
 }
 
@@ -196,7 +212,22 @@ pub(crate) fn factors_from_basis<T: Elem>(
     let (p, r) = (x.nrows(), vr.ncols());
     let mut y = Mat::<T>::zeros(p, r);
     faer::linalg::matmul::matmul(y.as_mut(), Accum::Replace, x, vr, T::of(1.0), Par::Seq);
+    factors_from_y(y, vr, m, n)
+}
+
+/// [`factors_from_basis`] from Y = X·V_r already formed (consumed: it becomes the QR
+/// storage).
+#[allow(clippy::type_complexity)]
+fn factors_from_y<T: Elem>(
+    y: Mat<T>,
+    vr: MatRef<'_, T>,
+    m: usize,
+    n: usize,
+) -> Result<(Vec<T>, Vec<f64>, Vec<T>), String> {
+    let r = vr.ncols();
+    crate::budget::trace_rss("gram: Y = X·V_r");
     let (q, s, neg) = thin_q(y)?;
+    crate::budget::trace_rss("gram: Q");
     let mut order: Vec<usize> = (0..r).collect();
     // Stable sort: ties keep basis order, so the result is deterministic.
     order.sort_by(|&a, &b| s[b].total_cmp(&s[a]));
@@ -212,6 +243,7 @@ pub(crate) fn factors_from_basis<T: Elem>(
     };
     let short = |i: usize, c: usize| -> T { vr[(i, order[c])] };
     // The long-side factor is copied out of Q first, then Q is freed.
+    crate::budget::trace_rss("gram: before factors");
     let (mut u, mut vt) = if m >= n {
         let u = row_major(m, r, |i, c| long(i, c));
         drop(q);
@@ -221,6 +253,7 @@ pub(crate) fn factors_from_basis<T: Elem>(
         drop(q);
         (row_major(m, r, short), vt)
     };
+    crate::budget::trace_rss("gram: factors");
     let s_sorted: Vec<f64> = order.iter().map(|&j| s[j]).collect();
     fix_signs(&mut u, &mut vt, m, r, n);
     Ok((u, s_sorted, vt))
@@ -267,6 +300,7 @@ fn factorize_pass<T: Elem>(
         (long_view(w, m, n), 1.0)
     };
     let (mut lambda, evecs) = gram_eig(x, true)?;
+    crate::budget::trace_rss("gram: eigenvectors");
     lambda.iter_mut().for_each(|l| *l *= unscale * unscale);
     let sigma = sigma_of(&lambda);
     let r = rule.rank(&sigma, norm2, m, n);
@@ -301,8 +335,79 @@ pub fn factorize_f32(
             return Ok(f);
         }
     }
-    let w64: Vec<f64> = w.iter().map(|&x| x as f64).collect();
-    factorize_pass(&w64, m, n, rule, norm2, None).map(|f| f.expect("no check in f64"))
+    factorize_widened(w, m, n, rule, norm2)
+}
+
+/// Long-side rows of X widened to f64 at a time by [`factorize_widened`]. Fixed, so the
+/// accumulation order (and the bits) never depends on the thread count.
+pub const WIDEN_BLOCK: usize = 256;
+
+/// The f64 Gram pass of an f32 matrix without an f64 copy of it: G = XᵀX is accumulated
+/// and Y = X·V_r formed over blocks of [`WIDEN_BLOCK`] long-side rows widened to f64 (exact),
+/// so the extra memory is O(block·k) instead of 2·m·n·4 bytes.
+fn factorize_widened(
+    w: &[f32],
+    m: usize,
+    n: usize,
+    rule: &RankRule,
+    norm2: f64,
+) -> Result<Factorization, String> {
+    // The same power-of-two scaling as `factorize_pass` (exact), σ scaled back.
+    let e = super::svd::scale_exponent(w);
+    let (f, unscale) = ((-e).exp2(), e.exp2());
+    let x = long_view(w, m, n);
+    let (p, k) = (x.nrows(), x.ncols());
+    let widen =
+        |i0: usize, b: usize| Mat::<f64>::from_fn(b, k, |i, j| f64::from(x[(i0 + i, j)]) * f);
+    let mut g = Mat::<f64>::zeros(k, k);
+    let mut i0 = 0;
+    while i0 < p {
+        let b = WIDEN_BLOCK.min(p - i0);
+        let xb = widen(i0, b);
+        tri::matmul(
+            g.as_mut(),
+            BlockStructure::TriangularLower,
+            if i0 == 0 { Accum::Replace } else { Accum::Add },
+            xb.transpose(),
+            BlockStructure::Rectangular,
+            xb.as_ref(),
+            BlockStructure::Rectangular,
+            1.0,
+            Par::Seq,
+        );
+        i0 += b;
+    }
+    crate::budget::trace_rss("gram f64: G formed");
+    let (mut lambda, evecs) = eig_of_gram(g, true)?;
+    lambda.iter_mut().for_each(|l| *l *= unscale * unscale);
+    let sigma = sigma_of(&lambda);
+    let r = rule.rank(&sigma, norm2, m, n);
+    let vr = evecs.get(.., ..r);
+    let mut y = Mat::<f64>::zeros(p, r);
+    let mut i0 = 0;
+    while i0 < p {
+        let b = WIDEN_BLOCK.min(p - i0);
+        let xb = widen(i0, b);
+        faer::linalg::matmul::matmul(
+            y.as_mut().subrows_mut(i0, b),
+            Accum::Replace,
+            xb.as_ref(),
+            vr,
+            1.0,
+            Par::Seq,
+        );
+        i0 += b;
+    }
+    let (u, mut s, vt) = factors_from_y(y, vr, m, n)?;
+    s.iter_mut().for_each(|v| *v *= unscale);
+    Ok(Factorization {
+        rank: r,
+        u: u.into(),
+        s,
+        vt: vt.into(),
+        sigma,
+        norm2,
+    })
 }
 
 /// σ of the row-major m×n matrix `w` from a Gram matrix accumulated in f64 (f64 absolute

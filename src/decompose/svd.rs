@@ -133,6 +133,7 @@ fn factorize_t<T: Elem>(
     let scaled = scaled_by_pow2(w, e);
     let w = scaled.as_deref().unwrap_or(w);
     let (mut sigma, u, v) = thin_svd(w, m, n, true)?;
+    crate::budget::trace_rss("svd: thin SVD done");
     sigma.iter_mut().for_each(|s| *s *= e.exp2());
     let r = rule.rank(&sigma, norm2, m, n);
     // Each full m×k / n×k vector matrix is dropped as soon as its r columns are copied out,
