@@ -59,7 +59,7 @@ for rep in 1 "$RSS_REPEAT"; do
   if [ -z "$largest" ]; then
     # The largest decomposed tensor, from a conversion of the 1× checkpoint.
     "$CERSA" convert "$WORK/llama-rss/model.safetensors" "$WORK/out-rss" --threads "$THREADS" \
-      --algorithm "$ALGO" --quiet
+      --algorithm "$ALGO" --quiet > /dev/null
     largest=$(python3 $T largest-decomposed "$WORK/out-rss/cersa.json")
     rm -rf "$WORK/out-rss"
   fi

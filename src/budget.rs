@@ -70,13 +70,14 @@ pub fn mem_available_bytes(meminfo: &str) -> Option<u64> {
 /// `precision`, from the input to the encoded factors. With e the element size (4 for f32,
 /// 8 for f64), S = m·n·e and k = min(m, n):
 ///
-/// * `gram`, `auto`, `randomized` (randomized falls back to gram): 5·S + 6·k²·e. The f32
+/// * `gram`, `auto`, `randomized` (randomized falls back to gram): 5·S + 12·k²·e. The f32
 ///   pass needs the input X, G, its eigenvectors and the eigensolver workspace (measured
-///   X + 5.3·k²·e on 8192×2048), then Y = X·V_r (becoming the QR storage) and Q, each at
-///   most p×r ≤ S. A spectrum whose rank decision is too close to τ for f32 reruns in f64
-///   (see `decompose::gram`): an f64 copy of X (2·S for f32 data), f64 G and eigenvectors,
-///   f64 Y and Q — measured peak 5.5·S on an 8192×2048 f32 power-law matrix that took the
-///   rerun (368 MB above the process baseline, S = 67 MB).
+///   X + 5.3·k²·4 on 8192×2048). A spectrum whose rank decision is too close to τ for f32
+///   reruns in f64 (see `decompose::gram`, common on power-law spectra): f64 G, eigenvectors
+///   and workspace (measured 5.8·k²·8 = 11.6·k²·4), then f64 Y = X·V_r (becoming the QR
+///   storage) and Q, each p×r·8 ≤ 2·S for r ≤ k/2. Measured on an 8192×2048 f32 power-law
+///   matrix that took the rerun: peak 262 MB above the process baseline (S = 67 MB,
+///   k²·4 = 16.8 MB; estimate 537 MB, which also covers ranks up to k).
 /// * `svd` and other routes: 5·S + 3·k²·e — faer's thin SVD works on a copy of the matrix
 ///   and forms the full m×k and n×k singular vectors (measured peak 5.1·S on 8192×2048).
 ///
@@ -91,7 +92,7 @@ pub fn footprint_estimate(m: usize, n: usize, precision: Precision, route: &str)
     let s = m.saturating_mul(n).saturating_mul(e);
     let k2 = k.saturating_mul(k).saturating_mul(e);
     let k2_copies = match route {
-        "gram" | "auto" | "randomized" => 6,
+        "gram" | "auto" | "randomized" => 12,
         _ => 3,
     };
     s.saturating_mul(5)
@@ -185,7 +186,7 @@ mod tests {
         let gram = footprint_estimate(8192, 2048, Precision::F32, "gram");
         let s = 8192 * 2048 * 4u64;
         let k2 = 2048 * 2048 * 4u64;
-        assert_eq!(gram, 5 * s + 6 * k2);
+        assert_eq!(gram, 5 * s + 12 * k2);
         assert_eq!(svd, 5 * s + 3 * k2);
         // Orientation does not matter; f64 doubles; the unknown route gets the svd figure.
         assert_eq!(footprint_estimate(2048, 8192, Precision::F32, "gram"), gram);
