@@ -245,7 +245,7 @@ fn factors_from_y<T: Elem>(
     // The long-side factor is copied out of Q first, then Q is freed.
     crate::budget::trace_rss("gram: before factors");
     let (mut u, mut vt) = if m >= n {
-        let u = row_major(m, r, |i, c| long(i, c));
+        let u = row_major(m, r, long);
         drop(q);
         (u, row_major(r, n, |c, j| short(j, c)))
     } else {
