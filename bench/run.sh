@@ -11,7 +11,10 @@
 # skipped for the larger sizes, default 60), SIZES, LLAMA_ARGS (e.g. "--hidden 1024 --layers 2 --ffn 2816
 # --vocab 8000" for a quick run), MINILM (path), WORK (scratch dir), ALGO (cersa route),
 # LAPACK (1: add the lapack route to the per-matrix table; default: if libopenblas is found),
-# PARTS (matrix,e2e; cli-matrix times whole one-tensor converts instead of the example).
+# PARTS (matrix,e2e; cli-matrix times whole one-tensor converts instead of the example;
+# rss checks issue 5's memory target on the Llama-shaped checkpoint and its 4× repeat:
+# peak RSS ≤ 2 × largest decomposed tensor (f32) + 256 MiB, run with THREADS threads and
+# --max-memory = 2 × that tensor; RSS_REPEAT (default 4) sets the repeat).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${THREADS:-$(nproc)}
@@ -32,8 +35,10 @@ if [ -z "${LAPACK:-}" ]; then
 fi
 FEATURES=()
 [ "$LAPACK" = 1 ] && FEATURES=(--features lapack)
-cargo build --release --quiet --bin cersa
-CERSA=target/release/cersa
+if [ -z "${CERSA:-}" ]; then  # CERSA=path skips the build (e.g. a quick check of this script)
+  cargo build --release --quiet --bin cersa
+  CERSA=target/release/cersa
+fi
 
 if [[ $PARTS == *matrix* ]]; then
 echo "## Per matrix (power-law spectra, τ = 0.9, 1 thread each; $(nproc) cores)"
@@ -48,6 +53,37 @@ fi
 OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
   python3 $T numpy-times "$WORK/mats.safetensors" --cap "$CAP" > "$WORK/numpy.tsv"
 python3 $T matrix-table "$WORK/rust.tsv" "$WORK/numpy.tsv"
+fi
+if [[ $PARTS == *rss* ]]; then
+echo
+echo "## Peak RSS vs model size (THREADS=$THREADS, cersa --algorithm $ALGO)"
+echo "| checkpoint | largest decomposed MiB (f32) | --max-memory MiB | bound MiB | cersa peak RSS MiB | wall s | result |"
+echo "|---|---|---|---|---|---|---|"
+RSS_REPEAT=${RSS_REPEAT:-4}
+largest=""
+for rep in 1 "$RSS_REPEAT"; do
+  rm -rf "$WORK/llama-rss" "$WORK/out-rss"
+  # shellcheck disable=SC2086
+  python3 $T gen-llama "$WORK/llama-rss" $LLAMA_ARGS --repeat "$rep"
+  if [ -z "$largest" ]; then
+    # The largest decomposed tensor, from a conversion of the 1× checkpoint.
+    "$CERSA" convert "$WORK/llama-rss/model.safetensors" "$WORK/out-rss" --threads "$THREADS" \
+      --algorithm "$ALGO" --quiet > /dev/null
+    largest=$(python3 $T largest-decomposed "$WORK/out-rss/cersa.json")
+    rm -rf "$WORK/out-rss"
+  fi
+  budget=$((2 * largest))
+  bound=$((2 * largest + 256 * 1024 * 1024))
+  s0=$(date +%s.%N)
+  kib=$(CERSA_PRINT_PEAK_RSS=1 "$CERSA" convert "$WORK/llama-rss/model.safetensors" "$WORK/out-rss" \
+    --threads "$THREADS" --algorithm "$ALGO" --max-memory "$budget" --quiet 2>&1 \
+    | sed -n 's/^cersa-peak-rss: \([0-9]*\) kB$/\1/p')
+  wall=$(python3 -c "import time; print(f'{time.time() - $s0:.1f}')")
+  peak=$((kib * 1024))
+  verdict=$([ "$peak" -le "$bound" ] && echo PASS || echo FAIL)
+  mib() { python3 -c "print(f'{$1 / 2**20:.0f}')"; }
+  echo "| llama-bf16 ×$rep${LLAMA_ARGS:+ ($LLAMA_ARGS)} | $(mib "$largest") | $(mib "$budget") | $(mib "$bound") | $(mib "$peak") | $wall | $verdict |"
+done
 fi
 [[ $PARTS == *e2e* ]] || exit 0
 

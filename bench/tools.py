@@ -3,7 +3,8 @@
 a wall-time + peak-RSS wrapper, and the rank comparison.
 
   tools.py gen-matrices OUT.safetensors SIZES      e.g. 384x384,1536x384,2048x2048
-  tools.py gen-llama OUT_DIR [--hidden 2048 --layers 4 --ffn 5632]
+  tools.py gen-llama OUT_DIR [--hidden 2048 --layers 4 --ffn 5632 --vocab 32000 --repeat N]
+  tools.py largest-decomposed CERSA_OUT/cersa.json  bytes of the largest decomposed tensor in f32
   tools.py numpy-times FILE [--cap SECONDS]        numpy svd + scipy gesdd per tensor
   tools.py measure -- CMD...                       prints 'wall_s peak_rss_mib' of CMD
   tools.py compare-ranks CERSA_OUT/cersa.json REF_OUT/ranks.json
@@ -43,8 +44,10 @@ def gen_matrices(out, sizes):
     save_file(tensors, out)
 
 
-def gen_llama(out_dir, hidden, layers, ffn, vocab):
-    """A Llama-shaped BF16 checkpoint (model.safetensors) with power-law spectra."""
+def gen_llama(out_dir, hidden, layers, ffn, vocab, repeat=1):
+    """A Llama-shaped BF16 checkpoint (model.safetensors) with power-law spectra. With
+    repeat N every tensor appears N times (copies 2..N named `rep{c}.NAME`, same values), for
+    checking that memory does not grow with the model size."""
     import os
 
     import torch  # noqa: F401  (only for bf16 storage)
@@ -67,6 +70,9 @@ def gen_llama(out_dir, hidden, layers, ffn, vocab):
         t[p + "input_layernorm.weight"] = bf16(np.ones(hidden, dtype=np.float32))
         t[p + "post_attention_layernorm.weight"] = bf16(np.ones(hidden, dtype=np.float32))
     t["model.norm.weight"] = bf16(np.ones(hidden, dtype=np.float32))
+    for c in range(1, repeat):
+        # Copies, not views: safetensors refuses tensors that share memory.
+        t.update({f"rep{c}.{k}": v.clone() for k, v in list(t.items()) if not k.startswith("rep")})
     os.makedirs(out_dir, exist_ok=True)
     save_file(t, os.path.join(out_dir, "model.safetensors"))
 
@@ -121,6 +127,19 @@ def cli_times(cersa, path, work, routes, cap):
                 return
 
 
+def largest_decomposed(manifest):
+    """Bytes in f32 of the largest tensor that was decomposed (factored, or found not to
+    save), from a CERSA manifest."""
+    best = 0
+    for info in json.load(open(manifest))["tensors"].values():
+        if info["kind"] == "factored" or info.get("reason") == "no-saving":
+            numel = 1
+            for d in info["shape"]:
+                numel *= d
+            best = max(best, 4 * numel)
+    print(best)
+
+
 def measure(cmd):
     t0 = time.perf_counter()
     rc = subprocess.call(cmd)
@@ -169,10 +188,12 @@ def main():
     if cmd == "gen-matrices":
         gen_matrices(a[0], a[1])
     elif cmd == "gen-llama":
-        opts = {"--hidden": 2048, "--layers": 4, "--ffn": 5632, "--vocab": 32000}
+        opts = {"--hidden": 2048, "--layers": 4, "--ffn": 5632, "--vocab": 32000, "--repeat": 1}
         for i in range(1, len(a), 2):
             opts[a[i]] = int(a[i + 1])
-        gen_llama(a[0], opts["--hidden"], opts["--layers"], opts["--ffn"], opts["--vocab"])
+        gen_llama(a[0], opts["--hidden"], opts["--layers"], opts["--ffn"], opts["--vocab"], opts["--repeat"])
+    elif cmd == "largest-decomposed":
+        largest_decomposed(a[0])
     elif cmd == "numpy-times":
         cap = float(a[a.index("--cap") + 1]) if "--cap" in a else 120.0
         numpy_times(a[0], cap)

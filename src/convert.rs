@@ -5,14 +5,15 @@
 //! thread count. A worker may run at most `window` tensors ahead of the writer, which
 //! bounds the memory held by finished-but-unwritten factors.
 
+use crate::budget::{default_budget, footprint_estimate, Admission};
 use crate::decompose::rank::{energy_at, frobenius2, saves};
-use crate::decompose::svd::residual_norm2;
-use crate::decompose::{self, Decomposer, RankRule};
+use crate::decompose::svd::{stored_residual_norm2, StoredFactors};
+use crate::decompose::{self, Decomposer, Factorization, RankRule};
 use crate::error::{ConvertError, Result};
 use crate::input::{FloatData, Source};
 use crate::journal::{self, Journal, Recovered, ShardRecord};
 use crate::select::Selection;
-use cersa_loader::dtype::{decode_f64, encode_f64};
+use cersa_loader::dtype::{decode_f64, encode_f32, encode_f64};
 use cersa_loader::manifest::{ConvertConfig, Producer, SourceInfo, Totals};
 use cersa_loader::{
     factor_names, CheckpointWriter, DenseReason, Dtype, Manifest, TensorInfo, TensorKind,
@@ -85,6 +86,9 @@ pub struct ConvertOptions {
     pub algorithm: String,
     /// Continue an interrupted run from its partial directory (see [`crate::journal`]).
     pub resume: bool,
+    /// Memory budget in bytes for the tensors in flight (see [`crate::budget`]); `None`
+    /// uses [`crate::budget::default_budget`]. Does not change the output.
+    pub max_memory: Option<u64>,
 }
 
 impl Default for ConvertOptions {
@@ -99,6 +103,7 @@ impl Default for ConvertOptions {
             threads: 1,
             algorithm: "auto".into(),
             resume: false,
+            max_memory: None,
         }
     }
 }
@@ -150,10 +155,22 @@ enum Outcome {
     },
 }
 
+impl Outcome {
+    /// Bytes the result holds until it is written.
+    fn held_bytes(&self) -> u64 {
+        match self {
+            Outcome::Dense(_) => 0,
+            Outcome::Factored { u, s, vt, .. } => (u.len() + s.len() + vt.len()) as u64,
+        }
+    }
+}
+
 struct Shared {
     next_claim: usize,
     next_write: usize,
-    results: HashMap<usize, Result<Outcome>>,
+    /// Finished results with the bytes they hold in `admission`.
+    results: HashMap<usize, (Result<Outcome>, u64)>,
+    admission: Admission,
     stop: bool,
 }
 
@@ -356,10 +373,26 @@ fn run(
     let plan: Vec<_> = metas.iter().map(|t| selection.check(t)).collect();
     let threads = opts.threads.max(1);
     let window = 2 * threads;
+    // Only tensors that are read and factored allocate; pass-through ones stream.
+    let estimates: Vec<u64> = metas
+        .iter()
+        .zip(&plan)
+        .map(|(t, p)| match (p, t.float) {
+            (Ok(()), Some(precision)) if !t.shape.is_empty() => {
+                let m = t.shape[0];
+                let n = t.shape[1..]
+                    .iter()
+                    .fold(1usize, |a, &d| a.saturating_mul(d));
+                footprint_estimate(m, n, precision, decomposer.name())
+            }
+            _ => 0,
+        })
+        .collect();
     let shared = Mutex::new(Shared {
         next_claim: start,
         next_write: start,
         results: HashMap::new(),
+        admission: Admission::new(opts.max_memory.unwrap_or_else(default_budget)),
         stop: false,
     });
     let cv = Condvar::new();
@@ -375,11 +408,15 @@ fn run(
                         if g.stop || g.next_claim >= total || cancel.load(Ordering::Relaxed) {
                             return;
                         }
-                        if g.next_claim < g.next_write + window {
+                        if g.next_claim < g.next_write + window
+                            && g.admission.admits(estimates[g.next_claim])
+                        {
                             break;
                         }
                         g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
                     }
+                    let estimate = estimates[g.next_claim];
+                    g.admission.hold(estimate);
                     g.next_claim += 1;
                     g.next_claim - 1
                 };
@@ -395,8 +432,10 @@ fn run(
                         })
                     }),
                 };
+                let held = outcome.as_ref().map_or(0, Outcome::held_bytes);
                 let mut g = lock();
-                g.results.insert(i, outcome);
+                g.admission.replace(estimates[i], held);
+                g.results.insert(i, (outcome, held));
                 cv.notify_all();
             });
         }
@@ -489,16 +528,16 @@ fn write_all(
         // A source rewritten under its memory map is caught between tensors, not only at
         // the end (reading a truncated map would fault).
         src.check_unchanged()?;
-        let outcome = {
+        let (outcome, held) = {
             let mut g = shared.lock().unwrap_or_else(|p| p.into_inner());
             loop {
                 if cancel.load(Ordering::Relaxed) {
                     return Err(ConvertError::Interrupted);
                 }
-                if let Some(r) = g.results.remove(&i) {
+                if let Some((r, held)) = g.results.remove(&i) {
                     g.next_write = i + 1;
                     cv.notify_all();
-                    break r?;
+                    break (r?, held);
                 }
                 g = cv
                     .wait_timeout(g, std::time::Duration::from_millis(200))
@@ -564,6 +603,12 @@ fn write_all(
                 }
             }
         };
+        // The result's buffers are freed: its bytes no longer count against the budget.
+        {
+            let mut g = shared.lock().unwrap_or_else(|p| p.into_inner());
+            g.admission.release(held);
+            cv.notify_all();
+        }
         add_totals(&mut totals, meta, &info);
         open_shard.tensors.push((meta.name.clone(), info.clone()));
         if tensors.insert(meta.name.clone(), info).is_some() {
@@ -678,6 +723,7 @@ fn process(
     let meta = &src.tensors()[i];
     let path = || src.file_path(meta.file).to_path_buf();
     let data = src.read_float(i)?;
+    crate::budget::trace_rss("convert: read");
     if let Some((count, first, index)) = data.non_finite() {
         return Err(ConvertError::NonFinite {
             path: path(),
@@ -702,30 +748,47 @@ fn process(
             tensor: meta.name.clone(),
             reason,
         })?;
+    crate::budget::trace_rss("convert: factorized");
     let r = f.rank;
+    let energy = energy_at(&f.sigma, f.norm2, r);
     if !opts.force_factor && !saves(r, m, n) {
         return Ok(Outcome::Dense(DenseReason::NoSaving));
     }
     let dtype = opts.dtype.resolve(meta.dense_dtype);
-    let encode = |v: &[f64], d: Dtype| encode_f64(d, v).expect("factor dtypes are float");
-    let u = encode(&f.u, dtype);
-    let vt = encode(&f.vt, dtype);
-    let s = encode(&f.s, Dtype::F32);
-    // rel_error is measured on the factors exactly as stored.
-    let decode = |b: &[u8], d: Dtype| decode_f64(d, b).expect("factor dtypes are float");
-    let res = residual_norm2(
+    // Each factor is freed as soon as it is encoded (f32 → any factor dtype rounds once,
+    // exactly as from the f64 widening).
+    let encode = |v: FloatData| {
+        match v {
+            FloatData::F32(v) => encode_f32(dtype, &v),
+            FloatData::F64(v) => encode_f64(dtype, &v),
+        }
+        .expect("factor dtypes are float")
+    };
+    let Factorization { u, s, vt, .. } = f;
+    let u = encode(u);
+    let vt = encode(vt);
+    let s = encode_f64(Dtype::F32, &s).expect("F32 is a float dtype");
+    crate::budget::trace_rss("convert: encoded");
+    // rel_error is measured on the factors exactly as stored, streamed by row blocks.
+    let s_stored = decode_f64(Dtype::F32, &s).expect("F32 is a float dtype");
+    let res = stored_residual_norm2(
         &data,
         m,
         n,
-        &decode(&u, dtype),
-        &decode(&s, Dtype::F32),
-        &decode(&vt, dtype),
+        &StoredFactors {
+            dtype,
+            u: &u,
+            s: &s_stored,
+            vt: &vt,
+        },
     );
+    crate::budget::trace_rss("convert: residual");
+    drop(data);
     Ok(Outcome::Factored {
         m,
         n,
         rank: r,
-        energy: energy_at(&f.sigma, f.norm2, r),
+        energy,
         rel_error: (res / norm2).sqrt(),
         dtype,
         u,

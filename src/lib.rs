@@ -5,6 +5,7 @@
 //! [`inspect`] reports spectra and ranks without writing anything.
 #![deny(unsafe_code)]
 
+pub mod budget;
 pub mod cli;
 pub mod convert;
 pub mod decompose;

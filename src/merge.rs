@@ -125,8 +125,8 @@ fn write_merged(
                     })?;
                 let dtype = f.u.dtype;
                 let r = fact.rank;
-                let (u_bytes, u_back) = rounded(dtype, &fact.u, name)?;
-                let (vt_bytes, vt_back) = rounded(dtype, &fact.vt, name)?;
+                let (u_bytes, u_back) = rounded(dtype, &fact.u.to_f64(), name)?;
+                let (vt_bytes, vt_back) = rounded(dtype, &fact.vt.to_f64(), name)?;
                 let s32: Vec<f32> = fact.s.iter().map(|&v| v as f32).collect();
                 let s_back: Vec<f64> = s32.iter().map(|&v| f64::from(v)).collect();
                 let s_bytes: Vec<u8> = s32.iter().flat_map(|v| v.to_le_bytes()).collect();

@@ -104,8 +104,14 @@ pub struct ConvertArgs {
     /// Worker threads (default: all cores). The output does not depend on it.
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Decomposition route: auto (default), svd, gram, randomized; cuda in builds with the
-    /// `cuda` feature (NVIDIA GPU).
+    /// Memory budget for tensors in flight (e.g. 512M, 4G, 2GiB, or bytes; default: half of
+    /// MemAvailable). A worker starts a tensor only while the estimated footprints of the
+    /// tensors being factored or waiting to be written fit; a tensor larger than the budget
+    /// runs alone. The output does not depend on it.
+    #[arg(long, value_name = "BYTES")]
+    pub max_memory: Option<String>,
+    /// Decomposition route: auto (default), svd, gram, randomized; lapack and cuda in builds
+    /// with those cargo features.
     #[arg(long, default_value = "auto")]
     pub algorithm: String,
     /// Print the result as JSON on stdout.
@@ -274,6 +280,12 @@ impl ConvertArgs {
             threads: threads(self.threads)?,
             algorithm: self.algorithm.clone(),
             resume: self.resume,
+            max_memory: self
+                .max_memory
+                .as_deref()
+                .map(parse_size)
+                .transpose()
+                .context("--max-memory")?,
         })
     }
 }
@@ -334,5 +346,28 @@ mod tests {
         assert!(parse_size("0").is_err());
         assert!(parse_size("12XB").is_err());
         assert!(parse_size("GB").is_err());
+    }
+
+    #[test]
+    fn max_memory_flag() {
+        use clap::Parser;
+        let opts = |extra: &[&str]| {
+            let mut argv = vec!["cersa", "convert", "in.safetensors", "out"];
+            argv.extend_from_slice(extra);
+            match Cli::try_parse_from(argv).expect("parses").command {
+                Command::Convert(a) => a.to_options(),
+                _ => unreachable!("convert"),
+            }
+        };
+        assert_eq!(opts(&[]).unwrap().max_memory, None);
+        let got = |v: &str| opts(&["--max-memory", v]).unwrap().max_memory;
+        assert_eq!(got("512M"), Some(512_000_000));
+        assert_eq!(got("4G"), Some(4_000_000_000));
+        assert_eq!(got("2GiB"), Some(2 << 30));
+        assert_eq!(got("1048576"), Some(1 << 20));
+        for bad in ["0", "lots", "0.1", "4X"] {
+            let e = opts(&["--max-memory", bad]).unwrap_err();
+            assert!(format!("{e:#}").contains("--max-memory"), "{bad}: {e:#}");
+        }
     }
 }

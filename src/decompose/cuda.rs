@@ -452,9 +452,9 @@ impl Decomposer for Cuda {
         s.iter_mut().for_each(|v| *v *= unscale);
         Ok(Factorization {
             rank: r,
-            u,
+            u: u.into(),
             s,
-            vt,
+            vt: vt.into(),
             sigma: unscaled_sigma(&out.lambda, unscale),
             norm2,
         })

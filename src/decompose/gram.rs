@@ -29,12 +29,8 @@ use faer::{Accum, Conj, Mat, MatRef, Par};
 
 /// Multiplier on ε·k·λ₁/‖W‖² giving the energy uncertainty of a Gram pass.
 pub const GRAM_SAFETY: f64 = 4.0;
-/// λ_r below `CUT_FLOOR·ε·k·λ₁` (the worst-case absolute error of an f32 eigenvalue of G)
-/// cannot be told from rounding noise, nor can its eigenvector. 1 rather than a wider
-/// margin: on 2048² and 5632×2048 power-law matrices (σ_r/σ₁ ≈ 0.08 at τ = 0.9) the f32
-/// pass gave the f64 rank and a residual equal to the optimum to 7 digits, while the former
-/// 64 sent them, and typical k = 4096 LLM weights, through a needless f64 pass (+60 % time).
-pub const CUT_FLOOR: f64 = 1.0;
+/// λ_r below `CUT_FLOOR·ε·k·λ₁` is too close to rounding noise for its eigenvector.
+pub const CUT_FLOOR: f64 = 64.0;
 
 /// The Gram-eigendecomposition route.
 #[derive(Debug, Clone, Copy, Default)]
@@ -56,6 +52,7 @@ pub(crate) fn long_view<T: Elem>(w: &[T], m: usize, n: usize) -> MatRef<'_, T> {
 fn gram_eig<T: Elem>(x: MatRef<'_, T>, vectors: bool) -> Result<(Vec<f64>, Mat<T>), String> {
     let k = x.ncols();
     let mut g = Mat::<T>::zeros(k, k);
+    crate::budget::trace_rss("gram: G allocated");
     // Symmetric rank-p update: only the lower triangle is formed (half the flops);
     // the EVD reads only the lower triangle.
     tri::matmul(
@@ -69,6 +66,14 @@ fn gram_eig<T: Elem>(x: MatRef<'_, T>, vectors: bool) -> Result<(Vec<f64>, Mat<T
         T::of(1.0),
         Par::Seq,
     );
+    crate::budget::trace_rss("gram: G formed");
+    eig_of_gram(g, vectors)
+}
+
+/// Eigenvalues (non-increasing) and, when `vectors`, eigenvectors of the Gram matrix `g`
+/// (only its lower triangle is read); `g` is freed before the vectors are reordered.
+fn eig_of_gram<T: Elem>(g: Mat<T>, vectors: bool) -> Result<(Vec<f64>, Mat<T>), String> {
+    let k = g.nrows();
     let which = if vectors {
         ComputeEigenvectors::Yes
     } else {
@@ -92,6 +97,7 @@ fn gram_eig<T: Elem>(x: MatRef<'_, T>, vectors: bool) -> Result<(Vec<f64>, Mat<T
         Default::default(),
     )
     .map_err(|e| format!("Gram eigendecomposition did not converge: {e:?}"))?;
+    crate::budget::trace_rss("gram: EVD done");
     // faer returns non-decreasing eigenvalues; reverse to non-increasing.
     let lambda: Vec<f64> = s
         .column_vector()
@@ -99,11 +105,17 @@ fn gram_eig<T: Elem>(x: MatRef<'_, T>, vectors: bool) -> Result<(Vec<f64>, Mat<T
         .rev()
         .map(|x| (*x).into())
         .collect();
-    let u = if vectors {
-        Mat::from_fn(k, k, |i, j| u[(i, k - 1 - j)])
-    } else {
-        u
-    };
+    // Free G and the workspace, then reverse the columns in place (no second k×k copy).
+    drop((g, mem));
+    if vectors {
+        for j in 0..k / 2 {
+            for i in 0..k {
+                let t = u[(i, j)];
+                u[(i, j)] = u[(i, k - 1 - j)];
+                u[(i, k - 1 - j)] = t;
+            }
+        }
+    }
     Ok((lambda, u))
 }
 
@@ -187,17 +199,34 @@ pub(crate) fn thin_q<T: Elem>(y: Mat<T>) -> Result<(Mat<T>, Vec<f64>, Vec<bool>)
 /// Truncated factors from the short-side basis `vr` (k×r, orthonormal columns) of the
 /// long×short view `x` of the row-major m×n matrix: Y = X·V_r = Q·R, X ≈ Q·diag(|R_ii|)·V_rᵀ
 /// (signs folded into Q). Columns are reordered by non-increasing σ, signs fixed (§4.7).
+/// Returns (U row-major m×r, σ, Vᵀ row-major r×n) in precision T. Memory: Y becomes the QR
+/// storage, which is freed once Q is formed; Q is freed once the long-side factor is copied
+/// out, so at most two p×r matrices are alive next to X.
 #[allow(clippy::type_complexity)]
 pub(crate) fn factors_from_basis<T: Elem>(
     x: MatRef<'_, T>,
     vr: MatRef<'_, T>,
     m: usize,
     n: usize,
-) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>), String> {
+) -> Result<(Vec<T>, Vec<f64>, Vec<T>), String> {
     let (p, r) = (x.nrows(), vr.ncols());
     let mut y = Mat::<T>::zeros(p, r);
     faer::linalg::matmul::matmul(y.as_mut(), Accum::Replace, x, vr, T::of(1.0), Par::Seq);
+    factors_from_y(y, vr, m, n)
+}
+
+/// [`factors_from_basis`] from Y = X·V_r already formed (consumed: it becomes the QR
+/// storage).
+#[allow(clippy::type_complexity)]
+fn factors_from_y<T: Elem>(
+    y: Mat<T>,
+    vr: MatRef<'_, T>,
+    m: usize,
+    n: usize,
+) -> Result<(Vec<T>, Vec<f64>, Vec<T>), String> {
+    crate::budget::trace_rss("gram: Y = X·V_r");
     let (q, s, neg) = thin_q(y)?;
+    crate::budget::trace_rss("gram: Q");
     Ok(factors_from_qr(q.as_ref(), &s, &neg, vr, m, n))
 }
 
@@ -211,33 +240,41 @@ pub(crate) fn factors_from_qr<T: Elem>(
     vr: MatRef<'_, T>,
     m: usize,
     n: usize,
-) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+) -> (Vec<T>, Vec<f64>, Vec<T>) {
     let r = vr.ncols();
     let mut order: Vec<usize> = (0..r).collect();
     // Stable sort: ties keep basis order, so the result is deterministic.
     order.sort_by(|&a, &b| s[b].total_cmp(&s[a]));
-    let sgn = |j: usize| if neg[j] { -1.0 } else { 1.0 };
-    // Long side (p = rows of X) basis is Q·sign, short side is V_r.
-    let long = |i: usize, c: usize| -> f64 {
+    // Long side (p = rows of X) basis is Q·sign (negation is exact), short side is V_r.
+    let long = |i: usize, c: usize| -> T {
         let j = order[c];
-        let v: f64 = q[(i, j)].into();
-        v * sgn(j)
+        if neg[j] {
+            let v: f64 = q[(i, j)].into();
+            T::of(-v)
+        } else {
+            q[(i, j)]
+        }
     };
-    let short = |i: usize, c: usize| -> f64 { vr[(i, order[c])].into() };
-    let mut u = vec![0f64; m * r];
-    let mut vt = vec![0f64; r * n];
-    let x_is_w = m >= n;
-    for c in 0..r {
-        for i in 0..m {
-            u[i * r + c] = if x_is_w { long(i, c) } else { short(i, c) };
-        }
-        for j in 0..n {
-            vt[c * n + j] = if x_is_w { short(j, c) } else { long(j, c) };
-        }
-    }
+    let short = |i: usize, c: usize| -> T { vr[(i, order[c])] };
+    crate::budget::trace_rss("gram: before factors");
+    let (mut u, mut vt) = if m >= n {
+        (row_major(m, r, long), row_major(r, n, |c, j| short(j, c)))
+    } else {
+        (row_major(m, r, short), row_major(r, n, |c, j| long(j, c)))
+    };
+    crate::budget::trace_rss("gram: factors");
     let s_sorted: Vec<f64> = order.iter().map(|&j| s[j]).collect();
     fix_signs(&mut u, &mut vt, m, r, n);
     (u, s_sorted, vt)
+}
+
+/// A row-major rows×cols matrix with entries `at(i, j)`.
+fn row_major<T: Elem>(rows: usize, cols: usize, at: impl Fn(usize, usize) -> T) -> Vec<T> {
+    let mut out = Vec::with_capacity(rows * cols);
+    for i in 0..rows {
+        out.extend((0..cols).map(|j| at(i, j)));
+    }
+    out
 }
 
 /// One Gram pass in precision T. Returns `None` when the precision rule asks for f64.
@@ -272,6 +309,7 @@ fn factorize_pass<T: Elem>(
         (long_view(w, m, n), 1.0)
     };
     let (mut lambda, evecs) = gram_eig(x, true)?;
+    crate::budget::trace_rss("gram: eigenvectors");
     lambda.iter_mut().for_each(|l| *l *= unscale * unscale);
     let sigma = sigma_of(&lambda);
     let r = rule.rank(&sigma, norm2, m, n);
@@ -284,9 +322,9 @@ fn factorize_pass<T: Elem>(
     s.iter_mut().for_each(|v| *v *= unscale);
     Ok(Some(Factorization {
         rank: r,
-        u,
+        u: T::wrap(u),
         s,
-        vt,
+        vt: T::wrap(vt),
         sigma,
         norm2,
     }))
@@ -306,8 +344,79 @@ pub fn factorize_f32(
             return Ok(f);
         }
     }
-    let w64: Vec<f64> = w.iter().map(|&x| x as f64).collect();
-    factorize_pass(&w64, m, n, rule, norm2, None).map(|f| f.expect("no check in f64"))
+    factorize_widened(w, m, n, rule, norm2)
+}
+
+/// Long-side rows of X widened to f64 at a time by [`factorize_widened`]. Fixed, so the
+/// accumulation order (and the bits) never depends on the thread count.
+pub const WIDEN_BLOCK: usize = 256;
+
+/// The f64 Gram pass of an f32 matrix without an f64 copy of it: G = XᵀX is accumulated
+/// and Y = X·V_r formed over blocks of [`WIDEN_BLOCK`] long-side rows widened to f64 (exact),
+/// so the extra memory is O(block·k) instead of 2·m·n·4 bytes.
+fn factorize_widened(
+    w: &[f32],
+    m: usize,
+    n: usize,
+    rule: &RankRule,
+    norm2: f64,
+) -> Result<Factorization, String> {
+    // The same power-of-two scaling as `factorize_pass` (exact), σ scaled back.
+    let e = super::svd::scale_exponent(w);
+    let (f, unscale) = ((-e).exp2(), e.exp2());
+    let x = long_view(w, m, n);
+    let (p, k) = (x.nrows(), x.ncols());
+    let widen =
+        |i0: usize, b: usize| Mat::<f64>::from_fn(b, k, |i, j| f64::from(x[(i0 + i, j)]) * f);
+    let mut g = Mat::<f64>::zeros(k, k);
+    let mut i0 = 0;
+    while i0 < p {
+        let b = WIDEN_BLOCK.min(p - i0);
+        let xb = widen(i0, b);
+        tri::matmul(
+            g.as_mut(),
+            BlockStructure::TriangularLower,
+            if i0 == 0 { Accum::Replace } else { Accum::Add },
+            xb.transpose(),
+            BlockStructure::Rectangular,
+            xb.as_ref(),
+            BlockStructure::Rectangular,
+            1.0,
+            Par::Seq,
+        );
+        i0 += b;
+    }
+    crate::budget::trace_rss("gram f64: G formed");
+    let (mut lambda, evecs) = eig_of_gram(g, true)?;
+    lambda.iter_mut().for_each(|l| *l *= unscale * unscale);
+    let sigma = sigma_of(&lambda);
+    let r = rule.rank(&sigma, norm2, m, n);
+    let vr = evecs.get(.., ..r);
+    let mut y = Mat::<f64>::zeros(p, r);
+    let mut i0 = 0;
+    while i0 < p {
+        let b = WIDEN_BLOCK.min(p - i0);
+        let xb = widen(i0, b);
+        faer::linalg::matmul::matmul(
+            y.as_mut().subrows_mut(i0, b),
+            Accum::Replace,
+            xb.as_ref(),
+            vr,
+            1.0,
+            Par::Seq,
+        );
+        i0 += b;
+    }
+    let (u, mut s, vt) = factors_from_y(y, vr, m, n)?;
+    s.iter_mut().for_each(|v| *v *= unscale);
+    Ok(Factorization {
+        rank: r,
+        u: u.into(),
+        s,
+        vt: vt.into(),
+        sigma,
+        norm2,
+    })
 }
 
 /// σ of the row-major m×n matrix `w` from a Gram matrix accumulated in f64 (f64 absolute

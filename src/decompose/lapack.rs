@@ -104,9 +104,9 @@ where
     fix_signs(&mut u, &mut vt, m, r, n);
     Ok(Factorization {
         rank: r,
-        u,
+        u: u.into(),
         s: sigma[..r].to_vec(),
-        vt,
+        vt: vt.into(),
         sigma,
         norm2,
     })

@@ -19,17 +19,26 @@ use crate::error::Result;
 use crate::input::FloatData;
 pub use rank::RankRule;
 
-/// Truncated factors of an m×n matrix W ≈ U·diag(s)·Vᵀ, in f64 for the writer to round.
+/// Truncated factors of an m×n matrix W ≈ U·diag(s)·Vᵀ.
+///
+/// `u` and `vt` stay in the precision the route computed them in ([`FloatData::F32`] for
+/// f32 work, [`FloatData::F64`] for f64 work), so an f32 route does not double its largest
+/// allocation; the writer rounds them to the stored dtype (exact for f32 → f32, f16, bf16).
+/// A route filling this from `Vec<f32>` or `Vec<f64>` writes `u: u.into()`. Routes should
+/// drop their intermediates (QR storage, full-size SVD vectors) before or while forming
+/// `u`/`vt`: the converter's memory budget (`--max-memory`) counts on at most the input, the
+/// two factors and one long-side intermediate being alive at once (see
+/// `crate::convert::footprint_estimate`).
 #[derive(Debug, Clone)]
 pub struct Factorization {
     /// Rank r.
     pub rank: usize,
     /// U_r, row-major [m, r].
-    pub u: Vec<f64>,
+    pub u: FloatData,
     /// σ_r.
     pub s: Vec<f64>,
     /// V_rᵀ, row-major [r, n].
-    pub vt: Vec<f64>,
+    pub vt: FloatData,
     /// Every singular value the route computed (at least r), non-increasing.
     pub sigma: Vec<f64>,
     /// ‖W‖_F² in f64.
@@ -110,14 +119,49 @@ fn cuda_route() -> Result<Box<dyn Decomposer>> {
     ))
 }
 
+impl From<Vec<f32>> for FloatData {
+    fn from(v: Vec<f32>) -> Self {
+        FloatData::F32(v)
+    }
+}
+
+impl From<Vec<f64>> for FloatData {
+    fn from(v: Vec<f64>) -> Self {
+        FloatData::F64(v)
+    }
+}
+
+impl FloatData {
+    /// The values widened to f64 (exact); borrows when they already are f64.
+    pub fn to_f64(&self) -> std::borrow::Cow<'_, [f64]> {
+        match self {
+            FloatData::F32(v) => v.iter().map(|&x| f64::from(x)).collect(),
+            FloatData::F64(v) => std::borrow::Cow::Borrowed(v),
+        }
+    }
+
+    /// Bytes held by the values.
+    pub fn heap_bytes(&self) -> usize {
+        match self {
+            FloatData::F32(v) => v.len() * 4,
+            FloatData::F64(v) => v.len() * 8,
+        }
+    }
+}
+
 /// Makes the largest-|x| entry (first on ties) of each column of U positive, negating the
-/// matching row of Vᵀ. `u` is row-major [m, r], `vt` row-major [r, n].
-pub fn fix_signs(u: &mut [f64], vt: &mut [f64], m: usize, r: usize, n: usize) {
+/// matching row of Vᵀ. `u` is row-major [m, r], `vt` row-major [r, n]. Negation is exact,
+/// so the result does not depend on the precision it runs in.
+pub fn fix_signs<T: svd::Elem>(u: &mut [T], vt: &mut [T], m: usize, r: usize, n: usize) {
+    let neg = |x: T| -> T {
+        let v: f64 = x.into();
+        T::of(-v)
+    };
     for j in 0..r {
         let mut best = 0.0f64;
         let mut sign = 1.0f64;
         for i in 0..m {
-            let x = u[i * r + j];
+            let x: f64 = u[i * r + j].into();
             if x.abs() > best {
                 best = x.abs();
                 sign = x.signum();
@@ -125,9 +169,9 @@ pub fn fix_signs(u: &mut [f64], vt: &mut [f64], m: usize, r: usize, n: usize) {
         }
         if sign < 0.0 {
             for i in 0..m {
-                u[i * r + j] = -u[i * r + j];
+                u[i * r + j] = neg(u[i * r + j]);
             }
-            vt[j * n..(j + 1) * n].iter_mut().for_each(|x| *x = -*x);
+            vt[j * n..(j + 1) * n].iter_mut().for_each(|x| *x = neg(*x));
         }
     }
 }

@@ -367,6 +367,7 @@ pub fn factorize_t<T: Elem>(
         return Ok(None);
     }
     let q64 = Mat::<f64>::from_fn(q.nrows(), q.ncols(), |i, j| q[(i, j)].into());
+    drop(q);
     let mut uq = Mat::<f64>::zeros(m, r);
     matmul(
         uq.as_mut(),
@@ -376,12 +377,18 @@ pub fn factorize_t<T: Elem>(
         1.0,
         Par::Seq,
     );
+    drop(q64);
+    // The factors are formed in f64 (see above) and handed over in f64, so the writer
+    // rounds them once, straight to the stored dtype.
     let mut u = vec![0f64; m * r];
-    let mut vt = vec![0f64; r * n];
     for c in 0..r {
         for i in 0..m {
             u[i * r + c] = uq[(i, c)];
         }
+    }
+    drop(uq);
+    let mut vt = vec![0f64; r * n];
+    for c in 0..r {
         for j in 0..n {
             vt[c * n + j] = z[(j, c)];
         }
@@ -389,9 +396,9 @@ pub fn factorize_t<T: Elem>(
     fix_signs(&mut u, &mut vt, m, r, n);
     Ok(Some(Factorization {
         rank: r,
-        u,
+        u: u.into(),
         s: sigma[..r].to_vec(),
-        vt,
+        vt: vt.into(),
         sigma,
         norm2,
     }))

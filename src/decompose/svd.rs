@@ -12,15 +12,23 @@ use faer::{Accum, Mat, MatRef, Par};
 pub trait Elem: faer::traits::RealField + Copy + Into<f64> + Send + Sync + 'static {
     /// Rounds an f64 to this type.
     fn of(x: f64) -> Self;
+    /// Wraps values of this type as [`FloatData`].
+    fn wrap(v: Vec<Self>) -> FloatData;
 }
 impl Elem for f32 {
     fn of(x: f64) -> Self {
         x as f32
     }
+    fn wrap(v: Vec<Self>) -> FloatData {
+        FloatData::F32(v)
+    }
 }
 impl Elem for f64 {
     fn of(x: f64) -> Self {
         x
+    }
+    fn wrap(v: Vec<Self>) -> FloatData {
+        FloatData::F64(v)
     }
 }
 
@@ -125,27 +133,31 @@ fn factorize_t<T: Elem>(
     let scaled = scaled_by_pow2(w, e);
     let w = scaled.as_deref().unwrap_or(w);
     let (mut sigma, u, v) = thin_svd(w, m, n, true)?;
+    crate::budget::trace_rss("svd: thin SVD done");
     sigma.iter_mut().for_each(|s| *s *= e.exp2());
     let r = rule.rank(&sigma, norm2, m, n);
-    let mut uo = vec![0f64; m * r];
+    // Each full m×k / n×k vector matrix is dropped as soon as its r columns are copied out,
+    // so at most one of them and one factor are alive next to the input.
+    let mut uo = vec![T::of(0.0); m * r];
     for j in 0..r {
-        for i in 0..m {
-            uo[i * r + j] = u[(i, j)].into();
+        for (i, x) in u.col(j).iter().enumerate() {
+            uo[i * r + j] = *x;
         }
     }
-    let mut vt = vec![0f64; r * n];
+    drop(u);
+    let mut vt = vec![T::of(0.0); r * n];
     for j in 0..r {
-        let col = v.col(j);
-        for (c, x) in col.iter().enumerate() {
-            vt[j * n + c] = (*x).into();
+        for (c, x) in v.col(j).iter().enumerate() {
+            vt[j * n + c] = *x;
         }
     }
+    drop(v);
     fix_signs(&mut uo, &mut vt, m, r, n);
     Ok(Factorization {
         rank: r,
-        u: uo,
+        u: T::wrap(uo),
         s: sigma[..r].to_vec(),
-        vt,
+        vt: T::wrap(vt),
         sigma,
         norm2,
     })
@@ -200,4 +212,98 @@ pub fn residual_norm2(w: &FloatData, m: usize, n: usize, u: &[f64], s: &[f64], v
         FloatData::F32(v) => imp(v, m, n, u, s, vt),
         FloatData::F64(v) => imp(v, m, n, u, s, vt),
     }
+}
+
+/// Rows (long-side slices) of W per block of [`stored_residual_norm2`]: fixed, so the sum
+/// order (and the bits of `rel_error`) never depends on the thread count.
+pub const RESIDUAL_BLOCK: usize = 256;
+
+/// Stored factors as the writer holds them: little-endian bytes of a float `dtype`.
+#[derive(Debug, Clone, Copy)]
+pub struct StoredFactors<'a> {
+    /// Dtype of `u` and `vt`.
+    pub dtype: cersa_loader::Dtype,
+    /// U bytes, row-major [m, r].
+    pub u: &'a [u8],
+    /// σ as stored (already rounded to f32), r values.
+    pub s: &'a [f64],
+    /// Vᵀ bytes, row-major [r, n].
+    pub vt: &'a [u8],
+}
+
+/// ‖W − U·diag(s)·Vᵀ‖_F² of the factors exactly as stored, computed in W's precision with
+/// an f64 sum, streaming over blocks of [`RESIDUAL_BLOCK`] long-side slices: only the
+/// short-side factor (k×r) and one block are decoded at a time, never a whole long-side
+/// factor or a copy of W.
+pub fn stored_residual_norm2(w: &FloatData, m: usize, n: usize, f: &StoredFactors<'_>) -> f64 {
+    match w {
+        FloatData::F32(v) => stored_residual_imp(v, m, n, f),
+        FloatData::F64(v) => stored_residual_imp(v, m, n, f),
+    }
+}
+
+fn stored_residual_imp<T: Elem>(w: &[T], m: usize, n: usize, f: &StoredFactors<'_>) -> f64 {
+    let r = f.s.len();
+    let size = f.dtype.size();
+    let decode = |b: &[u8]| -> Vec<f64> {
+        cersa_loader::dtype::decode_f64(f.dtype, b).expect("factor dtypes are float")
+    };
+    // Wᵀ: n×m column-major view of row-major W.
+    let wt = MatRef::from_column_major_slice(w, n, m);
+    let mut total = 0f64;
+    if m >= n {
+        // Long side = rows of W = columns of Wᵀ. Rᵀ[:, blk] = Wᵀ[:, blk] − (V·diag(s))·Uᵀ[:, blk].
+        let mut vs = Mat::<T>::zeros(n, r);
+        for k in 0..r {
+            let row = decode(&f.vt[k * n * size..(k + 1) * n * size]);
+            for (c, x) in row.iter().enumerate() {
+                vs[(c, k)] = T::of(x * f.s[k]);
+            }
+        }
+        let mut i0 = 0;
+        while i0 < m {
+            let b = RESIDUAL_BLOCK.min(m - i0);
+            let ub = decode(&f.u[i0 * r * size..(i0 + b) * r * size]);
+            let ut = Mat::<T>::from_fn(r, b, |k, i| T::of(ub[i * r + k]));
+            let mut rt = wt.subcols(i0, b).to_owned();
+            faer::linalg::matmul::matmul(
+                rt.as_mut(),
+                Accum::Add,
+                vs.as_ref(),
+                ut.as_ref(),
+                T::of(-1.0),
+                Par::Seq,
+            );
+            total += mat_norm2(rt.as_ref());
+            i0 += b;
+        }
+    } else {
+        // Long side = columns of W = rows of Wᵀ. Rᵀ[blk, :] = Wᵀ[blk, :] − (V·diag(s))[blk, :]·Uᵀ.
+        let ub = decode(f.u);
+        let ut = Mat::<T>::from_fn(r, m, |k, i| T::of(ub[i * r + k]));
+        drop(ub);
+        let mut j0 = 0;
+        while j0 < n {
+            let b = RESIDUAL_BLOCK.min(n - j0);
+            let mut vs = Mat::<T>::zeros(b, r);
+            for k in 0..r {
+                let seg = decode(&f.vt[(k * n + j0) * size..(k * n + j0 + b) * size]);
+                for (c, x) in seg.iter().enumerate() {
+                    vs[(c, k)] = T::of(x * f.s[k]);
+                }
+            }
+            let mut rt = wt.subrows(j0, b).to_owned();
+            faer::linalg::matmul::matmul(
+                rt.as_mut(),
+                Accum::Add,
+                vs.as_ref(),
+                ut.as_ref(),
+                T::of(-1.0),
+                Par::Seq,
+            );
+            total += mat_norm2(rt.as_ref());
+            j0 += b;
+        }
+    }
+    total
 }

@@ -108,8 +108,9 @@ pub(super) fn check_route(
     assert_eq!(f.u.len(), m * r, "{ctx}");
     assert_eq!(f.vt.len(), r * n, "{ctx}");
     assert!(f.s.windows(2).all(|p| p[0] >= p[1]), "{ctx}: σ order");
-    let eu = orthogonality_error(&f.u, m, r, false);
-    let ev = orthogonality_error(&f.vt, n, r, true);
+    let (fu, fvt) = (f.u.to_f64(), f.vt.to_f64());
+    let eu = orthogonality_error(&fu, m, r, false);
+    let ev = orthogonality_error(&fvt, n, r, true);
     // Max entry of UᵀU − I after f32 rounding. Measured on MiniLM 384²: faer's f32 thin SVD
     // (`svd`) 1.07e-5, `gram`'s V (f32 eigenvectors) 1.01e-5; the 1e-5 is not met
     // by either at this size, so the bound is 2e-5 (synthetic spectra all meet 1e-5).
@@ -119,7 +120,7 @@ pub(super) fn check_route(
         "{ctx}: orthogonality U {eu:e} V {ev:e}"
     );
     // Reconstruction: residual ≈ optimal 1 − E_ref(r) (f32 factors, f32 arithmetic).
-    let res = residual_norm2(&data, m, n, &f.u, &f.s, &f.vt) / norm2;
+    let res = residual_norm2(&data, m, n, &fu, &f.s, &fvt) / norm2;
     let optimal = 1.0 - energy_at(ref_sigma, norm2, r);
     if route.name() == "randomized" {
         // A sketch is near-optimal, not optimal; its guarantee is the energy: ≤ 1 − τ.
@@ -275,8 +276,8 @@ fn randomized_is_deterministic_per_name() {
     let b = route
         .factorize_named("a.weight", &w, 128, 64, &rule)
         .expect("b");
-    assert_eq!(a.u, b.u);
-    assert_eq!(a.vt, b.vt);
+    assert_eq!(a.u.to_f64(), b.u.to_f64());
+    assert_eq!(a.vt.to_f64(), b.vt.to_f64());
     assert_eq!(a.s, b.s);
 }
 
@@ -344,4 +345,70 @@ fn randomized_meets_the_rank_contract_where_it_sketches() {
         }
     }
     assert!(sketched >= 12, "only {sketched} cases used the sketch");
+}
+
+/// Naive f64 ‖W − U·diag(s)·Vᵀ‖² of decoded factors.
+fn naive_residual(w: &[f32], m: usize, n: usize, u: &[f64], s: &[f64], vt: &[f64]) -> f64 {
+    let r = s.len();
+    let mut total = 0f64;
+    for i in 0..m {
+        for j in 0..n {
+            let approx: f64 = (0..r).map(|k| u[i * r + k] * s[k] * vt[k * n + j]).sum();
+            let d = f64::from(w[i * n + j]) - approx;
+            total += d * d;
+        }
+    }
+    total
+}
+
+#[test]
+fn streamed_stored_residual_matches_naive_f64() {
+    use super::svd::{stored_residual_norm2, StoredFactors, RESIDUAL_BLOCK};
+    use cersa_loader::dtype::{decode_f64, encode_f64};
+    use cersa_loader::Dtype;
+    // Both orientations, with a long side that is not a multiple of the block.
+    let long = RESIDUAL_BLOCK * 2 + 37;
+    for (m, n) in [(long, 24), (24, long)] {
+        let sigma: Vec<f64> = (0..24).map(|j| ((j + 1) as f64).powf(-0.5)).collect();
+        let w = synth(m, n, &sigma, 5);
+        let data = FloatData::F32(w.clone());
+        let rule = RankRule {
+            energy: 0.8,
+            ..Default::default()
+        };
+        let f = by_name("svd")
+            .expect("route")
+            .factorize(&data, m, n, &rule)
+            .expect("svd");
+        assert!(f.rank > 1 && f.rank < 24, "rank {}", f.rank);
+        for dtype in [Dtype::F32, Dtype::BF16] {
+            let u = encode_f64(dtype, &f.u.to_f64()).expect("enc");
+            let vt = encode_f64(dtype, &f.vt.to_f64()).expect("enc");
+            let s: Vec<f64> = f.s.iter().map(|&x| f64::from(x as f32)).collect();
+            let got = stored_residual_norm2(
+                &data,
+                m,
+                n,
+                &StoredFactors {
+                    dtype,
+                    u: &u,
+                    s: &s,
+                    vt: &vt,
+                },
+            );
+            let want = naive_residual(
+                &w,
+                m,
+                n,
+                &decode_f64(dtype, &u).expect("dec"),
+                &s,
+                &decode_f64(dtype, &vt).expect("dec"),
+            );
+            // f32 arithmetic on a residual that is ~20% of ‖W‖²: relative 1e-4 is ample.
+            assert!(
+                (got - want).abs() <= 1e-4 * want,
+                "{m}×{n} {dtype}: streamed {got} vs naive {want}"
+            );
+        }
+    }
 }
