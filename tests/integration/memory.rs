@@ -124,18 +124,13 @@ fn write_repeated(path: &std::path::Path, copies: usize) -> usize {
 
 /// Converts `src` with `args` and returns the child's peak RSS in bytes.
 ///
-/// glibc's malloc is pinned to a fixed mmap threshold (1 MiB): by default it raises the
-/// threshold after each large free (up to 32 MiB), after which freed 16–32 MiB buffers (G,
-/// Y, Q of one tensor) stay in the worker thread's arena instead of going back to the OS,
-/// and each worker thread's arena keeps its own. Measured on this test's 4× checkpoint:
-/// 398 MiB peak with the default (vs 262 MiB at 1×), flat with the fixed threshold. What is
-/// checked here is cersa's own allocation pattern; setting the threshold inside cersa
-/// needs `mallopt` (unsafe FFI), which the crate does not allow (see README "Memory").
+/// No allocator settings from outside: cersa pins glibc's mmap threshold itself (main.rs);
+/// without that the 4× checkpoint peaked at 398 MiB vs 262 MiB at 1× (freed 16–32 MiB
+/// buffers stayed in each worker thread's arena).
 fn peak_rss_of_convert(src: &std::path::Path, out: &std::path::Path, args: &[&str]) -> u64 {
     let run = Command::new(bin())
         .args(["convert", s(src), s(out), "-q"])
         .args(args)
-        .env("MALLOC_MMAP_THRESHOLD_", "1048576")
         .env("CERSA_PRINT_PEAK_RSS", "1")
         .output()
         .unwrap();
