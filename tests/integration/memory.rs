@@ -49,25 +49,7 @@ fn gigabyte_of_pass_through_stays_under_400_mib() {
         f.write_all(&small).unwrap();
     }
     let out = dir.path().join("out");
-    let run = Command::new(bin())
-        .args([
-            "convert",
-            s(&src),
-            s(&out),
-            "-q",
-            "--max-shard-size",
-            "300MB",
-        ])
-        .env("CERSA_PRINT_PEAK_RSS", "1")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(run.status.success(), "{stderr}");
-    let kib: u64 = stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("cersa-peak-rss: "))
-        .and_then(|v| v.trim_end_matches(" kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no peak RSS line in {stderr}"));
+    let kib = peak_rss_of_convert(&src, &out, &["--max-shard-size", "300MB"]) / 1024;
     eprintln!(
         "peak RSS converting 1 GiB of pass-through: {} MiB",
         kib / 1024
