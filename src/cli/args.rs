@@ -127,9 +127,10 @@ pub struct ConvertArgs {
     pub resume: bool,
 }
 
-/// `cersa inspect`.
+/// What `inspect` and `report` both read: the source, the thresholds, the selection and the
+/// worker count.
 #[derive(Debug, Args)]
-pub struct InspectArgs {
+pub struct SpectraArgs {
     /// Source checkpoint or CERSA directory.
     pub path: PathBuf,
     /// Comma-separated thresholds (source only).
@@ -140,6 +141,25 @@ pub struct InspectArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+}
+
+impl SpectraArgs {
+    /// Validated inspect options.
+    pub fn to_options(&self, keep_singular_values: bool) -> Result<InspectOptions> {
+        Ok(InspectOptions {
+            energies: parse_energies(&self.energy)?,
+            include: self.select.include.clone(),
+            exclude: self.select.exclude.clone(),
+            keep_singular_values,
+        })
+    }
+}
+
+/// `cersa inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    pub spectra: SpectraArgs,
     /// Print JSON on stdout (schema in the README).
     #[arg(long, conflicts_with = "csv")]
     pub json: bool,
@@ -160,19 +180,11 @@ pub struct InspectArgs {
 /// `cersa report`.
 #[derive(Debug, Args)]
 pub struct ReportArgs {
-    /// Source checkpoint or CERSA directory.
-    pub path: PathBuf,
+    #[command(flatten)]
+    pub spectra: SpectraArgs,
     /// Output HTML file.
     #[arg(short, long)]
     pub output: PathBuf,
-    /// Comma-separated thresholds (source only).
-    #[arg(long, default_value = "0.9,0.95,0.99")]
-    pub energy: String,
-    #[command(flatten)]
-    pub select: SelectArgs,
-    /// Worker threads (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
     /// No progress bar.
     #[arg(long, short)]
     pub quiet: bool,
@@ -290,18 +302,6 @@ impl ConvertArgs {
     }
 }
 
-impl ReportArgs {
-    /// Validated inspect options (every singular value kept).
-    pub fn to_options(&self) -> Result<InspectOptions> {
-        Ok(InspectOptions {
-            energies: parse_energies(&self.energy)?,
-            include: self.select.include.clone(),
-            exclude: self.select.exclude.clone(),
-            keep_singular_values: true,
-        })
-    }
-}
-
 /// Parses a comma-separated list of thresholds.
 pub fn parse_energies(text: &str) -> Result<Vec<f64>> {
     let energies = text
@@ -318,19 +318,6 @@ pub fn parse_energies(text: &str) -> Result<Vec<f64>> {
         bail!("--energy needs at least one threshold");
     }
     Ok(energies)
-}
-
-impl InspectArgs {
-    /// Validated options.
-    pub fn to_options(&self) -> Result<InspectOptions> {
-        let energies = parse_energies(&self.energy)?;
-        Ok(InspectOptions {
-            energies,
-            include: self.select.include.clone(),
-            exclude: self.select.exclude.clone(),
-            keep_singular_values: self.singular_values,
-        })
-    }
 }
 
 #[cfg(test)]

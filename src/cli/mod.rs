@@ -129,11 +129,12 @@ fn spectra_of_source(
 }
 
 fn run_inspect(a: InspectArgs) -> Result<Status> {
-    let opts = a.to_options()?;
-    let threads = args::threads(a.threads)?;
-    if a.path.join(cersa_loader::MANIFEST_FILE).is_file() {
-        let ckpt = cersa_loader::Checkpoint::open(&a.path)
-            .with_context(|| format!("opening CERSA directory {}", a.path.display()))?;
+    let opts = a.spectra.to_options(a.singular_values)?;
+    let threads = args::threads(a.spectra.threads)?;
+    let path = &a.spectra.path;
+    if path.join(cersa_loader::MANIFEST_FILE).is_file() {
+        let ckpt = cersa_loader::Checkpoint::open(path)
+            .with_context(|| format!("opening CERSA directory {}", path.display()))?;
         let report = inspect_checkpoint(&ckpt);
         if a.json {
             emit(&(serde_json::to_string_pretty(&report)? + "\n"))?;
@@ -144,7 +145,7 @@ fn run_inspect(a: InspectArgs) -> Result<Status> {
         }
         return Ok(Status::Ok);
     }
-    let report = spectra_of_source(&a.path, &opts, threads, a.quiet)?;
+    let report = spectra_of_source(path, &opts, threads, a.quiet)?;
     if a.json {
         emit(&(serde_json::to_string_pretty(&report)? + "\n"))?;
     } else if a.csv {
@@ -189,16 +190,18 @@ fn run_verify(a: VerifyArgs) -> Result<Status> {
 }
 
 fn run_report(a: ReportArgs) -> Result<Status> {
-    let title = a.path.display().to_string();
-    let model = if a.path.join(cersa_loader::MANIFEST_FILE).is_file() {
-        let ckpt = cersa_loader::Checkpoint::open(&a.path)
-            .with_context(|| format!("opening CERSA directory {}", a.path.display()))?;
+    let path = &a.spectra.path;
+    let title = path.display().to_string();
+    let model = if path.join(cersa_loader::MANIFEST_FILE).is_file() {
+        let ckpt = cersa_loader::Checkpoint::open(path)
+            .with_context(|| format!("opening CERSA directory {}", path.display()))?;
         let report = inspect_checkpoint(&ckpt);
         crate::report::model_from_checkpoint(&title, &ckpt, &report)?
     } else {
-        let opts = a.to_options()?;
-        let threads = args::threads(a.threads)?;
-        let report = spectra_of_source(&a.path, &opts, threads, a.quiet)?;
+        // Every singular value: the report plots the spectra.
+        let opts = a.spectra.to_options(true)?;
+        let threads = args::threads(a.spectra.threads)?;
+        let report = spectra_of_source(path, &opts, threads, a.quiet)?;
         crate::report::model_from_source(&title, &report)
     };
     let html = crate::report::render_html(&model);
