@@ -265,6 +265,40 @@ fn f32_gram_defers_to_f64_near_the_threshold() {
 }
 
 #[test]
+fn spec_noise_floor() {
+    // formats/cersa-v1.md §9: the f32 pass defers when λ_r < ε·k·λ₁, not at a wider floor.
+    assert_eq!(gram::CUT_FLOOR, 1.0);
+    // A cut with λ_r between 2× and 16× the f32 noise ε·k·λ₁ (real LLM weights at τ = 0.9
+    // sit near 50×) and a clear energy margin: the f32 pass is trusted, and its result still
+    // meets the route contract against the f64 reference.
+    let (m, k) = (320, 256);
+    let sigma: Vec<f64> = (0..k).map(|j| ((j + 1) as f64).powf(-1.5)).collect();
+    let w = synth(m, k, &sigma, 5);
+    let refs = reference_sigma(&w, m, k);
+    let norm2 = frobenius2(&w);
+    let noise = f32::EPSILON as f64 / 2.0 * k as f64 * refs[0] * refs[0];
+    let r = (1..k)
+        .find(|&r| refs[r - 1] * refs[r - 1] < 16.0 * noise)
+        .expect("cut");
+    assert!(
+        refs[r - 1] * refs[r - 1] > 2.0 * noise,
+        "λ_r too low for this test"
+    );
+    let tau = (energy_at(&refs, norm2, r - 1) + energy_at(&refs, norm2, r)) / 2.0;
+    let rule = RankRule {
+        energy: tau,
+        ..Default::default()
+    };
+    let f = gram::factorize_f32(&w, m, k, &rule, false).expect("gram");
+    assert!(
+        matches!(f.u, FloatData::F32(_)),
+        "the f32 pass deferred to f64 at λ_r = {:.1}·noise",
+        refs[r - 1] * refs[r - 1] / noise
+    );
+    check_route(&gram::Gram, "noise floor", &w, m, k, tau, &refs);
+}
+
+#[test]
 fn randomized_is_deterministic_per_name() {
     let sigma: Vec<f64> = (0..64).map(|j| ((j + 1) as f64).powf(-1.0)).collect();
     let w = FloatData::F32(synth(128, 64, &sigma, 11));
