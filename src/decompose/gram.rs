@@ -6,13 +6,15 @@
 //! (Y = Q·R, the stored σᵢ are |R_ii|). The QR is needed because the columns of Y are only
 //! orthogonal up to ε·σ₁²/(σᵢσⱼ), far above 1e-5 in f32 for a spread spectrum.
 //!
-//! **Precision rule** (formats/cersa-v1.md §4.9): f32 inputs first form and decompose G in
+//! **Precision rule** (formats/cersa-v1.md §9): f32 inputs first form and decompose G in
 //! f32. Eigenvalues of G carry an absolute error of about ε₃₂·k·λ₁, so the energies E(r)
 //! carry about `GRAM_SAFETY·ε·k·λ₁/‖W‖²`. When the rank decision is within that margin of τ
-//! (τ − E(r−1) or E(r) − τ smaller than it), or when λ_r at the cut is below
-//! `CUT_FLOOR·ε·k·λ₁` (its vector is noise), the matrix is redone with G accumulated and
-//! decomposed in f64, whose margin is 2⁻²⁹ times smaller. Both constants were chosen from
-//! the tests in this module (f32 errors measured against f64 on synthetic spectra).
+//! (τ − E(r−1) or E(r) − τ smaller than it), only the rank is in question: the eigenvalues
+//! of G accumulated in f64 (no vectors) decide it, and the f32 eigenvectors are kept. When
+//! λ at the cut (f32, or f64 after such a check) is below `CUT_FLOOR·ε·k·λ₁`, its vector is
+//! noise and the matrix is redone with G accumulated and decomposed in f64, whose margin is
+//! 2⁻²⁹ times smaller. Both constants were chosen from the tests in this module and
+//! `decompose::tests` (f32 errors measured against f64 on synthetic spectra).
 //!
 //! Everything runs with `Par::Seq`, so bits do not depend on the thread count.
 
@@ -136,15 +138,27 @@ pub(crate) fn sigma_of(lambda: &[f64]) -> Vec<f64> {
     s
 }
 
-/// Whether a rank decision taken from Gram eigenvalues computed with unit roundoff `eps`
-/// is trustworthy (see the module docs for the rule).
-pub fn gram_decision_is_sound(
+/// How far a rank decision taken from Gram eigenvalues computed with unit roundoff `eps`
+/// can be trusted (see the module docs for the rule).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GramVerdict {
+    /// Rank and vectors stand.
+    Sound,
+    /// E(r) or E(r−1) is within the eigenvalue error of τ: the rank needs f64 eigenvalues,
+    /// the vectors at the cut are above the noise floor.
+    RankUncertain,
+    /// λ_r is below the noise floor: its eigenvector cannot be told from rounding noise.
+    CutNoisy,
+}
+
+/// The [`GramVerdict`] on rank `r` picked from `lambda` (non-increasing eigenvalues of G).
+pub fn gram_verdict(
     lambda: &[f64],
     norm2: f64,
     rule: &RankRule,
     r: usize,
     eps: f64,
-) -> bool {
+) -> GramVerdict {
     let k = lambda.len() as f64;
     let l1 = lambda.first().copied().unwrap_or(0.0).max(0.0);
     let noise = eps * k * l1;
@@ -155,9 +169,31 @@ pub fn gram_decision_is_sound(
     let tau = rule.energy;
     // Only the energy-picked part of the rank is in question; clamps are exact.
     let energy_near = (e_r - tau).abs() < margin || (tau - e_prev).abs() < margin;
+    if cut_is_noisy(lambda, r, noise) {
+        GramVerdict::CutNoisy
+    } else if energy_near {
+        GramVerdict::RankUncertain
+    } else {
+        GramVerdict::Sound
+    }
+}
+
+/// Whether λ_r (1-based; none for r = 0) is below `CUT_FLOOR·noise`.
+fn cut_is_noisy(lambda: &[f64], r: usize, noise: f64) -> bool {
     let cut = lambda.get(r.saturating_sub(1)).copied().unwrap_or(0.0);
-    let cut_noisy = cut < CUT_FLOOR * noise;
-    !(energy_near || cut_noisy)
+    r > 0 && cut < CUT_FLOOR * noise
+}
+
+/// Whether a rank decision taken from Gram eigenvalues computed with unit roundoff `eps`
+/// is trustworthy as it stands.
+pub fn gram_decision_is_sound(
+    lambda: &[f64],
+    norm2: f64,
+    rule: &RankRule,
+    r: usize,
+    eps: f64,
+) -> bool {
+    gram_verdict(lambda, norm2, rule, r, eps) == GramVerdict::Sound
 }
 
 /// Orthonormalizes the p×r matrix `y` by a Householder QR: returns (Q p×r, |R_ii|, signs of
@@ -316,11 +352,26 @@ fn factorize_pass<T: Elem>(
     let (mut lambda, evecs) = gram_eig(x, true)?;
     crate::budget::trace_rss("gram: eigenvectors");
     lambda.iter_mut().for_each(|l| *l *= unscale * unscale);
-    let sigma = sigma_of(&lambda);
-    let r = rule.rank(&sigma, norm2, m, n);
+    let mut sigma = sigma_of(&lambda);
+    let mut r = rule.rank(&sigma, norm2, m, n);
     if let Some(eps) = eps {
-        if !gram_decision_is_sound(&lambda, norm2, rule, r, eps) {
-            return Ok(None);
+        match gram_verdict(&lambda, norm2, rule, r, eps) {
+            GramVerdict::Sound => {}
+            GramVerdict::CutNoisy => return Ok(None),
+            GramVerdict::RankUncertain => {
+                // Only the rank is in question: f64 eigenvalues (no vectors, about a third
+                // of a full f64 pass) decide it, and the f32 eigenvectors, all k of them at
+                // hand, serve as long as the new cut is above the f32 noise floor.
+                let mut lambda64 = eigenvalues_f64(x, 1.0)?;
+                lambda64.iter_mut().for_each(|l| *l *= unscale * unscale);
+                let sigma64 = sigma_of(&lambda64);
+                let r64 = rule.rank(&sigma64, norm2, m, n);
+                let noise = eps * lambda.len() as f64 * lambda[0].max(0.0);
+                if cut_is_noisy(&lambda64, r64, noise) {
+                    return Ok(None);
+                }
+                (sigma, r) = (sigma64, r64);
+            }
         }
     }
     let (u, mut s, vt) = factors_from_basis(x, evecs.get(.., ..r), m, n)?;
@@ -373,24 +424,7 @@ fn factorize_widened(
     let (p, k) = (x.nrows(), x.ncols());
     let widen =
         |i0: usize, b: usize| Mat::<f64>::from_fn(b, k, |i, j| f64::from(x[(i0 + i, j)]) * f);
-    let mut g = Mat::<f64>::zeros(k, k);
-    let mut i0 = 0;
-    while i0 < p {
-        let b = WIDEN_BLOCK.min(p - i0);
-        let xb = widen(i0, b);
-        tri::matmul(
-            g.as_mut(),
-            BlockStructure::TriangularLower,
-            if i0 == 0 { Accum::Replace } else { Accum::Add },
-            xb.transpose(),
-            BlockStructure::Rectangular,
-            xb.as_ref(),
-            BlockStructure::Rectangular,
-            1.0,
-            Par::Seq,
-        );
-        i0 += b;
-    }
+    let g = gram_widened(x, f);
     crate::budget::trace_rss("gram f64: G formed");
     let (mut lambda, evecs) = eig_of_gram(g, true)?;
     lambda.iter_mut().for_each(|l| *l *= unscale * unscale);
@@ -427,10 +461,43 @@ fn factorize_widened(
 /// σ of the row-major m×n matrix `w` from a Gram matrix accumulated in f64 (f64 absolute
 /// accuracy ≈ √(ε₆₄)·σ₁ ≈ 1e-8·σ₁, finer than an f32 SVD's ε₃₂·σ₁).
 pub fn singular_values_f64<T: Elem>(w: &[T], m: usize, n: usize) -> Result<Vec<f64>, String> {
-    let x = long_view(w, m, n);
-    let x64 = Mat::<f64>::from_fn(x.nrows(), x.ncols(), |i, j| x[(i, j)].into());
-    let (lambda, _) = gram_eig(x64.as_ref(), false)?;
-    Ok(sigma_of(&lambda))
+    Ok(sigma_of(&eigenvalues_f64(long_view(w, m, n), 1.0)?))
+}
+
+/// G = (f·X)ᵀ(f·X) accumulated in f64 (lower triangle) over blocks of [`WIDEN_BLOCK`]
+/// long-side rows widened to f64, so the extra memory is O(block·k), not a copy of X. `f`
+/// is a power of two (exact).
+fn gram_widened<T: Elem>(x: MatRef<'_, T>, f: f64) -> Mat<f64> {
+    let (p, k) = (x.nrows(), x.ncols());
+    let mut g = Mat::<f64>::zeros(k, k);
+    let mut i0 = 0;
+    while i0 < p {
+        let b = WIDEN_BLOCK.min(p - i0);
+        let xb = Mat::<f64>::from_fn(b, k, |i, j| x[(i0 + i, j)].into() * f);
+        tri::matmul(
+            g.as_mut(),
+            BlockStructure::TriangularLower,
+            if i0 == 0 { Accum::Replace } else { Accum::Add },
+            xb.transpose(),
+            BlockStructure::Rectangular,
+            xb.as_ref(),
+            BlockStructure::Rectangular,
+            1.0,
+            Par::Seq,
+        );
+        i0 += b;
+    }
+    g
+}
+
+/// Eigenvalues (non-increasing) of (f·X)ᵀ(f·X) with G accumulated and decomposed in f64.
+fn eigenvalues_f64<T: Elem>(x: MatRef<'_, T>, f: f64) -> Result<Vec<f64>, String> {
+    let g = gram_widened(x, f);
+    if g.nrows() >= super::twostage::MIN_ORDER {
+        super::twostage::symmetric_eigenvalues(g)
+    } else {
+        Ok(eig_of_gram(g, false)?.0)
+    }
 }
 
 impl Decomposer for Gram {

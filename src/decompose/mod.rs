@@ -14,6 +14,7 @@ pub mod rng;
 pub mod svd;
 #[cfg(test)]
 mod tests;
+pub mod twostage;
 
 use crate::error::Result;
 use crate::input::FloatData;

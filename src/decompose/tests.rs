@@ -246,22 +246,38 @@ pub(super) fn check_minilm(routes: &[Box<dyn Decomposer>]) {
 
 #[test]
 fn f32_gram_defers_to_f64_near_the_threshold() {
-    // A spectrum where E(r) sits 1e-7 above τ: the f32 Gram pass cannot resolve that.
-    let k = 64;
+    // τ swept across E(r) in steps far below the f32 pass's resolution (and E(r) − E(r−1)):
+    // the f32 eigenvalues cannot place τ, the f64 eigenvalues must give the exact rank on
+    // either side, and the f32 eigenvectors (cut far above the noise floor) are kept.
+    let (m, k) = (96, 64);
     let sigma: Vec<f64> = (0..k).map(|j| ((j + 1) as f64).powf(-0.7)).collect();
-    let w = synth(96, k, &sigma, 3);
-    let refs = reference_sigma(&w, 96, k);
+    let w = synth(m, k, &sigma, 3);
+    let refs = reference_sigma(&w, m, k);
     let norm2 = frobenius2(&w);
     let r = 20;
-    let tau = energy_at(&refs, norm2, r) - 1e-7;
-    let rule = RankRule {
-        energy: tau,
-        ..Default::default()
-    };
-    let f32_pass = gram::factorize_f32(&w, 96, k, &rule, false).expect("gram");
-    let f64_pass = gram::factorize_f32(&w, 96, k, &rule, true).expect("gram f64");
-    assert_eq!(f64_pass.rank, r, "f64 Gram resolves a 1e-7 margin");
-    assert_eq!(f32_pass.rank, r, "the f32 pass must defer to f64 here");
+    for step in -6i32..=6 {
+        let tau = energy_at(&refs, norm2, r) + f64::from(step) * 2e-8 + 1e-9;
+        let want = if step < 0 { r } else { r + 1 };
+        let rule = RankRule {
+            energy: tau,
+            ..Default::default()
+        };
+        let f32_pass = gram::factorize_f32(&w, m, k, &rule, false).expect("gram");
+        let f64_pass = gram::factorize_f32(&w, m, k, &rule, true).expect("gram f64");
+        assert_eq!(
+            f64_pass.rank, want,
+            "f64 Gram resolves τ = E(r) {step:+}·2e-8"
+        );
+        assert_eq!(
+            f32_pass.rank, want,
+            "the f32 pass must defer to f64 eigenvalues here"
+        );
+        assert!(
+            matches!(f32_pass.u, FloatData::F32(_)),
+            "f32 vectors kept when only the rank is in question"
+        );
+        check_route(&gram::Gram, "near τ", &w, m, k, tau, &refs);
+    }
 }
 
 #[test]
