@@ -24,7 +24,8 @@ use faer::{Accum, Mat, MatMut, Par};
 
 /// Half-bandwidth of the intermediate band matrix. Larger makes stage 1's GEMMs faster and
 /// stage 2's bulge chasing slower; 32, 48 and 64 measured within run-to-run noise of each
-/// other on k = 2048 and 4096 (two-stage vs one-stage: 1.2–1.3× and 2.3× faster).
+/// other on k = 2048 and 4096 (two-stage vs one-stage: 1.2–1.3× and 1.8–2.3× faster;
+/// `examples/bench_twostage.rs`).
 pub const BAND: usize = 32;
 
 /// Below this order the one-stage EVD is as fast or faster (measured equal at 1024; on
