@@ -7,8 +7,10 @@
 //! orthogonal up to ε·σ₁²/(σᵢσⱼ), far above 1e-5 in f32 for a spread spectrum.
 //!
 //! **Precision rule** (formats/cersa-v1.md §9): f32 inputs first form and decompose G in
-//! f32. Eigenvalues of G carry an absolute error of about ε₃₂·k·λ₁, so the energies E(r)
-//! carry about `GRAM_SAFETY·ε·k·λ₁/‖W‖²`. When the rank decision is within that margin of τ
+//! f32. Eigenvalues of G carry an absolute error of about ε₃₂·k·λ₁, and the energies E(r)
+//! were measured to carry up to ~3·ε·√r, so the margin is the larger of
+//! `GRAM_SAFETY·ε·k·λ₁/‖W‖²` and `GRAM_SAFETY_SQRT_R·ε·√r`. When the rank decision is
+//! within that margin of τ
 //! (τ − E(r−1) or E(r) − τ smaller than it), only the rank is in question: the eigenvalues
 //! of G accumulated in f64 (no vectors) decide it, and the f32 eigenvectors are kept. When
 //! λ at the cut (f32, or f64 after such a check) is below `CUT_FLOOR·ε·k·λ₁`, its vector is
@@ -31,6 +33,11 @@ use faer::{Accum, Conj, Mat, MatRef, Par};
 
 /// Multiplier on ε·k·λ₁/‖W‖² giving the energy uncertainty of a Gram pass.
 pub const GRAM_SAFETY: f64 = 4.0;
+/// Multiplier on ε·√r, the other term of that uncertainty. Measured f32-vs-f64 errors of
+/// E(r) at the cut follow √r·ε more than k·λ₁: all-MiniLM-L6-v2 384² matrices 1.8–2.3e-6
+/// (≈ 2.7·ε·√r, r ≈ 150), above their 4·ε·k·λ₁/‖W‖² of 1.9–3.4e-6 in places; 2048²
+/// power-law matrices 1.4–1.6e-6 (≈ 1.1·ε·√r), far below their 2.7e-5.
+pub const GRAM_SAFETY_SQRT_R: f64 = 8.0;
 /// λ_r below `CUT_FLOOR·ε·k·λ₁` (the worst-case absolute error of an f32 eigenvalue of G)
 /// cannot be told from rounding noise, nor can its eigenvector. 1 rather than a wider
 /// margin: on 2048² and 5632×2048 power-law matrices (σ_r/σ₁ ≈ 0.08 at τ = 0.9,
@@ -162,7 +169,7 @@ pub fn gram_verdict(
     let k = lambda.len() as f64;
     let l1 = lambda.first().copied().unwrap_or(0.0).max(0.0);
     let noise = eps * k * l1;
-    let margin = GRAM_SAFETY * noise / norm2;
+    let margin = (GRAM_SAFETY * noise / norm2).max(GRAM_SAFETY_SQRT_R * eps * (r as f64).sqrt());
     let sigma = sigma_of(lambda);
     let e_r = energy_at(&sigma, norm2, r);
     let e_prev = energy_at(&sigma, norm2, r.saturating_sub(1));

@@ -315,6 +315,34 @@ fn spec_noise_floor() {
 }
 
 #[test]
+fn f32_margin_covers_the_sqrt_r_term() {
+    // A flat spectrum makes 4·ε·k·λ₁/‖W‖² tiny (4ε); the measured f32 error of E(r) grows
+    // like ε·√r, so a decision 3e-6 from τ at r ≈ 346 must be checked in f64, one 2e-5
+    // away need not be.
+    let k = 384;
+    let lambda = vec![1.0; k];
+    let norm2 = k as f64;
+    let eps = f32::EPSILON as f64 / 2.0;
+    let r = 346;
+    let e_r = r as f64 / k as f64;
+    for (gap, want) in [
+        (3e-6, gram::GramVerdict::RankUncertain),
+        (2e-5, gram::GramVerdict::Sound),
+    ] {
+        let rule = RankRule {
+            energy: e_r - gap,
+            ..Default::default()
+        };
+        assert_eq!(rule.rank(&lambda, norm2, k, k), r);
+        assert_eq!(
+            gram::gram_verdict(&lambda, norm2, &rule, r, eps),
+            want,
+            "gap {gap:e}"
+        );
+    }
+}
+
+#[test]
 fn randomized_is_deterministic_per_name() {
     let sigma: Vec<f64> = (0..64).map(|j| ((j + 1) as f64).powf(-1.0)).collect();
     let w = FloatData::F32(synth(128, 64, &sigma, 11));
