@@ -369,7 +369,7 @@ fn factorize_pass<T: Elem>(
                 // Only the rank is in question: f64 eigenvalues (no vectors, about a third
                 // of a full f64 pass) decide it, and the f32 eigenvectors, all k of them at
                 // hand, serve as long as the new cut is above the f32 noise floor.
-                let mut lambda64 = eigenvalues_f64(x, 1.0)?;
+                let mut lambda64 = eigenvalues_f64(x)?;
                 lambda64.iter_mut().for_each(|l| *l *= unscale * unscale);
                 let sigma64 = sigma_of(&lambda64);
                 let r64 = rule.rank(&sigma64, norm2, m, n);
@@ -428,9 +428,7 @@ fn factorize_widened(
     let e = super::svd::scale_exponent(w);
     let (f, unscale) = ((-e).exp2(), e.exp2());
     let x = long_view(w, m, n);
-    let (p, k) = (x.nrows(), x.ncols());
-    let widen =
-        |i0: usize, b: usize| Mat::<f64>::from_fn(b, k, |i, j| f64::from(x[(i0 + i, j)]) * f);
+    let p = x.nrows();
     let g = gram_widened(x, f);
     crate::budget::trace_rss("gram f64: G formed");
     let (mut lambda, evecs) = eig_of_gram(g, true)?;
@@ -442,7 +440,7 @@ fn factorize_widened(
     let mut i0 = 0;
     while i0 < p {
         let b = WIDEN_BLOCK.min(p - i0);
-        let xb = widen(i0, b);
+        let xb = widened_rows(x, i0, b, f);
         faer::linalg::matmul::matmul(
             y.as_mut().subrows_mut(i0, b),
             Accum::Replace,
@@ -468,7 +466,7 @@ fn factorize_widened(
 /// σ of the row-major m×n matrix `w` from a Gram matrix accumulated in f64 (f64 absolute
 /// accuracy ≈ √(ε₆₄)·σ₁ ≈ 1e-8·σ₁, finer than an f32 SVD's ε₃₂·σ₁).
 pub fn singular_values_f64<T: Elem>(w: &[T], m: usize, n: usize) -> Result<Vec<f64>, String> {
-    Ok(sigma_of(&eigenvalues_f64(long_view(w, m, n), 1.0)?))
+    Ok(sigma_of(&eigenvalues_f64(long_view(w, m, n))?))
 }
 
 /// G = (f·X)ᵀ(f·X) accumulated in f64 (lower triangle) over blocks of [`WIDEN_BLOCK`]
@@ -480,7 +478,7 @@ fn gram_widened<T: Elem>(x: MatRef<'_, T>, f: f64) -> Mat<f64> {
     let mut i0 = 0;
     while i0 < p {
         let b = WIDEN_BLOCK.min(p - i0);
-        let xb = Mat::<f64>::from_fn(b, k, |i, j| x[(i0 + i, j)].into() * f);
+        let xb = widened_rows(x, i0, b, f);
         tri::matmul(
             g.as_mut(),
             BlockStructure::TriangularLower,
@@ -497,14 +495,25 @@ fn gram_widened<T: Elem>(x: MatRef<'_, T>, f: f64) -> Mat<f64> {
     g
 }
 
-/// Eigenvalues (non-increasing) of (f·X)ᵀ(f·X) with G accumulated and decomposed in f64.
-fn eigenvalues_f64<T: Elem>(x: MatRef<'_, T>, f: f64) -> Result<Vec<f64>, String> {
-    let g = gram_widened(x, f);
+/// Rows i0..i0+b of X widened to f64 and multiplied by `f` (a power of two: exact).
+fn widened_rows<T: Elem>(x: MatRef<'_, T>, i0: usize, b: usize, f: f64) -> Mat<f64> {
+    Mat::<f64>::from_fn(b, x.ncols(), |i, j| x[(i0 + i, j)].into() * f)
+}
+
+/// Eigenvalues (non-increasing) of XᵀX with G accumulated and decomposed in f64.
+fn eigenvalues_f64<T: Elem>(x: MatRef<'_, T>) -> Result<Vec<f64>, String> {
+    let g = gram_widened(x, 1.0);
     if g.nrows() >= super::twostage::MIN_ORDER {
         super::twostage::symmetric_eigenvalues(g)
     } else {
-        Ok(eig_of_gram(g, false)?.0)
+        one_stage_eigenvalues(g)
     }
+}
+
+/// Eigenvalues (non-increasing) of the symmetric matrix whose lower triangle is `g`, by
+/// faer's one-stage EVD (the reference the two-stage solver is tested against).
+pub(crate) fn one_stage_eigenvalues<T: Elem>(g: Mat<T>) -> Result<Vec<f64>, String> {
+    Ok(eig_of_gram(g, false)?.0)
 }
 
 impl Decomposer for Gram {

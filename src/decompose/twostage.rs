@@ -1,8 +1,8 @@
 //! Eigenvalues of a symmetric matrix by two-stage tridiagonalization (values only).
 //!
 //! faer's one-stage tridiagonalization spends half its 4/3·k³ flops in matrix–vector
-//! products, which run at memory speed: on k = 2048 f64 it takes ~1 s of the 1.07 s of an
-//! eigenvalues-only EVD. Two stages (as in LAPACK's `dsytrd_2stage`, PLASMA, ELPA) move
+//! products, which run at memory speed (an eigenvalues-only EVD of k = 2048 f64 took 1.07 s
+//! here; the tridiagonal QR after the reduction is only O(k²)). Two stages (as in LAPACK's `dsytrd_2stage`, PLASMA, ELPA) move
 //! nearly all of that work into matrix–matrix products:
 //! 1. dense → band of half-bandwidth `b`: block Householder QR of each panel below the band
 //!    and a two-sided update of the trailing matrix, A ← QᵀAQ = A − W·Vᵀ − V·Wᵀ, on the
@@ -49,6 +49,13 @@ pub fn symmetric_eigenvalues(mut a: Mat<f64>) -> Result<Vec<f64>, String> {
 /// below the band are left as exact zeros).
 fn dense_to_band(a: &mut Mat<f64>, b: usize) -> Result<(), String> {
     let n = a.nrows();
+    if n <= b + 1 {
+        return Ok(());
+    }
+    // QR workspace for the first (tallest) panel serves every later one.
+    let req = qr::qr_in_place_scratch::<f64>(n - b, b, b, Par::Seq, Default::default());
+    let mut mem = MemBuffer::try_new(req)
+        .map_err(|_| format!("cannot allocate band-reduction workspace ({}×{b})", n - b))?;
     let mut j0 = 0;
     while j0 + b + 1 < n {
         let r0 = j0 + b;
@@ -56,9 +63,6 @@ fn dense_to_band(a: &mut Mat<f64>, b: usize) -> Result<(), String> {
         let kk = np.min(b);
         // Householder QR of the panel below the band: P = Q·R, R stays as the band block.
         let mut h = Mat::<f64>::zeros(kk, kk);
-        let req = qr::qr_in_place_scratch::<f64>(np, b, kk, Par::Seq, Default::default());
-        let mut mem = MemBuffer::try_new(req)
-            .map_err(|_| format!("cannot allocate band-reduction workspace ({np}×{b})"))?;
         let mut panel = a.as_mut().submatrix_mut(r0, j0, np, b);
         qr::qr_in_place(
             panel.as_mut(),
@@ -300,27 +304,6 @@ mod tests {
     use super::*;
     use crate::decompose::rng::Rng;
 
-    fn one_stage(a: &Mat<f64>) -> Vec<f64> {
-        let n = a.nrows();
-        let mut s = faer::diag::Diag::<f64>::zeros(n);
-        let mut mem = MemBuffer::new(faer::linalg::evd::self_adjoint_evd_scratch::<f64>(
-            n,
-            faer::linalg::evd::ComputeEigenvectors::No,
-            Par::Seq,
-            Default::default(),
-        ));
-        faer::linalg::evd::self_adjoint_evd(
-            a.as_ref(),
-            s.as_mut(),
-            None,
-            Par::Seq,
-            MemStack::new(&mut mem),
-            Default::default(),
-        )
-        .expect("evd");
-        s.column_vector().iter().rev().copied().collect()
-    }
-
     #[test]
     fn matches_one_stage_evd() {
         // Dense Gram matrices (every entry filled, so a missed fill entry would show),
@@ -336,7 +319,7 @@ mod tests {
         ] {
             let x = Mat::<f64>::from_fn(p, n, |_, j| rng.normal() / ((j + 1) as f64).sqrt());
             let g = x.transpose() * &x;
-            let want = one_stage(&g);
+            let want = crate::decompose::gram::one_stage_eigenvalues(g.clone()).expect("evd");
             // Only the lower triangle is read: poison the upper one.
             let mut lower = g.clone();
             for c in 0..n {
