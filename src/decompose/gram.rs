@@ -22,6 +22,7 @@
 
 use super::rank::{energy_at, frobenius2, RankRule};
 use super::svd::Elem;
+use super::symeig::symmetric_eig;
 use super::{fix_signs, Decomposer, Factorization};
 use crate::input::FloatData;
 use faer::dyn_stack::{MemBuffer, MemStack, StackReq};
@@ -61,9 +62,8 @@ pub(crate) fn long_view<T: Elem>(w: &[T], m: usize, n: usize) -> MatRef<'_, T> {
     }
 }
 
-/// Eigenvalues of XᵀX in non-increasing order, with the matching eigenvectors (k×k,
-/// column j ↔ value j) when `vectors`.
-fn gram_eig<T: Elem>(x: MatRef<'_, T>, vectors: bool) -> Result<(Vec<f64>, Mat<T>), String> {
+/// G = XᵀX (lower triangle only; the upper stays zero).
+fn gram_matrix<T: Elem>(x: MatRef<'_, T>) -> Mat<T> {
     let k = x.ncols();
     let mut g = Mat::<T>::zeros(k, k);
     crate::budget::trace_rss("gram: G allocated");
@@ -81,56 +81,37 @@ fn gram_eig<T: Elem>(x: MatRef<'_, T>, vectors: bool) -> Result<(Vec<f64>, Mat<T
         Par::Seq,
     );
     crate::budget::trace_rss("gram: G formed");
-    eig_of_gram(g, vectors)
+    g
 }
 
-/// Eigenvalues (non-increasing) and, when `vectors`, eigenvectors of the Gram matrix `g`
-/// (only its lower triangle is read); `g` is freed before the vectors are reordered.
-fn eig_of_gram<T: Elem>(g: Mat<T>, vectors: bool) -> Result<(Vec<f64>, Mat<T>), String> {
+/// Eigenvalues (non-increasing) of the symmetric matrix whose lower triangle is `g`, by
+/// faer's one-stage EVD without vectors (the reference the two-stage solver is tested
+/// against).
+pub(crate) fn one_stage_eigenvalues<T: Elem>(g: Mat<T>) -> Result<Vec<f64>, String> {
     let k = g.nrows();
-    let which = if vectors {
-        ComputeEigenvectors::Yes
-    } else {
-        ComputeEigenvectors::No
-    };
     let mut mem = MemBuffer::try_new(self_adjoint_evd_scratch::<T>(
         k,
-        which,
+        ComputeEigenvectors::No,
         Par::Seq,
         Default::default(),
     ))
     .map_err(|_| format!("cannot allocate eigensolver workspace for a {k}×{k} Gram matrix"))?;
     let mut s = faer::diag::Diag::<T>::zeros(k);
-    let mut u = Mat::<T>::zeros(if vectors { k } else { 0 }, if vectors { k } else { 0 });
     self_adjoint_evd(
         g.as_ref(),
         s.as_mut(),
-        if vectors { Some(u.as_mut()) } else { None },
+        None,
         Par::Seq,
         MemStack::new(&mut mem),
         Default::default(),
     )
     .map_err(|e| format!("Gram eigendecomposition did not converge: {e:?}"))?;
-    crate::budget::trace_rss("gram: EVD done");
     // faer returns non-decreasing eigenvalues; reverse to non-increasing.
-    let lambda: Vec<f64> = s
-        .column_vector()
+    Ok(s.column_vector()
         .iter()
         .rev()
         .map(|x| (*x).into())
-        .collect();
-    // Free G and the workspace, then reverse the columns in place (no second k×k copy).
-    drop((g, mem));
-    if vectors {
-        for j in 0..k / 2 {
-            for i in 0..k {
-                let t = u[(i, j)];
-                u[(i, j)] = u[(i, k - 1 - j)];
-                u[(i, k - 1 - j)] = t;
-            }
-        }
-    }
-    Ok((lambda, u))
+        .collect())
 }
 
 /// σᵢ = √max(λᵢ, 0), non-increasing.
@@ -356,8 +337,8 @@ fn factorize_pass<T: Elem>(
     } else {
         (long_view(w, m, n), 1.0)
     };
-    let (mut lambda, evecs) = gram_eig(x, true)?;
-    crate::budget::trace_rss("gram: eigenvectors");
+    let eig = symmetric_eig(gram_matrix(x))?;
+    let mut lambda = eig.lambda.clone();
     lambda.iter_mut().for_each(|l| *l *= unscale * unscale);
     let mut sigma = sigma_of(&lambda);
     let mut r = rule.rank(&sigma, norm2, m, n);
@@ -367,8 +348,8 @@ fn factorize_pass<T: Elem>(
             GramVerdict::CutNoisy => return Ok(None),
             GramVerdict::RankUncertain => {
                 // Only the rank is in question: f64 eigenvalues (no vectors, about a third
-                // of a full f64 pass) decide it, and the f32 eigenvectors, all k of them at
-                // hand, serve as long as the new cut is above the f32 noise floor.
+                // of a full f64 pass) decide it, and the f32 eigenvectors (any r of them can
+                // still be formed) serve as long as the new cut is above the f32 noise floor.
                 let mut lambda64 = eigenvalues_f64(x)?;
                 lambda64.iter_mut().for_each(|l| *l *= unscale * unscale);
                 let sigma64 = sigma_of(&lambda64);
@@ -381,7 +362,9 @@ fn factorize_pass<T: Elem>(
             }
         }
     }
-    let (u, mut s, vt) = factors_from_basis(x, evecs.get(.., ..r), m, n)?;
+    let vr = eig.leading_vectors(r)?;
+    crate::budget::trace_rss("gram: eigenvectors");
+    let (u, mut s, vt) = factors_from_basis(x, vr.as_ref(), m, n)?;
     s.iter_mut().for_each(|v| *v *= unscale);
     Ok(Some(Factorization {
         rank: r,
@@ -431,11 +414,13 @@ fn factorize_widened(
     let p = x.nrows();
     let g = gram_widened(x, f);
     crate::budget::trace_rss("gram f64: G formed");
-    let (mut lambda, evecs) = eig_of_gram(g, true)?;
+    let eig = symmetric_eig(g)?;
+    let mut lambda = eig.lambda.clone();
     lambda.iter_mut().for_each(|l| *l *= unscale * unscale);
     let sigma = sigma_of(&lambda);
     let r = rule.rank(&sigma, norm2, m, n);
-    let vr = evecs.get(.., ..r);
+    let vr = eig.leading_vectors(r)?;
+    let vr = vr.as_ref();
     let mut y = Mat::<f64>::zeros(p, r);
     let mut i0 = 0;
     while i0 < p {
@@ -508,12 +493,6 @@ fn eigenvalues_f64<T: Elem>(x: MatRef<'_, T>) -> Result<Vec<f64>, String> {
     } else {
         one_stage_eigenvalues(g)
     }
-}
-
-/// Eigenvalues (non-increasing) of the symmetric matrix whose lower triangle is `g`, by
-/// faer's one-stage EVD (the reference the two-stage solver is tested against).
-pub(crate) fn one_stage_eigenvalues<T: Elem>(g: Mat<T>) -> Result<Vec<f64>, String> {
-    Ok(eig_of_gram(g, false)?.0)
 }
 
 impl Decomposer for Gram {

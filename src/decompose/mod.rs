@@ -12,6 +12,7 @@ pub mod randomized;
 pub mod rank;
 pub mod rng;
 pub mod svd;
+pub mod symeig;
 #[cfg(test)]
 mod tests;
 pub mod twostage;

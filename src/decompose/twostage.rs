@@ -1,20 +1,26 @@
-//! Eigenvalues of a symmetric matrix by two-stage tridiagonalization (values only).
+//! Symmetric eigendecomposition by two-stage tridiagonalization.
 //!
 //! faer's one-stage tridiagonalization spends half its 4/3·k³ flops in matrix–vector
-//! products, which run at memory speed (an eigenvalues-only EVD of k = 2048 f64 took 1.07 s
-//! here; the tridiagonal QR after the reduction is only O(k²)). Two stages (as in LAPACK's `dsytrd_2stage`, PLASMA, ELPA) move
-//! nearly all of that work into matrix–matrix products:
+//! products, which run at memory speed (f32, one thread: 0.77 s at k = 2048 and 5.7 s at
+//! k = 4096, against 0.13 s and 0.71 s for forming G itself). Two stages (as in LAPACK's
+//! `dsytrd_2stage`, PLASMA, ELPA) move nearly all of that work into matrix–matrix products:
 //! 1. dense → band of half-bandwidth `b`: block Householder QR of each panel below the band
 //!    and a two-sided update of the trailing matrix, A ← QᵀAQ = A − W·Vᵀ − V·Wᵀ, on the
 //!    lower triangle (4/3·k³ flops, GEMM speed);
 //! 2. band → tridiagonal by Householder bulge chasing (O(k²·b) flops, cache-resident);
 //! 3. eigenvalues of the tridiagonal matrix (faer's implicit QR, O(k²)).
 //!
-//! Only the eigenvalues are formed, so no back-transformation is needed. Used where the
-//! Gram route needs f64 eigenvalues without vectors (`inspect`, and the f64 rank check of
-//! an f32 pass); results are checked against faer's one-stage EVD in the tests below.
-//! Sequential (`Par::Seq`) and fixed-order, so the bits do not depend on the thread count.
+//! Values only: with eigenvectors, the back-transformation through the bulge reflectors
+//! costs 2·k²·r flops at small-matrix speed, and a blocked version (branch
+//! `exp/twostage-vectors`) measured slower than faer's one-stage EVD with the leading-r
+//! back-transformation that `gram` uses (f32, k = 2048, r/k ≈ 0.28, one thread: 1.1 s vs
+//! 0.5–0.9 s over runs; src/decompose/symeig.rs).
+//!
+//! Used where the Gram route needs f64 eigenvalues without vectors (`inspect`, and the f64
+//! rank check of an f32 pass); results are checked against faer's one-stage EVD in the
+//! tests below. Sequential (`Par::Seq`) and fixed-order, so the bits do not depend on the thread count.
 
+use super::svd::Elem;
 use faer::dyn_stack::{MemBuffer, MemStack, StackReq};
 use faer::linalg::matmul::matmul;
 use faer::linalg::matmul::triangular::{self as tri, BlockStructure};
@@ -47,22 +53,24 @@ pub fn symmetric_eigenvalues(mut a: Mat<f64>) -> Result<Vec<f64>, String> {
 
 /// Stage 1: reduces the lower triangle of `a` to half-bandwidth `b` in place (entries
 /// below the band are left as exact zeros).
-fn dense_to_band(a: &mut Mat<f64>, b: usize) -> Result<(), String> {
+fn dense_to_band<T: Elem>(a: &mut Mat<T>, b: usize) -> Result<(), String> {
     let n = a.nrows();
     if n <= b + 1 {
         return Ok(());
     }
     // QR workspace for the first (tallest) panel serves every later one.
-    let req = qr::qr_in_place_scratch::<f64>(n - b, b, b, Par::Seq, Default::default());
+    let req = qr::qr_in_place_scratch::<T>(n - b, b, b, Par::Seq, Default::default());
     let mut mem = MemBuffer::try_new(req)
         .map_err(|_| format!("cannot allocate band-reduction workspace ({}×{b})", n - b))?;
+    let (zero, one) = (T::zero(), T::one());
+    let half = T::of(0.5);
     let mut j0 = 0;
     while j0 + b + 1 < n {
         let r0 = j0 + b;
         let np = n - r0;
         let kk = np.min(b);
         // Householder QR of the panel below the band: P = Q·R, R stays as the band block.
-        let mut h = Mat::<f64>::zeros(kk, kk);
+        let mut h = Mat::<T>::zeros(kk, kk);
         let mut panel = a.as_mut().submatrix_mut(r0, j0, np, b);
         qr::qr_in_place(
             panel.as_mut(),
@@ -72,14 +80,14 @@ fn dense_to_band(a: &mut Mat<f64>, b: usize) -> Result<(), String> {
             Default::default(),
         );
         // V: unit lower trapezoidal Householder basis, Q = I − V·T⁻¹·Vᵀ (faer's convention).
-        let v = Mat::<f64>::from_fn(np, kk, |i, c| match i.cmp(&c) {
-            std::cmp::Ordering::Equal => 1.0,
+        let v = Mat::<T>::from_fn(np, kk, |i, c| match i.cmp(&c) {
+            std::cmp::Ordering::Equal => one,
             std::cmp::Ordering::Greater => panel[(i, c)],
-            std::cmp::Ordering::Less => 0.0,
+            std::cmp::Ordering::Less => zero,
         });
         for c in 0..b {
             for i in (c + 1)..np {
-                panel[(i, c)] = 0.0;
+                panel[(i, c)] = zero;
             }
         }
         // VS = V·T⁻¹ (solve Tᵀ·VSᵀ = Vᵀ; Tᵀ is lower triangular).
@@ -87,7 +95,7 @@ fn dense_to_band(a: &mut Mat<f64>, b: usize) -> Result<(), String> {
         solve_lower_triangular_in_place(h.transpose(), vs.as_mut().transpose_mut(), Par::Seq);
         // Y = A22·VS with A22 symmetric, stored lower: tril(A22)·VS + stril(A22)ᵀ·VS.
         let mut a22 = a.as_mut().submatrix_mut(r0, r0, np, np);
-        let mut y = Mat::<f64>::zeros(np, kk);
+        let mut y = Mat::<T>::zeros(np, kk);
         tri::matmul(
             y.as_mut(),
             BlockStructure::Rectangular,
@@ -96,7 +104,7 @@ fn dense_to_band(a: &mut Mat<f64>, b: usize) -> Result<(), String> {
             BlockStructure::TriangularLower,
             vs.as_ref(),
             BlockStructure::Rectangular,
-            1.0,
+            one,
             Par::Seq,
         );
         tri::matmul(
@@ -107,17 +115,17 @@ fn dense_to_band(a: &mut Mat<f64>, b: usize) -> Result<(), String> {
             BlockStructure::StrictTriangularUpper,
             vs.as_ref(),
             BlockStructure::Rectangular,
-            1.0,
+            one,
             Par::Seq,
         );
         // W = Y − ½·V·(VSᵀ·Y); then QᵀA22Q = A22 − W·Vᵀ − V·Wᵀ.
-        let mut mm = Mat::<f64>::zeros(kk, kk);
+        let mut mm = Mat::<T>::zeros(kk, kk);
         matmul(
             mm.as_mut(),
             Accum::Replace,
             vs.transpose(),
             y.as_ref(),
-            1.0,
+            one,
             Par::Seq,
         );
         matmul(
@@ -125,7 +133,7 @@ fn dense_to_band(a: &mut Mat<f64>, b: usize) -> Result<(), String> {
             Accum::Add,
             v.as_ref(),
             mm.as_ref(),
-            -0.5,
+            -half,
             Par::Seq,
         );
         tri::matmul(
@@ -136,7 +144,7 @@ fn dense_to_band(a: &mut Mat<f64>, b: usize) -> Result<(), String> {
             BlockStructure::Rectangular,
             v.transpose(),
             BlockStructure::Rectangular,
-            -1.0,
+            -one,
             Par::Seq,
         );
         tri::matmul(
@@ -147,7 +155,7 @@ fn dense_to_band(a: &mut Mat<f64>, b: usize) -> Result<(), String> {
             BlockStructure::Rectangular,
             y.transpose(),
             BlockStructure::Rectangular,
-            -1.0,
+            -one,
             Par::Seq,
         );
         j0 += b;
@@ -156,21 +164,24 @@ fn dense_to_band(a: &mut Mat<f64>, b: usize) -> Result<(), String> {
 }
 
 /// A Householder reflector H = I − τ·v·vᵀ (v₀ = 1) with H·x = β·e₀.
-fn householder(x: &[f64], v: &mut [f64]) -> (f64, f64) {
+#[inline(always)]
+fn householder<T: Elem>(x: &[T], v: &mut [T]) -> (T, T) {
     let alpha = x[0];
-    let tail2: f64 = x[1..].iter().map(|t| t * t).sum();
-    v[0] = 1.0;
+    // The norm in f64: no overflow or underflow of the squares in f32.
+    let tail2: f64 = x[1..].iter().map(|&t| t.into() * t.into()).sum();
+    v[0] = T::one();
     if tail2 == 0.0 {
-        v[1..x.len()].iter_mut().for_each(|t| *t = 0.0);
-        return (0.0, alpha);
+        v[1..x.len()].iter_mut().for_each(|t| *t = T::zero());
+        return (T::zero(), alpha);
     }
-    let norm = (alpha * alpha + tail2).sqrt();
-    let beta = if alpha >= 0.0 { -norm } else { norm };
-    let scale = 1.0 / (alpha - beta);
-    for (vi, xi) in v[1..x.len()].iter_mut().zip(&x[1..]) {
+    let a64: f64 = alpha.into();
+    let norm = (a64 * a64 + tail2).sqrt();
+    let beta64 = if a64 >= 0.0 { -norm } else { norm };
+    let scale = T::of(1.0 / (a64 - beta64));
+    for (vi, &xi) in v[1..x.len()].iter_mut().zip(&x[1..]) {
         *vi = xi * scale;
     }
-    ((beta - alpha) / beta, beta)
+    (T::of((beta64 - a64) / beta64), T::of(beta64))
 }
 
 /// Stage 2: reduces the lower-stored symmetric band matrix (half-bandwidth `b`) to
@@ -183,26 +194,46 @@ fn householder(x: &[f64], v: &mut [f64]) -> (f64, f64) {
 /// so a reflector on rows p..p+len only meets nonzeros in columns ≥ p − b and rows
 /// < p + len + b (`reach`; `matches_one_stage_evd` fails with b − 1 on dense matrices,
 /// whose generic fill pattern contains every special one).
-fn band_to_tridiagonal(mut a: MatMut<'_, f64>, b: usize) -> (Vec<f64>, Vec<f64>) {
+fn band_to_tridiagonal<T: Elem>(a: MatMut<'_, T>, b: usize) -> (Vec<T>, Vec<T>) {
+    // Compiled for the best SIMD level the CPU has (pulp's runtime dispatch): the loops
+    // below are plain Rust that LLVM vectorizes. No fused multiply-add is introduced, so
+    // the bits do not depend on that level.
+    struct Chase<'a, T: Elem> {
+        a: MatMut<'a, T>,
+        b: usize,
+    }
+    impl<T: Elem> pulp::WithSimd for Chase<'_, T> {
+        type Output = (Vec<T>, Vec<T>);
+        #[inline(always)]
+        fn with_simd<S: pulp::Simd>(self, _: S) -> Self::Output {
+            chase(self.a, self.b)
+        }
+    }
+    pulp::Arch::new().dispatch(Chase { a, b })
+}
+
+/// The body of [`band_to_tridiagonal`].
+#[inline(always)]
+fn chase<T: Elem>(mut a: MatMut<'_, T>, b: usize) -> (Vec<T>, Vec<T>) {
     let n = a.nrows();
     let reach = b;
-    let mut v = vec![0.0; b];
-    let mut x = vec![0.0; b];
-    let mut w = vec![0.0; b];
-    let mut acc = vec![0.0; reach];
-    let mut blk = vec![0.0; b * b];
+    let mut v = vec![T::zero(); b];
+    let mut x = vec![T::zero(); b];
+    let mut w = vec![T::zero(); b];
+    let mut acc = vec![T::zero(); reach];
+    let mut blk = vec![T::zero(); b * b];
     for j in 0..n.saturating_sub(2) {
         let (mut col, mut p) = (j, j + 1);
         while p + 1 < n {
             let len = b.min(n - p);
             x[..len].copy_from_slice(&column(a.as_mut(), col)[p..p + len]);
             let (tau, beta) = householder(&x[..len], &mut v[..len]);
-            if tau != 0.0 {
+            if tau != T::zero() {
                 let v = &v[..len];
                 {
                     let target = &mut column(a.as_mut(), col)[p..p + len];
                     target[0] = beta;
-                    target[1..].iter_mut().for_each(|t| *t = 0.0);
+                    target[1..].iter_mut().for_each(|t| *t = T::zero());
                 }
                 // Left: rows p..p+len of the other columns that can hold fill.
                 for c in p.saturating_sub(reach)..p {
@@ -211,7 +242,7 @@ fn band_to_tridiagonal(mut a: MatMut<'_, f64>, b: usize) -> (Vec<f64>, Vec<f64>)
                     }
                     let y = &mut column(a.as_mut(), c)[p..p + len];
                     let s = tau * dot(v, y);
-                    if s != 0.0 {
+                    if s != T::zero() {
                         y.iter_mut().zip(v).for_each(|(y, v)| *y -= s * v);
                     }
                 }
@@ -226,7 +257,7 @@ fn band_to_tridiagonal(mut a: MatMut<'_, f64>, b: usize) -> (Vec<f64>, Vec<f64>)
                 for c in 0..len {
                     w[c] = tau * dot(&blk[c * len..(c + 1) * len], v);
                 }
-                let half = 0.5 * tau * dot(v, &w[..len]);
+                let half = T::of(0.5) * tau * dot(v, &w[..len]);
                 for i in 0..len {
                     w[i] -= half * v[i];
                 }
@@ -241,7 +272,7 @@ fn band_to_tridiagonal(mut a: MatMut<'_, f64>, b: usize) -> (Vec<f64>, Vec<f64>)
                 let (q0, q1) = (p + len, (p + len + reach).min(n));
                 if q0 < q1 {
                     let acc = &mut acc[..q1 - q0];
-                    acc.iter_mut().for_each(|t| *t = 0.0);
+                    acc.iter_mut().for_each(|t| *t = T::zero());
                     for (i, vi) in v.iter().enumerate() {
                         let src = &column(a.as_mut(), p + i)[q0..q1];
                         acc.iter_mut().zip(src).for_each(|(t, s)| *t += s * vi);
@@ -265,15 +296,33 @@ fn band_to_tridiagonal(mut a: MatMut<'_, f64>, b: usize) -> (Vec<f64>, Vec<f64>)
 }
 
 /// Column `c` of a column-major matrix as a slice.
-fn column(a: MatMut<'_, f64>, c: usize) -> &mut [f64] {
+#[inline(always)]
+fn column<T: Elem>(a: MatMut<'_, T>, c: usize) -> &mut [T] {
     a.col_mut(c)
         .try_as_col_major_mut()
         .expect("column-major")
         .as_slice_mut()
 }
 
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+/// Dot product with eight partial sums in a fixed order (vectorizable, and the same bits on
+/// every SIMD level).
+#[inline(always)]
+fn dot<T: Elem>(a: &[T], b: &[T]) -> T {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [T::zero(); 8];
+    let (ac, ar) = a.split_at(n - n % 8);
+    let (bc, br) = b.split_at(n - n % 8);
+    for (x, y) in ac.chunks_exact(8).zip(bc.chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut tail = T::zero();
+    for (&x, &y) in ar.iter().zip(br) {
+        tail += x * y;
+    }
+    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])) + tail
 }
 
 /// Stage 3: eigenvalues (non-increasing) of the symmetric tridiagonal matrix.
