@@ -26,7 +26,6 @@ use super::symeig::symmetric_eig;
 use super::{fix_signs, Decomposer, Factorization};
 use crate::input::FloatData;
 use faer::dyn_stack::{MemBuffer, MemStack, StackReq};
-use faer::linalg::evd::{self_adjoint_evd, self_adjoint_evd_scratch, ComputeEigenvectors};
 use faer::linalg::householder;
 use faer::linalg::matmul::triangular::{self as tri, BlockStructure};
 use faer::linalg::qr::no_pivoting::factor as qr;
@@ -85,9 +84,11 @@ fn gram_matrix<T: Elem>(x: MatRef<'_, T>) -> Mat<T> {
 }
 
 /// Eigenvalues (non-increasing) of the symmetric matrix whose lower triangle is `g`, by
-/// faer's one-stage EVD without vectors (the reference the two-stage solver is tested
-/// against).
+/// faer's one-stage EVD without vectors: the reference the solvers in `twostage` and
+/// `symeig` are tested against.
+#[cfg(test)]
 pub(crate) fn one_stage_eigenvalues<T: Elem>(g: Mat<T>) -> Result<Vec<f64>, String> {
+    use faer::linalg::evd::{self_adjoint_evd, self_adjoint_evd_scratch, ComputeEigenvectors};
     let k = g.nrows();
     let mut mem = MemBuffer::try_new(self_adjoint_evd_scratch::<T>(
         k,
@@ -491,7 +492,7 @@ fn eigenvalues_f64<T: Elem>(x: MatRef<'_, T>) -> Result<Vec<f64>, String> {
     if g.nrows() >= super::twostage::MIN_ORDER {
         super::twostage::symmetric_eigenvalues(g)
     } else {
-        one_stage_eigenvalues(g)
+        super::symeig::symmetric_eigenvalues(g)
     }
 }
 

@@ -15,6 +15,7 @@ pub mod svd;
 pub mod symeig;
 #[cfg(test)]
 mod tests;
+pub mod tridiagonal;
 pub mod twostage;
 
 use crate::error::Result;

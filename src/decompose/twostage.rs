@@ -8,7 +8,7 @@
 //!    and a two-sided update of the trailing matrix, A ← QᵀAQ = A − W·Vᵀ − V·Wᵀ, on the
 //!    lower triangle (4/3·k³ flops, GEMM speed);
 //! 2. band → tridiagonal by Householder bulge chasing (O(k²·b) flops, cache-resident);
-//! 3. eigenvalues of the tridiagonal matrix (faer's implicit QR, O(k²)).
+//! 3. eigenvalues of the tridiagonal matrix (root-free QL, O(k²): src/decompose/tridiagonal.rs).
 //!
 //! Values only: with eigenvectors, the back-transformation through the bulge reflectors
 //! costs 2·k²·r flops at small-matrix speed, and a blocked version (branch
@@ -21,7 +21,7 @@
 //! tests below. Sequential (`Par::Seq`) and fixed-order, so the bits do not depend on the thread count.
 
 use super::svd::Elem;
-use faer::dyn_stack::{MemBuffer, MemStack, StackReq};
+use faer::dyn_stack::{MemBuffer, MemStack};
 use faer::linalg::matmul::matmul;
 use faer::linalg::matmul::triangular::{self as tri, BlockStructure};
 use faer::linalg::qr::no_pivoting::factor as qr;
@@ -48,7 +48,7 @@ pub fn symmetric_eigenvalues(mut a: Mat<f64>) -> Result<Vec<f64>, String> {
     dense_to_band(&mut a, BAND)?;
     let (diag, sub) = band_to_tridiagonal(a.as_mut(), BAND);
     drop(a);
-    tridiagonal_eigenvalues(&diag, &sub)
+    super::tridiagonal::eigenvalues(&diag, &sub)
 }
 
 /// Stage 1: reduces the lower triangle of `a` to half-bandwidth `b` in place (entries
@@ -323,29 +323,6 @@ fn dot<T: Elem>(a: &[T], b: &[T]) -> T {
         tail += x * y;
     }
     ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])) + tail
-}
-
-/// Stage 3: eigenvalues (non-increasing) of the symmetric tridiagonal matrix.
-fn tridiagonal_eigenvalues(diag: &[f64], sub: &[f64]) -> Result<Vec<f64>, String> {
-    use faer::linalg::evd::tridiagonal_self_adjoint_evd;
-    let n = diag.len();
-    let d = faer::Col::<f64>::from_fn(n, |i| diag[i]);
-    let e = faer::Col::<f64>::from_fn(n, |i| sub.get(i).copied().unwrap_or(0.0));
-    let mut s = faer::diag::Diag::<f64>::zeros(n);
-    let req = StackReq::all_of(&[faer::linalg::temp_mat_scratch::<f64>(n, 1); 4]);
-    let mut mem =
-        MemBuffer::try_new(req).map_err(|_| "cannot allocate tridiagonal workspace".to_string())?;
-    tridiagonal_self_adjoint_evd(
-        d.as_diagonal(),
-        e.as_diagonal(),
-        s.as_mut(),
-        None,
-        Par::Seq,
-        MemStack::new(&mut mem),
-        Default::default(),
-    )
-    .map_err(|e| format!("tridiagonal eigenvalues did not converge: {e:?}"))?;
-    Ok(s.column_vector().iter().rev().copied().collect())
 }
 
 #[cfg(test)]
