@@ -534,7 +534,19 @@ fn write_all(
         first_tensor: start,
         tensors: Vec::new(),
     };
+    // A shard opened at tensor i reserves header room for every entry that may still come
+    // (dense or factored, whichever is longer), so its data is written in place.
+    let mut reserve_from = vec![0u64; metas.len() + 1];
+    for (i, meta) in metas.iter().enumerate().rev() {
+        use cersa_loader::safetensors::header_entry_bound;
+        let (un, sn, vn) = factor_names(&meta.name);
+        let factored =
+            header_entry_bound(&un, 2) + header_entry_bound(&sn, 1) + header_entry_bound(&vn, 2);
+        let dense = header_entry_bound(&meta.name, meta.shape.len());
+        reserve_from[i] = reserve_from[i + 1] + factored.max(dense);
+    }
     for (i, meta) in metas.iter().enumerate().skip(start) {
+        writer.reserve_header(cersa_loader::writer::header_base_bound() + reserve_from[i]);
         // A source rewritten under its memory map is caught between tensors, not only at
         // the end (reading a truncated map would fault).
         src.check_unchanged()?;

@@ -210,6 +210,17 @@ pub fn parse(file: &[u8]) -> Result<Header, SafetensorsError> {
     })
 }
 
+/// Upper bound on the bytes one tensor entry named `name` with `ndims` dimensions adds to a
+/// header from [`serialize_header`] (the longest dtype name, 20 digits per dimension and
+/// per offset, the separating comma).
+pub fn header_entry_bound(name: &str, ndims: usize) -> u64 {
+    let name = serde_json::to_string(name)
+        .expect("string serializes")
+        .len();
+    let fixed = r#":{"dtype":"F8_E5M2","shape":[],"data_offsets":[,]},"#.len();
+    (name + fixed + ndims * 21 + 2 * 20) as u64
+}
+
 /// Serializes a header for `tensors` (name, dtype, shape, byte length, in data order)
 /// with `metadata`, padded with spaces to a multiple of 8 bytes, including the 8-byte
 /// length prefix. Keys are written in data order, `__metadata__` first.

@@ -1,9 +1,12 @@
 //! Streaming writer of CERSA shards and manifest.
 //!
-//! Tensor data is appended to a per-shard data file as it arrives; when a shard is
-//! closed its safetensors header (known only then) is written, followed by the data,
-//! and the file's sha256 is taken on the way. Memory use is one copy buffer, whatever
-//! the tensor sizes.
+//! Tensor data is appended to a per-shard data file as it arrives; the safetensors header
+//! is known only when the shard is closed. With a header reservation
+//! ([`CheckpointWriter::reserve_header`]) the data starts after that many bytes and the
+//! header, padded with spaces to fill them, is written in place: the data is never
+//! copied, and the file's sha256 is read back while it is synced. Without one, or when
+//! the header outgrows it, the header and then the data are copied into a new file, the
+//! sha256 taken on the way. Memory use is one copy buffer, whatever the tensor sizes.
 
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
@@ -12,7 +15,7 @@ use crate::safetensors::serialize_header;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufWriter, Read, Write};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 /// Shard `__metadata__` every CERSA shard carries.
@@ -26,6 +29,8 @@ pub fn shard_metadata() -> BTreeMap<String, String> {
 struct OpenShard {
     data_path: PathBuf,
     data: BufWriter<File>,
+    /// Offset of the data section in the data file (the header reservation, or 0).
+    data_start: u64,
     entries: Vec<(String, Dtype, Vec<usize>, usize)>,
     bytes: u64,
 }
@@ -44,6 +49,7 @@ pub struct CheckpointWriter {
     current: Option<OpenShard>,
     tensor: Option<OpenTensor>,
     group_shard: BTreeMap<String, usize>,
+    header_reserve: u64,
 }
 
 impl CheckpointWriter {
@@ -57,7 +63,17 @@ impl CheckpointWriter {
             current: None,
             tensor: None,
             group_shard: BTreeMap::new(),
+            header_reserve: 0,
         }
+    }
+
+    /// Reserves `bytes` (8-byte length prefix included) for the header of each shard
+    /// opened from now on, so that its data is written in place instead of copied when the
+    /// shard closes (see the module docs). A bound on the header of the tensors still to
+    /// come is [`crate::safetensors::header_entry_bound`] summed over them, plus
+    /// [`header_base_bound`]. 0 (the default) reserves nothing.
+    pub fn reserve_header(&mut self, bytes: u64) {
+        self.header_reserve = bytes.div_ceil(8).saturating_mul(8);
     }
 
     /// Continues a run whose first shards were closed before an interruption:
@@ -110,9 +126,16 @@ impl CheckpointWriter {
             self.close_current()?;
             let index = self.closed.len();
             let data_path = self.dir.join(format!(".shard-{:05}.data", index + 1));
-            let file = File::create(&data_path).map_err(|e| Error::io(&data_path, "create", e))?;
+            let mut file =
+                File::create(&data_path).map_err(|e| Error::io(&data_path, "create", e))?;
+            let data_start = self.header_reserve;
+            if data_start > 0 {
+                file.seek(SeekFrom::Start(data_start))
+                    .map_err(|e| Error::io(&data_path, "seek", e))?;
+            }
             self.current = Some(OpenShard {
                 data_path,
+                data_start,
                 data: BufWriter::with_capacity(1 << 20, file),
                 entries: Vec::new(),
                 bytes: 0,
@@ -213,41 +236,67 @@ impl CheckpointWriter {
             return Ok(());
         };
         let index = self.closed.len();
-        let data_file = shard
+        let mut data_file = shard
             .data
             .into_inner()
             .map_err(|e| Error::io(&shard.data_path, "flush", e.into_error()))?;
-        drop(data_file);
         let header = serialize_header(&shard_metadata(), &shard.entries);
         let path = self.dir.join(Self::temp_shard_name(index));
-        let mut hasher = Sha256::new();
-        let out = File::create(&path).map_err(|e| Error::io(&path, "create", e))?;
-        let mut out = BufWriter::with_capacity(1 << 20, out);
-        hasher.update(&header);
-        out.write_all(&header)
-            .map_err(|e| Error::io(&path, "write", e))?;
-        let mut data =
-            File::open(&shard.data_path).map_err(|e| Error::io(&shard.data_path, "open", e))?;
-        let mut buf = vec![0u8; 8 << 20];
-        loop {
-            let n = data
-                .read(&mut buf)
-                .map_err(|e| Error::io(&shard.data_path, "read", e))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            out.write_all(&buf[..n])
+        let (bytes, sha) = if shard.data_start >= header.len() as u64 && shard.data_start > 0 {
+            // In place: pad the JSON with spaces to fill the reservation exactly.
+            let json_len = shard.data_start - 8;
+            let mut head = Vec::with_capacity(shard.data_start as usize);
+            head.extend(json_len.to_le_bytes());
+            head.extend(&header[8..]);
+            head.resize(shard.data_start as usize, b' ');
+            data_file
+                .seek(SeekFrom::Start(0))
+                .and_then(|_| data_file.write_all(&head))
+                .map_err(|e| Error::io(&shard.data_path, "write header", e))?;
+            let (synced, hashed) = std::thread::scope(|scope| {
+                let sync = scope.spawn(|| data_file.sync_all());
+                let hashed = sha256_of(&shard.data_path);
+                (sync.join(), hashed)
+            });
+            synced
+                .unwrap_or_else(|_| Err(std::io::Error::other("sync thread panicked")))
+                .map_err(|e| Error::io(&shard.data_path, "sync", e))?;
+            let (n, sha) = hashed.map_err(|e| Error::io(&shard.data_path, "read", e))?;
+            drop(data_file);
+            std::fs::rename(&shard.data_path, &path).map_err(|e| Error::io(&path, "rename", e))?;
+            (n, sha)
+        } else {
+            drop(data_file);
+            let mut hasher = Sha256::new();
+            let out = File::create(&path).map_err(|e| Error::io(&path, "create", e))?;
+            let mut out = BufWriter::with_capacity(1 << 20, out);
+            hasher.update(&header);
+            out.write_all(&header)
                 .map_err(|e| Error::io(&path, "write", e))?;
-        }
-        let out = out
-            .into_inner()
-            .map_err(|e| Error::io(&path, "flush", e.into_error()))?;
-        out.sync_all().map_err(|e| Error::io(&path, "sync", e))?;
-        std::fs::remove_file(&shard.data_path)
-            .map_err(|e| Error::io(&shard.data_path, "remove", e))?;
-        let bytes = header.len() as u64 + shard.bytes;
-        let sha = hex(&hasher.finalize());
+            let mut data =
+                File::open(&shard.data_path).map_err(|e| Error::io(&shard.data_path, "open", e))?;
+            data.seek(SeekFrom::Start(shard.data_start))
+                .map_err(|e| Error::io(&shard.data_path, "seek", e))?;
+            let mut buf = vec![0u8; 8 << 20];
+            loop {
+                let n = data
+                    .read(&mut buf)
+                    .map_err(|e| Error::io(&shard.data_path, "read", e))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                out.write_all(&buf[..n])
+                    .map_err(|e| Error::io(&path, "write", e))?;
+            }
+            let out = out
+                .into_inner()
+                .map_err(|e| Error::io(&path, "flush", e.into_error()))?;
+            out.sync_all().map_err(|e| Error::io(&path, "sync", e))?;
+            std::fs::remove_file(&shard.data_path)
+                .map_err(|e| Error::io(&shard.data_path, "remove", e))?;
+            (header.len() as u64 + shard.bytes, hex(&hasher.finalize()))
+        };
         self.closed.push((path, bytes, sha));
         Ok(())
     }
@@ -309,6 +358,30 @@ impl CheckpointWriter {
             .map_err(|e| Error::io(&path, "write", e))?;
         Ok(manifest)
     }
+}
+
+/// Bytes of a shard header beyond its tensor entries: the 8-byte length, the braces and
+/// the `__metadata__` map, and up to 7 bytes of alignment padding.
+pub fn header_base_bound() -> u64 {
+    let meta = serde_json::to_string(&shard_metadata()).expect("string map serializes");
+    (8 + 2 + "\"__metadata__\":".len() + meta.len() + 7) as u64
+}
+
+/// Size and lowercase hex sha256 of the file at `path`.
+fn sha256_of(path: &Path) -> std::io::Result<(u64, String)> {
+    let mut f = File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 8 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        h.update(&buf[..n]);
+    }
+    Ok((total, hex(&h.finalize())))
 }
 
 /// Lowercase hex of `bytes`.

@@ -2,8 +2,8 @@
 
 use cersa_loader::manifest::{ConvertConfig, Producer, SourceInfo, Totals};
 use cersa_loader::{
-    factor_names, Checkpoint, CheckpointWriter, DenseReason, Dtype, Manifest, OpenOptions,
-    TensorInfo, TensorKind, TensorView,
+    factor_names, safetensors::header_entry_bound, Checkpoint, CheckpointWriter, DenseReason,
+    Dtype, Manifest, OpenOptions, TensorInfo, TensorKind, TensorView,
 };
 use proptest::prelude::*;
 use std::collections::BTreeMap;
@@ -110,9 +110,23 @@ fn le(v: &[f32]) -> Vec<u8> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
     #[test]
-    fn write_then_read_is_identity(specs in prop::collection::vec(spec(), 1..8), shard_size in 1u64..400) {
+    fn write_then_read_is_identity(
+        specs in prop::collection::vec(spec(), 1..8),
+        shard_size in 1u64..400,
+        // None, too small for any header (the copy fallback), and room for all entries.
+        reserve in prop_oneof![Just(0u64), 1u64..200, Just(u64::MAX)],
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let mut w = CheckpointWriter::new(dir.path(), shard_size);
+        let bound = cersa_loader::writer::header_base_bound()
+            + (0..specs.len())
+                .map(|k| {
+                    let (un, sn, vn) = factor_names(&format!("t{k}.weight"));
+                    header_entry_bound(&un, 2) + header_entry_bound(&sn, 1) + header_entry_bound(&vn, 2)
+                })
+                .sum::<u64>();
+        let reserve = reserve.min(bound);
+        w.reserve_header(reserve);
         let mut tensors = BTreeMap::new();
         for (k, spec) in specs.iter().enumerate() {
             let name = format!("t{k}.weight");
@@ -143,6 +157,15 @@ proptest! {
         let written = w.finish(manifest(tensors)).unwrap();
         let ckpt = Checkpoint::open_with(dir.path(), OpenOptions { verify_checksums: true }).unwrap();
         prop_assert_eq!(ckpt.manifest(), &written);
+        for shard in &written.shards {
+            let bytes = std::fs::read(dir.path().join(&shard.file)).unwrap();
+            let len = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+            prop_assert_eq!(len % 8, 0);
+            if reserve == bound {
+                // Room for every entry: the header fills the reservation exactly.
+                prop_assert_eq!(8 + len, bound.div_ceil(8) * 8);
+            }
+        }
         for (k, spec) in specs.iter().enumerate() {
             let name = format!("t{k}.weight");
             match (spec, ckpt.get(&name).unwrap()) {
