@@ -13,6 +13,10 @@
 //! within that margin of τ
 //! (τ − E(r−1) or E(r) − τ smaller than it), only the rank is in question: the eigenvalues
 //! of G accumulated in f64 (no vectors) decide it, and the f32 eigenvectors are kept. When
+//! only E(r) is near τ, a cheaper proof comes first: Ky Fan's trace bound from the f32 V_r,
+//! in f64 ([`ritz_energy_lower_bound`]), shows E(r) ≥ τ when it reaches τ (on the
+//! Llama-shaped benchmark it settled 5 of the 10 uncertain matrices; it cannot show
+//! E(r−1) < τ, which needs the eigenvalues). When
 //! λ at the cut (f32, or f64 after such a check) is below `CUT_FLOOR·ε·k·λ₁`, its vector is
 //! noise and the matrix is redone with G accumulated and decomposed in f64, whose margin is
 //! 2⁻²⁹ times smaller. Both constants were chosen from the tests in this module and
@@ -29,6 +33,7 @@ use faer::dyn_stack::{MemBuffer, MemStack, StackReq};
 use faer::linalg::householder;
 use faer::linalg::matmul::triangular::{self as tri, BlockStructure};
 use faer::linalg::qr::no_pivoting::factor as qr;
+use faer::linalg::solvers::Solve;
 use faer::{Accum, Conj, Mat, MatRef, Par};
 
 /// Multiplier on ε·k·λ₁/‖W‖² giving the energy uncertainty of a Gram pass.
@@ -134,8 +139,10 @@ pub enum GramVerdict {
     /// Rank and vectors stand.
     Sound,
     /// E(r) or E(r−1) is within the eigenvalue error of τ: the rank needs f64 eigenvalues,
-    /// the vectors at the cut are above the noise floor.
-    RankUncertain,
+    /// the vectors at the cut are above the noise floor. `prev_clear`: E(r−1) is clearly
+    /// below τ, so only whether E(r) reaches τ is in question (a lower bound can settle
+    /// that: [`ritz_energy_lower_bound`]).
+    RankUncertain { prev_clear: bool },
     /// λ_r is below the noise floor: its eigenvector cannot be told from rounding noise.
     CutNoisy,
 }
@@ -157,11 +164,14 @@ pub fn gram_verdict(
     let e_prev = energy_at(&sigma, norm2, r.saturating_sub(1));
     let tau = rule.energy;
     // Only the energy-picked part of the rank is in question; clamps are exact.
-    let energy_near = (e_r - tau).abs() < margin || (tau - e_prev).abs() < margin;
+    let prev_near = (tau - e_prev).abs() < margin;
+    let energy_near = (e_r - tau).abs() < margin || prev_near;
     if cut_is_noisy(lambda, r, noise) {
         GramVerdict::CutNoisy
     } else if energy_near {
-        GramVerdict::RankUncertain
+        GramVerdict::RankUncertain {
+            prev_clear: !prev_near,
+        }
     } else {
         GramVerdict::Sound
     }
@@ -343,14 +353,29 @@ fn factorize_pass<T: Elem>(
     lambda.iter_mut().for_each(|l| *l *= unscale * unscale);
     let mut sigma = sigma_of(&lambda);
     let mut r = rule.rank(&sigma, norm2, m, n);
+    let mut vr = None;
     if let Some(eps) = eps {
         match gram_verdict(&lambda, norm2, rule, r, eps) {
             GramVerdict::Sound => {}
             GramVerdict::CutNoisy => return Ok(None),
-            GramVerdict::RankUncertain => {
+            GramVerdict::RankUncertain { prev_clear: true }
+                if {
+                    // Only "does E(r) reach τ" is in question: the Ky Fan bound from the
+                    // f32 vectors, in f64, settles it when it reaches τ (about a fifth of
+                    // the cost of f64 eigenvalues).
+                    let v = eig.leading_vectors(r)?;
+                    let bound = ritz_energy_lower_bound(x, v.as_ref());
+                    vr = Some(v);
+                    bound.is_some_and(|b| b * unscale * unscale >= rule.energy * norm2)
+                } =>
+            {
+                crate::budget::trace_rss("gram: rank certified by the Ritz bound");
+            }
+            GramVerdict::RankUncertain { .. } => {
                 // Only the rank is in question: f64 eigenvalues (no vectors, about a third
                 // of a full f64 pass) decide it, and the f32 eigenvectors (any r of them can
                 // still be formed) serve as long as the new cut is above the f32 noise floor.
+                crate::budget::trace_rss("gram: f64 rank check");
                 let mut lambda64 = eigenvalues_f64(x)?;
                 lambda64.iter_mut().for_each(|l| *l *= unscale * unscale);
                 let sigma64 = sigma_of(&lambda64);
@@ -359,11 +384,18 @@ fn factorize_pass<T: Elem>(
                 if cut_is_noisy(&lambda64, r64, noise) {
                     return Ok(None);
                 }
+                if r64 != r {
+                    vr = None;
+                }
                 (sigma, r) = (sigma64, r64);
             }
         }
     }
-    let vr = eig.leading_vectors(r)?;
+    let vr = match vr {
+        Some(v) => v,
+        None => eig.leading_vectors(r)?,
+    };
+    drop(eig);
     crate::budget::trace_rss("gram: eigenvectors");
     let (u, mut s, vt) = factors_from_basis(x, vr.as_ref(), m, n)?;
     s.iter_mut().for_each(|v| *v *= unscale);
@@ -375,6 +407,59 @@ fn factorize_pass<T: Elem>(
         sigma,
         norm2,
     }))
+}
+
+/// A lower bound on Σ_{i≤r} λᵢ(XᵀX), r = `v.ncols()`, rigorous up to f64 rounding
+/// (relative 1e-12 is taken off): by Ky Fan's principle, trace(P·XᵀX) ≤ Σ_{i≤r} λᵢ for the
+/// orthogonal projector P onto span(V), and trace(P·XᵀX) = trace(C⁻¹·M) with C = VᵀV,
+/// M = (XV)ᵀ(XV). All in f64 from the widened inputs, over [`WIDEN_BLOCK`] rows of X at a
+/// time. With V the f32 eigenvectors, the bound falls short of the sum by second-order
+/// terms of their errors, far below the f32 eigenvalue error. `None` when C is not
+/// positive definite.
+pub(crate) fn ritz_energy_lower_bound<T: Elem>(x: MatRef<'_, T>, v: MatRef<'_, T>) -> Option<f64> {
+    let (p, r) = (x.nrows(), v.ncols());
+    if r == 0 {
+        return Some(0.0);
+    }
+    let v64 = Mat::<f64>::from_fn(v.nrows(), r, |i, j| v[(i, j)].into());
+    let mut c = Mat::<f64>::zeros(r, r);
+    faer::linalg::matmul::matmul(
+        c.as_mut(),
+        Accum::Replace,
+        v64.transpose(),
+        v64.as_ref(),
+        1.0,
+        Par::Seq,
+    );
+    let mut mm = Mat::<f64>::zeros(r, r);
+    let mut y = Mat::<f64>::zeros(WIDEN_BLOCK.min(p), r);
+    let mut i0 = 0;
+    while i0 < p {
+        let b = WIDEN_BLOCK.min(p - i0);
+        let xb = widened_rows(x, i0, b, 1.0);
+        let mut yb = y.as_mut().subrows_mut(0, b);
+        faer::linalg::matmul::matmul(
+            yb.as_mut(),
+            Accum::Replace,
+            xb.as_ref(),
+            v64.as_ref(),
+            1.0,
+            Par::Seq,
+        );
+        faer::linalg::matmul::matmul(
+            mm.as_mut(),
+            if i0 == 0 { Accum::Replace } else { Accum::Add },
+            yb.as_ref().transpose(),
+            yb.as_ref(),
+            1.0,
+            Par::Seq,
+        );
+        i0 += b;
+    }
+    let llt = c.llt(faer::Side::Lower).ok()?;
+    let q = llt.solve(&mm);
+    let trace: f64 = (0..r).map(|i| q[(i, i)]).sum();
+    trace.is_finite().then_some(trace * (1.0 - 1e-12))
 }
 
 /// Gram factorization of an f32 matrix with the f64 fallback; `force_f64` skips the f32 pass.

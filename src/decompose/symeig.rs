@@ -107,11 +107,10 @@ pub fn symmetric_eigenvalues<T: Elem>(mut g: Mat<T>) -> Result<Vec<f64>, String>
 
 impl<T: Elem> SymmetricEig<T> {
     /// The eigenvectors of the `r` largest eigenvalues (k×r, column j ↔ `lambda[j]`).
-    pub fn leading_vectors(self, r: usize) -> Result<Mat<T>, String> {
+    pub fn leading_vectors(&self, r: usize) -> Result<Mat<T>, String> {
         let k = self.lambda.len();
         let r = r.min(k);
         let mut v = Mat::<T>::from_fn(k, r, |i, c| self.z[(i, k - 1 - c)]);
-        drop(self.z);
         if k > 1 && r > 0 {
             let bs = self.factors.nrows();
             let req = householder::apply_block_householder_sequence_on_the_left_in_place_scratch::<T>(

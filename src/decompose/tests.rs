@@ -326,7 +326,7 @@ fn f32_margin_covers_the_sqrt_r_term() {
     let r = 346;
     let e_r = r as f64 / k as f64;
     for (gap, want) in [
-        (3e-6, gram::GramVerdict::RankUncertain),
+        (3e-6, gram::GramVerdict::RankUncertain { prev_clear: true }),
         (2e-5, gram::GramVerdict::Sound),
     ] {
         let rule = RankRule {
@@ -488,5 +488,39 @@ fn streamed_stored_residual_matches_naive_f64() {
                 "{m}×{n} {dtype}: streamed {got} vs naive {want}"
             );
         }
+    }
+}
+
+#[test]
+fn ritz_bound_is_a_tight_lower_bound() {
+    // The certificate that lets an f32 pass keep a rank whose E(r) is within its error of
+    // τ: never above the f64 reference's Σ_{i≤r} σᵢ² (random bases included, where it is
+    // far below), and with the f32 Gram eigenvectors within 1e-9·‖W‖² of it, far inside
+    // the f32 energy margin (≥ 4·ε₃₂ ≈ 2.4e-7).
+    let (m, k) = (300, 120);
+    let sigma: Vec<f64> = (0..k).map(|j| ((j + 1) as f64).powf(-0.6)).collect();
+    let w = synth(m, k, &sigma, 13);
+    let refs = reference_sigma(&w, m, k);
+    let norm2 = frobenius2(&w);
+    let x = gram::long_view(&w, m, k);
+    let g = x.transpose().to_owned() * x;
+    let eig = super::symeig::symmetric_eig(g).expect("f32 EVD");
+    let mut rng = Rng::new(5);
+    for r in [1, 10, 47, 119, 120] {
+        let exact: f64 = refs[..r].iter().map(|s| s * s).sum();
+        let v = eig.leading_vectors(r).expect("vectors");
+        let bound = gram::ritz_energy_lower_bound(x, v.as_ref()).expect("bound");
+        assert!(bound <= exact * (1.0 + 1e-13), "r={r}: {bound} > {exact}");
+        assert!(
+            (exact - bound) / norm2 < 1e-9,
+            "r={r}: bound {bound} vs {exact}: short by {:e}·‖W‖²",
+            (exact - bound) / norm2
+        );
+        let random = Mat::<f32>::from_fn(k, r, |_, _| rng.normal() as f32);
+        let loose = gram::ritz_energy_lower_bound(x, random.as_ref()).expect("bound");
+        assert!(
+            loose <= exact * (1.0 + 1e-13),
+            "random r={r}: {loose} > {exact}"
+        );
     }
 }
