@@ -29,9 +29,9 @@ use faer::linalg::triangular_solve::solve_lower_triangular_in_place;
 use faer::{Accum, Mat, MatMut, Par};
 
 /// Half-bandwidth of the intermediate band matrix. Larger makes stage 1's GEMMs faster and
-/// stage 2's bulge chasing slower; 32, 48 and 64 measured within run-to-run noise of each
-/// other on k = 2048 and 4096 (two-stage vs one-stage: 1.2–1.3× and 1.8–2.3× faster;
-/// `examples/bench_twostage.rs`).
+/// stage 2's bulge chasing slower; with stage 1's single rank-2b update, 64 measured
+/// slower than 32 (speed-up over faer's one-stage at k = 2048: 1.15× vs 1.5–1.7×; at 4096
+/// 2.5× vs 2.8×; `examples/bench_twostage.rs`).
 pub const BAND: usize = 32;
 
 /// Below this order the one-stage EVD is as fast or faster (measured equal at 1024; on
@@ -136,24 +136,24 @@ fn dense_to_band<T: Elem>(a: &mut Mat<T>, b: usize) -> Result<(), String> {
             -half,
             Par::Seq,
         );
-        tri::matmul(
-            a22.as_mut(),
-            BlockStructure::TriangularLower,
-            Accum::Add,
-            y.as_ref(),
-            BlockStructure::Rectangular,
-            v.transpose(),
-            BlockStructure::Rectangular,
-            -one,
-            Par::Seq,
+        // One rank-2kk update [W V]·[V W]ᵀ: a single pass over A22 instead of two.
+        let lhs = Mat::<T>::from_fn(
+            np,
+            2 * kk,
+            |i, c| if c < kk { y[(i, c)] } else { v[(i, c - kk)] },
+        );
+        let rhs = Mat::<T>::from_fn(
+            np,
+            2 * kk,
+            |i, c| if c < kk { v[(i, c)] } else { y[(i, c - kk)] },
         );
         tri::matmul(
             a22.as_mut(),
             BlockStructure::TriangularLower,
             Accum::Add,
-            v.as_ref(),
+            lhs.as_ref(),
             BlockStructure::Rectangular,
-            y.transpose(),
+            rhs.transpose(),
             BlockStructure::Rectangular,
             -one,
             Par::Seq,
