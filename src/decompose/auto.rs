@@ -3,7 +3,9 @@
 //! Measured with `bench/run.sh` (per-matrix part, power-law spectra, τ = 0.9, one thread,
 //! idle 2-core machine), seconds `svd` / `gram`: 384² 0.025 / 0.014, 1024² 0.32 / 0.23,
 //! 2048² 2.37 / 1.08, 5632×2048 3.79 / 1.84–2.88 (two runs), 4096² 20.1 / 7.9,
-//! 4096×11008 31.4 / 14.6, 32000×2048 12.0 / 6.0. `gram` wins at every shape (its f32 pass
+//! 4096×11008 31.4 / 14.6, 32000×2048 12.0 / 6.0 (session 4, with the leading-r
+//! eigenvectors and the Ky Fan rank proof: 384² 0.029 / 0.015, 2048² 2.38 / 1.09, 4096²
+//! 25.0 / 8.4, 4096×11008 48.5 / 10.9; README). `gram` wins at every shape (its f32 pass
 //! decides the rank on these spectra; f64 eigenvalues are added only when E(r) is within
 //! the f32 error margin of τ, and a full f64 pass only when λ_r is below the f32 noise
 //! floor) and needs less memory than faer's SVD (G and its eigenvectors are
