@@ -14,12 +14,11 @@
 //! writer at a shard boundary gives the same shard layout, hence byte-identical output.
 
 use crate::error::{ConvertError, Result};
-use cersa_loader::writer::hex;
+use cersa_loader::writer::sha256_file;
 use cersa_loader::{CheckpointWriter, TensorInfo};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
 /// File name of the journal inside the temporary output directory.
@@ -140,22 +139,6 @@ fn sync_dir(dir: &Path) {
     let _ = File::open(dir).and_then(|d| d.sync_all());
 }
 
-fn sha256_file(path: &Path) -> std::io::Result<(u64, String)> {
-    let mut f = File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 8 << 20];
-    let mut n_total = 0u64;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        n_total += n as u64;
-        h.update(&buf[..n]);
-    }
-    Ok((n_total, hex(&h.finalize())))
-}
-
 /// Reads the journal of the partial directory `dir`, re-verifies every journaled shard
 /// (size and sha256 of the file on disk), keeps the longest verified prefix, removes
 /// everything else from `dir`, and reopens the journal for appending.
@@ -238,6 +221,8 @@ pub fn recover(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cersa_loader::writer::hex;
+    use sha2::{Digest, Sha256};
 
     fn record(dir: &Path, index: usize, first: usize, end: usize) -> ShardRecord {
         let file = CheckpointWriter::temp_shard_name(index);

@@ -16,7 +16,6 @@ use cersa_loader::manifest::{Manifest, TensorInfo};
 use cersa_loader::{factor_names, Checkpoint, Dtype, TensorKind, TensorView, MANIFEST_FILE};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -210,7 +209,7 @@ fn check_shards(
         }
         let path = dir.join(&info.file);
         report.counts.shards += 1;
-        let (len, sha) = match hash_file(&path) {
+        let (len, sha) = match cersa_loader::writer::sha256_file(&path) {
             Ok(x) => x,
             Err(e) => {
                 report.failures.push(failure(
@@ -251,26 +250,6 @@ fn check_shards(
         }
     }
     usable.then_some(headers)
-}
-
-fn hash_file(path: &Path) -> std::io::Result<(u64, String)> {
-    let mut f = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut len = 0u64;
-    loop {
-        let k = f.read(&mut buf)?;
-        if k == 0 {
-            break;
-        }
-        hasher.update(&buf[..k]);
-        len += k as u64;
-    }
-    Ok((len, hex(&hasher.finalize())))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Reads only the JSON header of a safetensors shard (names, dtypes, shapes). Offsets are

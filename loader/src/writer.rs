@@ -255,7 +255,7 @@ impl CheckpointWriter {
                 .map_err(|e| Error::io(&shard.data_path, "write header", e))?;
             let (synced, hashed) = std::thread::scope(|scope| {
                 let sync = scope.spawn(|| data_file.sync_all());
-                let hashed = sha256_of(&shard.data_path);
+                let hashed = sha256_file(&shard.data_path);
                 (sync.join(), hashed)
             });
             synced
@@ -367,8 +367,9 @@ pub fn header_base_bound() -> u64 {
     (8 + 2 + "\"__metadata__\":".len() + meta.len() + 7) as u64
 }
 
-/// Size and lowercase hex sha256 of the file at `path`.
-fn sha256_of(path: &Path) -> std::io::Result<(u64, String)> {
+/// Size and lowercase hex sha256 of the file at `path` (how shards are checksummed, and
+/// re-verified by the converter's journal and `cersa verify`).
+pub fn sha256_file(path: &Path) -> std::io::Result<(u64, String)> {
     let mut f = File::open(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 8 << 20];

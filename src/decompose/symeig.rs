@@ -37,20 +37,7 @@ pub struct SymmetricEig<T: Elem> {
 /// reduced in place).
 pub fn symmetric_eig<T: Elem>(mut g: Mat<T>) -> Result<SymmetricEig<T>, String> {
     let k = g.nrows();
-    let bs = recommended_block_size::<T>(k, k);
-    let mut factors = Mat::<T>::zeros(bs, k.saturating_sub(1));
-    let alloc_err = |what: &str| format!("cannot allocate {what} workspace for order {k}");
-    {
-        let req = tridiag::tridiag_in_place_scratch::<T>(k, Par::Seq, Default::default());
-        let mut mem = MemBuffer::try_new(req).map_err(|_| alloc_err("tridiagonalization"))?;
-        tridiag::tridiag_in_place(
-            g.as_mut(),
-            factors.as_mut(),
-            Par::Seq,
-            MemStack::new(&mut mem),
-            Default::default(),
-        );
-    }
+    let factors = tridiagonalize(&mut g)?;
     let diag = faer::Col::<T>::from_fn(k, |i| g[(i, i)]);
     let sub = faer::Col::<T>::from_fn(k, |i| if i + 1 < k { g[(i + 1, i)] } else { T::zero() });
     let mut s = faer::diag::Diag::<T>::zeros(k);
@@ -62,7 +49,8 @@ pub fn symmetric_eig<T: Elem>(mut g: Mat<T>) -> Result<SymmetricEig<T>, String> 
         StackReq::new::<usize>(k).array(4),
         temp_mat_scratch::<T>(k, k).array(2),
     ]);
-    let mut mem = MemBuffer::try_new(req).map_err(|_| alloc_err("tridiagonal eigensolver"))?;
+    let mut mem = MemBuffer::try_new(req)
+        .map_err(|_| format!("cannot allocate tridiagonal eigensolver workspace for order {k}"))?;
     tridiagonal_self_adjoint_evd(
         diag.as_diagonal(),
         sub.as_diagonal(),
@@ -88,6 +76,17 @@ pub fn symmetric_eig<T: Elem>(mut g: Mat<T>) -> Result<SymmetricEig<T>, String> 
 /// QR was 27 % of `inspect`).
 pub fn symmetric_eigenvalues<T: Elem>(mut g: Mat<T>) -> Result<Vec<f64>, String> {
     let k = g.nrows();
+    tridiagonalize(&mut g)?;
+    let diag: Vec<f64> = (0..k).map(|i| g[(i, i)].into()).collect();
+    let sub: Vec<f64> = (1..k).map(|i| g[(i, i - 1)].into()).collect();
+    super::tridiagonal::eigenvalues(&diag, &sub)
+}
+
+/// Reduces the lower triangle of `g` to tridiagonal form in place (faer's one-stage
+/// Householder reduction); returns the reflectors' block factors (their essential parts
+/// stay below the subdiagonal of `g`).
+fn tridiagonalize<T: Elem>(g: &mut Mat<T>) -> Result<Mat<T>, String> {
+    let k = g.nrows();
     let bs = recommended_block_size::<T>(k, k);
     let mut factors = Mat::<T>::zeros(bs, k.saturating_sub(1));
     let req = tridiag::tridiag_in_place_scratch::<T>(k, Par::Seq, Default::default());
@@ -100,9 +99,7 @@ pub fn symmetric_eigenvalues<T: Elem>(mut g: Mat<T>) -> Result<Vec<f64>, String>
         MemStack::new(&mut mem),
         Default::default(),
     );
-    let diag: Vec<f64> = (0..k).map(|i| g[(i, i)].into()).collect();
-    let sub: Vec<f64> = (1..k).map(|i| g[(i, i - 1)].into()).collect();
-    super::tridiagonal::eigenvalues(&diag, &sub)
+    Ok(factors)
 }
 
 impl<T: Elem> SymmetricEig<T> {
