@@ -361,8 +361,8 @@ fn factorize_pass<T: Elem>(
             GramVerdict::RankUncertain { prev_clear: true }
                 if {
                     // Only "does E(r) reach τ" is in question: the Ky Fan bound from the
-                    // f32 vectors, in f64, settles it when it reaches τ (about a fifth of
-                    // the cost of f64 eigenvalues).
+                    // f32 vectors, in f64, settles it when it reaches τ (two f64 products
+                    // of X with V_r instead of an f64 G and its eigenvalues).
                     let v = eig.leading_vectors(r)?;
                     let bound = ritz_energy_lower_bound(x, v.as_ref());
                     vr = Some(v);
