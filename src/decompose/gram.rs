@@ -358,36 +358,30 @@ fn factorize_pass<T: Elem>(
         match gram_verdict(&lambda, norm2, rule, r, eps) {
             GramVerdict::Sound => {}
             GramVerdict::CutNoisy => return Ok(None),
-            GramVerdict::RankUncertain { prev_clear: true }
-                if {
-                    // Only "does E(r) reach τ" is in question: the Ky Fan bound from the
-                    // f32 vectors, in f64, settles it when it reaches τ (two f64 products
-                    // of X with V_r instead of an f64 G and its eigenvalues).
-                    let v = eig.leading_vectors(r)?;
-                    let bound = ritz_energy_lower_bound(x, v.as_ref());
-                    vr = Some(v);
-                    bound.is_some_and(|b| b * unscale * unscale >= rule.energy * norm2)
-                } =>
-            {
-                crate::budget::trace_rss("gram: rank certified by the Ritz bound");
-            }
-            GramVerdict::RankUncertain { .. } => {
-                // Only the rank is in question: f64 eigenvalues (no vectors, about a third
-                // of a full f64 pass) decide it, and the f32 eigenvectors (any r of them can
-                // still be formed) serve as long as the new cut is above the f32 noise floor.
-                crate::budget::trace_rss("gram: f64 rank check");
-                let mut lambda64 = eigenvalues_f64(x)?;
-                lambda64.iter_mut().for_each(|l| *l *= unscale * unscale);
-                let sigma64 = sigma_of(&lambda64);
-                let r64 = rule.rank(&sigma64, norm2, m, n);
-                let noise = eps * lambda.len() as f64 * lambda[0].max(0.0);
-                if cut_is_noisy(&lambda64, r64, noise) {
-                    return Ok(None);
+            GramVerdict::RankUncertain { prev_clear } => {
+                if prev_clear {
+                    vr = Some(eig.leading_vectors(r)?);
                 }
-                if r64 != r {
-                    vr = None;
+                if ritz_proves_rank(x, vr.as_ref(), unscale, rule.energy * norm2) {
+                    crate::budget::trace_rss("gram: rank certified by the Ritz bound");
+                } else {
+                    // Only the rank is in question: f64 eigenvalues (no vectors, about a third
+                    // of a full f64 pass) decide it, and the f32 eigenvectors (any r of them can
+                    // still be formed) serve as long as the new cut is above the f32 noise floor.
+                    crate::budget::trace_rss("gram: f64 rank check");
+                    let mut lambda64 = eigenvalues_f64(x)?;
+                    lambda64.iter_mut().for_each(|l| *l *= unscale * unscale);
+                    let sigma64 = sigma_of(&lambda64);
+                    let r64 = rule.rank(&sigma64, norm2, m, n);
+                    let noise = eps * lambda.len() as f64 * lambda[0].max(0.0);
+                    if cut_is_noisy(&lambda64, r64, noise) {
+                        return Ok(None);
+                    }
+                    if r64 != r {
+                        vr = None;
+                    }
+                    (sigma, r) = (sigma64, r64);
                 }
-                (sigma, r) = (sigma64, r64);
             }
         }
     }
@@ -407,6 +401,19 @@ fn factorize_pass<T: Elem>(
         sigma,
         norm2,
     }))
+}
+
+/// Whether the Ky Fan bound from the leading vectors `v` (of the X scaled by 1/`unscale`)
+/// proves Σ_{i≤r} λᵢ ≥ `target`: only "does E(r) reach τ" was in question, and two f64
+/// products of X with V_r replace an f64 G and its eigenvalues.
+fn ritz_proves_rank<T: Elem>(
+    x: MatRef<'_, T>,
+    v: Option<&Mat<T>>,
+    unscale: f64,
+    target: f64,
+) -> bool {
+    v.and_then(|v| ritz_energy_lower_bound(x, v.as_ref()))
+        .is_some_and(|b| b * unscale * unscale >= target)
 }
 
 /// A lower bound on Σ_{i≤r} λᵢ(XᵀX), r = `v.ncols()`, rigorous up to f64 rounding
