@@ -160,20 +160,31 @@ pub fn fix_signs<T: svd::Elem>(u: &mut [T], vt: &mut [T], m: usize, r: usize, n:
         let v: f64 = x.into();
         T::of(-v)
     };
-    for j in 0..r {
-        let mut best = 0.0f64;
-        let mut sign = 1.0f64;
-        for i in 0..m {
-            let x: f64 = u[i * r + j].into();
-            if x.abs() > best {
-                best = x.abs();
-                sign = x.signum();
+    // Row by row (u is row-major m×r): a column walk would touch one cache line per entry
+    // (0.5 s on a 32000×762 factor). Same result: the first largest |x| down each column.
+    let mut best = vec![0.0f64; r];
+    let mut flip = vec![false; r];
+    for row in u.chunks_exact(r.max(1)).take(m) {
+        for (j, &x) in row.iter().enumerate() {
+            let x: f64 = x.into();
+            if x.abs() > best[j] {
+                best[j] = x.abs();
+                flip[j] = x < 0.0;
             }
         }
-        if sign < 0.0 {
-            for i in 0..m {
-                u[i * r + j] = neg(u[i * r + j]);
+    }
+    if !flip.contains(&true) {
+        return;
+    }
+    for row in u.chunks_exact_mut(r.max(1)).take(m) {
+        for (x, &f) in row.iter_mut().zip(&flip) {
+            if f {
+                *x = neg(*x);
             }
+        }
+    }
+    for (j, &f) in flip.iter().enumerate() {
+        if f {
             vt[j * n..(j + 1) * n].iter_mut().for_each(|x| *x = neg(*x));
         }
     }
