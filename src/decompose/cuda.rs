@@ -4,17 +4,26 @@
 //! cuSOLVER through cudarc): X, the long×short view of W, is uploaded in f64; G = XᵀX
 //! (Dsyrk, lower triangle); G = V·Λ·Vᵀ (Dsyevd); σᵢ = √max(λᵢ, 0); the rank comes from the
 //! same `RankRule` on the host; Y = X·V_r (Dgemm); Y = Q·R (Dgeqrf + Dorgqr), stored
-//! σ = |R_ii|. Column order, signs (§4.7) and layout are done on the host by `gram`'s shared
-//! code, so the output follows `gram`'s conventions. There is no f32 first pass: on this
+//! σ = |R_ii|. Column order (non-increasing σ), signs of R and the long factor's layout are
+//! applied on the device by copies and exact negations (cuBLAS Dcopy with a stride, Dscal by
+//! −1), so U or Vᵀ comes back in its final row-major form; the short factor (k×r) and §4.7's
+//! sign rule are done on the host. The result has the same bits as assembling on the host
+//! (checked by whole-convert hashes on the H100). There is no f32 first pass: on this
 //! hardware f64 is fast, so the precision rule's fallback is the only pass (f64 G, absolute
 //! σ error ≈ 1e-8·σ₁). Entries are scaled by a power of two (exact) when the largest is
 //! outside 2^±16, as in `gram`, so tiny or huge matrices neither under- nor overflow.
 //!
+//! **Data path.** W is converted to f64 chunk by chunk into a 16 MiB page-locked staging
+//! buffer and uploaded from there, measuring ‖W‖_F² and max |w| in the same pass; no f64 copy
+//! of W exists on the host. (On the H100 host, allocating and filling that copy, then laying
+//! out U on the host, took 0.8 s of a 32000×2048 matrix's 1.7 s.) `CERSA_TRACE_CUDA=1`
+//! prints each phase's time to stderr.
+//!
 //! **Sharing.** One CUDA context, stream, cuBLAS and cuSOLVER handle per process, created on
-//! first use (`OnceLock`) and kept behind a `Mutex`. Converter workers prepare their input
-//! (f64 copy, norm) and finish (order, signs, layout) in parallel; the GPU runs one matrix at
-//! a time on one stream. For the sizes this route is for (k ≥ 1024) one matrix already fills
-//! the device, and one stream keeps the work, and so the bits, independent of thread count.
+//! first use (`OnceLock`) and kept behind a `Mutex`. Converter workers read and decode their
+//! input and finish (short factor, signs) in parallel; the GPU runs one matrix at a time on
+//! one stream. For the sizes this route is for (k ≥ 1024) one matrix already fills the
+//! device, and one stream keeps the work, and so the bits, independent of thread count.
 //!
 //! **Determinism.** cuSOLVER runs with `CUSOLVER_DETERMINISTIC_RESULTS`, cuBLAS with its
 //! default (atomics not allowed): the same input gives the same bits on the same GPU model and
@@ -30,14 +39,15 @@
 //! `unsafe` is allowed in the functions that call cuBLAS/cuSOLVER: those are raw FFI calls on
 //! device buffers whose sizes are allocated right before from the same dimensions.
 
-use super::gram::{self, factors_from_qr, sigma_of};
-use super::rank::{frobenius2, RankRule};
-use super::{Decomposer, Factorization};
+use super::gram::{self, row_major, sigma_of};
+use super::rank::RankRule;
+use super::{fix_signs, Decomposer, Factorization};
 use crate::input::FloatData;
 use cudarc::cublas::{sys as blas, CudaBlas};
 use cudarc::cusolver::{sys as sol, DnHandle};
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
-use faer::MatRef;
+use cudarc::driver::{
+    CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, PinnedHostSlice,
+};
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// The cuBLAS/cuSOLVER Gram route.
@@ -53,7 +63,14 @@ struct Gpu {
     blas: CudaBlas,
     solver: DnHandle,
     name: String,
+    /// Page-locked staging buffer for uploads: W is converted to f64 into it chunk by chunk,
+    /// so no f64 copy of W is ever allocated on the host (on the H100 host, allocating and
+    /// filling that copy took 0.42 s of a 32000×2048 matrix's 1.2 s).
+    staging: PinnedHostSlice<f64>,
 }
+
+/// f64 entries per staging chunk (16 MiB).
+const STAGING: usize = 1 << 21;
 
 static GPU: OnceLock<Result<Mutex<Gpu>, String>> = OnceLock::new();
 
@@ -120,50 +137,105 @@ fn open_gpu() -> Result<Gpu, String> {
     solver
         .set_deterministic_mode(sol::cusolverDeterministicMode_t::CUSOLVER_DETERMINISTIC_RESULTS)
         .map_err(|e| unavailable(&format!("cuSOLVER deterministic mode: {e:?}")))?;
+    // SAFETY: the buffer is written before it is read (upload_scaled fills each chunk before
+    // copying it). Write-combined memory suits it: the host only writes, the device reads.
+    let staging = unsafe { ctx.alloc_pinned::<f64>(STAGING) }
+        .map_err(|e| unavailable(&format!("page-locked staging buffer: {e:?}")))?;
     Ok(Gpu {
         stream,
         blas,
         solver,
         name,
+        staging,
     })
 }
 
-/// Host-side input: X's buffer in f64 (row-major W = column-major Wᵀ), scaled by 1/`unscale`.
-struct Prepared {
-    a: Vec<f64>,
+/// How W was scaled for the device (σ × `unscale` undoes it), and ‖W‖_F² (f64, summed as
+/// `rank::frobenius2` sums).
+#[derive(Clone, Copy)]
+struct Scale {
     unscale: f64,
     norm2: f64,
 }
 
-fn prepare<T: Copy + Into<f64>>(w: &[T]) -> Prepared {
-    let norm2 = frobenius2(w);
-    let amax = w.iter().fold(0f64, |a, &x| a.max(x.into().abs()));
-    // Same scaling rule as `gram`: a power of two, so it is exact.
-    let e = if amax > 0.0 { amax.log2().round() } else { 0.0 };
-    let (f, unscale) = if e.abs() > 16.0 {
-        ((-e).exp2(), e.exp2())
-    } else {
-        (1.0, 1.0)
-    };
-    let a = w.iter().map(|&x| x.into() * f).collect();
-    Prepared { a, unscale, norm2 }
+/// Converts W's row-major entries × `f` to f64 and uploads them through the page-locked
+/// staging buffer, measuring ‖W‖_F² and max |w| on the way (one pass over W).
+fn upload_scaled<T: Copy + Into<f64>>(
+    g: &mut Gpu,
+    w: &[T],
+    f: f64,
+) -> Result<(CudaSlice<f64>, f64, f64), String> {
+    // frobenius2's order: sums of 4096-entry blocks, added in sequence (STAGING is a multiple
+    // of 4096, so the blocks are the same).
+    const BLOCK: usize = 4096;
+    const _: () = assert!(STAGING % BLOCK == 0);
+    let st = g.stream.clone();
+    let mut d_a = st
+        .alloc_zeros::<f64>(w.len())
+        .map_err(dev_err("uploading W"))?;
+    let buf = g
+        .staging
+        .as_mut_slice()
+        .map_err(dev_err("staging buffer"))?;
+    let (mut norm2, mut amax) = (0f64, 0f64);
+    for (i, chunk) in w.chunks(STAGING).enumerate() {
+        let off = i * STAGING;
+        let dst = &mut buf[..chunk.len()];
+        for (d, b) in dst.chunks_mut(BLOCK).zip(chunk.chunks(BLOCK)) {
+            let mut sum = 0f64;
+            for (d, &x) in d.iter_mut().zip(b) {
+                let v: f64 = x.into();
+                sum += v * v;
+                amax = amax.max(v.abs());
+                *d = v * f;
+            }
+            norm2 += sum;
+        }
+        st.memcpy_htod(&*dst, &mut d_a.slice_mut(off..off + chunk.len()))
+            .map_err(dev_err("uploading W"))?;
+        // A copy from page-locked memory is asynchronous: wait before the buffer is refilled.
+        st.synchronize().map_err(dev_err("uploading W"))?;
+    }
+    Ok((d_a, norm2, amax))
 }
 
-fn prepare_data(w: &FloatData) -> Prepared {
-    match w {
-        FloatData::F32(v) => prepare(v),
-        FloatData::F64(v) => prepare(v),
+/// Uploads W as f64, scaled by a power of two (exact) when its largest entry is outside
+/// 2^±16, as in `gram`, so that squaring neither under- nor overflows. The scaling needs
+/// max |w|, known after the first pass: in that (rare) case W is uploaded a second time.
+fn upload(g: &mut Gpu, w: &FloatData) -> Result<(CudaSlice<f64>, Scale), String> {
+    let pass = |g: &mut Gpu, f| match w {
+        FloatData::F32(v) => upload_scaled(g, v, f),
+        FloatData::F64(v) => upload_scaled(g, v, f),
+    };
+    let (d_a, norm2, amax) = pass(g, 1.0)?;
+    let e = if amax > 0.0 { amax.log2().round() } else { 0.0 };
+    if e.abs() <= 16.0 {
+        return Ok((
+            d_a,
+            Scale {
+                unscale: 1.0,
+                norm2,
+            },
+        ));
     }
+    drop(d_a);
+    let (f, unscale) = ((-e).exp2(), e.exp2());
+    let (d_a, _, _) = pass(g, f)?;
+    Ok((d_a, Scale { unscale, norm2 }))
 }
 
 /// What the device returns: eigenvalues of the scaled G (non-increasing) and, with vectors,
-/// V_r (k×r column-major, non-increasing λ), Q (p×r column-major) and R's diagonal.
+/// V_r (k×r column-major, non-increasing λ), R's diagonal, the column order (non-increasing
+/// |R_ii|, stable) and the long-side factor in its final layout: Q's columns in that order,
+/// negated where R_ii < 0, as row-major U (m ≥ n) or row-major Vᵀ (m < n).
 struct GpuOut {
+    scale: Scale,
     lambda: Vec<f64>,
     rank: usize,
     vr: Vec<f64>,
-    q: Vec<f64>,
     r_diag: Vec<f64>,
+    order: Vec<usize>,
+    long: Vec<f64>,
 }
 
 fn dim(x: usize, what: &str) -> Result<i32, String> {
@@ -201,25 +273,65 @@ fn check_info(st: &Arc<CudaStream>, info: &CudaSlice<i32>, what: &str) -> Result
     }
 }
 
+/// With `CERSA_TRACE_CUDA` set, prints `cersa-cuda M×N PHASE: SECONDS` to stderr per phase
+/// (synchronizing the stream at each mark, so the phases add up to the wall time); costs one
+/// env lookup otherwise. For finding where a matrix's time goes (host or device).
+struct Trace {
+    on: bool,
+    shape: String,
+    t: std::time::Instant,
+}
+
+impl Trace {
+    fn new(m: usize, n: usize) -> Self {
+        static ON: OnceLock<bool> = OnceLock::new();
+        let on = *ON.get_or_init(|| std::env::var_os("CERSA_TRACE_CUDA").is_some());
+        Trace {
+            on,
+            shape: format!("{m}×{n}"),
+            t: std::time::Instant::now(),
+        }
+    }
+
+    fn mark(&mut self, st: Option<&CudaStream>, phase: &str) {
+        if !self.on {
+            return;
+        }
+        if let Some(st) = st {
+            let _ = st.synchronize();
+        }
+        let now = std::time::Instant::now();
+        eprintln!(
+            "cersa-cuda {} {phase}: {:.4}",
+            self.shape,
+            (now - self.t).as_secs_f64()
+        );
+        self.t = now;
+    }
+}
+
 /// Picks the rank from the eigenvalues of the (scaled) Gram matrix, non-increasing.
-type RankPicker<'a> = dyn Fn(&[f64]) -> usize + 'a;
+type RankPicker<'a> = dyn Fn(&[f64], &Scale) -> usize + 'a;
 
 /// The Gram route on the device for the m×n matrix whose row-major f64 entries are `a`.
 /// Without `pick_rank` only the eigenvalues are computed.
 #[allow(unsafe_code)]
 fn run_on_gpu(
-    g: &Gpu,
-    a: &[f64],
+    g: &mut Gpu,
+    w: &FloatData,
     m: usize,
     n: usize,
     pick_rank: Option<&RankPicker>,
+    trace: &mut Trace,
 ) -> Result<GpuOut, String> {
     let (p, k) = (m.max(n), m.min(n));
     let (ni, pi, ki) = (dim(n, "n")?, dim(p, "p")?, dim(k, "k")?);
-    let st = &g.stream;
+    let st = &g.stream.clone();
     st.context()
         .bind_to_thread()
         .map_err(dev_err("binding the context"))?;
+    let (d_a, scale) = upload(g, w)?;
+    trace.mark(Some(st), "convert, measure and upload W");
     let hb = *g.blas.handle();
     let hs = g.solver.cu();
     let ok_b = |s: blas::cublasStatus_t, what: &str| {
@@ -239,7 +351,6 @@ fn run_on_gpu(
 
     // The buffer is column-major Wᵀ (n×m, leading dimension n). X = W = bufferᵀ when m ≥ n,
     // X = Wᵀ = buffer otherwise.
-    let d_a = st.clone_htod(a).map_err(dev_err("uploading W"))?;
     let mut d_g = st
         .alloc_zeros::<f64>(k * k)
         .map_err(dev_err("Gram matrix"))?;
@@ -272,6 +383,7 @@ fn run_on_gpu(
         },
         "cublasDsyrk (G = XᵀX)",
     )?;
+    trace.mark(Some(st), "syrk");
 
     let jobz = if pick_rank.is_some() {
         sol::cusolverEigMode_t::CUSOLVER_EIG_MODE_VECTOR
@@ -302,16 +414,19 @@ fn run_on_gpu(
     // cuSOLVER returns non-decreasing eigenvalues; reverse to non-increasing.
     let mut lambda = st.clone_dtoh(&d_w).map_err(dev_err("eigenvalues"))?;
     lambda.reverse();
+    trace.mark(Some(st), "syevd");
     let Some(pick_rank) = pick_rank else {
         return Ok(GpuOut {
+            scale,
             lambda,
             rank: 0,
             vr: vec![],
-            q: vec![],
             r_diag: vec![],
+            order: vec![],
+            long: vec![],
         });
     };
-    let r = pick_rank(&lambda).clamp(1, k);
+    let r = pick_rank(&lambda, &scale).clamp(1, k);
     let ri = dim(r, "rank")?;
 
     // V_r (non-increasing λ) = the last r eigenvector columns, in reverse order. The
@@ -326,6 +441,7 @@ fn run_on_gpu(
         vr[c * k..(c + 1) * k].copy_from_slice(&tail[src..src + k]);
     }
     let d_v = st.clone_htod(&vr).map_err(dev_err("uploading V_r"))?;
+    trace.mark(Some(st), "rank, V_r down and up");
     let mut d_y = st.alloc_zeros::<f64>(p * r).map_err(dev_err("Y = X·V_r"))?;
     let pv = ptr(&d_v, st) as *const f64;
     let py = ptr_mut(&mut d_y, st) as *mut f64;
@@ -356,6 +472,7 @@ fn run_on_gpu(
         },
         "cublasDgemm (Y = X·V_r)",
     )?;
+    trace.mark(Some(st), "gemm");
 
     let mut d_tau = st.alloc_zeros::<f64>(r).map_err(dev_err("QR τ"))?;
     let ptau = ptr_mut(&mut d_tau, st) as *mut f64;
@@ -393,26 +510,58 @@ fn run_on_gpu(
         "cusolverDnDorgqr",
     )?;
     check_info(st, &d_info, "cusolverDnDorgqr")?;
+    trace.mark(Some(st), "geqrf + orgqr");
+    drop(d_a);
     let r_diag = st.clone_dtoh(&d_diag).map_err(dev_err("diag(R)"))?;
-    let q = st.clone_dtoh(&d_y).map_err(dev_err("Q"))?;
+    // Columns by non-increasing σ = |R_ii| (stable: ties keep basis order, deterministic).
+    let mut order: Vec<usize> = (0..r).collect();
+    order.sort_by(|&a, &b| r_diag[b].abs().total_cmp(&r_diag[a].abs()));
+    // The long-side factor in its final layout, by copies and exact negations on the device:
+    // column c is Q's column order[c], written with stride r (row-major p×r, U when m ≥ n)
+    // or contiguously (column-major p×r = row-major Vᵀ when m < n).
+    let mut d_l = st.alloc_zeros::<f64>(p * r).map_err(dev_err("U or Vᵀ"))?;
+    let pl = ptr_mut(&mut d_l, st) as *mut f64;
+    let (col_step, inc) = if x_is_buf_t { (1, ri) } else { (p, 1) };
+    let minus_one = -1.0f64;
+    for (c, &j) in order.iter().enumerate() {
+        // SAFETY: column j of Q is p values at Y + j·p (j < r); the destination's p values
+        // at L + c·col_step with stride inc stay inside L's p·r (c < r).
+        let dst = unsafe { pl.add(c * col_step) };
+        ok_b(
+            unsafe { blas::cublasDcopy_v2(hb, pi, py.add(j * p), 1, dst, inc) },
+            "cublasDcopy (order Q's columns)",
+        )?;
+        if r_diag[j] < 0.0 {
+            // SAFETY: as for the copy above.
+            ok_b(
+                unsafe { blas::cublasDscal_v2(hb, pi, &minus_one, dst, inc) },
+                "cublasDscal (signs of Q's columns)",
+            )?;
+        }
+    }
+    trace.mark(Some(st), "order and signs (device)");
+    let long = st.clone_dtoh(&d_l).map_err(dev_err("U or Vᵀ"))?;
     st.synchronize().map_err(dev_err("synchronize"))?;
     st.context().check_err().map_err(dev_err("device"))?;
+    trace.mark(Some(st), "download U or Vᵀ");
     Ok(GpuOut {
+        scale,
         lambda,
         rank: r,
         vr,
-        q,
         r_diag,
+        order,
+        long,
     })
 }
 
 /// Runs `f` on the shared device, turning a poisoned lock or a panic into an error.
-fn with_gpu<R>(f: impl FnOnce(&Gpu) -> Result<R, String>) -> Result<R, String> {
+fn with_gpu<R>(f: impl FnOnce(&mut Gpu) -> Result<R, String>) -> Result<R, String> {
     let g = gpu()?;
-    let guard = g
+    let mut guard = g
         .lock()
         .map_err(|_| "cuda route: GPU state poisoned by an earlier failure".to_string())?;
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&guard)))
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut guard)))
         .unwrap_or_else(|_| Err("cuda route: the CUDA library call panicked".into()))
 }
 
@@ -438,18 +587,27 @@ impl Decomposer for Cuda {
             // Nothing to offload; keep the CPU route's handling of empty matrices.
             return gram::Gram.factorize(w, m, n, rule);
         }
-        let prep = prepare_data(w);
-        let (norm2, unscale) = (prep.norm2, prep.unscale);
-        let pick = |lambda: &[f64]| rule.rank(&unscaled_sigma(lambda, unscale), norm2, m, n);
-        let out = with_gpu(|g| run_on_gpu(g, &prep.a, m, n, Some(&pick)))?;
-        drop(prep);
-        let (p, k, r) = (m.max(n), m.min(n), out.rank);
-        let q = MatRef::from_column_major_slice(&out.q, p, r);
-        let vr = MatRef::from_column_major_slice(&out.vr, k, r);
-        let s_abs: Vec<f64> = out.r_diag.iter().map(|d| d.abs()).collect();
-        let neg: Vec<bool> = out.r_diag.iter().map(|d| *d < 0.0).collect();
-        let (u, mut s, vt) = factors_from_qr(q, &s_abs, &neg, vr, m, n);
-        s.iter_mut().for_each(|v| *v *= unscale);
+        let mut trace = Trace::new(m, n);
+        let pick = |lambda: &[f64], sc: &Scale| {
+            rule.rank(&unscaled_sigma(lambda, sc.unscale), sc.norm2, m, n)
+        };
+        let out = with_gpu(|g| run_on_gpu(g, w, m, n, Some(&pick), &mut trace))?;
+        let Scale { unscale, norm2, .. } = out.scale;
+        let (k, r) = (m.min(n), out.rank);
+        let (order, vr) = (&out.order, &out.vr);
+        // Short side: V_r's columns in the same order (host; k×r is the small factor).
+        let short = |i: usize, c: usize| vr[order[c] * k + i];
+        let (mut u, mut vt) = if m >= n {
+            (out.long, row_major(r, n, |c, j| short(j, c)))
+        } else {
+            (row_major(m, r, short), out.long)
+        };
+        fix_signs(&mut u, &mut vt, m, r, n);
+        let s: Vec<f64> = order
+            .iter()
+            .map(|&j| out.r_diag[j].abs() * unscale)
+            .collect();
+        trace.mark(None, "host: short side, signs");
         Ok(Factorization {
             rank: r,
             u: u.into(),
@@ -464,9 +622,9 @@ impl Decomposer for Cuda {
         if m == 0 || n == 0 {
             return gram::Gram.singular_values(w, m, n);
         }
-        let prep = prepare_data(w);
-        let out = with_gpu(|g| run_on_gpu(g, &prep.a, m, n, None))?;
-        Ok(unscaled_sigma(&out.lambda, prep.unscale))
+        let mut trace = Trace::new(m, n);
+        let out = with_gpu(|g| run_on_gpu(g, w, m, n, None, &mut trace))?;
+        Ok(unscaled_sigma(&out.lambda, out.scale.unscale))
     }
 }
 
