@@ -50,9 +50,9 @@ wait $gm $gl
 export OPENBLAS_NUM_THREADS=16 OMP_NUM_THREADS=16 MKL_NUM_THREADS=16
 ls -la $G $G/llama
 
-t "== bench: cuda route, one matrix at a time"
+t "== bench: cuda route, one matrix at a time (with CERSA_TRACE_CUDA phase times)"
 for s in 2048x2048 4096x4096 4096x11008 32000x2048; do
-    timeout 60 $B/bench_decompose $G/m$s.safetensors --routes cuda --gemm off
+    CERSA_TRACE_CUDA=1 timeout 60 $B/bench_decompose $G/m$s.safetensors --routes cuda --gemm off 2>&1 | grep -v '64×48'
 done | tee $OUT/bench_cuda.tsv
 
 t "== bench: torch.linalg.svd on the GPU (what PiSSA calls), same matrices"
@@ -73,12 +73,14 @@ M=$G/llama/model.safetensors
 for run in cuda1 cuda2; do
     echo "$run wall_s peak_rss_mib: $(python3 bench/tools.py measure -- timeout 60 $B/cersa convert $M $G/out_$run --algorithm cuda --quiet)"
 done
+echo "cuda-threads4 wall_s peak_rss_mib: $(python3 bench/tools.py measure -- timeout 60 $B/cersa convert $M $G/out_cuda_t4 --algorithm cuda --threads 4 --quiet)"
 echo "cuda-threads1 wall_s peak_rss_mib: $(python3 bench/tools.py measure -- timeout 60 $B/cersa convert $M $G/out_cuda_t1 --algorithm cuda --threads 1 --quiet)"
 echo "gram16 wall_s peak_rss_mib: $(python3 bench/tools.py measure -- timeout 90 $B/cersa convert $M $G/out_gram16 --algorithm gram --threads 16 --quiet)"
 (cd $G/out_cuda1 && sha256sum * | sort -k2) > $OUT/sha_cuda1.txt
 (cd $G/out_cuda2 && sha256sum * | sort -k2) > $OUT/sha_cuda2.txt
 (cd $G/out_cuda_t1 && sha256sum * | sort -k2) > $G/sha_t1.txt
-for o in $OUT/sha_cuda2.txt $G/sha_t1.txt; do
+(cd $G/out_cuda_t4 && sha256sum * | sort -k2) > $G/sha_t4.txt
+for o in $OUT/sha_cuda2.txt $G/sha_t4.txt $G/sha_t1.txt; do
     if cmp -s $OUT/sha_cuda1.txt $o; then echo "DETERMINISM: cuda1 = $o"; else echo "DETERMINISM: DIFFER $o"; diff $OUT/sha_cuda1.txt $o; fi
 done
 cat $OUT/sha_cuda1.txt
