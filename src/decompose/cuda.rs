@@ -16,7 +16,7 @@
 //! **Data path.** W is converted to f64 chunk by chunk into a 16 MiB page-locked staging
 //! buffer and uploaded from there, measuring ‖W‖_F² and max |w| in the same pass; no f64 copy
 //! of W exists on the host. (On the H100 host, allocating and filling that copy, then laying
-//! out U on the host, took 0.8 s of a 32000×2048 matrix's 1.7 s.) `CERSA_TRACE_CUDA=1`
+//! out U on the host, took 0.8 s of a 32000×2048 matrix's 1.2 s.) `CERSA_TRACE_CUDA=1`
 //! prints each phase's time to stderr.
 //!
 //! **Sharing.** One CUDA context, stream, cuBLAS and cuSOLVER handle per process, created on
