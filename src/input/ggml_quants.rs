@@ -6,6 +6,7 @@
 //! gguf-py has no Q8_K dequantizer; ours follows ggml's `dequantize_row_q8_K`
 //! (`y = d · q`, `d` an f32). `tests/python/test_gguf_dequant.py` checks all of them.
 
+use super::ggml_codebook_quants as cb;
 use half::f16;
 
 /// Elements in a K-quant super-block.
@@ -30,6 +31,11 @@ pub enum GgmlType {
     Q5_K,
     Q6_K,
     Q8_K,
+    IQ4_NL,
+    IQ4_XS,
+    MXFP4,
+    TQ1_0,
+    TQ2_0,
     I8,
     I16,
     I32,
@@ -38,8 +44,8 @@ pub enum GgmlType {
 
 /// The float and quantized types that decode to f32, for error messages.
 pub const SUPPORTED: &str =
-    "F32, F16, BF16, F64, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K \
-     (and I8, I16, I32, I64 copied as integers)";
+    "F32, F16, BF16, F64, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K, \
+     IQ4_NL, IQ4_XS, MXFP4, TQ1_0, TQ2_0 (and I8, I16, I32, I64 copied as integers)";
 
 impl GgmlType {
     /// The type with GGML id `id`, if this crate reads it.
@@ -59,6 +65,11 @@ impl GgmlType {
             13 => Q5_K,
             14 => Q6_K,
             15 => Q8_K,
+            20 => IQ4_NL,
+            23 => IQ4_XS,
+            34 => TQ1_0,
+            35 => TQ2_0,
+            39 => MXFP4,
             24 => I8,
             25 => I16,
             26 => I32,
@@ -88,6 +99,11 @@ impl GgmlType {
             Q5_K => "Q5_K",
             Q6_K => "Q6_K",
             Q8_K => "Q8_K",
+            IQ4_NL => "IQ4_NL",
+            IQ4_XS => "IQ4_XS",
+            MXFP4 => "MXFP4",
+            TQ1_0 => "TQ1_0",
+            TQ2_0 => "TQ2_0",
             I8 => "I8",
             I16 => "I16",
             I32 => "I32",
@@ -114,6 +130,11 @@ impl GgmlType {
             Q5_K => (QK_K, 2 + 2 + 12 + QK_K / 8 + QK_K / 2),
             Q6_K => (QK_K, QK_K / 2 + QK_K / 4 + QK_K / 16 + 2),
             Q8_K => (QK_K, 4 + QK_K + QK_K / 8),
+            IQ4_NL => (32, 2 + 16),
+            IQ4_XS => (QK_K, 2 + 2 + QK_K / 64 + QK_K / 2),
+            MXFP4 => (32, 1 + 16),
+            TQ1_0 => (QK_K, (QK_K - 4 * QK_K / 64) / 5 + QK_K / 64 + 2),
+            TQ2_0 => (QK_K, QK_K / 4 + 2),
         }
     }
 
@@ -141,16 +162,11 @@ pub fn unsupported_name(id: u32) -> String {
         17 => "IQ2_XS",
         18 => "IQ3_XXS",
         19 => "IQ1_S",
-        20 => "IQ4_NL",
         21 => "IQ3_S",
         22 => "IQ2_S",
-        23 => "IQ4_XS",
         29 => "IQ1_M",
         31..=33 => "Q4_0_N_M (repacked, removed from ggml)",
-        34 => "TQ1_0",
-        35 => "TQ2_0",
         36..=38 => "IQ4_NL_N_M (repacked, removed from ggml)",
-        39 => "MXFP4",
         40 => "NVFP4",
         41 => "Q1_0",
         _ => return format!("unknown type id {id}"),
@@ -197,6 +213,11 @@ pub fn dequantize(t: GgmlType, bytes: &[u8], out: &mut Vec<f32>) {
         Q5_K => blocks.for_each(|b| q5_k(b, out)),
         Q6_K => blocks.for_each(|b| q6_k(b, out)),
         Q8_K => blocks.for_each(|b| q8_k(b, out)),
+        IQ4_NL => blocks.for_each(|b| cb::iq4_nl(b, out)),
+        IQ4_XS => blocks.for_each(|b| cb::iq4_xs(b, out)),
+        MXFP4 => blocks.for_each(|b| cb::mxfp4(b, out)),
+        TQ1_0 => blocks.for_each(|b| cb::tq1_0(b, out)),
+        TQ2_0 => blocks.for_each(|b| cb::tq2_0(b, out)),
     }
 }
 

@@ -1,5 +1,6 @@
 //! Source checkpoint readers, one module per format, behind the [`Source`] trait.
 
+mod ggml_codebook_quants;
 pub mod ggml_quants;
 pub mod gguf;
 pub mod gguf_header;

@@ -20,10 +20,12 @@ from safetensors.numpy import load_file
 F16_SCALES = {
     T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q8_0: [0],
     T.Q2_K: [80, 82], T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208],
+    T.IQ4_NL: [0], T.IQ4_XS: [0], T.TQ1_0: [52], T.TQ2_0: [64],
+    T.MXFP4: [],  # an e8m0 byte: every value is a finite scale
 }
 QUANTIZED = list(F16_SCALES) + [T.Q8_K]
 # Types gguf-py can quantize: real blocks from MiniLM weights.
-REAL = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
+REAL = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.MXFP4, T.TQ1_0, T.TQ2_0]
 
 
 def finite_f16_bits(rng, n):
@@ -123,6 +125,9 @@ def test_random_and_edge_blocks_bit_equal(run_cersa, tmp_path, qtype):
 def test_real_blocks_bit_equal(run_cersa, tmp_path, fixture_path, qtype):
     w = load_file(fixture_path("minilm-excerpt/model.safetensors"))[
         "encoder.layer.0.attention.self.query.weight"]
+    block, _ = GGML_QUANT_SIZES[qtype]
+    if w.shape[1] % block:
+        w = w.reshape(-1, block)  # 384-wide rows: 256-element blocks need whole rows
     raw = gguf.quants.quantize(w, qtype)
     _, stored = convert_dense_f32(run_cersa, tmp_path, {"blk.0.attn_q.weight": (raw, qtype)})
     ours = stored["blk.0.attn_q.weight"]
