@@ -7,6 +7,7 @@
 //! (`y = d · q`, `d` an f32). `tests/python/test_gguf_dequant.py` checks all of them.
 
 use super::ggml_codebook_quants as cb;
+use super::ggml_grid_quants as iq;
 use half::f16;
 
 /// Elements in a K-quant super-block.
@@ -36,6 +37,13 @@ pub enum GgmlType {
     MXFP4,
     TQ1_0,
     TQ2_0,
+    IQ2_XXS,
+    IQ2_XS,
+    IQ2_S,
+    IQ3_XXS,
+    IQ3_S,
+    IQ1_S,
+    IQ1_M,
     I8,
     I16,
     I32,
@@ -45,7 +53,8 @@ pub enum GgmlType {
 /// The float and quantized types that decode to f32, for error messages.
 pub const SUPPORTED: &str =
     "F32, F16, BF16, F64, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K, \
-     IQ4_NL, IQ4_XS, MXFP4, TQ1_0, TQ2_0 (and I8, I16, I32, I64 copied as integers)";
+     IQ4_NL, IQ4_XS, MXFP4, TQ1_0, TQ2_0, IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S \
+     (and I8, I16, I32, I64 copied as integers)";
 
 impl GgmlType {
     /// The type with GGML id `id`, if this crate reads it.
@@ -65,8 +74,15 @@ impl GgmlType {
             13 => Q5_K,
             14 => Q6_K,
             15 => Q8_K,
+            16 => IQ2_XXS,
+            17 => IQ2_XS,
+            18 => IQ3_XXS,
+            19 => IQ1_S,
             20 => IQ4_NL,
+            21 => IQ3_S,
+            22 => IQ2_S,
             23 => IQ4_XS,
+            29 => IQ1_M,
             34 => TQ1_0,
             35 => TQ2_0,
             39 => MXFP4,
@@ -104,6 +120,13 @@ impl GgmlType {
             MXFP4 => "MXFP4",
             TQ1_0 => "TQ1_0",
             TQ2_0 => "TQ2_0",
+            IQ2_XXS => "IQ2_XXS",
+            IQ2_XS => "IQ2_XS",
+            IQ2_S => "IQ2_S",
+            IQ3_XXS => "IQ3_XXS",
+            IQ3_S => "IQ3_S",
+            IQ1_S => "IQ1_S",
+            IQ1_M => "IQ1_M",
             I8 => "I8",
             I16 => "I16",
             I32 => "I32",
@@ -135,6 +158,13 @@ impl GgmlType {
             MXFP4 => (32, 1 + 16),
             TQ1_0 => (QK_K, (QK_K - 4 * QK_K / 64) / 5 + QK_K / 64 + 2),
             TQ2_0 => (QK_K, QK_K / 4 + 2),
+            IQ2_XXS => (QK_K, 2 + QK_K / 4),
+            IQ2_XS => (QK_K, 2 + QK_K / 4 + QK_K / 32),
+            IQ2_S => (QK_K, 2 + QK_K / 4 + QK_K / 16),
+            IQ3_XXS => (QK_K, 2 + QK_K / 4 + QK_K / 8),
+            IQ3_S => (QK_K, 2 + QK_K / 4 + QK_K / 8 + QK_K / 32 + 4),
+            IQ1_S => (QK_K, 2 + QK_K / 8 + QK_K / 16),
+            IQ1_M => (QK_K, QK_K / 8 + QK_K / 16 + QK_K / 32),
         }
     }
 
@@ -158,13 +188,6 @@ pub fn unsupported_name(id: u32) -> String {
         4 => "Q4_2 (removed from ggml)",
         5 => "Q4_3 (removed from ggml)",
         9 => "Q8_1",
-        16 => "IQ2_XXS",
-        17 => "IQ2_XS",
-        18 => "IQ3_XXS",
-        19 => "IQ1_S",
-        21 => "IQ3_S",
-        22 => "IQ2_S",
-        29 => "IQ1_M",
         31..=33 => "Q4_0_N_M (repacked, removed from ggml)",
         36..=38 => "IQ4_NL_N_M (repacked, removed from ggml)",
         40 => "NVFP4",
@@ -218,6 +241,13 @@ pub fn dequantize(t: GgmlType, bytes: &[u8], out: &mut Vec<f32>) {
         MXFP4 => blocks.for_each(|b| cb::mxfp4(b, out)),
         TQ1_0 => blocks.for_each(|b| cb::tq1_0(b, out)),
         TQ2_0 => blocks.for_each(|b| cb::tq2_0(b, out)),
+        IQ2_XXS => blocks.for_each(|b| iq::iq2_xxs(b, out)),
+        IQ2_XS => blocks.for_each(|b| iq::iq2_xs(b, out)),
+        IQ2_S => blocks.for_each(|b| iq::iq2_s(b, out)),
+        IQ3_XXS => blocks.for_each(|b| iq::iq3_xxs(b, out)),
+        IQ3_S => blocks.for_each(|b| iq::iq3_s(b, out)),
+        IQ1_S => blocks.for_each(|b| iq::iq1_s(b, out)),
+        IQ1_M => blocks.for_each(|b| iq::iq1_m(b, out)),
     }
 }
 

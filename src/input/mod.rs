@@ -1,6 +1,8 @@
 //! Source checkpoint readers, one module per format, behind the [`Source`] trait.
 
 mod ggml_codebook_quants;
+mod ggml_grid_quants;
+mod ggml_grids;
 pub mod ggml_quants;
 pub mod gguf;
 pub mod gguf_header;

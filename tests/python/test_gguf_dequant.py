@@ -22,6 +22,8 @@ F16_SCALES = {
     T.Q2_K: [80, 82], T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208],
     T.IQ4_NL: [0], T.IQ4_XS: [0], T.TQ1_0: [52], T.TQ2_0: [64],
     T.MXFP4: [],  # an e8m0 byte: every value is a finite scale
+    T.IQ2_XXS: [0], T.IQ2_XS: [0], T.IQ2_S: [0], T.IQ3_XXS: [0], T.IQ3_S: [0], T.IQ1_S: [0],
+    T.IQ1_M: [],  # its f16 scale is spread over the top nibbles of 4 u16s (fixed below)
 }
 QUANTIZED = list(F16_SCALES) + [T.Q8_K]
 # Types gguf-py can quantize: real blocks from MiniLM weights.
@@ -45,6 +47,14 @@ def random_blocks(rng, qtype, n_blocks):
         return raw
     for off in F16_SCALES[qtype]:
         raw[:, off:off + 2] = finite_f16_bits(rng, n_blocks).view(np.uint8).reshape(n_blocks, 2)
+    return finite_iq1_m(raw, qtype)
+
+
+def finite_iq1_m(raw, qtype):
+    """IQ1_M's f16 d is the top nibbles of its last 4 u16s; bit 14 of d (the exponent's top
+    bit) is bit 6 of the block's last byte: clearing it keeps d finite."""
+    if qtype == T.IQ1_M:
+        raw[..., 55] &= np.uint8(0xBF)
     return raw
 
 
@@ -61,7 +71,7 @@ def edge_blocks(qtype):
             else:
                 for off in F16_SCALES[qtype]:
                     b[off:off + 2] = np.array([scale], dtype=np.uint16).view(np.uint8)
-            out.append(b)
+            out.append(finite_iq1_m(b, qtype))
     return np.stack(out)
 
 
@@ -106,15 +116,16 @@ def assert_bit_equal(name, ours, ref):
 def test_random_and_edge_blocks_bit_equal(run_cersa, tmp_path, qtype):
     rng = np.random.default_rng(1234 + int(qtype))
     block, type_size = GGML_QUANT_SIZES[qtype]
-    # 3 rows x 4 blocks of random bytes, then the edge blocks as one row each.
-    rand = random_blocks(rng, qtype, 12).reshape(3, 4 * type_size)
+    # 3 rows x 32 blocks of random bytes (for the grid types, ~3000 random codebook rows),
+    # then the edge blocks as one row each.
+    rand = random_blocks(rng, qtype, 96).reshape(3, 32 * type_size)
     edges = edge_blocks(qtype)
     manifest, stored = convert_dense_f32(run_cersa, tmp_path, {
         "rand.weight": (rand, qtype),
         "edge.weight": (edges, qtype),
     })
     info = manifest["tensors"]["rand.weight"]
-    assert info["shape"] == [3, 4 * block] and info["source_dtype"] == qtype.name
+    assert info["shape"] == [3, 32 * block] and info["source_dtype"] == qtype.name
     assert info["stored_dtype"] == "F32"
     assert manifest["source"]["details"]["tensor_types"]["rand.weight"] == qtype.name
     assert_bit_equal("rand", stored["rand.weight"], reference(rand.reshape(-1, type_size), qtype))
