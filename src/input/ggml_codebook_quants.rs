@@ -1,6 +1,7 @@
 //! Dequantization of the GGML types that decode through a small codebook or are ternary:
 //! IQ4_NL and IQ4_XS (ggml's 16-entry non-linear 4-bit grid), MXFP4 (OCP microscaling
-//! e2m1 values with an e8m0 block scale), TQ1_0 and TQ2_0 (ternary −1/0/1, BitNet-style).
+//! e2m1 values with an e8m0 block scale), NVFP4 (e2m1 with e4m3 scales per 16 values),
+//! TQ1_0 and TQ2_0 (ternary −1/0/1, BitNet-style).
 //!
 //! As in `ggml_quants`, every formula follows gguf-py's `gguf.quants.dequantize_blocks`
 //! operation by operation in f32 (a product is one rounding; two products are two), so the
@@ -65,6 +66,32 @@ pub(super) fn mxfp4(b: &[u8], out: &mut Vec<f32>) {
     out.extend(codes(&b[1..17]).map(|c| d * f32::from(E2M1_DOUBLED[c])));
 }
 
+/// NVFP4's unsigned e4m3 sub-block scale (bias 7, top bit ignored; 0x00 and 0x7F read as
+/// zero), halved like MXFP4's to match the doubled e2m1 values.
+fn ue4m3_half(x: u8) -> f32 {
+    let (exp, man) = (i32::from((x >> 3) & 0x0F), f32::from(x & 0x07));
+    if x == 0 || x == 0x7F {
+        return 0.0;
+    }
+    let raw = if exp == 0 {
+        man * 2f32.powi(-9)
+    } else {
+        (1.0 + man / 8.0) * 2f32.powi(exp - 7)
+    };
+    raw * 0.5
+}
+
+/// NVFP4, 64 elements in 36 bytes: 4 e4m3 scales (one per 16 elements), then 4 × 8 bytes
+/// of e2m1 codes (each 8 bytes: low nibbles, then high nibbles).
+pub(super) fn nvfp4(b: &[u8], out: &mut Vec<f32>) {
+    for (s, qs) in b[4..36].chunks_exact(8).enumerate() {
+        let d = ue4m3_half(b[s]);
+        let lo = qs.iter().map(|&q| usize::from(q & 0x0F));
+        let hi = qs.iter().map(|&q| usize::from(q >> 4));
+        out.extend(lo.chain(hi).map(|c| d * f32::from(E2M1_DOUBLED[c])));
+    }
+}
+
 /// A base-3 digit packed as gguf-py packs TQ1_0: the byte times 3^k (mod 256), scaled to a
 /// trit by ·3 >> 8, minus 1.
 fn trit(byte: u8, pow3: u8) -> f32 {
@@ -123,6 +150,9 @@ mod tests {
         assert_eq!((out[0], out[16], out[1]), (6.0, -0.5, 0.0));
         assert_eq!(e8m0_half(0), f32::from_bits(0x0020_0000)); // 2^-128, subnormal
         assert_eq!(e8m0_half(255), 2f32.powi(127));
+        // NVFP4's e4m3 scale: 0x38 = exponent 7, mantissa 0 → 1.0, halved; 0x01 → 2^-9 / 2.
+        assert_eq!((ue4m3_half(0x38), ue4m3_half(0x01)), (0.5, 2f32.powi(-10)));
+        assert_eq!((ue4m3_half(0x7F), ue4m3_half(0xFF)), (0.0, 240.0));
 
         // TQ2_0: d = 1; byte 0 = 0b11_10_01_00 → elements 0, 32, 64, 96 = −1, 0, 1, 2.
         let mut b = vec![0b1110_0100u8];

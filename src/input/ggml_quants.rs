@@ -35,6 +35,7 @@ pub enum GgmlType {
     IQ4_NL,
     IQ4_XS,
     MXFP4,
+    NVFP4,
     TQ1_0,
     TQ2_0,
     IQ2_XXS,
@@ -53,7 +54,7 @@ pub enum GgmlType {
 /// The float and quantized types that decode to f32, for error messages.
 pub const SUPPORTED: &str =
     "F32, F16, BF16, F64, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K, \
-     IQ4_NL, IQ4_XS, MXFP4, TQ1_0, TQ2_0, IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S \
+     IQ4_NL, IQ4_XS, MXFP4, NVFP4, TQ1_0, TQ2_0, IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S \
      (and I8, I16, I32, I64 copied as integers)";
 
 impl GgmlType {
@@ -86,6 +87,7 @@ impl GgmlType {
             34 => TQ1_0,
             35 => TQ2_0,
             39 => MXFP4,
+            40 => NVFP4,
             24 => I8,
             25 => I16,
             26 => I32,
@@ -118,6 +120,7 @@ impl GgmlType {
             IQ4_NL => "IQ4_NL",
             IQ4_XS => "IQ4_XS",
             MXFP4 => "MXFP4",
+            NVFP4 => "NVFP4",
             TQ1_0 => "TQ1_0",
             TQ2_0 => "TQ2_0",
             IQ2_XXS => "IQ2_XXS",
@@ -156,6 +159,7 @@ impl GgmlType {
             IQ4_NL => (32, 2 + 16),
             IQ4_XS => (QK_K, 2 + 2 + QK_K / 64 + QK_K / 2),
             MXFP4 => (32, 1 + 16),
+            NVFP4 => (64, 4 + 32),
             TQ1_0 => (QK_K, (QK_K - 4 * QK_K / 64) / 5 + QK_K / 64 + 2),
             TQ2_0 => (QK_K, QK_K / 4 + 2),
             IQ2_XXS => (QK_K, 2 + QK_K / 4),
@@ -190,7 +194,6 @@ pub fn unsupported_name(id: u32) -> String {
         9 => "Q8_1",
         31..=33 => "Q4_0_N_M (repacked, removed from ggml)",
         36..=38 => "IQ4_NL_N_M (repacked, removed from ggml)",
-        40 => "NVFP4",
         41 => "Q1_0",
         _ => return format!("unknown type id {id}"),
     };
@@ -239,6 +242,7 @@ pub fn dequantize(t: GgmlType, bytes: &[u8], out: &mut Vec<f32>) {
         IQ4_NL => blocks.for_each(|b| cb::iq4_nl(b, out)),
         IQ4_XS => blocks.for_each(|b| cb::iq4_xs(b, out)),
         MXFP4 => blocks.for_each(|b| cb::mxfp4(b, out)),
+        NVFP4 => blocks.for_each(|b| cb::nvfp4(b, out)),
         TQ1_0 => blocks.for_each(|b| cb::tq1_0(b, out)),
         TQ2_0 => blocks.for_each(|b| cb::tq2_0(b, out)),
         IQ2_XXS => blocks.for_each(|b| iq::iq2_xxs(b, out)),

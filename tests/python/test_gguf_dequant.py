@@ -22,6 +22,7 @@ F16_SCALES = {
     T.Q2_K: [80, 82], T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208],
     T.IQ4_NL: [0], T.IQ4_XS: [0], T.TQ1_0: [52], T.TQ2_0: [64],
     T.MXFP4: [],  # an e8m0 byte: every value is a finite scale
+    T.NVFP4: [],  # four e4m3 bytes: every value is a finite scale
     T.IQ2_XXS: [0], T.IQ2_XS: [0], T.IQ2_S: [0], T.IQ3_XXS: [0], T.IQ3_S: [0], T.IQ1_S: [0],
     T.IQ1_M: [],  # its f16 scale is spread over the top nibbles of 4 u16s (fixed below)
 }
