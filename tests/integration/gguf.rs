@@ -338,11 +338,11 @@ fn offset_beyond_map() {
 
 #[test]
 fn unknown_type() {
-    let b = one_tensor(tinfo("blk.0.attn_q.weight", &[256, 1], 16, 0));
+    let b = one_tensor(tinfo("blk.0.attn_q.weight", &[256, 1], 41, 0));
     rejects(
         &b,
         &[
-            "tensor `blk.0.attn_q.weight`: type IQ2_XXS (type id 16) is not supported",
+            "tensor `blk.0.attn_q.weight`: type Q1_0 (type id 41) is not supported",
             "Q4_K",
             "not selected for factoring",
         ],
