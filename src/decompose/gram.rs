@@ -272,8 +272,9 @@ fn factors_from_y<T: Elem>(
 
 /// Assembles U_r, σ_r, V_rᵀ of the row-major m×n matrix from the QR of Y = X·V_r: `q`
 /// (p×r), |R_ii| `s`, signs `neg` of R_ii, and the short-side basis `vr` (k×r). Columns are
-/// reordered by non-increasing σ and signs fixed (§4.7). Shared with the `cuda` route.
-pub(crate) fn factors_from_qr<T: Elem>(
+/// reordered by non-increasing σ and signs fixed (§4.7). (The `cuda` route does the same
+/// ordering and negations on the device.)
+fn factors_from_qr<T: Elem>(
     q: MatRef<'_, T>,
     s: &[f64],
     neg: &[bool],

@@ -8,7 +8,7 @@
 //! results are bit-equal to gguf-py; `tests/python/test_gguf_dequant.py` checks each type
 //! on random blocks, edge blocks and, where gguf-py can quantize, real weights.
 
-use half::f16;
+use super::ggml_quants::f16_at;
 
 /// ggml's non-linear 4-bit grid (`kvalues_iq4nl`), shared by IQ4_NL and IQ4_XS.
 const IQ4_GRID: [i8; 16] = [
@@ -18,11 +18,7 @@ const IQ4_GRID: [i8; 16] = [
 /// e2m1 (FP4) values, doubled so they are integers; the block scale is halved to match.
 const E2M1_DOUBLED: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
 
-fn f16_at(b: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
-}
-
-/// The 32 4-bit codes of 16 bytes: low nibbles first, then high nibbles.
+/// The 4-bit codes of `qs`: all low nibbles first, then all high nibbles.
 fn codes(qs: &[u8]) -> impl Iterator<Item = usize> + '_ {
     let lo = qs.iter().map(|&q| usize::from(q & 0x0F));
     let hi = qs.iter().map(|&q| usize::from(q >> 4));
@@ -86,9 +82,7 @@ fn ue4m3_half(x: u8) -> f32 {
 pub(super) fn nvfp4(b: &[u8], out: &mut Vec<f32>) {
     for (s, qs) in b[4..36].chunks_exact(8).enumerate() {
         let d = ue4m3_half(b[s]);
-        let lo = qs.iter().map(|&q| usize::from(q & 0x0F));
-        let hi = qs.iter().map(|&q| usize::from(q >> 4));
-        out.extend(lo.chain(hi).map(|c| d * f32::from(E2M1_DOUBLED[c])));
+        out.extend(codes(qs).map(|c| d * f32::from(E2M1_DOUBLED[c])));
     }
 }
 

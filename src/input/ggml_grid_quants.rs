@@ -8,12 +8,9 @@
 //! type on random and edge blocks (gguf-py cannot quantize these types).
 
 use super::ggml_grids as grids;
+use super::ggml_quants::f16_at;
 use half::f16;
 use std::sync::OnceLock;
-
-fn f16_at(b: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
-}
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])

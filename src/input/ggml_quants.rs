@@ -200,7 +200,8 @@ pub fn unsupported_name(id: u32) -> String {
     format!("{known} (type id {id})")
 }
 
-fn f16_at(b: &[u8], at: usize) -> f32 {
+/// The little-endian f16 at byte `at` of a block, as f32 (exact).
+pub(super) fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
