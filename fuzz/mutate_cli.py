@@ -1,0 +1,68 @@
+"""Black-box mutation fuzz of cersa's input readers through the CLI: mutates seed files
+(truncation, header bytes, extreme little-endian integers, digits in JSON headers, NaN/Inf in
+the data), runs `cersa inspect` and `cersa convert` on each, and reports panics, signals,
+timeouts (20 s) and exit codes other than 0/1/2; failing inputs are copied to /tmp/x/.
+
+    cargo build --release --bin cersa
+    cd fixtures && python3 ../fuzz/mutate_cli.py gguf/kquants.gguf,mixed/model.safetensors,pytorch/pnet.pt 300 [SEED]
+"""
+import os, random, subprocess, sys, shutil, tempfile
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CERSA = os.environ.get("CERSA_BIN", os.path.join(ROOT, "target", "release", "cersa"))
+os.makedirs("/tmp/x", exist_ok=True)
+seeds = sys.argv[1].split(",")
+n = int(sys.argv[2])
+rng = random.Random(int(sys.argv[3]) if len(sys.argv) > 3 else 0)
+work = tempfile.mkdtemp(prefix="mutfuzz")
+bad = 0
+def mutate(b):
+    b = bytearray(b)
+    k = rng.randrange(6)
+    if k == 0:  # truncate
+        return b[: rng.randrange(len(b))]
+    if k == 1:  # flip random bytes near the start (headers)
+        for _ in range(rng.randrange(1, 8)):
+            i = rng.randrange(min(len(b), 4096))
+            b[i] = rng.randrange(256)
+        return b
+    if k == 2:  # random bytes anywhere
+        for _ in range(rng.randrange(1, 32)):
+            i = rng.randrange(len(b))
+            b[i] = rng.randrange(256)
+        return b
+    if k == 3:  # overwrite a little-endian integer field with an extreme value
+        i = rng.randrange(min(len(b), 8192) - 8)
+        v = rng.choice([0, 1, 0xFFFFFFFF, 0x7FFFFFFF, 0xFFFFFFFFFFFFFFFF, 1 << 40, 1 << 62, 3, 255])
+        b[i:i + 8] = v.to_bytes(8, "little")
+        return b
+    if k == 4:  # digits in a JSON header
+        i = b.find(b"[", rng.randrange(min(len(b), 2000)))
+        if i > 0:
+            b[i + 1:i + 1] = str(rng.choice([0, 1 << 33, 99999999999, -1])).encode() + b","
+        return b
+    # NaN/inf injection into data region
+    for _ in range(16):
+        i = rng.randrange(len(b) // 2, len(b) - 4)
+        b[i:i + 4] = bytes.fromhex(rng.choice(["0000c07f", "0000807f", "000080ff"]))
+    return b
+for it in range(n):
+    seed = rng.choice(seeds)
+    data = open(seed, "rb").read()
+    ext = os.path.splitext(seed)[1]
+    f = os.path.join(work, "in" + ext)
+    open(f, "wb").write(mutate(data))
+    out = os.path.join(work, "out")
+    shutil.rmtree(out, ignore_errors=True)
+    for cmd in ([CERSA, "inspect", f, "--json", "-q"], [CERSA, "convert", f, out, "-q", "--include", "*"]):
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+        except subprocess.TimeoutExpired:
+            print("TIMEOUT", cmd[1], seed); shutil.copy(f, f"/tmp/x/crash_{it}{ext}"); bad += 1; continue
+        err = p.stderr
+        if p.returncode not in (0, 1, 2) or "panicked" in err or "RUST_BACKTRACE" in err:
+            bad += 1
+            shutil.copy(f, f"/tmp/x/crash_{it}{ext}")
+            print("BAD", cmd[1], p.returncode, seed, err[-600:])
+        elif p.returncode == 0 and cmd[1] == "convert" and not os.path.exists(os.path.join(out, "cersa.json")):
+            print("NO OUTPUT but rc 0", seed)
+print("done", n, "bad", bad)
