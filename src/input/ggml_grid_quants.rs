@@ -136,6 +136,14 @@ pub(super) fn iq2_s(b: &[u8], out: &mut Vec<f32>) {
     }
 }
 
+/// Rows `r0` and `r1` of a 4-wide codebook, side by side (the IQ3 types' groups of 8).
+fn two_rows(grid: &[f32], r0: usize, r1: usize) -> [f32; 8] {
+    let mut g = [0f32; 8];
+    g[..4].copy_from_slice(&grid[4 * r0..4 * r0 + 4]);
+    g[4..].copy_from_slice(&grid[4 * r1..4 * r1 + 4]);
+    g
+}
+
 /// IQ3_XXS, 256 values in 98 bytes: f16 d, 64 grid rows (4 values each) as bytes, 8 u32
 /// with four 7-bit sign indices and a 4-bit scale.
 pub(super) fn iq3_xxs(b: &[u8], out: &mut Vec<f32>) {
@@ -149,10 +157,7 @@ pub(super) fn iq3_xxs(b: &[u8], out: &mut Vec<f32>) {
                 usize::from(qs[8 * ib + 2 * l]),
                 usize::from(qs[8 * ib + 2 * l + 1]),
             );
-            let mut g = [0f32; 8];
-            g[..4].copy_from_slice(&grid[4 * r0..4 * r0 + 4]);
-            g[4..].copy_from_slice(&grid[4 * r1..4 * r1 + 4]);
-            signed(out, db, &g, ksigns(aux >> (7 * l)));
+            signed(out, db, &two_rows(grid, r0, r1), ksigns(aux >> (7 * l)));
         }
     }
 }
@@ -168,10 +173,7 @@ pub(super) fn iq3_s(b: &[u8], out: &mut Vec<f32>) {
         let db = d * f32::from(1 + 2 * s);
         for l in 0..4 {
             let (r0, r1) = (row(8 * k + 2 * l), row(8 * k + 2 * l + 1));
-            let mut g = [0f32; 8];
-            g[..4].copy_from_slice(&grid[4 * r0..4 * r0 + 4]);
-            g[4..].copy_from_slice(&grid[4 * r1..4 * r1 + 4]);
-            signed(out, db, &g, signs[4 * k + l]);
+            signed(out, db, &two_rows(grid, r0, r1), signs[4 * k + l]);
         }
     }
 }
