@@ -1,4 +1,8 @@
-//! GGUF sources (llama.cpp checkpoints): one memory-mapped file, tensors decoded in place.
+//! GGUF sources (llama.cpp checkpoints): memory-mapped files, tensors decoded in place.
+//!
+//! A model split by llama.cpp's `gguf-split` (or gguf-py's `split_max_*`) is read whole from
+//! any of its parts: `PREFIX-00001-of-00003.gguf` … `PREFIX-00003-of-00003.gguf`, each with
+//! `split.no`, `split.count` and (first part) `split.tensors.count`, all checked.
 //!
 //! The header is read by our own strict parser (`gguf_header`), not the `gguf-rs` crate:
 //! gguf-rs 0.1.8 allocates a string's declared length (up to 1 GiB) before reading it,
@@ -7,7 +11,7 @@
 //! `anyhow` values. Here every size from the file is checked before use.
 
 use super::ggml_quants::{dequantize, GgmlType};
-use super::gguf_header::{parse, GgufHeader};
+use super::gguf_header::{parse, GgufHeader, GgufTensor};
 use super::{FileStamp, FloatData, Precision, Source, TensorMeta};
 use crate::error::{ConvertError, Result};
 use cersa_loader::dtype::{decode_f64, encode_f32};
@@ -15,7 +19,7 @@ use cersa_loader::manifest::SourceFile;
 use cersa_loader::mmap::MappedFile;
 use cersa_loader::Dtype;
 use serde_json::json;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 /// Bytes copied per chunk of a verbatim dense copy.
@@ -23,14 +27,21 @@ const COPY_CHUNK: usize = 32 << 20;
 /// f32 values decoded per chunk of a re-encoded (dequantized) dense copy.
 const DECODE_CHUNK: usize = 2 << 20;
 
-/// An opened GGUF file.
-pub struct GgufSource {
+/// One mapped GGUF file (the whole model, or one part of a split model).
+struct Part {
     path: PathBuf,
     map: MappedFile,
     stamp: FileStamp,
     header: GgufHeader,
+}
+
+/// An opened GGUF model.
+pub struct GgufSource {
+    parts: Vec<Part>,
     file_info: Vec<SourceFile>,
     tensors: Vec<TensorMeta>,
+    /// Tensor i is `parts[at[i].0].header.tensors[at[i].1]`.
+    at: Vec<(usize, usize)>,
 }
 
 /// Dtype a tensor of type `ty` is copied in when it stays dense; quantized tensors are
@@ -49,66 +60,212 @@ fn dense_dtype(ty: GgmlType, requantized: Dtype) -> Dtype {
     }
 }
 
+/// Maps and parses one file.
+fn open_part(path: &Path) -> Result<Part> {
+    let stamp = FileStamp::of(path)?;
+    // SAFETY (of the contract): `stamp` is checked again before the output is
+    // committed, so a file changed under the map is reported, not trusted.
+    #[allow(unsafe_code)]
+    let map = unsafe { MappedFile::open(path)? };
+    let header = parse(map.bytes()).map_err(|kind| ConvertError::Gguf {
+        path: path.to_path_buf(),
+        kind,
+    })?;
+    Ok(Part {
+        path: path.to_path_buf(),
+        map,
+        stamp,
+        header,
+    })
+}
+
+/// `(PREFIX, part number)` of a file named `PREFIX-NNNNN-of-CCCCC.gguf` whose `CCCCC` is
+/// `count` (llama.cpp's `llama_split_path` naming, 1-based).
+fn split_name(name: &str, count: u64) -> Option<(&str, u64)> {
+    let stem = name.strip_suffix(".gguf")?;
+    let (rest, of) = stem.rsplit_once("-of-")?;
+    let (prefix, no) = rest.rsplit_once('-')?;
+    let digits = |s: &str| s.len() >= 5 && s.bytes().all(|b| b.is_ascii_digit());
+    (digits(no) && digits(of) && of.parse::<u64>().ok()? == count)
+        .then(|| Some((prefix, no.parse().ok()?)))
+        .flatten()
+}
+
+/// Every part of the split model that `first` (already opened, `split.count` > 1) belongs
+/// to, in `split.no` order, each checked against its name and the others.
+fn open_split(first: Part) -> Result<Vec<Part>> {
+    let keys = first.header.split.expect("caller checked");
+    let bad = |path: &Path, reason: String| ConvertError::Source {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let name = first
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let (prefix, no) = split_name(&name, keys.count).ok_or_else(|| {
+        bad(
+            &first.path,
+            format!(
+                "part {} of a model split in {} (split.no/split.count), but the name does not \
+                 follow PREFIX-{:05}-of-{:05}.gguf, so the other parts cannot be found",
+                keys.no + 1,
+                keys.count,
+                keys.no + 1,
+                keys.count
+            ),
+        )
+    })?;
+    if no != keys.no + 1 {
+        return Err(bad(
+            &first.path,
+            format!("named part {no} but its split.no says part {}", keys.no + 1),
+        ));
+    }
+    let dir = first
+        .path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let mut given = Some(first);
+    let mut parts = Vec::with_capacity(keys.count as usize);
+    for i in 0..keys.count {
+        let part = if i == keys.no {
+            given.take().expect("one given part")
+        } else {
+            let path = dir.join(format!("{prefix}-{:05}-of-{:05}.gguf", i + 1, keys.count));
+            if !path.exists() {
+                return Err(bad(
+                    &path,
+                    format!(
+                        "part {} of {} of the split model is missing",
+                        i + 1,
+                        keys.count
+                    ),
+                ));
+            }
+            open_part(&path)?
+        };
+        match part.header.split {
+            Some(k) if k.no == i && k.count == keys.count => {}
+            other => {
+                return Err(bad(
+                    &part.path,
+                    format!(
+                        "expected part {} of {}, but its split keys say {}",
+                        i + 1,
+                        keys.count,
+                        other.map_or("nothing (not a split part)".into(), |k| format!(
+                            "part {} of {}",
+                            k.no + 1,
+                            k.count
+                        ))
+                    ),
+                ))
+            }
+        }
+        parts.push(part);
+    }
+    let total: usize = parts.iter().map(|p| p.header.tensors.len()).sum();
+    for part in &parts {
+        match part.header.split.and_then(|k| k.tensors) {
+            Some(want) if want != total as u64 => {
+                return Err(bad(
+                    &part.path,
+                    format!(
+                        "split.tensors.count says {want} tensors, the {} parts hold {total}",
+                        parts.len()
+                    ),
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(parts)
+}
+
 impl GgufSource {
-    /// Maps and parses `path`.
+    /// Maps and parses `path`, and the other parts when it is part of a split model.
     pub fn open(path: &Path) -> Result<Self> {
-        let stamp = FileStamp::of(path)?;
-        // SAFETY (of the contract): `stamp` is checked again before the output is
-        // committed, so a file changed under the map is reported, not trusted.
-        #[allow(unsafe_code)]
-        let map = unsafe { MappedFile::open(path)? };
-        let header = parse(map.bytes()).map_err(|kind| ConvertError::Gguf {
-            path: path.to_path_buf(),
-            kind,
-        })?;
-        let tensors = header
-            .tensors
+        let first = open_part(path)?;
+        let parts = match first.header.split {
+            Some(k) if k.count > 1 => open_split(first)?,
+            _ => vec![first],
+        };
+        let mut tensors = Vec::new();
+        let mut at = Vec::new();
+        let mut owner: HashMap<&str, usize> = HashMap::new();
+        for (p, part) in parts.iter().enumerate() {
+            for (j, t) in part.header.tensors.iter().enumerate() {
+                if let Some(q) = owner.insert(t.name.as_str(), p) {
+                    return Err(ConvertError::Source {
+                        path: part.path.clone(),
+                        reason: format!(
+                            "tensor `{}` is also in {}",
+                            t.name,
+                            parts[q].path.display()
+                        ),
+                    });
+                }
+                tensors.push(meta_of(t, p));
+                at.push((p, j));
+            }
+        }
+        let file_info = parts
             .iter()
-            .map(|t| TensorMeta {
-                name: t.name.clone(),
-                // GGUF lists dimensions innermost first; row-major is the reverse.
-                shape: t.ne.iter().rev().map(|&d| d as usize).collect(),
-                source_dtype: t.ty.name().into(),
-                float: match t.ty {
-                    GgmlType::F64 => Some(Precision::F64),
-                    ty if ty.is_float() => Some(Precision::F32),
-                    _ => None,
-                },
-                dense_dtype: dense_dtype(t.ty, Dtype::BF16),
-                source_bytes: t.range.len() as u64,
-                file: 0,
+            .map(|p| SourceFile {
+                file: p
+                    .path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                bytes: p.map.bytes().len() as u64,
             })
             .collect();
-        let file = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let file_info = vec![SourceFile {
-            file,
-            bytes: map.bytes().len() as u64,
-        }];
         Ok(GgufSource {
-            path: path.to_path_buf(),
-            map,
-            stamp,
-            header,
+            parts,
             file_info,
             tensors,
+            at,
         })
     }
 
+    fn header_tensor(&self, i: usize) -> (&Part, &GgufTensor) {
+        let (p, j) = self.at[i];
+        (&self.parts[p], &self.parts[p].header.tensors[j])
+    }
+
     fn data(&self, i: usize) -> Result<(&[u8], GgmlType)> {
-        let t = &self.header.tensors[i];
-        let bytes = self
+        let (part, t) = self.header_tensor(i);
+        let bytes = part
             .map
             .bytes()
             .get(t.range.clone())
             .ok_or_else(|| ConvertError::Tensor {
-                path: self.path.clone(),
+                path: part.path.clone(),
                 tensor: t.name.clone(),
                 reason: "data outside the mapped file".into(),
             })?;
         Ok((bytes, t.ty))
+    }
+}
+
+/// What the manifest and the converter need to know of tensor `t` of part `file`.
+fn meta_of(t: &GgufTensor, file: usize) -> TensorMeta {
+    TensorMeta {
+        name: t.name.clone(),
+        // GGUF lists dimensions innermost first; row-major is the reverse.
+        shape: t.ne.iter().rev().map(|&d| d as usize).collect(),
+        source_dtype: t.ty.name().into(),
+        float: match t.ty {
+            GgmlType::F64 => Some(Precision::F64),
+            ty if ty.is_float() => Some(Precision::F32),
+            _ => None,
+        },
+        dense_dtype: dense_dtype(t.ty, Dtype::BF16),
+        source_bytes: t.range.len() as u64,
+        file,
     }
 }
 
@@ -121,8 +278,8 @@ impl Source for GgufSource {
         &self.file_info
     }
 
-    fn file_path(&self, _i: usize) -> &Path {
-        &self.path
+    fn file_path(&self, i: usize) -> &Path {
+        &self.parts[i].path
     }
 
     fn tensors(&self) -> &[TensorMeta] {
@@ -130,17 +287,14 @@ impl Source for GgufSource {
     }
 
     fn details(&self) -> BTreeMap<String, serde_json::Value> {
-        let h = &self.header;
-        let types: BTreeMap<&str, &str> = h
-            .tensors
-            .iter()
-            .map(|t| (t.name.as_str(), t.ty.name()))
-            .collect();
+        let headers = || self.parts.iter().map(|p| &p.header);
+        let all = || headers().flat_map(|h| h.tensors.iter());
+        let types: BTreeMap<&str, &str> = all().map(|t| (t.name.as_str(), t.ty.name())).collect();
         let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
-        h.tensors
-            .iter()
-            .for_each(|t| *counts.entry(t.ty.name()).or_default() += 1);
-        BTreeMap::from([
+        all().for_each(|t| *counts.entry(t.ty.name()).or_default() += 1);
+        // The general.* keys live in the first part of a split model.
+        let h = &self.parts[0].header;
+        let mut d = BTreeMap::from([
             ("gguf_version".into(), json!(h.version)),
             ("architecture".into(), json!(h.architecture)),
             ("name".into(), json!(h.name)),
@@ -148,7 +302,11 @@ impl Source for GgufSource {
             ("metadata_count".into(), json!(h.kv_count)),
             ("tensor_types".into(), json!(types)),
             ("type_counts".into(), json!(counts)),
-        ])
+        ]);
+        if self.parts.len() > 1 {
+            d.insert("split_count".into(), json!(self.parts.len()));
+        }
+        d
     }
 
     fn default_excludes(&self) -> &'static [&'static str] {
@@ -156,19 +314,20 @@ impl Source for GgufSource {
     }
 
     fn set_requantized_dtype(&mut self, dtype: Dtype) {
-        for (meta, t) in self.tensors.iter_mut().zip(&self.header.tensors) {
-            meta.dense_dtype = dense_dtype(t.ty, dtype);
+        for (meta, &(p, j)) in self.tensors.iter_mut().zip(&self.at) {
+            meta.dense_dtype = dense_dtype(self.parts[p].header.tensors[j].ty, dtype);
         }
     }
 
     fn read_float(&self, i: usize) -> Result<FloatData> {
         let (bytes, ty) = self.data(i)?;
+        let (part, t) = self.header_tensor(i);
         let meta = &self.tensors[i];
         let out = match meta.float {
             Some(Precision::F64) => {
                 FloatData::F64(decode_f64(Dtype::F64, bytes).ok_or_else(|| {
                     ConvertError::Tensor {
-                        path: self.path.clone(),
+                        path: part.path.clone(),
                         tensor: meta.name.clone(),
                         reason: "F64 data is not a whole number of values".into(),
                     }
@@ -181,19 +340,20 @@ impl Source for GgufSource {
             }
             None => {
                 return Err(ConvertError::Tensor {
-                    path: self.path.clone(),
+                    path: part.path.clone(),
                     tensor: meta.name.clone(),
                     reason: format!("type {} cannot be decoded to floats", ty.name()),
                 })
             }
         };
-        self.map.release(self.header.tensors[i].range.clone());
+        part.map.release(t.range.clone());
         Ok(out)
     }
 
     fn copy_dense(&self, i: usize, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
         let (bytes, ty) = self.data(i)?;
-        let base = self.header.tensors[i].range.start;
+        let (src, t) = self.header_tensor(i);
+        let base = t.range.start;
         let dtype = self.tensors[i].dense_dtype;
         // Verbatim copy when the GGML type is already a safetensors dtype.
         let chunk = if ty.is_quantized() {
@@ -211,7 +371,7 @@ impl Source for GgufSource {
                 decoded.clear();
                 dequantize(ty, part, &mut decoded);
                 let encoded = encode_f32(dtype, &decoded).ok_or_else(|| ConvertError::Tensor {
-                    path: self.path.clone(),
+                    path: src.path.clone(),
                     tensor: self.tensors[i].name.clone(),
                     reason: format!("dense dtype {dtype} is not a float dtype"),
                 })?;
@@ -219,13 +379,42 @@ impl Source for GgufSource {
             } else {
                 sink(part)?;
             }
-            self.map.release(base + start..base + end);
+            src.map.release(base + start..base + end);
             start = end;
         }
         Ok(())
     }
 
     fn check_unchanged(&self) -> Result<()> {
-        self.stamp.check(&self.path)
+        self.parts.iter().try_for_each(|p| p.stamp.check(&p.path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_name;
+
+    #[test]
+    fn split_names_follow_llama_cpp() {
+        assert_eq!(
+            split_name("Llama-3-70B-Q4_K_M-00002-of-00005.gguf", 5),
+            Some(("Llama-3-70B-Q4_K_M", 2))
+        );
+        // Wider counters are accepted, as llama.cpp prints at least five digits.
+        assert_eq!(
+            split_name("m-000001-of-100000.gguf", 100000),
+            Some(("m", 1))
+        );
+        // Count that disagrees with split.count, short counters, other suffixes, no prefix
+        // separator, signs.
+        for (name, count) in [
+            ("m-00001-of-00004.gguf", 5),
+            ("m-0001-of-0005.gguf", 5),
+            ("m-00001-of-00005.safetensors", 5),
+            ("00001-of-00005.gguf", 5),
+            ("m-+0001-of-00005.gguf", 5),
+        ] {
+            assert_eq!(split_name(name, count), None, "{name}");
+        }
     }
 }

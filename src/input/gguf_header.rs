@@ -198,10 +198,25 @@ pub struct GgufHeader {
     pub name: Option<String>,
     /// Number of metadata pairs.
     pub kv_count: u64,
+    /// The `split.*` keys of one part of a split model (llama.cpp `gguf-split`, gguf-py's
+    /// `split_max_tensors`/`split_max_size`), when present.
+    pub split: Option<SplitKeys>,
     /// Tensors in the order listed.
     pub tensors: Vec<GgufTensor>,
     /// Absolute offset of the data section.
     pub data_start: u64,
+}
+
+/// `split.no` (0-based part index), `split.count` and `split.tensors.count` (tensors in
+/// all parts together) of one part of a split model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SplitKeys {
+    /// `split.no`.
+    pub no: u64,
+    /// `split.count`.
+    pub count: u64,
+    /// `split.tensors.count`, when present.
+    pub tensors: Option<u64>,
 }
 
 type R<T> = std::result::Result<T, GgufError>;
@@ -280,6 +295,7 @@ fn fixed_size(t: u32) -> Option<u64> {
 /// A metadata value the manifest may record.
 enum Kept {
     Uint(u64),
+    Int(i64),
     Text(String),
     Other,
 }
@@ -294,6 +310,10 @@ fn value(c: &mut Cursor, key: &str, t: u32, depth: u32) -> R<Kept> {
             2 => Kept::Uint(u16::from_le_bytes([b[0], b[1]]).into()),
             4 => Kept::Uint(u32::from_le_bytes(b.try_into().expect("4")).into()),
             10 => Kept::Uint(u64::from_le_bytes(b.try_into().expect("8"))),
+            1 => Kept::Int((b[0] as i8).into()),
+            3 => Kept::Int(i16::from_le_bytes([b[0], b[1]]).into()),
+            5 => Kept::Int(i32::from_le_bytes(b.try_into().expect("4")).into()),
+            11 => Kept::Int(i64::from_le_bytes(b.try_into().expect("8"))),
             _ => Kept::Other,
         });
     }
@@ -383,6 +403,7 @@ pub fn parse(b: &[u8]) -> R<GgufHeader> {
     }
     let mut alignment = DEFAULT_ALIGNMENT;
     let (mut architecture, mut name) = (None, None);
+    let (mut split_no, mut split_count, mut split_tensors) = (None, None, None);
     for i in 0..n_kv {
         let key = c.utf8(MAX_NAME_LEN, &|| format!("metadata key #{i}"))?;
         let t = c.u32(|| format!("value type of metadata `{key}`"))?;
@@ -402,9 +423,44 @@ pub fn parse(b: &[u8]) -> R<GgufHeader> {
             }
             ("general.architecture", Kept::Text(s)) => architecture = Some(s),
             ("general.name", Kept::Text(s)) => name = Some(s),
+            ("split.no" | "split.count" | "split.tensors.count", v) => {
+                let v = match v {
+                    Kept::Uint(u) => u,
+                    Kept::Int(i) if i >= 0 => i as u64,
+                    _ => {
+                        return Err(GgufError::BadValue {
+                            key,
+                            reason: "must be a non-negative integer".into(),
+                        })
+                    }
+                };
+                match key.as_str() {
+                    "split.no" => split_no = Some(v),
+                    "split.count" => split_count = Some(v),
+                    _ => split_tensors = Some(v),
+                }
+            }
             _ => {}
         }
     }
+    let split = match (split_no, split_count) {
+        (None, None) => None,
+        (Some(no), Some(count)) if no < count => Some(SplitKeys {
+            no,
+            count,
+            tensors: split_tensors,
+        }),
+        (no, count) => {
+            return Err(GgufError::BadValue {
+                key: "split.no".into(),
+                reason: format!(
+                    "split.no {} and split.count {} do not name a part (0 ≤ no < count)",
+                    no.map_or("absent".into(), |v| v.to_string()),
+                    count.map_or("absent".into(), |v| v.to_string())
+                ),
+            })
+        }
+    };
     let max_tensors = (c.left() as u64 / MIN_TENSOR_INFO).min(MAX_TENSORS);
     if n_tensors > max_tensors {
         return Err(GgufError::CountTooLarge {
@@ -474,6 +530,7 @@ pub fn parse(b: &[u8]) -> R<GgufHeader> {
         architecture,
         name,
         kv_count: n_kv,
+        split,
         tensors,
         data_start,
     })

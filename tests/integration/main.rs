@@ -5,6 +5,7 @@ mod util;
 mod convert;
 mod cuda_route;
 mod gguf;
+mod gguf_split;
 mod lapack;
 mod malformed;
 mod memory;
