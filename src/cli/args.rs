@@ -19,7 +19,7 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Convert a checkpoint (safetensors file, index, directory, GGUF file, or PyTorch .pt/.pth/.bin) into a CERSA directory.
+    /// Convert a checkpoint (safetensors file, index, directory, GGUF file or split GGUF part, or PyTorch .pt/.pth/.bin or its .bin.index.json) into a CERSA directory.
     Convert(ConvertArgs),
     /// Show ranks and energies of a source checkpoint or of a CERSA directory.
     Inspect(InspectArgs),

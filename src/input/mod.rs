@@ -6,9 +6,11 @@ mod ggml_grids;
 pub mod ggml_quants;
 pub mod gguf;
 pub mod gguf_header;
+mod index;
 pub mod pickle;
 pub mod pytorch;
 pub mod safetensors;
+pub mod sharded;
 
 use crate::error::{ConvertError, Result};
 use cersa_loader::manifest::SourceFile;
@@ -162,7 +164,19 @@ pub fn open(path: &Path) -> Result<Box<dyn Source>> {
     match format {
         "safetensors" => Ok(Box::new(safetensors::SafetensorsSource::open(path)?)),
         "gguf" => Ok(Box::new(gguf::GgufSource::open(path)?)),
-        "pytorch" => Ok(Box::new(pytorch::PytorchSource::open(path)?)),
+        "pytorch" => {
+            // A directory without safetensors holds an index or `pytorch_model.bin`.
+            let path = match path.is_dir() {
+                true => sharded::pytorch_in_dir(path).unwrap_or_else(|| path.to_path_buf()),
+                false => path.to_path_buf(),
+            };
+            let name = path.file_name().map(|n| n.to_string_lossy().to_lowercase());
+            if name.is_some_and(|n| sharded::is_pytorch_index(&n)) {
+                Ok(Box::new(sharded::ShardedPytorch::open(&path)?))
+            } else {
+                Ok(Box::new(pytorch::PytorchSource::open(&path)?))
+            }
+        }
         other => Err(ConvertError::Source {
             path: path.to_path_buf(),
             reason: format!("format `{other}` is not supported yet"),
@@ -177,6 +191,19 @@ pub fn detect_format(path: &Path) -> Result<&'static str> {
         .map(|n| n.to_string_lossy().to_lowercase())
         .unwrap_or_default();
     if path.is_dir() {
+        // Safetensors first (Hugging Face repos often hold both); PyTorch only without them.
+        let has_safetensors = std::fs::read_dir(path)
+            .map_err(|e| ConvertError::io(path, "read directory", e))?
+            .filter_map(|e| e.ok())
+            .any(|e| {
+                let n = e.file_name().to_string_lossy().to_lowercase();
+                !n.starts_with('.')
+                    && (n.ends_with(".safetensors")
+                        || n.ends_with(".index.json") && !sharded::is_pytorch_index(&n))
+            });
+        if !has_safetensors && sharded::pytorch_in_dir(path).is_some() {
+            return Ok("pytorch");
+        }
         return Ok("safetensors");
     }
     if !path.exists() {
@@ -184,6 +211,9 @@ pub fn detect_format(path: &Path) -> Result<&'static str> {
             path: path.to_path_buf(),
             reason: "no such file or directory".into(),
         });
+    }
+    if sharded::is_pytorch_index(&name) {
+        return Ok("pytorch");
     }
     if name.ends_with(".safetensors") || name.ends_with(".index.json") {
         return Ok("safetensors");
@@ -202,7 +232,7 @@ pub fn detect_format(path: &Path) -> Result<&'static str> {
     Err(ConvertError::Source {
         path: path.to_path_buf(),
         reason: "cannot tell the checkpoint format from the name (expected .safetensors, \
-                 .safetensors.index.json, a directory, .gguf, .pt/.pth/.bin)"
+                 .safetensors.index.json, a directory, .gguf, .pt/.pth/.bin, .bin.index.json)"
             .into(),
     })
 }

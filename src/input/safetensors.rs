@@ -1,6 +1,7 @@
 //! Safetensors sources: a single file, a sharded `*.safetensors.index.json`, or a
 //! Hugging Face directory holding either.
 
+use super::index::{check_index, index_files};
 use super::{child_path, FileStamp, FloatData, Precision, Source, TensorMeta};
 use crate::error::{ConvertError, Result};
 use cersa_loader::dtype::{decode_f32, decode_f64};
@@ -8,14 +9,12 @@ use cersa_loader::manifest::SourceFile;
 use cersa_loader::mmap::MappedFile;
 use cersa_loader::safetensors::{parse, Header};
 use cersa_loader::Dtype;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// Bytes copied per chunk of a dense pass-through; pages are released after each chunk
 /// so resident memory stays bounded whatever the tensor size.
 const COPY_CHUNK: usize = 32 << 20;
-/// Index files list tensor → file; 64 MiB is far above any real one.
-const MAX_INDEX_SIZE: u64 = 64 << 20;
 
 struct File {
     path: PathBuf,
@@ -102,7 +101,8 @@ impl SafetensorsSource {
             }
         }
         if let Some(index_path) = index_file(path, &dir) {
-            check_index(&index_path, &files, &seen, &names)?;
+            let paths: Vec<&Path> = files.iter().map(|f| f.path.as_path()).collect();
+            check_index(&index_path, &paths, &seen, &names)?;
         }
         let file_info = files
             .iter()
@@ -331,73 +331,4 @@ fn index_file(path: &Path, dir: &Path) -> Option<PathBuf> {
         .collect();
     found.sort();
     found.into_iter().next()
-}
-
-fn read_index(index: &Path) -> Result<BTreeMap<String, String>> {
-    let len = std::fs::metadata(index)
-        .map_err(|e| ConvertError::io(index, "stat", e))?
-        .len();
-    if len > MAX_INDEX_SIZE {
-        return Err(ConvertError::Source {
-            path: index.to_path_buf(),
-            reason: format!("index is {len} bytes, over the {MAX_INDEX_SIZE}-byte cap"),
-        });
-    }
-    let text = std::fs::read(index).map_err(|e| ConvertError::io(index, "read", e))?;
-    #[derive(serde::Deserialize)]
-    struct Index {
-        weight_map: BTreeMap<String, String>,
-    }
-    let idx: Index = serde_json::from_slice(&text).map_err(|e| ConvertError::Source {
-        path: index.to_path_buf(),
-        reason: format!("not a safetensors index (expected {{\"weight_map\": {{...}}}}): {e}"),
-    })?;
-    Ok(idx.weight_map)
-}
-
-/// Shard names of an index, in sorted order (Hugging Face names sort by shard number).
-fn index_files(index: &Path) -> Result<Vec<String>> {
-    let map = read_index(index)?;
-    let mut names: Vec<String> = map.values().cloned().collect();
-    names.sort();
-    names.dedup();
-    if names.is_empty() {
-        return Err(ConvertError::Source {
-            path: index.to_path_buf(),
-            reason: "weight_map is empty".into(),
-        });
-    }
-    Ok(names)
-}
-
-/// Every tensor the index names must be in the file it names, and every tensor of the
-/// shards must be in the index.
-fn check_index(
-    index: &Path,
-    files: &[File],
-    seen: &HashMap<String, usize>,
-    names: &[String],
-) -> Result<()> {
-    let map = read_index(index)?;
-    for (tensor, file) in &map {
-        let found = seen.get(tensor).map(|&fi| names[fi].as_str());
-        if found != Some(file.as_str()) {
-            return Err(ConvertError::Tensor {
-                path: index.to_path_buf(),
-                tensor: tensor.clone(),
-                reason: match found {
-                    Some(other) => format!("index says {file}, but it is stored in {other}"),
-                    None => format!("index says {file}, but no shard holds it"),
-                },
-            });
-        }
-    }
-    if let Some((t, &fi)) = seen.iter().filter(|(t, _)| !map.contains_key(*t)).min() {
-        return Err(ConvertError::Tensor {
-            path: files[fi].path.clone(),
-            tensor: t.clone(),
-            reason: format!("stored in the shard but missing from {}", index.display()),
-        });
-    }
-    Ok(())
 }

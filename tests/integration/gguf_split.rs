@@ -84,22 +84,6 @@ fn write_model(dir: &Path) {
     }
 }
 
-/// Every stored tensor of a checkpoint, by name: (dtype, shape, bytes).
-fn stored(out: &Path) -> Vec<(String, String, Vec<usize>, Vec<u8>)> {
-    let ckpt = Checkpoint::open(out).expect("output validates");
-    let mut all = Vec::new();
-    for shard in &ckpt.manifest().shards {
-        let bytes = std::fs::read(out.join(&shard.file)).unwrap();
-        let h = cersa_loader::safetensors::parse(&bytes).unwrap();
-        for t in &h.tensors {
-            let data = bytes[h.file_range(t)].to_vec();
-            all.push((t.name.clone(), t.dtype.to_string(), t.shape.clone(), data));
-        }
-    }
-    all.sort_by(|a, b| a.0.cmp(&b.0));
-    all
-}
-
 #[test]
 fn split_parts_convert_like_the_whole_file_from_any_part() {
     let dir = tmp();
@@ -111,7 +95,7 @@ fn split_parts_convert_like_the_whole_file_from_any_part() {
         s(&whole),
         "-q",
     ]);
-    let want = stored(&whole);
+    let want = stored_tensors(&whole);
     assert!(
         want.iter().any(|t| t.0.ends_with(".cersa_u")),
         "something is factored"
@@ -120,7 +104,7 @@ fn split_parts_convert_like_the_whole_file_from_any_part() {
         let src = dir.path().join(format!("m-{part:05}-of-00003.gguf"));
         let out = dir.path().join(format!("out-{part}"));
         cersa_ok(&["convert", s(&src), s(&out), "-q"]);
-        assert_eq!(stored(&out), want, "from part {part}");
+        assert_eq!(stored_tensors(&out), want, "from part {part}");
         let ckpt = Checkpoint::open(&out).unwrap();
         let m = ckpt.manifest();
         let files: Vec<&str> = m.source.files.iter().map(|f| f.file.as_str()).collect();

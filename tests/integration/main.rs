@@ -10,6 +10,7 @@ mod lapack;
 mod malformed;
 mod memory;
 mod pytorch;
+mod pytorch_sharded;
 mod report;
 mod resume;
 mod verify;

@@ -85,3 +85,19 @@ pub fn noise(seed: u64, n: usize) -> Vec<f32> {
         })
         .collect()
 }
+
+/// Every stored tensor of a CERSA directory, sorted by name: (name, dtype, shape, bytes).
+pub fn stored_tensors(out: &Path) -> Vec<(String, String, Vec<usize>, Vec<u8>)> {
+    let ckpt = cersa_loader::Checkpoint::open(out).expect("output validates");
+    let mut all = Vec::new();
+    for shard in &ckpt.manifest().shards {
+        let bytes = std::fs::read(out.join(&shard.file)).unwrap();
+        let h = cersa_loader::safetensors::parse(&bytes).unwrap();
+        for t in &h.tensors {
+            let data = bytes[h.file_range(t)].to_vec();
+            all.push((t.name.clone(), t.dtype.to_string(), t.shape.clone(), data));
+        }
+    }
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    all
+}
