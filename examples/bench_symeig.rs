@@ -4,7 +4,9 @@
 //! power-law benchmark matrices at τ = 0.9), best of 3 runs each, and the largest
 //! difference of their eigenvalues relative to λ₁.
 //!
-//! Usage: bench_symeig [k…] (default 1024 2048 4096)
+//! Usage: bench_symeig [k…] (default 1024 2048 4096). `CERSA_TRIDIAG=faer` (or `blocked`)
+//! forces cersa's tridiagonalization to faer's unblocked one (or the blocked one of
+//! src/decompose/tridiag_blocked.rs) at every order, for an A/B of the two.
 
 use faer::dyn_stack::{MemBuffer, MemStack};
 use faer::linalg::evd::{self_adjoint_evd, self_adjoint_evd_scratch, ComputeEigenvectors};

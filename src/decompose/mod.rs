@@ -15,6 +15,7 @@ pub mod svd;
 pub mod symeig;
 #[cfg(test)]
 mod tests;
+mod tridiag_blocked;
 pub mod tridiagonal;
 pub mod twostage;
 

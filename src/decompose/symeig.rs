@@ -35,9 +35,15 @@ pub struct SymmetricEig<T: Elem> {
 
 /// Eigendecomposition of the symmetric matrix whose lower triangle is `g` (consumed: it is
 /// reduced in place).
-pub fn symmetric_eig<T: Elem>(mut g: Mat<T>) -> Result<SymmetricEig<T>, String> {
+pub fn symmetric_eig<T: Elem>(g: Mat<T>) -> Result<SymmetricEig<T>, String> {
+    let blocked = use_blocked(g.nrows());
+    symmetric_eig_with(g, blocked)
+}
+
+/// [`symmetric_eig`] with the tridiagonalization chosen by the caller.
+fn symmetric_eig_with<T: Elem>(mut g: Mat<T>, blocked: bool) -> Result<SymmetricEig<T>, String> {
     let k = g.nrows();
-    let factors = tridiagonalize(&mut g)?;
+    let factors = tridiagonalize_with(&mut g, blocked)?;
     let diag = faer::Col::<T>::from_fn(k, |i| g[(i, i)]);
     let sub = faer::Col::<T>::from_fn(k, |i| if i + 1 < k { g[(i + 1, i)] } else { T::zero() });
     let mut s = faer::diag::Diag::<T>::zeros(k);
@@ -76,19 +82,40 @@ pub fn symmetric_eig<T: Elem>(mut g: Mat<T>) -> Result<SymmetricEig<T>, String> 
 /// QR was 27 % of `inspect`).
 pub fn symmetric_eigenvalues<T: Elem>(mut g: Mat<T>) -> Result<Vec<f64>, String> {
     let k = g.nrows();
-    tridiagonalize(&mut g)?;
+    tridiagonalize_with(&mut g, use_blocked(k))?;
     let diag: Vec<f64> = (0..k).map(|i| g[(i, i)].into()).collect();
     let sub: Vec<f64> = (1..k).map(|i| g[(i, i - 1)].into()).collect();
     super::tridiagonal::eigenvalues(&diag, &sub)
 }
 
-/// Reduces the lower triangle of `g` to tridiagonal form in place (faer's one-stage
-/// Householder reduction); returns the reflectors' block factors (their essential parts
-/// stay below the subdiagonal of `g`).
-fn tridiagonalize<T: Elem>(g: &mut Mat<T>) -> Result<Mat<T>, String> {
+/// Order from which the blocked reduction is used. Below it the panels' small products
+/// cost what the blocking saves (f32, one thread, `bench_symeig`, `CERSA_TRIDIAG=faer` for
+/// faer's: k = 512 and 1024 within noise of each other; 2048: tridiagonalization 0.40 vs
+/// 0.40–0.48 s; 4096: EVD with r vectors 3.6 vs 4.4 s).
+const BLOCKED_FROM: usize = 1536;
+
+/// Whether order `k` is reduced by the blocked algorithm ([`super::tridiag_blocked`], from
+/// [`BLOCKED_FROM`] on) rather than faer's unblocked one; `CERSA_TRIDIAG=faer` / `blocked`
+/// forces one, for benchmarks.
+fn use_blocked(k: usize) -> bool {
+    match std::env::var("CERSA_TRIDIAG").as_deref() {
+        Ok("faer") => false,
+        Ok("blocked") => true,
+        _ => k >= BLOCKED_FROM,
+    }
+}
+
+/// Reduces the lower triangle of `g` to tridiagonal form in place, blocked or by faer's
+/// unblocked reduction; returns the reflectors' block factors (their essential parts stay
+/// below the subdiagonal of `g`).
+fn tridiagonalize_with<T: Elem>(g: &mut Mat<T>, blocked: bool) -> Result<Mat<T>, String> {
     let k = g.nrows();
     let bs = recommended_block_size::<T>(k, k);
     let mut factors = Mat::<T>::zeros(bs, k.saturating_sub(1));
+    if blocked {
+        super::tridiag_blocked::tridiagonalize_blocked(g, &mut factors);
+        return Ok(factors);
+    }
     let req = tridiag::tridiag_in_place_scratch::<T>(k, Par::Seq, Default::default());
     let mut mem = MemBuffer::try_new(req)
         .map_err(|_| format!("cannot allocate tridiagonalization workspace for order {k}"))?;
@@ -162,15 +189,31 @@ mod tests {
         // spread spectrum, only the lower triangle given (upper poisoned with NaN), f64 and
         // f32, every r from none to all.
         let mut rng = Rng::new(11);
-        for &(p, n) in &[(1, 1), (3, 2), (40, 33), (200, 65), (300, 130), (260, 300)] {
+        // Both reductions; the blocked one's panels are 32 columns: orders of one partial
+        // panel, exact multiples and remainders.
+        for &(p, n) in &[
+            (1, 1),
+            (3, 2),
+            (40, 33),
+            (90, 64),
+            (200, 65),
+            (300, 130),
+            (260, 300),
+        ] {
             let x = Mat::<f64>::from_fn(p, n, |_, j| rng.normal() / ((j + 1) as f64).sqrt());
             let g = x.transpose() * &x;
             let want = crate::decompose::gram::one_stage_eigenvalues(g.clone()).expect("evd");
             let lower = Mat::<f64>::from_fn(n, n, |i, j| if i >= j { g[(i, j)] } else { f64::NAN });
-            for r in [0, 1, n / 3 + 1, n] {
-                let eig = symmetric_eig(lower.clone()).expect("f64");
+            for (r, blocked) in [0, 1, n / 3 + 1, n]
+                .into_iter()
+                .flat_map(|r| [(r, false), (r, true)])
+            {
+                let eig = symmetric_eig_with(lower.clone(), blocked).expect("f64");
                 for (i, (a, b)) in eig.lambda.iter().zip(&want).enumerate() {
-                    assert!((a - b).abs() <= 1e-12 * want[0], "{p}×{n}: λ{i} {a} vs {b}");
+                    assert!(
+                        (a - b).abs() <= 1e-12 * want[0],
+                        "{p}×{n} blocked={blocked}: λ{i} {a} vs {b}"
+                    );
                 }
                 let lambda = eig.lambda.clone();
                 let v = eig.leading_vectors(r).expect("vectors");
@@ -179,16 +222,16 @@ mod tests {
                     let (res, orth) = residuals(&g, &lambda, &v);
                     assert!(
                         res <= 1e-12 && orth <= 1e-12,
-                        "f64 {p}×{n} r={r}: {res:e} {orth:e}"
+                        "f64 {p}×{n} r={r} blocked={blocked}: {res:e} {orth:e}"
                     );
                 }
 
                 let lower32 = Mat::<f32>::from_fn(n, n, |i, j| lower[(i, j)] as f32);
-                let eig = symmetric_eig(lower32).expect("f32");
+                let eig = symmetric_eig_with(lower32, blocked).expect("f32");
                 for (i, (a, b)) in eig.lambda.iter().zip(&want).enumerate() {
                     assert!(
                         (a - b).abs() <= 1e-5 * want[0],
-                        "f32 {p}×{n}: λ{i} {a} vs {b}"
+                        "f32 {p}×{n} blocked={blocked}: λ{i} {a} vs {b}"
                     );
                 }
                 let lambda = eig.lambda.clone();
@@ -197,7 +240,7 @@ mod tests {
                     let (res, orth) = residuals(&g, &lambda, &v);
                     assert!(
                         res <= 2e-5 && orth <= 2e-5,
-                        "f32 {p}×{n} r={r}: {res:e} {orth:e}"
+                        "f32 {p}×{n} r={r} blocked={blocked}: {res:e} {orth:e}"
                     );
                 }
             }
