@@ -9,12 +9,19 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 /// `LayerNorm` counts as `*norm*`).
 pub const DEFAULT_EXCLUDES: &[&str] = &["*embed*", "*lm_head*", "*wte*", "*wpe*", "*norm*"];
 
+/// Names of stacked mixture-of-experts weights (GGUF `blk.N.ffn_up_exps.weight`, Hugging
+/// Face `mlp.experts.*`): with ≥ 3 dims they hold one matrix per expert, `[E, m, n]`, whose
+/// `[E, m·n]` matrix view (§4.1) would mix the experts in one subspace. Not factored unless
+/// `--include` names them.
+pub const STACKED_EXPERTS: &[&str] = &["*_exps*", "*experts*"];
+
 /// Compiled selection rules.
 #[derive(Debug, Clone)]
 pub struct Selection {
     include: Option<GlobSet>,
     exclude: GlobSet,
     default_exclude: GlobSet,
+    stacked_experts: GlobSet,
 }
 
 fn build(globs: &[String], case_insensitive: bool) -> Result<GlobSet> {
@@ -47,6 +54,13 @@ impl Selection {
             },
             exclude: build(exclude, false)?,
             default_exclude: build(&defaults, true)?,
+            stacked_experts: build(
+                &STACKED_EXPERTS
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>(),
+                true,
+            )?,
         })
     }
 
@@ -63,7 +77,11 @@ impl Selection {
         }
         let chosen = match &self.include {
             Some(inc) => inc.is_match(&t.name),
-            None => t.name.ends_with("weight") && !self.default_exclude.is_match(&t.name),
+            None => {
+                t.name.ends_with("weight")
+                    && !self.default_exclude.is_match(&t.name)
+                    && !(t.shape.len() >= 3 && self.stacked_experts.is_match(&t.name))
+            }
         };
         if chosen {
             Ok(())
@@ -141,5 +159,41 @@ mod tests {
             Err(DenseReason::Excluded)
         );
         assert!(Selection::new(&["[".into()], &[], &[]).is_err());
+    }
+
+    #[test]
+    fn stacked_experts_stay_dense_unless_included() {
+        let s = Selection::new(&[], &[], &[]).unwrap();
+        // GGUF's stacked expert weights [E, m, n] and HF's 3-D experts: not factored.
+        for name in [
+            "blk.0.ffn_up_exps.weight",
+            "model.layers.0.mlp.Experts.down.weight",
+        ] {
+            assert_eq!(
+                s.check(&meta(name, &[8, 16, 4], true)),
+                Err(DenseReason::Excluded),
+                "{name}"
+            );
+        }
+        // One expert's 2-D matrix, shared experts and 3-D/4-D convs are factored.
+        assert_eq!(
+            s.check(&meta(
+                "model.layers.0.mlp.experts.3.w1.weight",
+                &[16, 4],
+                true
+            )),
+            Ok(())
+        );
+        assert_eq!(
+            s.check(&meta("blk.0.ffn_up_shexp.weight", &[16, 4], true)),
+            Ok(())
+        );
+        assert_eq!(s.check(&meta("conv.weight", &[8, 4, 3], true)), Ok(()));
+        // --include names them: factored (as the [E, m·n] matrix view).
+        let s = Selection::new(&["*_exps.weight".into()], &[], &[]).unwrap();
+        assert_eq!(
+            s.check(&meta("blk.0.ffn_up_exps.weight", &[8, 16, 4], true)),
+            Ok(())
+        );
     }
 }

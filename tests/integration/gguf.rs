@@ -374,3 +374,51 @@ fn bad_alignment_and_truncation() {
     b.truncate(b.len() - 3);
     rejects(&b, &["file ends while reading offset of tensor `a`"]);
 }
+
+#[test]
+fn stacked_expert_weights_stay_dense_unless_included() {
+    // A Mixtral-style GGUF layer: ffn_up_exps is [4 experts, 24, 16]; attn_q is 2-D.
+    let dir = tmp();
+    let src = dir.path().join("moe.gguf");
+    let exps = noise(7, 4 * 24 * 16);
+    let tensors = [
+        ("blk.0.ffn_up_exps.weight", vec![4u64, 24, 16], exps.clone()),
+        ("blk.0.attn_q.weight", vec![24, 16], noise(8, 24 * 16)),
+    ];
+    std::fs::write(&src, gguf_bytes(&[], &tensors)).unwrap();
+    let out = dir.path().join("out");
+    cersa_ok(&["convert", s(&src), s(&out), "-q", "--force-factor"]);
+    let ckpt = Checkpoint::open(&out).unwrap();
+    let e = &ckpt.manifest().tensors["blk.0.ffn_up_exps.weight"];
+    assert_eq!(
+        (e.kind, e.reason),
+        (TensorKind::Dense, Some(DenseReason::Excluded))
+    );
+    assert_eq!(e.shape, vec![4, 24, 16]);
+    match ckpt.get("blk.0.ffn_up_exps.weight").unwrap() {
+        TensorView::Dense(t) => {
+            let want: Vec<u8> = exps.iter().flat_map(|x| x.to_le_bytes()).collect();
+            assert_eq!(t.bytes, &want[..]);
+        }
+        other => panic!("expected dense: {other:?}"),
+    }
+    assert_eq!(
+        ckpt.manifest().tensors["blk.0.attn_q.weight"].kind,
+        TensorKind::Factored
+    );
+    // Named by --include, they are factored as the [E, m·n] matrix view.
+    let out = dir.path().join("out-included");
+    cersa_ok(&[
+        "convert",
+        s(&src),
+        s(&out),
+        "-q",
+        "--force-factor",
+        "--include",
+        "*_exps*",
+    ]);
+    let ckpt = Checkpoint::open(&out).unwrap();
+    let e = &ckpt.manifest().tensors["blk.0.ffn_up_exps.weight"];
+    assert_eq!(e.kind, TensorKind::Factored);
+    assert_eq!(e.matrix_shape, Some([4, 24 * 16]));
+}

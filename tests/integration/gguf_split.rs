@@ -7,15 +7,6 @@ use crate::util::*;
 use cersa_loader::Checkpoint;
 use std::path::Path;
 
-/// A metadata pair: key, GGUF value type, value bytes.
-type Kv = (&'static str, u32, Vec<u8>);
-
-fn gstr(s: &str) -> Vec<u8> {
-    let mut v = (s.len() as u64).to_le_bytes().to_vec();
-    v.extend(s.as_bytes());
-    v
-}
-
 /// `split.no`, `split.count` (u16) and `split.tensors.count` (i32), as gguf-py writes them.
 fn split_kvs(no: u16, count: u16, total: i32) -> Vec<Kv> {
     vec![
@@ -23,36 +14,6 @@ fn split_kvs(no: u16, count: u16, total: i32) -> Vec<Kv> {
         ("split.count", 2, count.to_le_bytes().to_vec()),
         ("split.tensors.count", 5, total.to_le_bytes().to_vec()),
     ]
-}
-
-/// A GGUF v3 file of F32 tensors `(name, row-major shape, values)`, alignment 32.
-fn gguf_bytes(kvs: &[Kv], tensors: &[(&str, Vec<u64>, Vec<f32>)]) -> Vec<u8> {
-    let mut v = b"GGUF".to_vec();
-    v.extend(3u32.to_le_bytes());
-    v.extend((tensors.len() as u64).to_le_bytes());
-    v.extend((kvs.len() as u64).to_le_bytes());
-    for (key, ty, value) in kvs {
-        v.extend(gstr(key));
-        v.extend(ty.to_le_bytes());
-        v.extend(value);
-    }
-    let mut offset = 0u64;
-    for (name, shape, values) in tensors {
-        v.extend(gstr(name));
-        v.extend((shape.len() as u32).to_le_bytes());
-        // GGUF lists dimensions innermost first.
-        shape.iter().rev().for_each(|d| v.extend(d.to_le_bytes()));
-        v.extend(0u32.to_le_bytes());
-        v.extend(offset.to_le_bytes());
-        offset += (values.len() as u64 * 4).next_multiple_of(32);
-    }
-    for (_, _, values) in tensors {
-        while v.len() % 32 != 0 {
-            v.push(0);
-        }
-        values.iter().for_each(|x| v.extend(x.to_le_bytes()));
-    }
-    v
 }
 
 /// Four tensors: three matrices with a spread spectrum and a bias.

@@ -101,3 +101,43 @@ pub fn stored_tensors(out: &Path) -> Vec<(String, String, Vec<usize>, Vec<u8>)> 
     all.sort_by(|a, b| a.0.cmp(&b.0));
     all
 }
+
+/// A metadata pair: key, GGUF value type, value bytes.
+pub type Kv = (&'static str, u32, Vec<u8>);
+
+/// A GGUF string: u64 length, then the bytes.
+pub fn gstr(s: &str) -> Vec<u8> {
+    let mut v = (s.len() as u64).to_le_bytes().to_vec();
+    v.extend(s.as_bytes());
+    v
+}
+
+/// A GGUF v3 file of F32 tensors `(name, row-major shape, values)`, alignment 32.
+pub fn gguf_bytes(kvs: &[Kv], tensors: &[(&str, Vec<u64>, Vec<f32>)]) -> Vec<u8> {
+    let mut v = b"GGUF".to_vec();
+    v.extend(3u32.to_le_bytes());
+    v.extend((tensors.len() as u64).to_le_bytes());
+    v.extend((kvs.len() as u64).to_le_bytes());
+    for (key, ty, value) in kvs {
+        v.extend(gstr(key));
+        v.extend(ty.to_le_bytes());
+        v.extend(value);
+    }
+    let mut offset = 0u64;
+    for (name, shape, values) in tensors {
+        v.extend(gstr(name));
+        v.extend((shape.len() as u32).to_le_bytes());
+        // GGUF lists dimensions innermost first.
+        shape.iter().rev().for_each(|d| v.extend(d.to_le_bytes()));
+        v.extend(0u32.to_le_bytes());
+        v.extend(offset.to_le_bytes());
+        offset += (values.len() as u64 * 4).next_multiple_of(32);
+    }
+    for (_, _, values) in tensors {
+        while v.len() % 32 != 0 {
+            v.push(0);
+        }
+        values.iter().for_each(|x| v.extend(x.to_le_bytes()));
+    }
+    v
+}
