@@ -14,10 +14,6 @@ pub trait Elem: faer::traits::RealField + Copy + Into<f64> + Send + Sync + 'stat
     fn of(x: f64) -> Self;
     /// Wraps values of this type as [`FloatData`].
     fn wrap(v: Vec<Self>) -> FloatData;
-    /// ys += a·xj and returns a·xs, in `S`'s SIMD vectors (the kernel of the blocked
-    /// tridiagonalization's matrix–vector product).
-    fn axpy_dot<S: pulp::Simd>(simd: S, a: &[Self], xj: Self, xs: &[Self], ys: &mut [Self])
-        -> Self;
     /// ys += Σ a[c]·x[c] over four columns and returns (a[c]·xs)_c, in `S`'s SIMD vectors.
     fn axpy4_dot4<S: pulp::Simd>(
         simd: S,
@@ -33,10 +29,6 @@ impl Elem for f32 {
     }
     fn wrap(v: Vec<Self>) -> FloatData {
         FloatData::F32(v)
-    }
-    #[inline(always)]
-    fn axpy_dot<S: pulp::Simd>(simd: S, a: &[f32], xj: f32, xs: &[f32], ys: &mut [f32]) -> f32 {
-        super::tridiag_blocked::axpy_dot_f32(simd, a, xj, xs, ys)
     }
     #[inline(always)]
     fn axpy4_dot4<S: pulp::Simd>(
@@ -55,10 +47,6 @@ impl Elem for f64 {
     }
     fn wrap(v: Vec<Self>) -> FloatData {
         FloatData::F64(v)
-    }
-    #[inline(always)]
-    fn axpy_dot<S: pulp::Simd>(simd: S, a: &[f64], xj: f64, xs: &[f64], ys: &mut [f64]) -> f64 {
-        super::tridiag_blocked::axpy_dot_f64(simd, a, xj, xs, ys)
     }
     #[inline(always)]
     fn axpy4_dot4<S: pulp::Simd>(

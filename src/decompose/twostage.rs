@@ -307,7 +307,7 @@ fn column<T: Elem>(a: MatMut<'_, T>, c: usize) -> &mut [T] {
 /// Dot product with eight partial sums in a fixed order (vectorizable, and the same bits on
 /// every SIMD level).
 #[inline(always)]
-fn dot<T: Elem>(a: &[T], b: &[T]) -> T {
+pub(crate) fn dot<T: Elem>(a: &[T], b: &[T]) -> T {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     let mut acc = [T::zero(); 8];

@@ -110,16 +110,6 @@ fn split_parts_convert_like_the_whole_file_from_any_part() {
     assert_eq!(ranks(&a), ranks(&b));
 }
 
-/// Runs convert on `src` expecting exit 2, every needle in the error, and no output.
-fn rejects(src: &Path, needles: &[&str]) {
-    let out = src.with_file_name("out");
-    let err = cersa_fails(&["convert", s(src), s(&out), "-q"], 2);
-    for n in needles {
-        assert!(err.contains(n), "expected {n:?} in: {err}");
-    }
-    assert!(!out.exists(), "no output after an error");
-}
-
 #[test]
 fn missing_or_inconsistent_parts_are_errors_naming_the_part() {
     let dir = tmp();
@@ -130,7 +120,7 @@ fn missing_or_inconsistent_parts_are_errors_naming_the_part() {
     // A part that is not there.
     let gone = dir.path().join("gone.gguf");
     std::fs::rename(part(2), &gone).unwrap();
-    rejects(
+    convert_rejects(
         &part(1),
         &[
             "m-00002-of-00003.gguf",
@@ -142,7 +132,7 @@ fn missing_or_inconsistent_parts_are_errors_naming_the_part() {
     // A part renamed out of the pattern: the others cannot be found.
     let odd = dir.path().join("first.gguf");
     std::fs::copy(part(1), &odd).unwrap();
-    rejects(
+    convert_rejects(
         &odd,
         &["first.gguf", "does not follow PREFIX-00001-of-00003.gguf"],
     );
@@ -150,7 +140,7 @@ fn missing_or_inconsistent_parts_are_errors_naming_the_part() {
     // A part whose keys disagree with its place.
     let keep = std::fs::read(part(3)).unwrap();
     std::fs::write(part(3), gguf_bytes(&split_kvs(2, 4, 4), &t[3..])).unwrap();
-    rejects(
+    convert_rejects(
         &part(1),
         &[
             "m-00003-of-00003.gguf",
@@ -159,23 +149,23 @@ fn missing_or_inconsistent_parts_are_errors_naming_the_part() {
         ],
     );
     std::fs::write(part(3), gguf_bytes(&[], &t[3..])).unwrap();
-    rejects(&part(1), &["m-00003-of-00003.gguf", "not a split part"]);
+    convert_rejects(&part(1), &["m-00003-of-00003.gguf", "not a split part"]);
 
     // The same tensor in two parts.
     std::fs::write(part(3), gguf_bytes(&split_kvs(2, 3, 4), &t[2..3])).unwrap();
-    rejects(
+    convert_rejects(
         &part(1),
         &["m-00003-of-00003.gguf", "blk.0.ffn_up.weight", "also in"],
     );
 
     // A tensor count that the parts do not add up to.
     std::fs::write(part(3), gguf_bytes(&split_kvs(2, 3, 5), &t[3..])).unwrap();
-    rejects(&part(1), &["split.tensors.count says 5", "hold 4"]);
+    convert_rejects(&part(1), &["split.tensors.count says 5", "hold 4"]);
     std::fs::write(part(3), keep).unwrap();
 
     // split.no beyond split.count.
     std::fs::write(part(2), gguf_bytes(&split_kvs(3, 3, 4), &t[2..3])).unwrap();
-    rejects(
+    convert_rejects(
         &part(2),
         &["split.no 3 and split.count 3 do not name a part"],
     );

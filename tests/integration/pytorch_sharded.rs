@@ -53,18 +53,6 @@ fn copy_fixture(dir: &Path) {
     }
 }
 
-fn rejects(src: &Path, needles: &[&str]) {
-    let out = match src.is_dir() {
-        true => src.join("out"),
-        false => src.with_file_name("out"),
-    };
-    let err = cersa_fails(&["convert", s(src), s(&out), "-q"], 2);
-    for n in needles {
-        assert!(err.contains(n), "expected {n:?} in: {err}");
-    }
-    assert!(!out.exists(), "no output after an error");
-}
-
 #[test]
 fn index_and_shards_that_disagree_are_errors() {
     let dir = tmp();
@@ -85,7 +73,7 @@ fn index_and_shards_that_disagree_are_errors() {
         let (name, _) = m.iter().find(|(_, f)| *f == SHARDS[2]).unwrap();
         v["weight_map"][name.as_str()] = SHARDS[0].into();
     });
-    rejects(
+    convert_rejects(
         &index,
         &["index says pytorch_model-00001-of-00003.bin, but it is stored in"],
     );
@@ -98,21 +86,21 @@ fn index_and_shards_that_disagree_are_errors() {
             .unwrap()
             .remove(name.as_str());
     });
-    rejects(&index, &[SHARDS[1], "stored in the shard but missing from"]);
+    convert_rejects(&index, &[SHARDS[1], "stored in the shard but missing from"]);
     // A shard name that leaves the directory.
     edit(&|v| {
         let m = map(v);
         let (name, _) = m.iter().next().unwrap();
         v["weight_map"][name.as_str()] = "../elsewhere.bin".into();
     });
-    rejects(dir.path(), &["must be relative and stay inside"]);
+    convert_rejects(dir.path(), &["must be relative and stay inside"]);
     // Not an index at all.
     std::fs::write(&index, "{\"metadata\": {}}").unwrap();
-    rejects(&index, &["not a checkpoint index", "weight_map"]);
+    convert_rejects(&index, &["not a checkpoint index", "weight_map"]);
     // A missing shard, found from the directory.
     std::fs::write(&index, &original).unwrap();
     std::fs::remove_file(dir.path().join(SHARDS[1])).unwrap();
-    rejects(dir.path(), &[SHARDS[1]]);
+    convert_rejects(dir.path(), &[SHARDS[1]]);
 }
 
 #[test]

@@ -141,3 +141,17 @@ pub fn gguf_bytes(kvs: &[Kv], tensors: &[(&str, Vec<u64>, Vec<f32>)]) -> Vec<u8>
     }
     v
 }
+
+/// Runs convert on `src` (a file, or a directory whose output goes inside it) expecting
+/// exit 2, every needle in the error, and no output directory.
+pub fn convert_rejects(src: &Path, needles: &[&str]) {
+    let out = match src.is_dir() {
+        true => src.join("out"),
+        false => src.with_file_name("out"),
+    };
+    let err = cersa_fails(&["convert", s(src), s(&out), "-q"], 2);
+    for n in needles {
+        assert!(err.contains(n), "expected {n:?} in: {err}");
+    }
+    assert!(!out.exists(), "no output after an error");
+}
