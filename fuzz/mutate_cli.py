@@ -5,6 +5,10 @@ timeouts (20 s) and exit codes other than 0/1/2; failing inputs are copied to /t
 
     cargo build --release --bin cersa
     cd fixtures && python3 ../fuzz/mutate_cli.py gguf/kquants.gguf,mixed/model.safetensors,pytorch/pnet.pt 300 [SEED]
+
+A seed `DIR:ENTRY` is a multi-file checkpoint: DIR is copied, one random file in it is
+mutated, and the commands run on DIR/ENTRY (`.` for the directory itself), e.g.
+`pytorch/sharded:.` or `/tmp/split:m-00001-of-00003.gguf` (a split GGUF).
 """
 import os, random, subprocess, sys, shutil, tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,23 +49,37 @@ def mutate(b):
         i = rng.randrange(len(b) // 2, len(b) - 4)
         b[i:i + 4] = bytes.fromhex(rng.choice(["0000c07f", "0000807f", "000080ff"]))
     return b
+def prepare(seed):
+    """The path to run on, with one file mutated; the path to keep when it fails."""
+    if ":" in seed:
+        src, entry = seed.split(":", 1)
+        d = os.path.join(work, "in-dir")
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.copytree(src, d)
+        victim = os.path.join(d, rng.choice(sorted(os.listdir(d))))
+        data = open(victim, "rb").read()
+        open(victim, "wb").write(mutate(data) if data else data)
+        return os.path.normpath(os.path.join(d, entry)), d
+    f = os.path.join(work, "in" + os.path.splitext(seed)[1])
+    open(f, "wb").write(mutate(open(seed, "rb").read()))
+    return f, f
+def keep(path, it):
+    dst = f"/tmp/x/crash_{it}_{os.path.basename(path)}"
+    (shutil.copytree if os.path.isdir(path) else shutil.copy)(path, dst)
 for it in range(n):
     seed = rng.choice(seeds)
-    data = open(seed, "rb").read()
-    ext = os.path.splitext(seed)[1]
-    f = os.path.join(work, "in" + ext)
-    open(f, "wb").write(mutate(data))
+    f, kept = prepare(seed)
     out = os.path.join(work, "out")
     shutil.rmtree(out, ignore_errors=True)
     for cmd in ([CERSA, "inspect", f, "--json", "-q"], [CERSA, "convert", f, out, "-q", "--include", "*"]):
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
         except subprocess.TimeoutExpired:
-            print("TIMEOUT", cmd[1], seed); shutil.copy(f, f"/tmp/x/crash_{it}{ext}"); bad += 1; continue
+            print("TIMEOUT", cmd[1], seed); keep(kept, it); bad += 1; continue
         err = p.stderr
         if p.returncode not in (0, 1, 2) or "panicked" in err or "RUST_BACKTRACE" in err:
             bad += 1
-            shutil.copy(f, f"/tmp/x/crash_{it}{ext}")
+            keep(kept, it)
             print("BAD", cmd[1], p.returncode, seed, err[-600:])
         elif p.returncode == 0 and cmd[1] == "convert" and not os.path.exists(os.path.join(out, "cersa.json")):
             print("NO OUTPUT but rc 0", seed)
