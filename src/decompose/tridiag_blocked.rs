@@ -13,9 +13,9 @@
 //! subdiagonal of T in place, reflector j's essential part below the subdiagonal of
 //! column j, and faer's block factors (faer's τ convention: H = I − v·vᵀ/τ).
 //!
-//! Everything is sequential, and the matrix–vector kernel adds in a fixed order without
-//! fused multiply-adds, so the bits depend on neither the thread count nor the SIMD level of
-//! that kernel.
+//! Everything is sequential and adds in a fixed order, so the bits do not depend on the
+//! thread count. They do depend on the CPU's SIMD level (the matrix–vector kernel's lane
+//! count), as faer's own kernels' do.
 
 use super::svd::Elem;
 use faer::linalg::householder;
@@ -24,7 +24,7 @@ use faer::linalg::matmul::triangular::{self as tri, BlockStructure};
 use faer::reborrow::{Reborrow, ReborrowMut};
 use faer::{Accum, Mat, MatMut, MatRef, Par};
 
-/// Columns per panel. 32 measured best at k = 384–4096 (f32 and f64) among 16/32/64.
+/// Columns per panel: LAPACK's block size for `dsytrd` (ILAENV's 32), not tuned here.
 const PANEL: usize = 32;
 
 /// Reduces the lower triangle of `a` (k×k; the strict upper triangle is neither read nor
