@@ -299,9 +299,23 @@ fn resolve(path: &Path) -> Result<(PathBuf, Vec<String>)> {
             .collect();
         names.sort();
         if names.is_empty() {
-            return Err(err(
-                "no .safetensors files or index in this directory".into()
-            ));
+            let gguf = std::fs::read_dir(path)
+                .map_err(|e| ConvertError::io(path, "read directory", e))?
+                .filter_map(|e| e.ok())
+                .any(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .to_lowercase()
+                        .ends_with(".gguf")
+                });
+            let hint = if gguf {
+                " (GGUF models are read from their .gguf file, or any part of a split one)"
+            } else {
+                ""
+            };
+            return Err(err(format!(
+                "no .safetensors files or index in this directory{hint}"
+            )));
         }
         return Ok((path.to_path_buf(), names));
     }

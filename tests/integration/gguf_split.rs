@@ -170,3 +170,15 @@ fn missing_or_inconsistent_parts_are_errors_naming_the_part() {
         &["split.no 3 and split.count 3 do not name a part"],
     );
 }
+
+#[test]
+fn a_directory_of_gguf_parts_points_to_the_file() {
+    let dir = tmp();
+    write_model(dir.path());
+    std::fs::remove_file(dir.path().join("whole.gguf")).unwrap();
+    let err = cersa_fails(&["inspect", s(dir.path()), "-q"], 2);
+    assert!(
+        err.contains("GGUF models are read from their .gguf file, or any part of a split one"),
+        "{err}"
+    );
+}
