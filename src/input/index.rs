@@ -4,7 +4,7 @@
 
 use crate::error::{ConvertError, Result};
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Largest index file read (a 70B model's index is ~100 KB).
 const MAX_INDEX_SIZE: u64 = 64 << 20;
@@ -77,4 +77,25 @@ pub(crate) fn check_index(
         });
     }
     Ok(())
+}
+
+/// The index of directory `dir`: `preferred` when it is there, else the first (by name) file
+/// whose name satisfies `is_index`.
+pub(crate) fn find_index(
+    dir: &Path,
+    preferred: &str,
+    is_index: impl Fn(&str) -> bool,
+) -> Option<PathBuf> {
+    let preferred = dir.join(preferred);
+    if preferred.is_file() {
+        return Some(preferred);
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.is_file() && is_index(&p.to_string_lossy()))
+        .collect();
+    found.sort();
+    found.into_iter().next()
 }

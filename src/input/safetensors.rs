@@ -1,7 +1,7 @@
 //! Safetensors sources: a single file, a sharded `*.safetensors.index.json`, or a
 //! Hugging Face directory holding either.
 
-use super::index::{check_index, index_files};
+use super::index::{check_index, find_index, index_files};
 use super::{child_path, FileStamp, FloatData, Precision, Source, TensorMeta};
 use crate::error::{ConvertError, Result};
 use cersa_loader::dtype::{decode_f32, decode_f64};
@@ -333,16 +333,7 @@ fn index_file(path: &Path, dir: &Path) -> Option<PathBuf> {
             .ends_with(".index.json")
             .then(|| path.to_path_buf());
     }
-    let preferred = dir.join("model.safetensors.index.json");
-    if preferred.is_file() {
-        return Some(preferred);
-    }
-    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| p.to_string_lossy().ends_with(".safetensors.index.json"))
-        .collect();
-    found.sort();
-    found.into_iter().next()
+    find_index(dir, "model.safetensors.index.json", |n| {
+        n.ends_with(".safetensors.index.json")
+    })
 }

@@ -4,7 +4,7 @@
 //! them as one source, checked against the index both ways (every indexed tensor is in the
 //! shard the index names, every stored tensor is indexed, no name is stored twice).
 
-use super::index::{check_index, index_files};
+use super::index::{check_index, find_index, index_files};
 use super::pytorch::PytorchSource;
 use super::{child_path, FloatData, Source, TensorMeta};
 use crate::error::{ConvertError, Result};
@@ -34,20 +34,7 @@ pub fn is_pytorch_index(name: &str) -> bool {
 /// `pytorch_model.bin.index.json` (or the first other `*.bin.index.json`), else its
 /// `pytorch_model.bin`.
 pub fn pytorch_in_dir(dir: &Path) -> Option<PathBuf> {
-    let preferred = dir.join("pytorch_model.bin.index.json");
-    if preferred.is_file() {
-        return Some(preferred);
-    }
-    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| p.is_file() && is_pytorch_index(&p.to_string_lossy()))
-        .collect();
-    found.sort();
-    found
-        .into_iter()
-        .next()
+    find_index(dir, "pytorch_model.bin.index.json", is_pytorch_index)
         .or_else(|| Some(dir.join("pytorch_model.bin")).filter(|p| p.is_file()))
 }
 

@@ -50,13 +50,7 @@ fn split_parts_convert_like_the_whole_file_from_any_part() {
     let dir = tmp();
     write_model(dir.path());
     let whole = dir.path().join("out-whole");
-    cersa_ok(&[
-        "convert",
-        s(&dir.path().join("whole.gguf")),
-        s(&whole),
-        "-q",
-    ]);
-    let want = stored_tensors(&whole);
+    let want = convert_stored(&dir.path().join("whole.gguf"), &whole);
     assert!(
         want.iter().any(|t| t.0.ends_with(".cersa_u")),
         "something is factored"
@@ -64,8 +58,7 @@ fn split_parts_convert_like_the_whole_file_from_any_part() {
     for part in [1, 3] {
         let src = dir.path().join(format!("m-{part:05}-of-00003.gguf"));
         let out = dir.path().join(format!("out-{part}"));
-        cersa_ok(&["convert", s(&src), s(&out), "-q"]);
-        assert_eq!(stored_tensors(&out), want, "from part {part}");
+        assert_eq!(convert_stored(&src, &out), want, "from part {part}");
         let ckpt = Checkpoint::open(&out).unwrap();
         let m = ckpt.manifest();
         let files: Vec<&str> = m.source.files.iter().map(|f| f.file.as_str()).collect();

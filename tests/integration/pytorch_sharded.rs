@@ -18,13 +18,7 @@ const SHARDS: [&str; 3] = [
 fn sharded_checkpoint_converts_like_the_single_file() {
     let dir = tmp();
     let whole = dir.path().join("whole");
-    cersa_ok(&[
-        "convert",
-        s(&fixture("pytorch/sharded-whole")),
-        s(&whole),
-        "-q",
-    ]);
-    let want = stored_tensors(&whole);
+    let want = convert_stored(&fixture("pytorch/sharded-whole"), &whole);
     assert!(
         want.iter().any(|t| t.0.ends_with(".cersa_u")),
         "something is factored"
@@ -32,8 +26,7 @@ fn sharded_checkpoint_converts_like_the_single_file() {
     let index = fixture("pytorch/sharded/pytorch_model.bin.index.json");
     for (i, src) in [fixture("pytorch/sharded"), index].iter().enumerate() {
         let out = dir.path().join(format!("out-{i}"));
-        cersa_ok(&["convert", s(src), s(&out), "-q"]);
-        assert_eq!(stored_tensors(&out), want, "from {}", src.display());
+        assert_eq!(convert_stored(src, &out), want, "from {}", src.display());
         let ckpt = Checkpoint::open(&out).unwrap();
         let m = ckpt.manifest();
         assert_eq!(m.source.format, "pytorch");

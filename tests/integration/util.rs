@@ -155,3 +155,9 @@ pub fn convert_rejects(src: &Path, needles: &[&str]) {
     }
     assert!(!out.exists(), "no output after an error");
 }
+
+/// Converts `src` into `out` and returns its stored tensors.
+pub fn convert_stored(src: &Path, out: &Path) -> Vec<(String, String, Vec<usize>, Vec<u8>)> {
+    cersa_ok(&["convert", s(src), s(out), "-q"]);
+    stored_tensors(out)
+}
