@@ -12,10 +12,16 @@
 //! "gflops" of a route is the nominal dense-SVD work 4·m·n·k − 4/3·k³ (Householder
 //! bidiagonalization, Golub & Van Loan) divided by its time: one yardstick for every route.
 
-use cersa::decompose::{by_name, RankRule};
+use cersa::decompose::{Decomposer, RankRule, Route};
 use cersa::input::{open, FloatData};
 use faer::{Accum, Mat, MatRef, Par};
 use std::time::Instant;
+
+/// The route named `name` (as `--algorithm` spells it).
+fn by_name(name: &str) -> anyhow::Result<Box<dyn Decomposer>> {
+    let route = Route::from_name(name).ok_or_else(|| anyhow::anyhow!("unknown route {name}"))?;
+    Ok(route.decomposer()?)
+}
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();

@@ -1,13 +1,15 @@
 //! Times the f32 eigendecomposition with vectors of k×k Gram matrices, one thread: faer's
 //! `self_adjoint_evd` (all k vectors back-transformed) vs cersa's `symmetric_eig` +
-//! `leading_vectors(r)` (src/decompose/symeig.rs), r = 28 % of k (the rank fraction of the
+//! `leading_vectors(r)` (src/linalg/symeig.rs), r = 28 % of k (the rank fraction of the
 //! power-law benchmark matrices at τ = 0.9), best of 3 runs each, and the largest
 //! difference of their eigenvalues relative to λ₁.
 //!
-//! Usage: bench_symeig [k…] (default 1024 2048 4096). `CERSA_TRIDIAG=faer` (or `blocked`)
-//! forces cersa's tridiagonalization to faer's unblocked one (or the blocked one of
-//! src/decompose/tridiag_blocked.rs) at every order, for an A/B of the two.
+//! Usage: bench_symeig [--reduction auto|faer|blocked] [k…] (default 1024 2048 4096).
+//! `--reduction faer` (or `blocked`) forces cersa's tridiagonalization to faer's unblocked
+//! one (or the blocked one of src/linalg/tridiag_blocked.rs) at every order, for an A/B of
+//! the two; `auto` (default) is what the routes use.
 
+use cersa::linalg::symeig::{symmetric_eig_with, Tridiagonalization};
 use faer::dyn_stack::{MemBuffer, MemStack};
 use faer::linalg::evd::{self_adjoint_evd, self_adjoint_evd_scratch, ComputeEigenvectors};
 use faer::{Mat, Par};
@@ -26,10 +28,21 @@ fn best_of<R>(runs: usize, mut f: impl FnMut() -> R) -> (f64, R) {
 }
 
 fn main() -> anyhow::Result<()> {
-    let mut sizes: Vec<usize> = std::env::args()
-        .skip(1)
-        .map(|a| a.parse())
-        .collect::<Result<_, _>>()?;
+    let mut reduction = Tridiagonalization::Auto;
+    let mut sizes: Vec<usize> = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if a == "--reduction" {
+            reduction = match args.next().as_deref() {
+                Some("auto") => Tridiagonalization::Auto,
+                Some("faer") => Tridiagonalization::Unblocked,
+                Some("blocked") => Tridiagonalization::Blocked,
+                other => anyhow::bail!("--reduction auto|faer|blocked, not {other:?}"),
+            };
+        } else {
+            sizes.push(a.parse()?);
+        }
+    }
     if sizes.is_empty() {
         sizes = vec![1024, 2048, 4096];
     }
@@ -66,7 +79,7 @@ fn main() -> anyhow::Result<()> {
                 .collect::<Vec<_>>()
         });
         let (ours_s, got) = best_of(3, || {
-            let eig = cersa::decompose::symeig::symmetric_eig(g.clone()).expect("symeig");
+            let eig = symmetric_eig_with(g.clone(), reduction).expect("symeig");
             let lambda = eig.lambda.clone();
             let v = eig.leading_vectors(r).expect("vectors");
             assert_eq!(v.ncols(), r);

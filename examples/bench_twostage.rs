@@ -46,14 +46,14 @@ fn main() -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         let one = start.elapsed().as_secs_f64();
         let start = Instant::now();
-        let two_stage = cersa::decompose::twostage::symmetric_eigenvalues(g.clone())
+        let two_stage = cersa::linalg::twostage::symmetric_eigenvalues(g.clone())
             .map_err(|e| anyhow::anyhow!(e))?;
         let two = start.elapsed().as_secs_f64();
         let want: Vec<f64> = s.column_vector().iter().rev().copied().collect();
         let err = max_rel_diff(&two_stage, &want);
         // cersa's one-stage path (blocked reduction from k = 1536, then root-free QL).
         let start = Instant::now();
-        let blocked = cersa::decompose::symeig::symmetric_eigenvalues(g.clone())
+        let blocked = cersa::linalg::symeig::symmetric_eigenvalues(g.clone())
             .map_err(|e| anyhow::anyhow!(e))?;
         let bl = start.elapsed().as_secs_f64();
         let err_b = max_rel_diff(&blocked, &want);

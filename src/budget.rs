@@ -2,41 +2,17 @@
 //! and the admission rule that keeps the estimates of the tensors in flight under budget.
 //!
 //! A tensor is "in flight" from the moment a worker claims it until the writer has written
-//! its result: while it is being factored it holds its [`footprint_estimate`]; once finished
-//! it holds the exact size of its encoded factors until written. A worker may start the
+//! its result: while it is being factored it holds its footprint estimate
+//! (`Decomposer::footprint`, each route's own); once finished it holds the exact size of its encoded factors until written. A worker may start the
 //! next tensor only when the held bytes plus its estimate stay within the budget, except
 //! that a tensor always starts when nothing else is held (a tensor larger than the budget
 //! runs alone instead of never). Tensors are still claimed in source order and written in
 //! source order, so the budget changes when work happens, never the output bytes.
 
-use crate::input::Precision;
-
 /// Fraction of `MemAvailable` used when `--max-memory` is not given.
 pub const DEFAULT_FRACTION: f64 = 0.5;
 /// Budget when /proc/meminfo cannot be read (non-Linux, restricted /proc).
 pub const FALLBACK_BUDGET: u64 = 4 << 30;
-
-/// With `CERSA_TRACE_RSS` set, prints `cersa-rss LABEL: VmRSS` to stderr (for calibrating
-/// [`footprint_estimate`]; costs one env lookup otherwise).
-pub fn trace_rss(label: &str) {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if !*ON.get_or_init(|| std::env::var_os("CERSA_TRACE_RSS").is_some()) {
-        return;
-    }
-    if let Some(line) = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .map(str::to_owned)
-        })
-    {
-        eprintln!(
-            "cersa-rss {label}: {}",
-            line.trim_start_matches("VmRSS:").trim()
-        );
-    }
-}
 
 /// Default budget: [`DEFAULT_FRACTION`] of `MemAvailable` from /proc/meminfo.
 ///
@@ -64,39 +40,6 @@ pub fn mem_available_bytes(meminfo: &str) -> Option<u64> {
         .parse()
         .ok()?;
     kib.checked_mul(1024)
-}
-
-/// Estimated peak bytes allocated while factoring one m×n matrix with route `route` in
-/// `precision`, from the input to the encoded factors. With e the element size (4 for f32,
-/// 8 for f64), S = m·n·e and k = min(m, n):
-///
-/// * `gram`, `auto`, `randomized` (randomized falls back to gram): 5·S + 12·k²·e. The f32
-///   pass needs the input X, G, its eigenvectors and the eigensolver workspace (measured
-///   X + 5.3·k²·4 on 8192×2048). A spectrum whose rank decision is too close to τ for f32
-///   reruns in f64 (see `decompose::gram`, common on power-law spectra): f64 G, eigenvectors
-///   and workspace (measured 5.8·k²·8 = 11.6·k²·4), then f64 Y = X·V_r (becoming the QR
-///   storage) and Q, each p×r·8 ≤ 2·S for r ≤ k/2. Measured on an 8192×2048 f32 power-law
-///   matrix that took the rerun: peak 262 MB above the process baseline (S = 67 MB,
-///   k²·4 = 16.8 MB; estimate 537 MB, which also covers ranks up to k).
-/// * `svd` and other routes: 5·S + 3·k²·e — faer's thin SVD works on a copy of the matrix
-///   and forms the full m×k and n×k singular vectors (measured peak 5.1·S on 8192×2048).
-///
-/// Saturates instead of overflowing on absurd shapes.
-pub fn footprint_estimate(m: usize, n: usize, precision: Precision, route: &str) -> u64 {
-    let e: u64 = match precision {
-        Precision::F32 => 4,
-        Precision::F64 => 8,
-    };
-    let (m, n) = (m as u64, n as u64);
-    let k = m.min(n);
-    let s = m.saturating_mul(n).saturating_mul(e);
-    let k2 = k.saturating_mul(k).saturating_mul(e);
-    let k2_copies = match route {
-        "gram" | "auto" | "randomized" => 12,
-        _ => 3,
-    };
-    s.saturating_mul(5)
-        .saturating_add(k2.saturating_mul(k2_copies))
 }
 
 /// Bytes held by the tensors in flight.
@@ -178,27 +121,6 @@ mod tests {
         assert_eq!((a.held, a.holders), (10, 1));
         a.release(10);
         assert_eq!((a.held, a.holders), (0, 0));
-    }
-
-    #[test]
-    fn estimates_scale_with_size_and_route() {
-        let svd = footprint_estimate(8192, 2048, Precision::F32, "svd");
-        let gram = footprint_estimate(8192, 2048, Precision::F32, "gram");
-        let s = 8192 * 2048 * 4u64;
-        let k2 = 2048 * 2048 * 4u64;
-        assert_eq!(gram, 5 * s + 12 * k2);
-        assert_eq!(svd, 5 * s + 3 * k2);
-        // Orientation does not matter; f64 doubles; the unknown route gets the svd figure.
-        assert_eq!(footprint_estimate(2048, 8192, Precision::F32, "gram"), gram);
-        assert_eq!(
-            footprint_estimate(8192, 2048, Precision::F64, "gram"),
-            2 * gram
-        );
-        assert_eq!(footprint_estimate(8192, 2048, Precision::F32, "cuda"), svd);
-        assert_eq!(
-            footprint_estimate(usize::MAX, usize::MAX, Precision::F64, "svd"),
-            u64::MAX
-        );
     }
 
     #[test]

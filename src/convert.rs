@@ -8,10 +8,10 @@
 //! a window of tensor indices, a block of them between two matrices left a worker idle
 //! (all-MiniLM-L6-v2 at 2 threads ran at ~1 core).
 
-use crate::budget::{default_budget, footprint_estimate, Admission};
+use crate::budget::{default_budget, Admission};
 use crate::decompose::rank::{energy_at, frobenius2, saves};
 use crate::decompose::svd::{stored_residual_norm2, StoredFactors};
-use crate::decompose::{self, Decomposer, Factorization, RankRule};
+use crate::decompose::{DecomposeError, Decomposer, Factorization, RankRule, Route};
 use crate::error::{ConvertError, Result};
 use crate::input::{FloatData, Source};
 use crate::journal::{self, Journal, Recovered, ShardRecord};
@@ -85,8 +85,8 @@ pub struct ConvertOptions {
     pub max_shard_size: u64,
     /// Worker threads (≥ 1). Does not change the output.
     pub threads: usize,
-    /// Decomposition route name.
-    pub algorithm: String,
+    /// Decomposition route.
+    pub algorithm: Route,
     /// Continue an interrupted run from its partial directory (see [`crate::journal`]).
     pub resume: bool,
     /// Memory budget in bytes for the tensors in flight (see [`crate::budget`]); `None`
@@ -104,7 +104,7 @@ impl Default for ConvertOptions {
             force_factor: false,
             max_shard_size: 5_000_000_000,
             threads: 1,
-            algorithm: "auto".into(),
+            algorithm: Route::Auto,
             resume: false,
             max_memory: None,
         }
@@ -189,7 +189,7 @@ pub fn convert(
     progress: &mut dyn FnMut(&Progress),
     cancel: &AtomicBool,
 ) -> Result<Manifest> {
-    let decomposer = decompose::by_name(&opts.algorithm)?;
+    let decomposer = opts.algorithm.decomposer()?;
     let selection = Selection::new(&opts.include, &opts.exclude, src.default_excludes())?;
     check_names(src)?;
     let fingerprint = run_fingerprint(src, opts, decomposer.name())?;
@@ -386,7 +386,7 @@ fn run(
                 let n = t.shape[1..]
                     .iter()
                     .fold(1usize, |a, &d| a.saturating_mul(d));
-                footprint_estimate(m, n, precision, decomposer.name())
+                decomposer.footprint(m, n, precision)
             }
             _ => 0,
         })
@@ -438,7 +438,7 @@ fn run(
                     .unwrap_or_else(|_| {
                         Err(ConvertError::Decompose {
                             tensor: src.tensors()[i].name.clone(),
-                            reason: "internal panic while decomposing (please report)".into(),
+                            source: DecomposeError::Panic,
                         })
                     }),
                 };
@@ -745,7 +745,7 @@ fn process(
     let meta = &src.tensors()[i];
     let path = || src.file_path(meta.file).to_path_buf();
     let data = src.read_float(i)?;
-    crate::budget::trace_rss("convert: read");
+    crate::trace::rss("convert: read");
     if let Some((count, first, index)) = data.non_finite() {
         return Err(ConvertError::NonFinite {
             path: path(),
@@ -766,11 +766,11 @@ fn process(
     }
     let f = decomposer
         .factorize_named(&meta.name, &data, m, n, &opts.rule)
-        .map_err(|reason| ConvertError::Decompose {
+        .map_err(|source| ConvertError::Decompose {
             tensor: meta.name.clone(),
-            reason,
+            source,
         })?;
-    crate::budget::trace_rss("convert: factorized");
+    crate::trace::rss("convert: factorized");
     let r = f.rank;
     let energy = energy_at(&f.sigma, f.norm2, r);
     if !opts.force_factor && !saves(r, m, n) {
@@ -790,7 +790,7 @@ fn process(
     let u = encode(u);
     let vt = encode(vt);
     let s = encode_f64(Dtype::F32, &s).expect("F32 is a float dtype");
-    crate::budget::trace_rss("convert: encoded");
+    crate::trace::rss("convert: encoded");
     // rel_error is measured on the factors exactly as stored, streamed by row blocks.
     let s_stored = decode_f64(Dtype::F32, &s).expect("F32 is a float dtype");
     let res = stored_residual_norm2(
@@ -804,7 +804,7 @@ fn process(
             vt: &vt,
         },
     );
-    crate::budget::trace_rss("convert: residual");
+    crate::trace::rss("convert: residual");
     drop(data);
     Ok(Outcome::Factored {
         m,

@@ -1,5 +1,6 @@
 //! Errors of the converter library.
 
+use crate::decompose::DecomposeError;
 use std::path::PathBuf;
 
 /// Everything the converter can fail on. Variants name the file, the tensor and the cause.
@@ -59,14 +60,17 @@ pub enum ConvertError {
         /// Its flat index.
         index: usize,
     },
-    /// The decomposition did not converge.
-    #[error("tensor `{tensor}`: decomposition failed: {reason}")]
+    /// The route failed on a tensor (did not converge, could not allocate, device error).
+    #[error("tensor `{tensor}`: decomposition failed: {source}")]
     Decompose {
         /// Tensor name.
         tensor: String,
-        /// Cause reported by the linear-algebra backend.
-        reason: String,
+        /// What the route reported.
+        source: DecomposeError,
     },
+    /// The chosen route cannot run in this build or on this machine.
+    #[error(transparent)]
+    Route(#[from] DecomposeError),
     /// The output directory exists and is not empty.
     #[error(
         "{0}: output directory already exists and is not empty (remove it or choose another path)"

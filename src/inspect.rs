@@ -290,9 +290,9 @@ fn analyse(
     let sigma =
         decomposer
             .singular_values(&data, m, n)
-            .map_err(|reason| ConvertError::Decompose {
+            .map_err(|source| ConvertError::Decompose {
                 tensor: t.name.clone(),
-                reason,
+                source,
             })?;
     drop(data);
     // Bytes as `convert --dtype source` would store them (its FactorDtype::Source rule).

@@ -35,22 +35,7 @@ fn main() -> ExitCode {
         eprintln!("interrupted: stopping; finished work is kept for `cersa convert --resume`…");
     });
     let status = cersa::cli::run(cli, cancel);
-    if std::env::var_os("CERSA_PRINT_PEAK_RSS").is_some() {
-        // For memory tests and benchmarks: the peak resident set of this process.
-        if let Some(line) = std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmHWM:"))
-                    .map(str::to_owned)
-            })
-        {
-            eprintln!(
-                "cersa-peak-rss: {}",
-                line.trim_start_matches("VmHWM:").trim()
-            );
-        }
-    }
+    cersa::trace::print_peak_rss();
     match status {
         Ok(cersa::cli::Status::Ok) => ExitCode::SUCCESS,
         Ok(cersa::cli::Status::CheckFailed) => ExitCode::from(1),

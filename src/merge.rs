@@ -120,7 +120,7 @@ fn write_merged(
                         ConvertError::Tensor {
                             path: adapter_path.to_path_buf(),
                             tensor: name.clone(),
-                            reason,
+                            reason: reason.to_string(),
                         }
                     })?;
                 let dtype = f.u.dtype;

@@ -1,7 +1,7 @@
 //! Raw command-line flags (clap) and their validation into config structs, before any work.
 
 use crate::convert::{ConvertOptions, FactorDtype};
-use crate::decompose::RankRule;
+use crate::decompose::{RankRule, Route};
 use crate::inspect::InspectOptions;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -110,10 +110,9 @@ pub struct ConvertArgs {
     /// runs alone. The output does not depend on it.
     #[arg(long, value_name = "BYTES")]
     pub max_memory: Option<String>,
-    /// Decomposition route: auto (default), svd, gram, randomized; lapack and cuda in builds
-    /// with those cargo features.
-    #[arg(long, default_value = "auto")]
-    pub algorithm: String,
+    /// Decomposition route (lapack and cuda need builds with those cargo features).
+    #[arg(long, value_enum, default_value_t = Route::Auto)]
+    pub algorithm: Route,
     /// Print the result as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -290,7 +289,7 @@ impl ConvertArgs {
             force_factor: self.force_factor,
             max_shard_size: parse_size(&self.max_shard_size).context("--max-shard-size")?,
             threads: threads(self.threads)?,
-            algorithm: self.algorithm.clone(),
+            algorithm: self.algorithm,
             resume: self.resume,
             max_memory: self
                 .max_memory

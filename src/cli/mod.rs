@@ -116,7 +116,7 @@ fn spectra_of_source(
         .context("starting worker threads")?;
     let bar = progress_bar(quiet, src.tensors().len() as u64);
     // Values only: `auto` takes the cheapest exact route to σ (f64 Gram eigenvalues).
-    let decomposer = decompose::by_name("auto")?;
+    let decomposer = decompose::Route::Auto.decomposer()?;
     let report = pool
         .install(|| {
             inspect_source(src.as_ref(), opts, decomposer.as_ref(), &|done, _| {
@@ -214,7 +214,7 @@ fn run_report(a: ReportArgs) -> Result<Status> {
 }
 
 fn run_merge(a: MergeArgs) -> Result<Status> {
-    let decomposer = decompose::by_name("svd")?;
+    let decomposer = decompose::Route::Svd.decomposer()?;
     let (manifest, layers) =
         crate::merge::merge(&a.cersa_dir, &a.adapter, &a.out_dir, decomposer.as_ref())
             .with_context(|| {

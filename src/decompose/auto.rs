@@ -22,16 +22,20 @@
 //! (λ_r ≈ 50·ε·k·λ₁ at τ = 0.9) and made `gram` pay for both passes (2048²: 3.5 s).
 
 use super::gram::Gram;
-use super::{Decomposer, Factorization, RankRule};
-use crate::input::FloatData;
+use super::{DecomposeError, Decomposer, Factorization, RankRule, Route};
+use crate::input::{FloatData, Precision};
 
 /// Per-matrix route choice.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Auto;
 
 impl Decomposer for Auto {
-    fn name(&self) -> &'static str {
-        "auto"
+    fn route(&self) -> Route {
+        Route::Auto
+    }
+
+    fn footprint(&self, m: usize, n: usize, precision: Precision) -> u64 {
+        Gram.footprint(m, n, precision)
     }
 
     fn factorize(
@@ -40,11 +44,16 @@ impl Decomposer for Auto {
         m: usize,
         n: usize,
         rule: &RankRule,
-    ) -> Result<Factorization, String> {
+    ) -> Result<Factorization, DecomposeError> {
         Gram.factorize(w, m, n, rule)
     }
 
-    fn singular_values(&self, w: &FloatData, m: usize, n: usize) -> Result<Vec<f64>, String> {
+    fn singular_values(
+        &self,
+        w: &FloatData,
+        m: usize,
+        n: usize,
+    ) -> Result<Vec<f64>, DecomposeError> {
         Gram.singular_values(w, m, n)
     }
 }

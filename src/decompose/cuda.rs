@@ -41,8 +41,8 @@
 
 use super::gram::{self, row_major, sigma_of};
 use super::rank::RankRule;
-use super::{fix_signs, Decomposer, Factorization};
-use crate::input::FloatData;
+use super::{fix_signs, footprint_of, DecomposeError, Decomposer, Factorization, Route};
+use crate::input::{FloatData, Precision};
 use cudarc::cublas::{sys as blas, CudaBlas};
 use cudarc::cusolver::{sys as sol, DnHandle};
 use cudarc::driver::{
@@ -54,7 +54,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Cuda;
 
-/// Prefix of every error raised when the GPU cannot be used at all (tests match on it).
+/// Prefix of the message of every error raised when the GPU cannot be used at all
+/// ([`DecomposeError::Unavailable`] for [`Route::Cuda`]).
 pub const UNAVAILABLE: &str = "cuda route unavailable";
 
 /// The process-wide device state.
@@ -72,14 +73,26 @@ struct Gpu {
 /// f64 entries per staging chunk (16 MiB).
 const STAGING: usize = 1 << 21;
 
-static GPU: OnceLock<Result<Mutex<Gpu>, String>> = OnceLock::new();
+/// The device state, or why there is none.
+static GPU: OnceLock<Result<Mutex<Gpu>, DecomposeError>> = OnceLock::new();
 
-fn unavailable(why: &str) -> String {
-    format!("{UNAVAILABLE}: {why}")
+fn unavailable(why: &str) -> DecomposeError {
+    DecomposeError::Unavailable {
+        route: Route::Cuda,
+        reason: why.to_string(),
+    }
+}
+
+/// A failed device or library call (`detail` names the call and what it reported).
+fn backend(detail: String) -> DecomposeError {
+    DecomposeError::Backend {
+        route: Route::Cuda,
+        detail,
+    }
 }
 
 /// The shared device state, opened on first use; the error says why there is none.
-fn gpu() -> Result<&'static Mutex<Gpu>, String> {
+fn gpu() -> Result<&'static Mutex<Gpu>, DecomposeError> {
     GPU.get_or_init(|| {
         std::panic::catch_unwind(open_gpu)
             .unwrap_or_else(|_| Err(unavailable("CUDA initialisation panicked")))
@@ -90,14 +103,14 @@ fn gpu() -> Result<&'static Mutex<Gpu>, String> {
 }
 
 /// Name of the GPU the route runs on, or why it cannot run.
-pub fn device_name() -> Result<String, String> {
+pub fn device_name() -> Result<String, DecomposeError> {
     let g = gpu()?;
     let g = g.lock().map_err(|_| unavailable("GPU state poisoned"))?;
     Ok(g.name.clone())
 }
 
 #[allow(unsafe_code)]
-fn open_gpu() -> Result<Gpu, String> {
+fn open_gpu() -> Result<Gpu, DecomposeError> {
     // SAFETY (three look-ups): each only tries dlopen on the candidate file names; no symbol
     // is called, so a missing library is reported instead of panicking later.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
@@ -239,15 +252,15 @@ struct GpuOut {
 }
 
 fn dim(x: usize, what: &str) -> Result<i32, String> {
-    i32::try_from(x).map_err(|_| format!("cuda route: {what} = {x} exceeds the 32-bit API"))
+    i32::try_from(x).map_err(|_| format!("{what} = {x} exceeds the 32-bit API"))
 }
 
 fn dev_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> String + '_ {
     move |e| {
         if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
-            format!("cuda route: out of GPU memory ({what})")
+            format!("out of GPU memory ({what})")
         } else {
-            format!("cuda route: {what}: {e:?}")
+            format!("{what}: {e:?}")
         }
     }
 }
@@ -265,7 +278,7 @@ fn check_info(st: &Arc<CudaStream>, info: &CudaSlice<i32>, what: &str) -> Result
     let v = st.clone_dtoh(info).map_err(dev_err(what))?;
     match v.first().copied().unwrap_or(0) {
         0 => Ok(()),
-        i if i > 0 => Err(format!("cuda route: {what} did not converge (info = {i})")),
+        i if i > 0 => Err(format!("{what} did not converge (info = {i})")),
         i => Err(format!(
             "cuda route: {what} rejected argument {} (info = {i})",
             -i
@@ -284,10 +297,8 @@ struct Trace {
 
 impl Trace {
     fn new(m: usize, n: usize) -> Self {
-        static ON: OnceLock<bool> = OnceLock::new();
-        let on = *ON.get_or_init(|| std::env::var_os("CERSA_TRACE_CUDA").is_some());
         Trace {
-            on,
+            on: crate::trace::cuda_phases(),
             shape: format!("{m}×{n}"),
             t: std::time::Instant::now(),
         }
@@ -338,14 +349,14 @@ fn run_on_gpu(
         if s == blas::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
             Ok(())
         } else {
-            Err(format!("cuda route: {what} failed: {s:?}"))
+            Err(format!("{what} failed: {s:?}"))
         }
     };
     let ok_s = |s: sol::cusolverStatus_t, what: &str| {
         if s == sol::cusolverStatus_t::CUSOLVER_STATUS_SUCCESS {
             Ok(())
         } else {
-            Err(format!("cuda route: {what} failed: {s:?}"))
+            Err(format!("{what} failed: {s:?}"))
         }
     };
 
@@ -556,13 +567,14 @@ fn run_on_gpu(
 }
 
 /// Runs `f` on the shared device, turning a poisoned lock or a panic into an error.
-fn with_gpu<R>(f: impl FnOnce(&mut Gpu) -> Result<R, String>) -> Result<R, String> {
+fn with_gpu<R>(f: impl FnOnce(&mut Gpu) -> Result<R, String>) -> Result<R, DecomposeError> {
     let g = gpu()?;
     let mut guard = g
         .lock()
-        .map_err(|_| "cuda route: GPU state poisoned by an earlier failure".to_string())?;
+        .map_err(|_| backend("GPU state poisoned by an earlier failure".into()))?;
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut guard)))
-        .unwrap_or_else(|_| Err("cuda route: the CUDA library call panicked".into()))
+        .unwrap_or_else(|_| Err("the CUDA library call panicked".into()))
+        .map_err(backend)
 }
 
 /// Eigenvalues of the scaled G → σ of W (non-increasing).
@@ -572,8 +584,14 @@ fn unscaled_sigma(lambda: &[f64], unscale: f64) -> Vec<f64> {
 }
 
 impl Decomposer for Cuda {
-    fn name(&self) -> &'static str {
-        "cuda"
+    fn route(&self) -> Route {
+        Route::Cuda
+    }
+
+    /// The host side holds what the `svd` estimate covers (W, the staging buffer, V_r and
+    /// the factors); the device holds its own copies: 5·S + 3·k²·e.
+    fn footprint(&self, m: usize, n: usize, precision: Precision) -> u64 {
+        footprint_of(m, n, precision, 3)
     }
 
     fn factorize(
@@ -582,7 +600,7 @@ impl Decomposer for Cuda {
         m: usize,
         n: usize,
         rule: &RankRule,
-    ) -> Result<Factorization, String> {
+    ) -> Result<Factorization, DecomposeError> {
         if m == 0 || n == 0 {
             // Nothing to offload; keep the CPU route's handling of empty matrices.
             return gram::Gram.factorize(w, m, n, rule);
@@ -618,7 +636,12 @@ impl Decomposer for Cuda {
         })
     }
 
-    fn singular_values(&self, w: &FloatData, m: usize, n: usize) -> Result<Vec<f64>, String> {
+    fn singular_values(
+        &self,
+        w: &FloatData,
+        m: usize,
+        n: usize,
+    ) -> Result<Vec<f64>, DecomposeError> {
         if m == 0 || n == 0 {
             return gram::Gram.singular_values(w, m, n);
         }

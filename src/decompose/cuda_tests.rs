@@ -6,7 +6,7 @@ use super::super::tests::{
     check_minilm, check_synthetic, orthogonality_error, reference_sigma, synth,
 };
 use super::{device_name, Cuda, UNAVAILABLE};
-use crate::decompose::{by_name, Decomposer, RankRule};
+use crate::decompose::{DecomposeError, Decomposer, RankRule, Route};
 use crate::input::FloatData;
 
 /// True with a usable device; otherwise asserts that every entry point reports it clearly.
@@ -17,15 +17,24 @@ fn device_or_clear_error() -> bool {
             true
         }
         Err(e) => {
-            assert!(e.starts_with(UNAVAILABLE), "unclear error: {e}");
+            let unavailable = |e: &DecomposeError| {
+                matches!(
+                    e,
+                    DecomposeError::Unavailable {
+                        route: Route::Cuda,
+                        ..
+                    }
+                ) && e.to_string().starts_with(UNAVAILABLE)
+            };
+            assert!(unavailable(&e), "unclear error: {e}");
             let w = FloatData::F32(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
             let f = Cuda.factorize(&w, 2, 3, &RankRule::default());
             let err = f.expect_err("factorize without a device must fail");
-            assert!(err.starts_with(UNAVAILABLE), "factorize: {err}");
+            assert!(unavailable(&err), "factorize: {err}");
             let err = Cuda
                 .singular_values(&w, 2, 3)
                 .expect_err("singular_values without a device must fail");
-            assert!(err.starts_with(UNAVAILABLE), "singular_values: {err}");
+            assert!(unavailable(&err), "singular_values: {err}");
             eprintln!("no CUDA device; checked the error instead: {e}");
             false
         }
@@ -34,7 +43,9 @@ fn device_or_clear_error() -> bool {
 
 #[test]
 fn cuda_route_is_registered() {
-    let route = by_name("cuda").expect("cuda route with the feature");
+    let route = Route::Cuda
+        .decomposer()
+        .expect("cuda route with the feature");
     assert_eq!(route.name(), "cuda");
 }
 

@@ -25,10 +25,9 @@
 //! Everything runs with `Par::Seq`, so bits do not depend on the thread count.
 
 use super::rank::{energy_at, frobenius2, RankRule};
-use super::svd::Elem;
-use super::symeig::symmetric_eig;
-use super::{fix_signs, Decomposer, Factorization};
-use crate::input::FloatData;
+use super::{fix_signs, footprint_of, DecomposeError, Decomposer, Elem, Factorization, Route};
+use crate::input::{FloatData, Precision};
+use crate::linalg::{symmetric_eig, twostage, LinalgError};
 use faer::dyn_stack::{MemBuffer, MemStack, StackReq};
 use faer::linalg::householder;
 use faer::linalg::matmul::triangular::{self as tri, BlockStructure};
@@ -70,7 +69,7 @@ pub(crate) fn long_view<T: Elem>(w: &[T], m: usize, n: usize) -> MatRef<'_, T> {
 fn gram_matrix<T: Elem>(x: MatRef<'_, T>) -> Mat<T> {
     let k = x.ncols();
     let mut g = Mat::<T>::zeros(k, k);
-    crate::budget::trace_rss("gram: G allocated");
+    crate::trace::rss("gram: G allocated");
     // Symmetric rank-p update: only the lower triangle is formed (half the flops);
     // the EVD reads only the lower triangle.
     tri::matmul(
@@ -84,40 +83,8 @@ fn gram_matrix<T: Elem>(x: MatRef<'_, T>) -> Mat<T> {
         T::of(1.0),
         Par::Seq,
     );
-    crate::budget::trace_rss("gram: G formed");
+    crate::trace::rss("gram: G formed");
     g
-}
-
-/// Eigenvalues (non-increasing) of the symmetric matrix whose lower triangle is `g`, by
-/// faer's one-stage EVD without vectors: the reference the solvers in `twostage` and
-/// `symeig` are tested against.
-#[cfg(test)]
-pub(crate) fn one_stage_eigenvalues<T: Elem>(g: Mat<T>) -> Result<Vec<f64>, String> {
-    use faer::linalg::evd::{self_adjoint_evd, self_adjoint_evd_scratch, ComputeEigenvectors};
-    let k = g.nrows();
-    let mut mem = MemBuffer::try_new(self_adjoint_evd_scratch::<T>(
-        k,
-        ComputeEigenvectors::No,
-        Par::Seq,
-        Default::default(),
-    ))
-    .map_err(|_| format!("cannot allocate eigensolver workspace for a {k}×{k} Gram matrix"))?;
-    let mut s = faer::diag::Diag::<T>::zeros(k);
-    self_adjoint_evd(
-        g.as_ref(),
-        s.as_mut(),
-        None,
-        Par::Seq,
-        MemStack::new(&mut mem),
-        Default::default(),
-    )
-    .map_err(|e| format!("Gram eigendecomposition did not converge: {e:?}"))?;
-    // faer returns non-decreasing eigenvalues; reverse to non-increasing.
-    Ok(s.column_vector()
-        .iter()
-        .rev()
-        .map(|x| (*x).into())
-        .collect())
 }
 
 /// σᵢ = √max(λᵢ, 0), non-increasing.
@@ -198,7 +165,7 @@ pub fn gram_decision_is_sound(
 /// Orthonormalizes the p×r matrix `y` by a Householder QR: returns (Q p×r, |R_ii|, signs of
 /// R_ii), so that y ≈ Q·diag(sign·|R_ii|) up to the dropped off-diagonal of R.
 #[allow(clippy::type_complexity)]
-pub(crate) fn thin_q<T: Elem>(y: Mat<T>) -> Result<(Mat<T>, Vec<f64>, Vec<bool>), String> {
+pub(crate) fn thin_q<T: Elem>(y: Mat<T>) -> Result<(Mat<T>, Vec<f64>, Vec<bool>), DecomposeError> {
     let (p, r) = (y.nrows(), y.ncols());
     let mut a = y;
     if r == 0 {
@@ -210,8 +177,8 @@ pub(crate) fn thin_q<T: Elem>(y: Mat<T>) -> Result<(Mat<T>, Vec<f64>, Vec<bool>)
         qr::qr_in_place_scratch::<T>(p, r, bs, Par::Seq, Default::default()),
         householder::apply_block_householder_sequence_on_the_left_in_place_scratch::<T>(p, bs, r),
     ]);
-    let mut mem =
-        MemBuffer::try_new(req).map_err(|_| format!("cannot allocate QR workspace ({p}×{r})"))?;
+    let mut mem = MemBuffer::try_new(req)
+        .map_err(|_| LinalgError::alloc(format!("QR workspace ({p}×{r})")))?;
     qr::qr_in_place(
         a.as_mut(),
         hh.as_mut(),
@@ -248,7 +215,7 @@ pub(crate) fn factors_from_basis<T: Elem>(
     vr: MatRef<'_, T>,
     m: usize,
     n: usize,
-) -> Result<(Vec<T>, Vec<f64>, Vec<T>), String> {
+) -> Result<(Vec<T>, Vec<f64>, Vec<T>), DecomposeError> {
     let (p, r) = (x.nrows(), vr.ncols());
     let mut y = Mat::<T>::zeros(p, r);
     faer::linalg::matmul::matmul(y.as_mut(), Accum::Replace, x, vr, T::of(1.0), Par::Seq);
@@ -263,10 +230,10 @@ fn factors_from_y<T: Elem>(
     vr: MatRef<'_, T>,
     m: usize,
     n: usize,
-) -> Result<(Vec<T>, Vec<f64>, Vec<T>), String> {
-    crate::budget::trace_rss("gram: Y = X·V_r");
+) -> Result<(Vec<T>, Vec<f64>, Vec<T>), DecomposeError> {
+    crate::trace::rss("gram: Y = X·V_r");
     let (q, s, neg) = thin_q(y)?;
-    crate::budget::trace_rss("gram: Q");
+    crate::trace::rss("gram: Q");
     Ok(factors_from_qr(q.as_ref(), &s, &neg, vr, m, n))
 }
 
@@ -297,13 +264,13 @@ fn factors_from_qr<T: Elem>(
         }
     };
     let short = |i: usize, c: usize| -> T { vr[(i, order[c])] };
-    crate::budget::trace_rss("gram: before factors");
+    crate::trace::rss("gram: before factors");
     let (mut u, mut vt) = if m >= n {
         (row_major(m, r, long), row_major(r, n, |c, j| short(j, c)))
     } else {
         (row_major(m, r, short), row_major(r, n, |c, j| long(j, c)))
     };
-    crate::budget::trace_rss("gram: factors");
+    crate::trace::rss("gram: factors");
     let s_sorted: Vec<f64> = order.iter().map(|&j| s[j]).collect();
     fix_signs(&mut u, &mut vt, m, r, n);
     (u, s_sorted, vt)
@@ -340,7 +307,10 @@ fn factorize_pass<T: Elem>(
     rule: &RankRule,
     norm2: f64,
     eps: Option<f64>,
-) -> Result<Option<Factorization>, String> {
+) -> Result<Option<Factorization>, DecomposeError>
+where
+    FloatData: From<Vec<T>>,
+{
     // Squaring entries under- or overflows f32 outside ~[1e-19, 1e19]: scale by a power of
     // two (exact) so the largest entry is near 1, and scale σ back.
     let amax = w.iter().fold(0f64, |a, &x| {
@@ -378,12 +348,12 @@ fn factorize_pass<T: Elem>(
                     vr = Some(eig.leading_vectors(r)?);
                 }
                 if ritz_proves_rank(x, vr.as_ref(), unscale, rule.energy * norm2) {
-                    crate::budget::trace_rss("gram: rank certified by the Ritz bound");
+                    crate::trace::rss("gram: rank certified by the Ritz bound");
                 } else {
                     // Only the rank is in question: f64 eigenvalues (no vectors, about a third
                     // of a full f64 pass) decide it, and the f32 eigenvectors (any r of them can
                     // still be formed) serve as long as the new cut is above the f32 noise floor.
-                    crate::budget::trace_rss("gram: f64 rank check");
+                    crate::trace::rss("gram: f64 rank check");
                     let mut lambda64 = eigenvalues_f64(x)?;
                     lambda64.iter_mut().for_each(|l| *l *= unscale * unscale);
                     let sigma64 = sigma_of(&lambda64);
@@ -405,14 +375,14 @@ fn factorize_pass<T: Elem>(
         None => eig.leading_vectors(r)?,
     };
     drop(eig);
-    crate::budget::trace_rss("gram: eigenvectors");
+    crate::trace::rss("gram: eigenvectors");
     let (u, mut s, vt) = factors_from_basis(x, vr.as_ref(), m, n)?;
     s.iter_mut().for_each(|v| *v *= unscale);
     Ok(Some(Factorization {
         rank: r,
-        u: T::wrap(u),
+        u: u.into(),
         s,
-        vt: T::wrap(vt),
+        vt: vt.into(),
         sigma,
         norm2,
     }))
@@ -491,7 +461,7 @@ pub fn factorize_f32(
     n: usize,
     rule: &RankRule,
     force_f64: bool,
-) -> Result<Factorization, String> {
+) -> Result<Factorization, DecomposeError> {
     let norm2 = frobenius2(w);
     if !force_f64 {
         if let Some(f) = factorize_pass(w, m, n, rule, norm2, Some(f32::EPSILON as f64 / 2.0))? {
@@ -514,14 +484,14 @@ fn factorize_widened(
     n: usize,
     rule: &RankRule,
     norm2: f64,
-) -> Result<Factorization, String> {
+) -> Result<Factorization, DecomposeError> {
     // The same power-of-two scaling as `factorize_pass` (exact), σ scaled back.
     let e = super::svd::scale_exponent(w);
     let (f, unscale) = ((-e).exp2(), e.exp2());
     let x = long_view(w, m, n);
     let p = x.nrows();
     let g = gram_widened(x, f);
-    crate::budget::trace_rss("gram f64: G formed");
+    crate::trace::rss("gram f64: G formed");
     let eig = symmetric_eig(g)?;
     let mut lambda = eig.lambda.clone();
     lambda.iter_mut().for_each(|l| *l *= unscale * unscale);
@@ -558,7 +528,11 @@ fn factorize_widened(
 
 /// σ of the row-major m×n matrix `w` from a Gram matrix accumulated in f64 (f64 absolute
 /// accuracy ≈ √(ε₆₄)·σ₁ ≈ 1e-8·σ₁, finer than an f32 SVD's ε₃₂·σ₁).
-pub fn singular_values_f64<T: Elem>(w: &[T], m: usize, n: usize) -> Result<Vec<f64>, String> {
+pub fn singular_values_f64<T: Elem>(
+    w: &[T],
+    m: usize,
+    n: usize,
+) -> Result<Vec<f64>, DecomposeError> {
     Ok(sigma_of(&eigenvalues_f64(long_view(w, m, n))?))
 }
 
@@ -594,18 +568,29 @@ fn widened_rows<T: Elem>(x: MatRef<'_, T>, i0: usize, b: usize, f: f64) -> Mat<f
 }
 
 /// Eigenvalues (non-increasing) of XᵀX with G accumulated and decomposed in f64.
-fn eigenvalues_f64<T: Elem>(x: MatRef<'_, T>) -> Result<Vec<f64>, String> {
+fn eigenvalues_f64<T: Elem>(x: MatRef<'_, T>) -> Result<Vec<f64>, DecomposeError> {
     let g = gram_widened(x, 1.0);
-    if g.nrows() >= super::twostage::MIN_ORDER {
-        super::twostage::symmetric_eigenvalues(g)
+    Ok(if g.nrows() >= twostage::MIN_ORDER {
+        twostage::symmetric_eigenvalues(g)?
     } else {
-        super::symeig::symmetric_eigenvalues(g)
-    }
+        crate::linalg::symmetric_eigenvalues(g)?
+    })
 }
 
 impl Decomposer for Gram {
-    fn name(&self) -> &'static str {
-        "gram"
+    fn route(&self) -> Route {
+        Route::Gram
+    }
+
+    /// 5·S + 12·k²·e. The f32 pass needs the input X, G, its eigenvectors and the
+    /// eigensolver workspace (measured X + 5.3·k²·4 on 8192×2048). A spectrum whose rank
+    /// decision is too close to τ for f32 reruns in f64 (common on power-law spectra): f64
+    /// G, eigenvectors and workspace (measured 5.8·k²·8 = 11.6·k²·4), then f64 Y = X·V_r
+    /// (becoming the QR storage) and Q, each p×r·8 ≤ 2·S for r ≤ k/2. Measured on an
+    /// 8192×2048 f32 power-law matrix that took the rerun: peak 262 MB above the process
+    /// baseline (S = 67 MB, k²·4 = 16.8 MB; estimate 537 MB, which also covers ranks up to k).
+    fn footprint(&self, m: usize, n: usize, precision: Precision) -> u64 {
+        footprint_of(m, n, precision, 12)
     }
 
     fn factorize(
@@ -614,7 +599,7 @@ impl Decomposer for Gram {
         m: usize,
         n: usize,
         rule: &RankRule,
-    ) -> Result<Factorization, String> {
+    ) -> Result<Factorization, DecomposeError> {
         match w {
             FloatData::F32(v) => factorize_f32(v, m, n, rule, false),
             FloatData::F64(v) => {
@@ -623,7 +608,12 @@ impl Decomposer for Gram {
         }
     }
 
-    fn singular_values(&self, w: &FloatData, m: usize, n: usize) -> Result<Vec<f64>, String> {
+    fn singular_values(
+        &self,
+        w: &FloatData,
+        m: usize,
+        n: usize,
+    ) -> Result<Vec<f64>, DecomposeError> {
         match w {
             FloatData::F32(v) => singular_values_f64(v, m, n),
             FloatData::F64(v) => singular_values_f64(v, m, n),

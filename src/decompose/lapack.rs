@@ -14,9 +14,9 @@
 //! runs sequentially in the calling worker, and the bits do not depend on `--threads`.
 
 use super::rank::{frobenius2, RankRule};
-use super::svd::{scale_exponent, scaled_by_pow2, Elem, FaerSvd};
-use super::{fix_signs, Decomposer, Factorization};
-use crate::input::FloatData;
+use super::svd::{scale_exponent, scaled_by_pow2, FaerSvd};
+use super::{fix_signs, footprint_of, DecomposeError, Decomposer, Elem, Factorization, Route};
+use crate::input::{FloatData, Precision};
 use ndarray::ArrayView2;
 use ndarray_linalg::{JobSvd, Lapack, Scalar, SVDDC};
 use std::sync::Once;
@@ -43,11 +43,19 @@ fn pin_openblas_to_one_thread() {
     });
 }
 
+/// A failed LAPACK call.
+fn backend(detail: String) -> DecomposeError {
+    DecomposeError::Backend {
+        route: Route::Lapack,
+        detail,
+    }
+}
+
 /// σ (non-increasing, f64) and, with `vectors`, U (row-major m×k) and Vᵀ (row-major k×n)
 /// in f64, k = min(m, n), of the row-major m×n matrix `w`.
 type Gesdd = (Vec<f64>, Option<(Vec<f64>, Vec<f64>)>);
 
-fn gesdd<T>(w: &[T], m: usize, n: usize, vectors: bool) -> Result<Gesdd, String>
+fn gesdd<T>(w: &[T], m: usize, n: usize, vectors: bool) -> Result<Gesdd, DecomposeError>
 where
     T: Elem + Lapack + Scalar<Real = T>,
 {
@@ -58,18 +66,18 @@ where
     let scaled = scaled_by_pow2(w, e);
     let w = scaled.as_deref().unwrap_or(w);
     let a = ArrayView2::from_shape((m, n), w)
-        .map_err(|err| format!("cannot view {m}×{n} data as a matrix: {err}"))?;
+        .map_err(|err| backend(format!("cannot view {m}×{n} data as a matrix: {err}")))?;
     let job = if vectors { JobSvd::Some } else { JobSvd::None };
     let (u, s, vt) = a
         .svddc(job)
-        .map_err(|err| format!("LAPACK gesdd failed on a {m}×{n} matrix: {err}"))?;
+        .map_err(|err| backend(format!("LAPACK gesdd failed on a {m}×{n} matrix: {err}")))?;
     let f = e.exp2();
     let sigma: Vec<f64> = s.iter().map(|&x| Into::<f64>::into(x) * f).collect();
     if !vectors {
         return Ok((sigma, None));
     }
     let (Some(u), Some(vt)) = (u, vt) else {
-        return Err("LAPACK gesdd returned no singular vectors".to_string());
+        return Err(backend("LAPACK gesdd returned no singular vectors".into()));
     };
     // Iterating an ndarray visits elements in logical (row-major) order whatever the layout.
     let u: Vec<f64> = u.iter().map(|&x| x.into()).collect();
@@ -77,7 +85,12 @@ where
     Ok((sigma, Some((u, vt))))
 }
 
-fn factorize_t<T>(w: &[T], m: usize, n: usize, rule: &RankRule) -> Result<Factorization, String>
+fn factorize_t<T>(
+    w: &[T],
+    m: usize,
+    n: usize,
+    rule: &RankRule,
+) -> Result<Factorization, DecomposeError>
 where
     T: Elem + Lapack + Scalar<Real = T>,
 {
@@ -85,15 +98,15 @@ where
     let norm2 = frobenius2(w);
     let (sigma, vectors) = gesdd(w, m, n, true)?;
     let Some((u_all, vt_all)) = vectors else {
-        return Err("LAPACK gesdd returned no singular vectors".to_string());
+        return Err(backend("LAPACK gesdd returned no singular vectors".into()));
     };
     if sigma.len() != k || u_all.len() != m * k || vt_all.len() != k * n {
-        return Err(format!(
+        return Err(backend(format!(
             "LAPACK gesdd returned {} values, U of {} and Vᵀ of {} entries for a {m}×{n} matrix",
             sigma.len(),
             u_all.len(),
             vt_all.len()
-        ));
+        )));
     }
     let r = rule.rank(&sigma, norm2, m, n);
     let mut u = vec![0f64; m * r];
@@ -113,8 +126,13 @@ where
 }
 
 impl Decomposer for LapackSvd {
-    fn name(&self) -> &'static str {
-        "lapack"
+    fn route(&self) -> Route {
+        Route::Lapack
+    }
+
+    /// gesdd's workspace and its m×k and k×n vectors, like faer's SVD: 5·S + 3·k²·e.
+    fn footprint(&self, m: usize, n: usize, precision: Precision) -> u64 {
+        footprint_of(m, n, precision, 3)
     }
 
     fn factorize(
@@ -123,7 +141,7 @@ impl Decomposer for LapackSvd {
         m: usize,
         n: usize,
         rule: &RankRule,
-    ) -> Result<Factorization, String> {
+    ) -> Result<Factorization, DecomposeError> {
         if m == 0 || n == 0 {
             // LAPACK rejects empty leading dimensions; an empty matrix has nothing to factor.
             return FaerSvd.factorize(w, m, n, rule);
@@ -134,7 +152,12 @@ impl Decomposer for LapackSvd {
         }
     }
 
-    fn singular_values(&self, w: &FloatData, m: usize, n: usize) -> Result<Vec<f64>, String> {
+    fn singular_values(
+        &self,
+        w: &FloatData,
+        m: usize,
+        n: usize,
+    ) -> Result<Vec<f64>, DecomposeError> {
         if m == 0 || n == 0 {
             return Ok(Vec::new());
         }

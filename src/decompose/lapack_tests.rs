@@ -5,12 +5,12 @@
 use super::rank::{energy_at, frobenius2, RankRule};
 use super::svd::FaerSvd;
 use super::tests::{spectra, synth};
-use super::{by_name, Decomposer};
+use super::{Decomposer, Route};
 use crate::input::FloatData;
 
 #[test]
 fn lapack_f64_matches_f64_reference() {
-    let route = by_name("lapack").expect("route");
+    let route = Route::Lapack.decomposer().expect("route");
     for (m, n) in [(80, 48), (40, 72)] {
         let k = m.min(n);
         for (label, sigma) in spectra(k) {
@@ -58,7 +58,7 @@ fn lapack_f64_matches_f64_reference() {
 
 #[test]
 fn lapack_handles_degenerate_shapes() {
-    let route = by_name("lapack").expect("route");
+    let route = Route::Lapack.decomposer().expect("route");
     let rule = RankRule::default();
     // 1×n and n×1.
     for (m, n) in [(1, 5), (5, 1)] {

@@ -1,8 +1,12 @@
 //! Decomposition routes behind one trait, and the rank rule.
+//!
+//! A route ([`Route`], chosen by `--algorithm`) turns a matrix into its truncated factors or
+//! its singular values; the numerical kernels it builds on live in [`crate::linalg`].
 
 pub mod auto;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+mod error;
 pub mod gram;
 #[cfg(feature = "lapack")]
 pub mod lapack;
@@ -12,16 +16,128 @@ pub mod randomized;
 pub mod rank;
 pub mod rng;
 pub mod svd;
-pub mod symeig;
 #[cfg(test)]
 mod tests;
-mod tridiag_blocked;
-pub mod tridiagonal;
-pub mod twostage;
 
-use crate::error::Result;
-use crate::input::FloatData;
+use crate::input::{FloatData, Precision};
+pub use crate::linalg::Elem;
+pub use error::DecomposeError;
 pub use rank::RankRule;
+
+/// A decomposition route, as named by `--algorithm` and recorded in the manifest's
+/// `config.algorithm` (formats/cersa-v1.md §4.9).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+#[value(rename_all = "lowercase")]
+pub enum Route {
+    /// The route that measured fastest (today `gram`), with the exact-rank contract.
+    Auto,
+    /// faer's thin SVD (the independent route).
+    Svd,
+    /// Eigendecomposition of the Gram matrix, f32 with an f64 rerun near τ.
+    Gram,
+    /// Randomized range finder (randQB_EI), never below the exact rank.
+    Randomized,
+    /// LAPACK gesdd through a system OpenBLAS (cargo feature `lapack`).
+    Lapack,
+    /// The Gram route's f64 pass on an NVIDIA GPU (cargo feature `cuda`).
+    Cuda,
+}
+
+impl Route {
+    /// Every route, in the order the help text lists them.
+    pub const ALL: [Route; 6] = [
+        Route::Auto,
+        Route::Svd,
+        Route::Gram,
+        Route::Randomized,
+        Route::Lapack,
+        Route::Cuda,
+    ];
+
+    /// The route's name (`--algorithm` value and manifest `config.algorithm`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Route::Auto => "auto",
+            Route::Svd => "svd",
+            Route::Gram => "gram",
+            Route::Randomized => "randomized",
+            Route::Lapack => "lapack",
+            Route::Cuda => "cuda",
+        }
+    }
+
+    /// The route named `name` (a manifest's `config.algorithm`), if there is one.
+    pub fn from_name(name: &str) -> Option<Route> {
+        Route::ALL.into_iter().find(|r| r.as_str() == name)
+    }
+
+    /// The route's implementation, or why this build or machine cannot run it.
+    pub fn decomposer(self) -> Result<Box<dyn Decomposer>, DecomposeError> {
+        match self {
+            Route::Auto => Ok(Box::new(auto::Auto)),
+            Route::Svd => Ok(Box::new(svd::FaerSvd)),
+            Route::Gram => Ok(Box::new(gram::Gram)),
+            Route::Randomized => Ok(Box::new(randomized::Randomized)),
+            Route::Lapack => lapack_route(),
+            Route::Cuda => cuda_route(),
+        }
+    }
+}
+
+impl std::fmt::Display for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The LAPACK route, present only in builds with the `lapack` feature.
+#[cfg(feature = "lapack")]
+fn lapack_route() -> Result<Box<dyn Decomposer>, DecomposeError> {
+    Ok(Box::new(lapack::LapackSvd))
+}
+
+#[cfg(not(feature = "lapack"))]
+fn lapack_route() -> Result<Box<dyn Decomposer>, DecomposeError> {
+    Err(DecomposeError::NotBuilt {
+        route: Route::Lapack,
+        how: "needs a cersa built with the cargo feature `lapack` (cargo build --features \
+              lapack, with a system OpenBLAS such as Debian's libopenblas-dev)",
+    })
+}
+
+/// The GPU route (src/decompose/cuda.rs), present only in builds with the `cuda` feature.
+#[cfg(feature = "cuda")]
+fn cuda_route() -> Result<Box<dyn Decomposer>, DecomposeError> {
+    Ok(Box::new(cuda::Cuda))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_route() -> Result<Box<dyn Decomposer>, DecomposeError> {
+    Err(DecomposeError::NotBuilt {
+        route: Route::Cuda,
+        how: "this cersa binary was built without the `cuda` feature (rebuild with \
+              `cargo build --release --features cuda`)",
+    })
+}
+
+/// Peak-bytes estimate shared by the routes: 5·S + c·k²·e with S = m·n·e, k = min(m, n) and
+/// e the element size of `precision`; `k2_copies` = c is the route's (see
+/// [`Decomposer::footprint`]). Saturates instead of overflowing on absurd shapes.
+pub(crate) fn footprint_of(m: usize, n: usize, precision: Precision, k2_copies: u64) -> u64 {
+    let e: u64 = match precision {
+        Precision::F32 => 4,
+        Precision::F64 => 8,
+    };
+    let (m, n) = (m as u64, n as u64);
+    let k = m.min(n);
+    let s = m.saturating_mul(n).saturating_mul(e);
+    let k2 = k.saturating_mul(k).saturating_mul(e);
+    s.saturating_mul(5)
+        .saturating_add(k2.saturating_mul(k2_copies))
+}
 
 /// Truncated factors of an m×n matrix W ≈ U·diag(s)·Vᵀ.
 ///
@@ -54,8 +170,18 @@ pub struct Factorization {
 /// Implementations must be deterministic: the same input gives the same bits whatever
 /// the thread count (use sequential kernels, or parallel ones with a fixed reduction order).
 pub trait Decomposer: Send + Sync {
+    /// The route, whose name is recorded in the manifest's `config.algorithm`.
+    fn route(&self) -> Route;
+
     /// Name recorded in the manifest's `config.algorithm`.
-    fn name(&self) -> &'static str;
+    fn name(&self) -> &'static str {
+        self.route().as_str()
+    }
+
+    /// Estimated peak bytes allocated while factoring one m×n matrix in `precision`, from
+    /// the input to the encoded factors: what `--max-memory` admission counts
+    /// (`crate::budget`). Measured per route; see each implementation.
+    fn footprint(&self, m: usize, n: usize, precision: Precision) -> u64;
 
     /// Factors the row-major m×n matrix `w`, keeping the rank `rule` picks.
     /// Signs follow the rule of formats/cersa-v1.md §4.7.
@@ -65,7 +191,7 @@ pub trait Decomposer: Send + Sync {
         m: usize,
         n: usize,
         rule: &RankRule,
-    ) -> Result<Factorization, String>;
+    ) -> Result<Factorization, DecomposeError>;
 
     /// Like [`Decomposer::factorize`] for the tensor called `name`; routes with randomness
     /// seed it from the name so output is deterministic and independent of tensor order.
@@ -76,51 +202,18 @@ pub trait Decomposer: Send + Sync {
         m: usize,
         n: usize,
         rule: &RankRule,
-    ) -> Result<Factorization, String> {
+    ) -> Result<Factorization, DecomposeError> {
         let _ = name;
         self.factorize(w, m, n, rule)
     }
 
     /// All min(m, n) singular values of `w`, non-increasing.
-    fn singular_values(&self, w: &FloatData, m: usize, n: usize) -> Result<Vec<f64>, String>;
-}
-
-/// The route named `name`.
-pub fn by_name(name: &str) -> Result<Box<dyn Decomposer>> {
-    match name {
-        "svd" => Ok(Box::new(svd::FaerSvd)),
-        "auto" => Ok(Box::new(auto::Auto)),
-        "gram" => Ok(Box::new(gram::Gram)),
-        "randomized" => Ok(Box::new(randomized::Randomized)),
-        "cuda" => cuda_route(),
-        #[cfg(feature = "lapack")]
-        "lapack" => Ok(Box::new(lapack::LapackSvd)),
-        #[cfg(not(feature = "lapack"))]
-        "lapack" => Err(crate::error::ConvertError::Options(
-            "--algorithm lapack needs a cersa built with the cargo feature `lapack` \
-             (cargo build --features lapack, with a system OpenBLAS such as Debian's \
-             libopenblas-dev)"
-                .to_string(),
-        )),
-        other => Err(crate::error::ConvertError::Options(format!(
-            "unknown --algorithm `{other}` (known: svd, gram, randomized, auto, cuda, lapack)"
-        ))),
-    }
-}
-
-/// The GPU route (src/decompose/cuda.rs), present only in builds with the `cuda` feature.
-#[cfg(feature = "cuda")]
-fn cuda_route() -> Result<Box<dyn Decomposer>> {
-    Ok(Box::new(cuda::Cuda))
-}
-
-#[cfg(not(feature = "cuda"))]
-fn cuda_route() -> Result<Box<dyn Decomposer>> {
-    Err(crate::error::ConvertError::Options(
-        "--algorithm cuda: this cersa binary was built without the `cuda` feature \
-         (rebuild with `cargo build --release --features cuda`)"
-            .into(),
-    ))
+    fn singular_values(
+        &self,
+        w: &FloatData,
+        m: usize,
+        n: usize,
+    ) -> Result<Vec<f64>, DecomposeError>;
 }
 
 impl From<Vec<f32>> for FloatData {
@@ -156,7 +249,7 @@ impl FloatData {
 /// Makes the largest-|x| entry (first on ties) of each column of U positive, negating the
 /// matching row of Vᵀ. `u` is row-major [m, r], `vt` row-major [r, n]. Negation is exact,
 /// so the result does not depend on the precision it runs in.
-pub fn fix_signs<T: svd::Elem>(u: &mut [T], vt: &mut [T], m: usize, r: usize, n: usize) {
+pub fn fix_signs<T: Elem>(u: &mut [T], vt: &mut [T], m: usize, r: usize, n: usize) {
     let neg = |x: T| -> T {
         let v: f64 = x.into();
         T::of(-v)

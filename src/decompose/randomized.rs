@@ -24,9 +24,9 @@
 use super::gram::{self, thin_q};
 use super::rank::{frobenius2, RankRule};
 use super::rng::{seed_of, Rng};
-use super::svd::Elem;
-use super::{fix_signs, Decomposer, Factorization};
-use crate::input::FloatData;
+use super::{fix_signs, DecomposeError, Decomposer, Elem, Factorization, Route};
+use crate::input::{FloatData, Precision};
+use crate::linalg::LinalgError;
 use faer::dyn_stack::{MemBuffer, MemStack};
 use faer::linalg::matmul::matmul;
 use faer::linalg::svd::{svd, svd_scratch, ComputeSvdVectors};
@@ -51,7 +51,7 @@ fn block_size(k: usize) -> usize {
 }
 
 /// Y − Q·(QᵀY), twice (classical Gram–Schmidt, re-orthogonalized), then orthonormalized.
-fn orth_against<T: Elem>(q: MatRef<'_, T>, y: Mat<T>) -> Result<Mat<T>, String> {
+fn orth_against<T: Elem>(q: MatRef<'_, T>, y: Mat<T>) -> Result<Mat<T>, DecomposeError> {
     let mut y = y;
     if q.ncols() > 0 {
         for _ in 0..2 {
@@ -98,7 +98,7 @@ fn qb<T: Elem>(
     norm2: f64,
     tau: f64,
     seed: u64,
-) -> Result<Option<(Mat<T>, Mat<T>)>, String> {
+) -> Result<Option<(Mat<T>, Mat<T>)>, DecomposeError> {
     let (m, n) = (a.nrows(), a.ncols());
     let k = m.min(n);
     let cap = ((k as f64 * MAX_FRACTION).ceil() as usize).max(1);
@@ -214,7 +214,7 @@ fn qb<T: Elem>(
 }
 
 /// σ of the l×n matrix B (values only, in f64), non-increasing.
-fn ritz_values<T: Elem>(b: MatRef<'_, T>) -> Result<Vec<f64>, String> {
+fn ritz_values<T: Elem>(b: MatRef<'_, T>) -> Result<Vec<f64>, DecomposeError> {
     let (l, n) = (b.nrows(), b.ncols());
     let b64 = Mat::<f64>::from_fn(l, n, |i, j| b[(i, j)].into());
     let which = ComputeSvdVectors::No;
@@ -227,7 +227,7 @@ fn ritz_values<T: Elem>(b: MatRef<'_, T>) -> Result<Vec<f64>, String> {
         Par::Seq,
         Default::default(),
     ))
-    .map_err(|_| format!("cannot allocate SVD workspace for a {l}×{n} matrix"))?;
+    .map_err(|_| LinalgError::alloc(format!("SVD workspace for a {l}×{n} matrix")))?;
     svd(
         b64.as_ref(),
         s.as_mut(),
@@ -237,7 +237,7 @@ fn ritz_values<T: Elem>(b: MatRef<'_, T>) -> Result<Vec<f64>, String> {
         MemStack::new(&mut mem),
         Default::default(),
     )
-    .map_err(|e| format!("SVD of the sketch did not converge: {e:?}"))?;
+    .map_err(|e| LinalgError::not_converged("SVD of the sketch", e))?;
     Ok(s.column_vector().iter().copied().collect())
 }
 
@@ -257,7 +257,7 @@ fn refine<T: Elem>(
     b: Mat<T>,
     norm2: f64,
     tau: f64,
-) -> Result<(Mat<T>, Mat<T>, usize), String> {
+) -> Result<(Mat<T>, Mat<T>, usize), DecomposeError> {
     let cum = |sigma: &[f64], r: usize| -> f64 {
         sigma.iter().take(r).map(|s| s * s).sum::<f64>() / norm2
     };
@@ -305,7 +305,7 @@ fn refine<T: Elem>(
 
 /// Thin SVD of the l×n matrix B: (σ, Ũ l×l', Z n×l'), l' = min(l, n).
 #[allow(clippy::type_complexity)]
-fn small_svd<T: Elem>(b: MatRef<'_, T>) -> Result<(Vec<f64>, Mat<T>, Mat<T>), String> {
+fn small_svd<T: Elem>(b: MatRef<'_, T>) -> Result<(Vec<f64>, Mat<T>, Mat<T>), DecomposeError> {
     let (l, n) = (b.nrows(), b.ncols());
     let k = l.min(n);
     let which = ComputeSvdVectors::Thin;
@@ -320,7 +320,7 @@ fn small_svd<T: Elem>(b: MatRef<'_, T>) -> Result<(Vec<f64>, Mat<T>, Mat<T>), St
         Par::Seq,
         Default::default(),
     ))
-    .map_err(|_| format!("cannot allocate SVD workspace for a {l}×{n} matrix"))?;
+    .map_err(|_| LinalgError::alloc(format!("SVD workspace for a {l}×{n} matrix")))?;
     svd(
         b,
         s.as_mut(),
@@ -330,7 +330,7 @@ fn small_svd<T: Elem>(b: MatRef<'_, T>) -> Result<(Vec<f64>, Mat<T>, Mat<T>), St
         MemStack::new(&mut mem),
         Default::default(),
     )
-    .map_err(|e| format!("SVD of the sketch did not converge: {e:?}"))?;
+    .map_err(|e| LinalgError::not_converged("SVD of the sketch", e))?;
     Ok((
         s.column_vector().iter().map(|x| (*x).into()).collect(),
         u,
@@ -345,7 +345,7 @@ pub fn factorize_t<T: Elem>(
     n: usize,
     rule: &RankRule,
     seed: u64,
-) -> Result<Option<Factorization>, String> {
+) -> Result<Option<Factorization>, DecomposeError> {
     let norm2 = frobenius2(w);
     // Tiny or huge entries under/overflow the f32 QR norms: scale by 2^-e (exact), σ back.
     let e = super::svd::scale_exponent(w);
@@ -422,7 +422,7 @@ impl Randomized {
         n: usize,
         rule: &RankRule,
         seed: u64,
-    ) -> Result<Factorization, String> {
+    ) -> Result<Factorization, DecomposeError> {
         let got = match w {
             FloatData::F32(v) => match factorize_t(v, m, n, rule, seed)? {
                 // Same precision rule as `gram`: an f32 sketch cannot resolve a rank
@@ -445,8 +445,13 @@ impl Randomized {
 }
 
 impl Decomposer for Randomized {
-    fn name(&self) -> &'static str {
-        "randomized"
+    fn route(&self) -> Route {
+        Route::Randomized
+    }
+
+    /// Falls back to `gram` (and its f64 rerun) where the sketch does not pay: its figure.
+    fn footprint(&self, m: usize, n: usize, precision: Precision) -> u64 {
+        super::gram::Gram.footprint(m, n, precision)
     }
 
     fn factorize(
@@ -455,7 +460,7 @@ impl Decomposer for Randomized {
         m: usize,
         n: usize,
         rule: &RankRule,
-    ) -> Result<Factorization, String> {
+    ) -> Result<Factorization, DecomposeError> {
         self.factorize_seeded(w, m, n, rule, seed_of(""))
     }
 
@@ -466,12 +471,17 @@ impl Decomposer for Randomized {
         m: usize,
         n: usize,
         rule: &RankRule,
-    ) -> Result<Factorization, String> {
+    ) -> Result<Factorization, DecomposeError> {
         self.factorize_seeded(w, m, n, rule, seed_of(name))
     }
 
     /// Values-only needs every σ: the exact f64-Gram values.
-    fn singular_values(&self, w: &FloatData, m: usize, n: usize) -> Result<Vec<f64>, String> {
+    fn singular_values(
+        &self,
+        w: &FloatData,
+        m: usize,
+        n: usize,
+    ) -> Result<Vec<f64>, DecomposeError> {
         gram::Gram.singular_values(w, m, n)
     }
 }

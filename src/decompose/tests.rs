@@ -7,8 +7,8 @@ use super::gram::{self, thin_q};
 use super::rank::{energy_at, energy_rank, frobenius2, RankRule};
 use super::rng::Rng;
 use super::svd::{residual_norm2, FaerSvd};
-use super::{by_name, Decomposer};
-use crate::input::FloatData;
+use super::{Decomposer, Route};
+use crate::input::{FloatData, Precision};
 use faer::{Accum, Mat, Par};
 
 /// Random m×k matrix with orthonormal columns (QR of a Gaussian).
@@ -149,11 +149,14 @@ pub(super) fn check_route(
 }
 
 fn routes() -> Vec<Box<dyn Decomposer>> {
-    let mut names = vec!["svd", "gram", "randomized", "auto"];
+    let mut routes = vec![Route::Svd, Route::Gram, Route::Randomized, Route::Auto];
     if cfg!(feature = "lapack") {
-        names.push("lapack");
+        routes.push(Route::Lapack);
     }
-    names.iter().map(|n| by_name(n).expect("route")).collect()
+    routes
+        .iter()
+        .map(|r| r.decomposer().expect("route"))
+        .collect()
 }
 
 /// (label, σ) spectra for short side k.
@@ -359,7 +362,7 @@ fn randomized_is_deterministic_per_name() {
     let sigma: Vec<f64> = (0..64).map(|j| ((j + 1) as f64).powf(-1.0)).collect();
     let w = FloatData::F32(synth(128, 64, &sigma, 11));
     let rule = RankRule::default();
-    let route = by_name("randomized").expect("route");
+    let route = Route::Randomized.decomposer().expect("route");
     let a = route
         .factorize_named("a.weight", &w, 128, 64, &rule)
         .expect("a");
@@ -374,7 +377,7 @@ fn randomized_is_deterministic_per_name() {
 #[cfg(not(feature = "cuda"))]
 #[test]
 fn cuda_route_needs_the_feature() {
-    let err = match by_name("cuda") {
+    let err = match Route::Cuda.decomposer() {
         Ok(_) => panic!("the cuda route exists without the `cuda` feature"),
         Err(e) => e.to_string(),
     };
@@ -387,7 +390,7 @@ fn cuda_route_needs_the_feature() {
 #[cfg(not(feature = "lapack"))]
 #[test]
 fn lapack_without_the_feature_says_which_feature() {
-    let Err(e) = by_name("lapack") else {
+    let Err(e) = Route::Lapack.decomposer() else {
         panic!("`lapack` must not exist without the cargo feature");
     };
     let msg = e.to_string();
@@ -400,7 +403,7 @@ fn randomized_meets_the_rank_contract_where_it_sketches() {
     // shared spectra test above where most cases fall back to `gram`.
     let (m, n) = (320, 256);
     let k = m.min(n);
-    let route = by_name("randomized").expect("route");
+    let route = Route::Randomized.decomposer().expect("route");
     let mut sketched = 0;
     for (label, sigma) in spectra(k) {
         let w = synth(m, n, &sigma, 19);
@@ -466,7 +469,8 @@ fn streamed_stored_residual_matches_naive_f64() {
             energy: 0.8,
             ..Default::default()
         };
-        let f = by_name("svd")
+        let f = Route::Svd
+            .decomposer()
             .expect("route")
             .factorize(&data, m, n, &rule)
             .expect("svd");
@@ -516,7 +520,7 @@ fn ritz_bound_is_a_tight_lower_bound() {
     let norm2 = frobenius2(&w);
     let x = gram::long_view(&w, m, k);
     let g = x.transpose().to_owned() * x;
-    let eig = super::symeig::symmetric_eig(g).expect("f32 EVD");
+    let eig = crate::linalg::symmetric_eig(g).expect("f32 EVD");
     let mut rng = Rng::new(5);
     for r in [1, 10, 47, 119, 120] {
         let exact: f64 = refs[..r].iter().map(|s| s * s).sum();
@@ -586,4 +590,42 @@ fn fix_signs_and_row_major_match_their_definitions() {
             .collect();
         assert_eq!(tiled, plain, "row_major {m}×{n}");
     }
+}
+
+#[test]
+fn footprints_scale_with_size_and_route() {
+    let fp = |route: Route, m, n, p| route.decomposer().expect("built").footprint(m, n, p);
+    let svd = fp(Route::Svd, 8192, 2048, Precision::F32);
+    let gram = fp(Route::Gram, 8192, 2048, Precision::F32);
+    let s = 8192 * 2048 * 4u64;
+    let k2 = 2048 * 2048 * 4u64;
+    assert_eq!(gram, 5 * s + 12 * k2);
+    assert_eq!(svd, 5 * s + 3 * k2);
+    // auto and randomized may fall back to gram's f64 pass: gram's figure.
+    assert_eq!(fp(Route::Auto, 8192, 2048, Precision::F32), gram);
+    assert_eq!(fp(Route::Randomized, 8192, 2048, Precision::F32), gram);
+    // Orientation does not matter; f64 doubles; absurd shapes saturate.
+    assert_eq!(fp(Route::Gram, 2048, 8192, Precision::F32), gram);
+    assert_eq!(fp(Route::Gram, 8192, 2048, Precision::F64), 2 * gram);
+    assert_eq!(
+        fp(Route::Svd, usize::MAX, usize::MAX, Precision::F64),
+        u64::MAX
+    );
+    #[cfg(feature = "cuda")]
+    assert_eq!(fp(Route::Cuda, 8192, 2048, Precision::F32), svd);
+    #[cfg(feature = "lapack")]
+    assert_eq!(fp(Route::Lapack, 8192, 2048, Precision::F32), svd);
+}
+
+#[test]
+fn route_names_round_trip() {
+    for route in Route::ALL {
+        assert_eq!(Route::from_name(route.as_str()), Some(route));
+        assert_eq!(route.to_string(), route.as_str());
+        let json = serde_json::to_string(&route).expect("serialize");
+        assert_eq!(json, format!("\"{}\"", route.as_str()));
+        let value = <Route as clap::ValueEnum>::from_str(route.as_str(), false).expect("clap");
+        assert_eq!(value, route);
+    }
+    assert_eq!(Route::from_name("qr"), None);
 }

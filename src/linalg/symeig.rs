@@ -12,7 +12,7 @@
 //!
 //! Sequential (`Par::Seq`), so the bits do not depend on the thread count.
 
-use super::svd::Elem;
+use super::{Elem, LinalgError};
 use faer::dyn_stack::{MemBuffer, MemStack, StackReq};
 use faer::linalg::evd::{tridiag, tridiagonal_self_adjoint_evd};
 use faer::linalg::householder;
@@ -35,15 +35,18 @@ pub struct SymmetricEig<T: Elem> {
 
 /// Eigendecomposition of the symmetric matrix whose lower triangle is `g` (consumed: it is
 /// reduced in place).
-pub fn symmetric_eig<T: Elem>(g: Mat<T>) -> Result<SymmetricEig<T>, String> {
-    let blocked = use_blocked(g.nrows());
-    symmetric_eig_with(g, blocked)
+pub fn symmetric_eig<T: Elem>(g: Mat<T>) -> Result<SymmetricEig<T>, LinalgError> {
+    symmetric_eig_with(g, Tridiagonalization::Auto)
 }
 
-/// [`symmetric_eig`] with the tridiagonalization chosen by the caller.
-fn symmetric_eig_with<T: Elem>(mut g: Mat<T>, blocked: bool) -> Result<SymmetricEig<T>, String> {
+/// [`symmetric_eig`] with the tridiagonalization chosen by the caller (benchmarks compare
+/// the two reductions with it; the routes use [`Tridiagonalization::Auto`]).
+pub fn symmetric_eig_with<T: Elem>(
+    mut g: Mat<T>,
+    reduction: Tridiagonalization,
+) -> Result<SymmetricEig<T>, LinalgError> {
     let k = g.nrows();
-    let factors = tridiagonalize_with(&mut g, blocked)?;
+    let factors = tridiagonalize_with(&mut g, reduction.blocked(k))?;
     let diag = faer::Col::<T>::from_fn(k, |i| g[(i, i)]);
     let sub = faer::Col::<T>::from_fn(k, |i| if i + 1 < k { g[(i + 1, i)] } else { T::zero() });
     let mut s = faer::diag::Diag::<T>::zeros(k);
@@ -55,8 +58,9 @@ fn symmetric_eig_with<T: Elem>(mut g: Mat<T>, blocked: bool) -> Result<Symmetric
         StackReq::new::<usize>(k).array(4),
         temp_mat_scratch::<T>(k, k).array(2),
     ]);
-    let mut mem = MemBuffer::try_new(req)
-        .map_err(|_| format!("cannot allocate tridiagonal eigensolver workspace for order {k}"))?;
+    let mut mem = MemBuffer::try_new(req).map_err(|_| {
+        LinalgError::alloc(format!("tridiagonal eigensolver workspace for order {k}"))
+    })?;
     tridiagonal_self_adjoint_evd(
         diag.as_diagonal(),
         sub.as_diagonal(),
@@ -66,8 +70,8 @@ fn symmetric_eig_with<T: Elem>(mut g: Mat<T>, blocked: bool) -> Result<Symmetric
         MemStack::new(&mut mem),
         Default::default(),
     )
-    .map_err(|e| format!("eigendecomposition did not converge: {e:?}"))?;
-    crate::budget::trace_rss("symeig: tridiagonal EVD done");
+    .map_err(|e| LinalgError::not_converged("eigendecomposition", e))?;
+    crate::trace::rss("symeig: tridiagonal EVD done");
     Ok(SymmetricEig {
         lambda: s.column_vector().iter().rev().map(|&x| x.into()).collect(),
         reduced: g,
@@ -80,35 +84,47 @@ fn symmetric_eig_with<T: Elem>(mut g: Mat<T>, blocked: bool) -> Result<Symmetric
 /// (consumed): faer's tridiagonalization, then the root-free QL of
 /// [`super::tridiagonal`] (on all-MiniLM-L6-v2's k = 384 matrices faer's own tridiagonal
 /// QR was 27 % of `inspect`).
-pub fn symmetric_eigenvalues<T: Elem>(mut g: Mat<T>) -> Result<Vec<f64>, String> {
+pub fn symmetric_eigenvalues<T: Elem>(mut g: Mat<T>) -> Result<Vec<f64>, LinalgError> {
     let k = g.nrows();
-    tridiagonalize_with(&mut g, use_blocked(k))?;
+    tridiagonalize_with(&mut g, Tridiagonalization::Auto.blocked(k))?;
     let diag: Vec<f64> = (0..k).map(|i| g[(i, i)].into()).collect();
     let sub: Vec<f64> = (1..k).map(|i| g[(i, i - 1)].into()).collect();
     super::tridiagonal::eigenvalues(&diag, &sub)
 }
 
 /// Order from which the blocked reduction is used. Below it the panels' small products
-/// cost what the blocking saves (f32, one thread, `bench_symeig`, `CERSA_TRIDIAG=faer` for
+/// cost what the blocking saves (f32, one thread, `bench_symeig --reduction faer` for
 /// faer's: k = 512 and 1024 within noise of each other; 2048: tridiagonalization 0.40 vs
 /// 0.40–0.48 s; 4096: EVD with r vectors 3.6 vs 4.4 s).
-const BLOCKED_FROM: usize = 1536;
+pub const BLOCKED_FROM: usize = 1536;
 
-/// Whether order `k` is reduced by the blocked algorithm ([`super::tridiag_blocked`], from
-/// [`BLOCKED_FROM`] on) rather than faer's unblocked one; `CERSA_TRIDIAG=faer` / `blocked`
-/// forces one, for benchmarks.
-fn use_blocked(k: usize) -> bool {
-    match std::env::var("CERSA_TRIDIAG").as_deref() {
-        Ok("faer") => false,
-        Ok("blocked") => true,
-        _ => k >= BLOCKED_FROM,
+/// Which reduction to tridiagonal form [`symmetric_eig_with`] uses. Only the benchmarks
+/// choose: the routes always take `Auto`, so no switch outside the code changes output bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tridiagonalization {
+    /// The blocked reduction from [`BLOCKED_FROM`] on, faer's unblocked one below.
+    Auto,
+    /// faer's unblocked reduction at every order.
+    Unblocked,
+    /// The blocked reduction (LAPACK `dsytrd`'s algorithm) at every order.
+    Blocked,
+}
+
+impl Tridiagonalization {
+    /// Whether order `k` is reduced by the blocked algorithm.
+    fn blocked(self, k: usize) -> bool {
+        match self {
+            Tridiagonalization::Auto => k >= BLOCKED_FROM,
+            Tridiagonalization::Unblocked => false,
+            Tridiagonalization::Blocked => true,
+        }
     }
 }
 
 /// Reduces the lower triangle of `g` to tridiagonal form in place, blocked or by faer's
 /// unblocked reduction; returns the reflectors' block factors (their essential parts stay
 /// below the subdiagonal of `g`).
-fn tridiagonalize_with<T: Elem>(g: &mut Mat<T>, blocked: bool) -> Result<Mat<T>, String> {
+fn tridiagonalize_with<T: Elem>(g: &mut Mat<T>, blocked: bool) -> Result<Mat<T>, LinalgError> {
     let k = g.nrows();
     let bs = recommended_block_size::<T>(k, k);
     let mut factors = Mat::<T>::zeros(bs, k.saturating_sub(1));
@@ -118,7 +134,7 @@ fn tridiagonalize_with<T: Elem>(g: &mut Mat<T>, blocked: bool) -> Result<Mat<T>,
     }
     let req = tridiag::tridiag_in_place_scratch::<T>(k, Par::Seq, Default::default());
     let mut mem = MemBuffer::try_new(req)
-        .map_err(|_| format!("cannot allocate tridiagonalization workspace for order {k}"))?;
+        .map_err(|_| LinalgError::alloc(format!("tridiagonalization workspace for order {k}")))?;
     tridiag::tridiag_in_place(
         g.as_mut(),
         factors.as_mut(),
@@ -131,7 +147,7 @@ fn tridiagonalize_with<T: Elem>(g: &mut Mat<T>, blocked: bool) -> Result<Mat<T>,
 
 impl<T: Elem> SymmetricEig<T> {
     /// The eigenvectors of the `r` largest eigenvalues (k×r, column j ↔ `lambda[j]`).
-    pub fn leading_vectors(&self, r: usize) -> Result<Mat<T>, String> {
+    pub fn leading_vectors(&self, r: usize) -> Result<Mat<T>, LinalgError> {
         let k = self.lambda.len();
         let r = r.min(k);
         let mut v = Mat::<T>::from_fn(k, r, |i, c| self.z[(i, k - 1 - c)]);
@@ -142,8 +158,9 @@ impl<T: Elem> SymmetricEig<T> {
                 bs,
                 r,
             );
-            let mut mem = MemBuffer::try_new(req)
-                .map_err(|_| format!("cannot allocate back-transformation workspace ({k}×{r})"))?;
+            let mut mem = MemBuffer::try_new(req).map_err(|_| {
+                LinalgError::alloc(format!("back-transformation workspace ({k}×{r})"))
+            })?;
             householder::apply_block_householder_sequence_on_the_left_in_place_with_conj(
                 self.reduced.as_ref().submatrix(1, 0, k - 1, k - 1),
                 self.factors.as_ref(),
@@ -155,6 +172,38 @@ impl<T: Elem> SymmetricEig<T> {
         }
         Ok(v)
     }
+}
+
+/// Eigenvalues (non-increasing) of the symmetric matrix whose lower triangle is `g`, by
+/// faer's one-stage EVD without vectors: the reference the solvers in [`super::twostage`] and
+/// this module are tested against.
+#[cfg(test)]
+pub(crate) fn faer_eigenvalues<T: Elem>(g: Mat<T>) -> Result<Vec<f64>, LinalgError> {
+    use faer::linalg::evd::{self_adjoint_evd, self_adjoint_evd_scratch, ComputeEigenvectors};
+    let k = g.nrows();
+    let mut mem = MemBuffer::try_new(self_adjoint_evd_scratch::<T>(
+        k,
+        ComputeEigenvectors::No,
+        Par::Seq,
+        Default::default(),
+    ))
+    .map_err(|_| LinalgError::alloc(format!("eigensolver workspace for order {k}")))?;
+    let mut s = faer::diag::Diag::<T>::zeros(k);
+    self_adjoint_evd(
+        g.as_ref(),
+        s.as_mut(),
+        None,
+        Par::Seq,
+        MemStack::new(&mut mem),
+        Default::default(),
+    )
+    .map_err(|e| LinalgError::not_converged("eigendecomposition", e))?;
+    // faer returns non-decreasing eigenvalues; reverse to non-increasing.
+    Ok(s.column_vector()
+        .iter()
+        .rev()
+        .map(|x| (*x).into())
+        .collect())
 }
 
 #[cfg(test)]
@@ -202,17 +251,19 @@ mod tests {
         ] {
             let x = Mat::<f64>::from_fn(p, n, |_, j| rng.normal() / ((j + 1) as f64).sqrt());
             let g = x.transpose() * &x;
-            let want = crate::decompose::gram::one_stage_eigenvalues(g.clone()).expect("evd");
+            let want = crate::linalg::symeig::faer_eigenvalues(g.clone()).expect("evd");
             let lower = Mat::<f64>::from_fn(n, n, |i, j| if i >= j { g[(i, j)] } else { f64::NAN });
-            for (r, blocked) in [0, 1, n / 3 + 1, n]
-                .into_iter()
-                .flat_map(|r| [(r, false), (r, true)])
-            {
+            for (r, blocked) in [0, 1, n / 3 + 1, n].into_iter().flat_map(|r| {
+                [
+                    (r, Tridiagonalization::Unblocked),
+                    (r, Tridiagonalization::Blocked),
+                ]
+            }) {
                 let eig = symmetric_eig_with(lower.clone(), blocked).expect("f64");
                 for (i, (a, b)) in eig.lambda.iter().zip(&want).enumerate() {
                     assert!(
                         (a - b).abs() <= 1e-12 * want[0],
-                        "{p}×{n} blocked={blocked}: λ{i} {a} vs {b}"
+                        "{p}×{n} {blocked:?}: λ{i} {a} vs {b}"
                     );
                 }
                 let lambda = eig.lambda.clone();
@@ -222,7 +273,7 @@ mod tests {
                     let (res, orth) = residuals(&g, &lambda, &v);
                     assert!(
                         res <= 1e-12 && orth <= 1e-12,
-                        "f64 {p}×{n} r={r} blocked={blocked}: {res:e} {orth:e}"
+                        "f64 {p}×{n} r={r} {blocked:?}: {res:e} {orth:e}"
                     );
                 }
 
@@ -231,7 +282,7 @@ mod tests {
                 for (i, (a, b)) in eig.lambda.iter().zip(&want).enumerate() {
                     assert!(
                         (a - b).abs() <= 1e-5 * want[0],
-                        "f32 {p}×{n} blocked={blocked}: λ{i} {a} vs {b}"
+                        "f32 {p}×{n} {blocked:?}: λ{i} {a} vs {b}"
                     );
                 }
                 let lambda = eig.lambda.clone();
@@ -240,7 +291,7 @@ mod tests {
                     let (res, orth) = residuals(&g, &lambda, &v);
                     assert!(
                         res <= 2e-5 && orth <= 2e-5,
-                        "f32 {p}×{n} r={r} blocked={blocked}: {res:e} {orth:e}"
+                        "f32 {p}×{n} r={r} {blocked:?}: {res:e} {orth:e}"
                     );
                 }
             }

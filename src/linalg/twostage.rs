@@ -20,7 +20,8 @@
 //! rank check of an f32 pass); results are checked against faer's one-stage EVD in the
 //! tests below. Sequential (`Par::Seq`) and fixed-order, so the bits do not depend on the thread count.
 
-use super::svd::Elem;
+use super::kernels::dot;
+use super::{Elem, LinalgError};
 use faer::dyn_stack::{MemBuffer, MemStack};
 use faer::linalg::matmul::matmul;
 use faer::linalg::matmul::triangular::{self as tri, BlockStructure};
@@ -40,7 +41,7 @@ pub const BAND: usize = 32;
 pub const MIN_ORDER: usize = 1024;
 
 /// Eigenvalues (non-increasing) of the symmetric matrix whose lower triangle is `a`.
-pub fn symmetric_eigenvalues(mut a: Mat<f64>) -> Result<Vec<f64>, String> {
+pub fn symmetric_eigenvalues(mut a: Mat<f64>) -> Result<Vec<f64>, LinalgError> {
     let n = a.nrows();
     if n == 0 {
         return Ok(vec![]);
@@ -53,7 +54,7 @@ pub fn symmetric_eigenvalues(mut a: Mat<f64>) -> Result<Vec<f64>, String> {
 
 /// Stage 1: reduces the lower triangle of `a` to half-bandwidth `b` in place (entries
 /// below the band are left as exact zeros).
-fn dense_to_band<T: Elem>(a: &mut Mat<T>, b: usize) -> Result<(), String> {
+fn dense_to_band<T: Elem>(a: &mut Mat<T>, b: usize) -> Result<(), LinalgError> {
     let n = a.nrows();
     if n <= b + 1 {
         return Ok(());
@@ -61,7 +62,7 @@ fn dense_to_band<T: Elem>(a: &mut Mat<T>, b: usize) -> Result<(), String> {
     // QR workspace for the first (tallest) panel serves every later one.
     let req = qr::qr_in_place_scratch::<T>(n - b, b, b, Par::Seq, Default::default());
     let mut mem = MemBuffer::try_new(req)
-        .map_err(|_| format!("cannot allocate band-reduction workspace ({}×{b})", n - b))?;
+        .map_err(|_| LinalgError::alloc(format!("band-reduction workspace ({}×{b})", n - b)))?;
     let (zero, one) = (T::zero(), T::one());
     let half = T::of(0.5);
     let mut j0 = 0;
@@ -304,27 +305,6 @@ fn column<T: Elem>(a: MatMut<'_, T>, c: usize) -> &mut [T] {
         .as_slice_mut()
 }
 
-/// Dot product with eight partial sums in a fixed order (vectorizable, and the same bits on
-/// every SIMD level).
-#[inline(always)]
-pub(crate) fn dot<T: Elem>(a: &[T], b: &[T]) -> T {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [T::zero(); 8];
-    let (ac, ar) = a.split_at(n - n % 8);
-    let (bc, br) = b.split_at(n - n % 8);
-    for (x, y) in ac.chunks_exact(8).zip(bc.chunks_exact(8)) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let mut tail = T::zero();
-    for (&x, &y) in ar.iter().zip(br) {
-        tail += x * y;
-    }
-    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])) + tail
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,7 +325,7 @@ mod tests {
         ] {
             let x = Mat::<f64>::from_fn(p, n, |_, j| rng.normal() / ((j + 1) as f64).sqrt());
             let g = x.transpose() * &x;
-            let want = crate::decompose::gram::one_stage_eigenvalues(g.clone()).expect("evd");
+            let want = crate::linalg::symeig::faer_eigenvalues(g.clone()).expect("evd");
             // Only the lower triangle is read: poison the upper one.
             let mut lower = g.clone();
             for c in 0..n {

@@ -8,9 +8,11 @@
 //! ε·‖T‖ per eigenvalue (backward stable), which is what energies need; the tests compare
 //! with faer's QR on random, graded, split, clustered and Wilkinson matrices.
 
+use super::LinalgError;
+
 /// Eigenvalues, non-increasing, of the symmetric tridiagonal matrix with diagonal `d` and
 /// off-diagonal `e` (`e.len() + 1 == d.len()`, or both empty).
-pub fn eigenvalues(d: &[f64], e: &[f64]) -> Result<Vec<f64>, String> {
+pub fn eigenvalues(d: &[f64], e: &[f64]) -> Result<Vec<f64>, LinalgError> {
     let n = d.len();
     let mut d = d.to_vec();
     if n <= 1 {
@@ -18,7 +20,9 @@ pub fn eigenvalues(d: &[f64], e: &[f64]) -> Result<Vec<f64>, String> {
     }
     debug_assert_eq!(e.len() + 1, n);
     if d.iter().chain(e).any(|x| !x.is_finite()) {
-        return Err("tridiagonal matrix has a non-finite entry".into());
+        return Err(LinalgError::NonFinite {
+            what: "tridiagonal matrix".into(),
+        });
     }
     let norm = d.iter().chain(e).fold(0f64, |a, &x| a.max(x.abs()));
     if norm == 0.0 {
@@ -64,7 +68,7 @@ pub fn eigenvalues(d: &[f64], e: &[f64]) -> Result<Vec<f64>, String> {
 
 /// Root-free implicit QL on an unreduced block: `d` its diagonal, `e2` its squared
 /// off-diagonal. Leaves the eigenvalues in `d`.
-fn ql(d: &mut [f64], e2: &mut [f64], eps: f64) -> Result<(), String> {
+fn ql(d: &mut [f64], e2: &mut [f64], eps: f64) -> Result<(), LinalgError> {
     let last = d.len() - 1;
     let eps2 = eps * eps;
     let max_sweeps = 30 * d.len();
@@ -95,9 +99,10 @@ fn ql(d: &mut [f64], e2: &mut [f64], eps: f64) -> Result<(), String> {
             continue;
         }
         if sweeps == max_sweeps {
-            return Err(format!(
-                "tridiagonal eigenvalues did not converge in {max_sweeps} sweeps"
-            ));
+            return Err(LinalgError::NotConverged {
+                what: format!("tridiagonal eigenvalues in {max_sweeps} sweeps"),
+                detail: String::new(),
+            });
         }
         sweeps += 1;
         // Wilkinson-type shift from the leading 2×2.
