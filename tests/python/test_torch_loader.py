@@ -1,7 +1,7 @@
 """python/cersa_torch.py reads CERSA directories with numpy + safetensors only, and its
 numpy `apply` reproduces the Rust reference `cersa_loader::Checkpoint::apply` (run through
-the loader's `apply` example binary) on the same random inputs. The PyTorch module is
-checked too where torch is installed (it is not in CI: too large)."""
+the loader's `apply` example binary) on the same random inputs, and the PyTorch modules
+reproduce the numpy path (torch is installed by tests/python/requirements.txt)."""
 import json
 import os
 import shutil

@@ -1,0 +1,40 @@
+"""Load CERSA v1 checkpoints into PyTorch and Hugging Face transformers, and fine-tune
+inside their principal subspace.
+
+- :func:`load_hf` — a transformers model whose factored linear layers are
+  :class:`CersaLinear` (the dense W of those layers is never allocated);
+- :func:`open_checkpoint` — the checkpoint's tensors as ``torch.Tensor`` s, read lazily
+  from the memory-mapped shards;
+- :class:`CersaLinear`, :func:`patch_linears`, :func:`linear_from_checkpoint` — the
+  modules, in the ``frozen``, ``scale``, ``core`` and ``factors`` modes (``MODES``);
+- :func:`load_cersa` — a numpy reader (numpy + safetensors only, no torch).
+
+The format is specified in ``formats/cersa-v1.md``; every size read from a file is checked
+against the manifest before use (:class:`CersaFormatError` names the file and tensor).
+Names are imported on first use, so ``load_cersa`` works without torch installed.
+"""
+from ._manifest import MANIFEST_FILE, SUFFIX_S, SUFFIX_U, SUFFIX_VT, CersaFormatError
+
+MODES = ("frozen", "scale", "core", "factors")
+
+_LAZY = {
+    "load_cersa": "._numpy",
+    "CersaCheckpoint": "._numpy",
+    "CersaLinear": ".modules",
+    "linear_from_checkpoint": ".modules",
+    "patch_linears": ".modules",
+    "open_checkpoint": ".checkpoint",
+    "TorchCheckpoint": ".checkpoint",
+    "load_hf": ".hf",
+}
+
+__all__ = ["MANIFEST_FILE", "SUFFIX_U", "SUFFIX_S", "SUFFIX_VT", "CersaFormatError", "MODES",
+           *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'cersa_torch' has no attribute {name!r}")

@@ -1,0 +1,74 @@
+"""A CERSA directory opened for PyTorch: tensors are read lazily, one at a time.
+
+``safetensors.safe_open(framework="pt")`` memory-maps each shard, so a tensor costs memory
+only when it is asked for, in its stored dtype (BF16 natively) or the ``dtype`` given, on
+the ``device`` given. The manifest and every shard header are checked when the directory is
+opened (see ``_manifest.index``); no tensor data is read then.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterator, Optional, Tuple
+
+import torch
+
+from ._manifest import SUFFIX_S, SUFFIX_U, SUFFIX_VT, index, read_manifest
+
+
+class TorchCheckpoint:
+    """A CERSA checkpoint whose tensors load on demand as ``torch.Tensor`` s."""
+
+    def __init__(self, directory: str, device="cpu", dtype: Optional[torch.dtype] = None):
+        from safetensors import safe_open
+
+        self.dir = directory
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.manifest = read_manifest(directory)
+        self._where = index(directory, self.manifest)
+        self._open = {p: safe_open(p, framework="pt", device="cpu")
+                      for p in sorted(set(self._where.values()))}
+
+    def names(self) -> Iterator[str]:
+        """Source tensor names, sorted."""
+        return iter(sorted(self.manifest["tensors"]))
+
+    def info(self, name: str) -> dict:
+        """The manifest entry of source tensor ``name``."""
+        try:
+            return self.manifest["tensors"][name]
+        except KeyError:
+            raise KeyError(f"{self.dir}: no tensor {name!r}") from None
+
+    def is_factored(self, name: str) -> bool:
+        return self.info(name)["kind"] == "factored"
+
+    def _get(self, key: str, dtype: Optional[torch.dtype]) -> torch.Tensor:
+        t = self._open[self._where[key]].get_tensor(key)
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        return t.to(self.device)
+
+    def factors(self, name: str, dtype: Optional[torch.dtype] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(U_r [m, r], σ_r [r], V_rᵀ [r, n]) in ``dtype`` (default: the checkpoint's)."""
+        if not self.is_factored(name):
+            raise ValueError(f"{self.dir}: {name} is stored dense")
+        dtype = dtype or self.dtype
+        return (self._get(name + SUFFIX_U, dtype), self._get(name + SUFFIX_S, dtype),
+                self._get(name + SUFFIX_VT, dtype))
+
+    def dense(self, name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """A tensor stored dense, with its manifest shape (float ones in ``dtype``)."""
+        if self.is_factored(name):
+            raise ValueError(f"{self.dir}: {name} is factored; use factors()")
+        return self._get(name, dtype or self.dtype)
+
+    def dense_state(self, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
+        """Every dense tensor by name (norms, embeddings, biases, unfactored matrices)."""
+        return {n: self.dense(n, dtype) for n in self.names() if not self.is_factored(n)}
+
+
+def open_checkpoint(directory, device="cpu", dtype: Optional[torch.dtype] = None
+                    ) -> TorchCheckpoint:
+    """Opens a CERSA directory for PyTorch (lazy, memory-mapped; see :class:`TorchCheckpoint`)."""
+    return TorchCheckpoint(str(directory), device=device, dtype=dtype)

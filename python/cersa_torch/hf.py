@@ -1,0 +1,181 @@
+"""``load_hf``: a Hugging Face transformers model built around a CERSA checkpoint.
+
+The model is built with its parameters on the ``meta`` device (no memory), every linear
+layer whose weight is factored in the checkpoint (``nn.Linear``, and GPT-2-style ``Conv1D``,
+whose weight is stored transposed) becomes a :class:`CersaLinear` holding U_r, σ_r, V_rᵀ,
+and only the checkpoint's dense tensors (embeddings, norms, biases, unfactored matrices)
+are loaded. The dense W of a factored layer is never allocated.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import open_checkpoint
+from .modules import CersaLinear
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Moves every parameter to the meta device as it is registered. Buffers stay real, so
+    values computed at construction (rotary ``inv_freq``, ``position_ids``) are kept.
+    ``torch.empty`` of a weight reserves address space but touches no page, and its
+    initialization then runs on the meta tensor: nothing of the dense W is resident."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"),
+                                                    requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _config(cersa_dir: str, config):
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(config, PretrainedConfig):
+        return config
+    if config is not None:
+        return AutoConfig.from_pretrained(os.fspath(config))
+    if os.path.isfile(os.path.join(cersa_dir, "config.json")):
+        return AutoConfig.from_pretrained(cersa_dir)
+    raise ValueError(f"{cersa_dir}: no config.json; pass config= (the source model directory, "
+                     "or a transformers PretrainedConfig)")
+
+
+def _model_class(config, auto_class):
+    import transformers
+
+    if auto_class is not None:
+        return auto_class
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+def _model_names(model, ckpt, cersa_dir: str) -> Dict[str, str]:
+    """Model state-dict name → checkpoint name, as ``from_pretrained`` would map them:
+    transformers' own key renamings for the architecture (transformers ≥ 5 renames, e.g.,
+    ViT's ``encoder.layer.N.attention.attention.query`` to ``layers.N.attention.q_proj``) and
+    the base model's prefix added or removed. Tensors that transformers would merge with
+    others on loading (fused or stacked weights) cannot be taken from factors: an error
+    names them."""
+    meta = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (WeightConverter, WeightRenaming,
+                                                     rename_source_key)
+    except ImportError:  # transformers 4: no renamings; only the prefix.
+        get_model_conversion_mapping = None
+    if get_model_conversion_mapping is not None:
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+
+        def rename(key):
+            return rename_source_key(key, renamings, converters, prefix, meta)
+    else:
+        def rename(key):
+            if key not in meta and f"{prefix}.{key}" in meta:
+                return f"{prefix}.{key}", None
+            if key.startswith(prefix + ".") and key[len(prefix) + 1:] in meta:
+                return key[len(prefix) + 1:], None
+            return key, None
+    names: Dict[str, str] = {}
+    for key in ckpt.manifest["tensors"]:
+        target, merged = rename(key)
+        if merged is not None:
+            raise ValueError(f"{cersa_dir}: {key}: transformers merges it with other tensors "
+                             f"on loading ({merged}); load_hf cannot build that from a CERSA "
+                             "checkpoint yet")
+        names[target] = key
+    return names
+
+
+def _set_tensor(model, name: str, value: torch.Tensor, trainable: bool) -> None:
+    parent_path, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    if leaf in parent._parameters:
+        parent._parameters[leaf] = nn.Parameter(value, requires_grad=trainable)
+    else:
+        parent._buffers[leaf] = value
+
+
+def load_hf(cersa_dir, auto_class=None, mode: str = "frozen", k: Optional[int] = 8,
+            device="cpu", dtype: torch.dtype = torch.float32, config=None,
+            train_dense: bool = False):
+    """A transformers model whose factored linear layers are :class:`CersaLinear` s.
+
+    ``auto_class``: e.g. ``transformers.AutoModelForCausalLM`` (default: the class named in
+    the config's ``architectures``, else ``AutoModel``). ``config``: a directory or
+    ``PretrainedConfig`` (default: ``config.json`` in ``cersa_dir``; needed for GGUF
+    sources). ``mode``/``k``: the adaptation of every factored layer (``frozen``, ``scale``,
+    ``core``, ``factors``). Dense parameters are frozen unless ``train_dense``. Raises
+    ``ValueError`` naming every model parameter the checkpoint does not provide.
+    """
+    import transformers
+
+    cersa_dir = os.fspath(cersa_dir)
+    cfg = _config(cersa_dir, config)
+    cls = _model_class(cfg, auto_class)
+    ckpt = open_checkpoint(cersa_dir, device=device, dtype=dtype)
+    with _parameters_on_meta():
+        model = cls.from_config(cfg) if hasattr(cls, "from_config") else cls(cfg)
+    names = _model_names(model, ckpt, cersa_dir)
+    conv1d = getattr(transformers.pytorch_utils, "Conv1D", ())
+    for path, module in list(model.named_modules()):
+        if not isinstance(module, (nn.Linear, conv1d)):
+            continue
+        name = names.get(f"{path}.weight")
+        if name is None or not ckpt.is_factored(name):
+            continue
+        u, s, vt = ckpt.factors(name)
+        if isinstance(module, nn.Linear):
+            want = (module.out_features, module.in_features)
+        else:
+            # Conv1D computes x·W with W [in, out]: y = x·U·diag σ·Vᵀ, i.e. a linear layer
+            # whose weight Wᵀ has the factors (V, σ, U) in CersaLinear's orientation.
+            u, vt = vt.T, u.T
+            want = (module.nf, module.weight.shape[0])
+        if (u.shape[0], vt.shape[1]) != want:
+            raise ValueError(f"{cersa_dir}: {name} is {u.shape[0]}×{vt.shape[1]} (out×in), "
+                             f"the model's {path} is {want[0]}×{want[1]}")
+        bias = None
+        if getattr(module, "bias", None) is not None:
+            bias_name = names.get(f"{path}.bias")
+            if bias_name is None:
+                raise ValueError(f"{cersa_dir}: {path}.bias is not in the checkpoint")
+            bias = ckpt.dense(bias_name)
+        layer = CersaLinear(u, s, vt, bias, mode, k, dtype=dtype, device=device)
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, child, layer)
+    # Everything else comes from the checkpoint's dense tensors.
+    cersa_layers = {p for p, m in model.named_modules() if isinstance(m, CersaLinear)}
+    for name, _ in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.rpartition(".")[0] in cersa_layers:
+            continue
+        key = names.get(name)
+        if key is not None and not ckpt.is_factored(key):
+            _set_tensor(model, name, ckpt.dense(key), train_dense)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    missing += [n for n, b in model.named_buffers() if b.device.type == "meta"]
+    if missing:
+        raise ValueError(f"{cersa_dir}: the checkpoint lacks {len(missing)} tensors the model "
+                         f"needs: {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}")
+    return model.to(device).eval()

@@ -1,0 +1,122 @@
+"""``CersaLinear``: a linear layer held as its CERSA factors, in one of four training modes.
+
+Mirrors the Rust ``cersa_loader::candle::CersaLinear``. With U_r [m, r], σ_r, V_rᵀ [r, n]:
+
+- ``frozen``:  y = ((x·V_r) ⊙ σ)·U_rᵀ + b, nothing trainable;
+- ``scale``:   σ trainable (spectrum tuning);
+- ``core``:    ΔM = A·B trainable inside the subspace (A: r×k, B: k×r, B zero-initialized),
+               y = x·V_r·(diag σ + A·B)·U_rᵀ + b;
+- ``factors``: U_r·diag(√σ) and diag(√σ)·V_rᵀ trainable (PiSSA-like, no residual).
+
+Memory held per layer (e = bytes per element): frozen r·(m+n+1)·e; scale the same, σ
+trainable; core r·(m+n+1)·e + 2·r·k trainable; factors r·(m+n)·e, all trainable. The dense
+W (m·n·e) is never formed.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from . import MODES
+
+
+def _as_tensor(a, dtype, device):
+    if not torch.is_tensor(a):
+        import numpy as np
+
+        a = torch.as_tensor(np.asarray(a, dtype=np.float32))
+    return a.detach().to(device=device, dtype=dtype)
+
+
+class CersaLinear(nn.Module):
+    """y = x·Wᵀ + b with W = U_r·diag(σ_r)·V_rᵀ held as its factors (see the module doc)."""
+
+    def __init__(self, u, s, vt, bias=None, mode: str = "frozen", k: Optional[int] = None,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r}: expected one of {MODES}")
+        device = device if device is not None else (u.device if torch.is_tensor(u) else "cpu")
+        u, s, vt = (_as_tensor(a, dtype, device) for a in (u, s, vt))
+        r = s.shape[0]
+        if u.ndim != 2 or vt.ndim != 2 or u.shape[1] != r or vt.shape[0] != r:
+            raise ValueError(f"factor shapes {tuple(u.shape)}, {tuple(s.shape)}, "
+                             f"{tuple(vt.shape)} do not agree on the rank")
+        self.mode, self.rank = mode, r
+        self.out_features, self.in_features = u.shape[0], vt.shape[1]
+        if mode == "factors":
+            root = s.sqrt()
+            self.left = nn.Parameter(u * root)               # U_r·diag(√σ)   [m, r]
+            self.right = nn.Parameter(root[:, None] * vt)    # diag(√σ)·V_rᵀ  [r, n]
+        else:
+            self.register_buffer("u", u)
+            self.register_buffer("vt", vt)
+            if mode == "scale":
+                self.s = nn.Parameter(s.clone())
+            else:
+                self.register_buffer("s", s)
+        if mode == "core":
+            if k is None or not 1 <= k <= r:
+                raise ValueError(f"core mode needs 1 <= k <= rank {r}, got {k}")
+            self.a = nn.Parameter(torch.randn(r, k, dtype=dtype, device=device) / r ** 0.5)
+            self.b = nn.Parameter(torch.zeros(k, r, dtype=dtype, device=device))  # ΔM starts at 0
+        if bias is not None:
+            self.register_buffer("bias", _as_tensor(bias, dtype, device))
+        else:
+            self.bias = None
+
+    def forward(self, x):
+        if self.mode == "factors":
+            y = (x @ self.right.T) @ self.left.T
+        else:
+            t = x @ self.vt.T                     # x·V_r        [.., r]
+            z = t * self.s                        # ⊙ σ
+            if self.mode == "core":
+                z = z + (t @ self.a) @ self.b     # + x·V_r·A·B
+            y = z @ self.u.T                      # ·U_rᵀ        [.., m]
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={self.rank}, mode={self.mode}")
+
+
+def linear_from_checkpoint(ckpt, weight_name: str, bias_name=None, mode: str = "frozen",
+                           k: Optional[int] = None, dtype: torch.dtype = torch.float32):
+    """A :class:`CersaLinear` for factored ``weight_name`` (and an optional dense bias) of a
+    numpy (:func:`load_cersa`) or torch (:func:`open_checkpoint`) checkpoint."""
+    u, s, vt = ckpt.factors(weight_name)
+    bias = ckpt.dense(bias_name) if bias_name else None
+    return CersaLinear(u, s, vt, bias, mode, k, dtype=dtype)
+
+
+def patch_linears(model, ckpt, mode: str = "core", k: Optional[int] = 8,
+                  dtype: torch.dtype = torch.float32):
+    """Replaces every ``nn.Linear`` of ``model`` whose ``<path>.weight`` is factored in
+    ``ckpt`` with a :class:`CersaLinear` (bias from the checkpoint when stored, else the
+    module's own); returns the list of replaced paths. Load the checkpoint's dense tensors
+    (norms, embeddings) into the model yourself, or use :func:`cersa_torch.load_hf`.
+    """
+    replaced = []
+    for path, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or not ckpt.manifest["tensors"].get(
+                f"{path}.weight", {}).get("kind") == "factored":
+            continue
+        u, s, vt = ckpt.factors(f"{path}.weight")
+        if (u.shape[0], vt.shape[1]) != (module.out_features, module.in_features):
+            raise ValueError(f"{path}: checkpoint is {u.shape[0]}×{vt.shape[1]}, module is "
+                             f"{module.out_features}×{module.in_features}")
+        bias_key = f"{path}.bias"
+        if bias_key in ckpt.manifest["tensors"]:
+            bias = ckpt.dense(bias_key)
+        elif module.bias is not None:
+            bias = module.bias.detach()
+        else:
+            bias = None
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, child, CersaLinear(u, s, vt, bias, mode, k, dtype=dtype))
+        replaced.append(path)
+    return replaced
