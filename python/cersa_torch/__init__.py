@@ -7,6 +7,8 @@ inside their principal subspace.
   from the memory-mapped shards;
 - :class:`CersaLinear`, :func:`patch_linears`, :func:`linear_from_checkpoint` — the
   modules, in the ``frozen``, ``scale``, ``core`` and ``factors`` modes (``MODES``);
+- :func:`save_adapter`, :func:`load_adapter` — the trained part as a ``cersa-adapter`` file
+  (the Rust crate's format: ``cersa merge`` folds it into a new checkpoint);
 - :func:`load_cersa` — a numpy reader (numpy + safetensors only, no torch).
 
 The format is specified in ``formats/cersa-v1.md``; every size read from a file is checked
@@ -26,6 +28,8 @@ _LAZY = {
     "open_checkpoint": ".checkpoint",
     "TorchCheckpoint": ".checkpoint",
     "load_hf": ".hf",
+    "save_adapter": ".adapter",
+    "load_adapter": ".adapter",
 }
 
 __all__ = ["MANIFEST_FILE", "SUFFIX_U", "SUFFIX_S", "SUFFIX_VT", "CersaFormatError", "MODES",

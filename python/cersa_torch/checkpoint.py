@@ -7,11 +7,13 @@ opened (see ``_manifest.index``); no tensor data is read then.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
-from ._manifest import SUFFIX_S, SUFFIX_U, SUFFIX_VT, index, read_manifest
+from ._manifest import MANIFEST_FILE, SUFFIX_S, SUFFIX_U, SUFFIX_VT, index, read_manifest
 
 
 class TorchCheckpoint:
@@ -24,6 +26,9 @@ class TorchCheckpoint:
         self.device = torch.device(device)
         self.dtype = dtype
         self.manifest = read_manifest(directory)
+        with open(os.path.join(directory, MANIFEST_FILE), "rb") as f:
+            # What adapter files record to name the checkpoint they were trained on.
+            self.manifest_sha256 = hashlib.sha256(f.read()).hexdigest()
         self._where = index(directory, self.manifest)
         self._open = {p: safe_open(p, framework="pt", device="cpu")
                       for p in sorted(set(self._where.values()))}

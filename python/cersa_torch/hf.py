@@ -160,6 +160,8 @@ def load_hf(cersa_dir, auto_class=None, mode: str = "frozen", k: Optional[int] =
                 raise ValueError(f"{cersa_dir}: {path}.bias is not in the checkpoint")
             bias = ckpt.dense(bias_name)
         layer = CersaLinear(u, s, vt, bias, mode, k, dtype=dtype, device=device)
+        # For adapter files: the checkpoint's name and whether the layer holds W transposed.
+        layer.cersa_name, layer.cersa_transposed = name, not isinstance(module, nn.Linear)
         parent_path, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         setattr(parent, child, layer)
@@ -178,4 +180,5 @@ def load_hf(cersa_dir, auto_class=None, mode: str = "frozen", k: Optional[int] =
     if missing:
         raise ValueError(f"{cersa_dir}: the checkpoint lacks {len(missing)} tensors the model "
                          f"needs: {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}")
+    model.cersa_manifest_sha256 = ckpt.manifest_sha256
     return model.to(device).eval()

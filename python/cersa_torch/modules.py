@@ -78,6 +78,18 @@ class CersaLinear(nn.Module):
             y = z @ self.u.T                      # ·U_rᵀ        [.., m]
         return y if self.bias is None else y + self.bias
 
+    @torch.no_grad()
+    def adapted_weight(self) -> torch.Tensor:
+        """The matrix the layer applies, W [out, in] with y = x·Wᵀ + b, in float64:
+        U·(diag σ + A·B)ᵀ·Vᵀ in ``core`` mode (the layer computes x·V·(diag σ + A·B)·Uᵀ),
+        U·diag σ·Vᵀ in ``frozen``/``scale``, left·right in ``factors``."""
+        if self.mode == "factors":
+            return self.left.double() @ self.right.double()
+        core = torch.diag(self.s.double())
+        if self.mode == "core":
+            core = core + self.a.double() @ self.b.double()
+        return self.u.double() @ core.T @ self.vt.double()
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"rank={self.rank}, mode={self.mode}")
