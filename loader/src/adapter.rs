@@ -8,12 +8,14 @@
 //! | `scale`   | `NAME.adapter_s` [r] (replaces σ_r)                        |
 //! | `core`    | `NAME.adapter_a` [r, k], `NAME.adapter_b` [k, r] (ΔM = A·B) |
 //! | `factors` | `NAME.adapter_left` [m, r] (U·√σ), `NAME.adapter_right` [r, n] (√σ·Vᵀ) |
+//! | `cersa`   | `NAME.adapter_c` [t, t] (the leading t×t block of the core C)   |
 //!
 //! and `__metadata__` `{"format": "cersa-adapter", "adapter_version": "1",
 //! "manifest_sha256": <sha256 of the base cersa.json>, "layers": <JSON {NAME: {"mode",
 //! "k", "rank", "matrix_shape"}}>}`. The adapted matrix is, per mode,
 //! `U·diag(s')·Vᵀ`, `U·(diag σ + A·B)ᵀ·Vᵀ` (the layer computes y = x·V·(diag σ + A·B)·Uᵀ),
-//! or `left·right`.
+//! `left·right`, or `U·C·Vᵀ` (the layer computes y = x·V·Cᵀ·Uᵀ) with C = the trained block
+//! `adapter_c` in its leading t×t corner and diag(σ_{t+1..r}) after it.
 //! This module reads and writes the files without any tensor library; the `candle`
 //! feature and `cersa merge` build on it.
 
@@ -50,6 +52,14 @@ pub enum Mode {
     },
     /// U·√σ and √σ·Vᵀ trainable (PiSSA-like, no residual).
     Factors,
+    /// The CERSA paper's mode: U_r, V_r frozen and an r×r core C, initialized to diag(σ_r),
+    /// trainable in its leading `trainable`×`trainable` block (all of it when
+    /// `trainable` = r; fewer when a second threshold β < τ limits training to the
+    /// components up to cumulative energy β); the rest of C stays diag(σ).
+    Cersa {
+        /// Side t of the trainable leading block of C (1..=r).
+        trainable: usize,
+    },
 }
 
 impl Mode {
@@ -60,6 +70,7 @@ impl Mode {
             Mode::Scale => "scale",
             Mode::Core { .. } => "core",
             Mode::Factors => "factors",
+            Mode::Cersa { .. } => "cersa",
         }
     }
 
@@ -76,6 +87,7 @@ impl Mode {
                 (format!("{name}.adapter_left"), vec![m, r]),
                 (format!("{name}.adapter_right"), vec![r, n]),
             ],
+            Mode::Cersa { trainable: t } => vec![(format!("{name}.adapter_c"), vec![t, t])],
         }
     }
 }
@@ -131,10 +143,18 @@ impl Adapter {
                     format!("rank {} outside 1..=min({m}, {n})", info.rank),
                 ));
             }
-            if let Mode::Core { k } = info.mode {
-                if k == 0 || k > info.rank {
+            match info.mode {
+                Mode::Core { k } if k == 0 || k > info.rank => {
                     return Err(bad(path, name, format!("k {k} outside 1..={}", info.rank)));
                 }
+                Mode::Cersa { trainable: t } if t == 0 || t > info.rank => {
+                    return Err(bad(
+                        path,
+                        name,
+                        format!("trainable block {t} outside 1..={}", info.rank),
+                    ));
+                }
+                _ => {}
             }
             for (t, shape) in info.mode.tensors(name, info.rank, info.matrix_shape) {
                 expected.insert(t, shape);
@@ -339,6 +359,14 @@ impl Adapter {
                 c
             }
             Mode::Factors => return Ok((get("adapter_left")?, get("adapter_right")?, r)),
+            Mode::Cersa { trainable: t } => {
+                let block = get("adapter_c")?;
+                let mut c = diag(&s);
+                for i in 0..t {
+                    c[i * r..i * r + t].copy_from_slice(&block[i * t..(i + 1) * t]);
+                }
+                c
+            }
         };
         let mut left = vec![0f64; m * r];
         for i in 0..m {

@@ -202,6 +202,8 @@ pub struct CersaLinear {
     ab: Option<(Tensor, Tensor)>,
     /// `factors`: left = U·√σ [m, r], right = √σ·Vᵀ [r, n] (variables).
     lr: Option<(Tensor, Tensor)>,
+    /// `cersa`: the leading t×t block of the core C (variable, initialized to diag σ₁..t).
+    core: Option<Tensor>,
     bias: Option<Tensor>,
 }
 
@@ -239,6 +241,7 @@ impl CersaLinear {
             s: None,
             ab: None,
             lr: None,
+            core: None,
             bias,
         };
         if mode == Mode::Factors {
@@ -257,6 +260,19 @@ impl CersaLinear {
             Mode::Scale => insert_var(varmap, var_name(weight, "s"), &s)?,
             _ => s,
         });
+        if let Mode::Cersa { trainable: t } = mode {
+            if t == 0 || t > r {
+                candle_core::bail!("{weight}: trainable core block {t} outside 1..={r}");
+            }
+            let lead = layer
+                .s
+                .as_ref()
+                .ok_or_else(|| unexpected(weight))?
+                .narrow(0, 0, t)?;
+            let diag = Tensor::eye(t, lead.dtype(), lead.device())?
+                .broadcast_mul(&lead.reshape((1, t))?)?;
+            layer.core = Some(insert_var(varmap, var_name(weight, "c"), &diag)?);
+        }
         if let Mode::Core { k } = mode {
             if k == 0 || k > r {
                 candle_core::bail!("{weight}: core k = {k} outside 1..={r}");
@@ -328,6 +344,16 @@ impl candle_nn::Module for CersaLinear {
             let mut z = t.broadcast_mul(s)?; // ⊙ σ
             if let Some((a, b)) = &self.ab {
                 z = (z + t.matmul(a)?.matmul(b)?)?; // + x·V_r·A·B
+            }
+            if let Some(c) = &self.core {
+                // z = x·V_r·Cᵀ: the leading block through C's trained block, the rest ⊙ σ.
+                let tb = c.dims()[0];
+                let lead = t.narrow(1, 0, tb)?.matmul(&c.t()?)?;
+                z = if tb == self.rank {
+                    lead
+                } else {
+                    Tensor::cat(&[&lead, &z.narrow(1, tb, self.rank - tb)?], 1)?
+                };
             }
             z.matmul(ut)? // ·U_rᵀ [rows, m]
         };

@@ -51,6 +51,8 @@ pub fn cersa_layer(m: u64, n: u64, r: u64, factor_bytes: u64, mode: Mode) -> Mem
         Mode::Core { k } => account(uv, factor_bytes, 2 * r * k as u64).plus(sigma),
         // Both factors become f32 variables; nothing stays frozen.
         Mode::Factors => account(0, 0, uv),
+        // U, V and σ frozen; the t×t leading block of the core trainable.
+        Mode::Cersa { trainable: t } => account(uv, factor_bytes, (t as u64).pow(2)).plus(sigma),
     }
 }
 
@@ -82,6 +84,9 @@ pub fn checkpoint_totals(
             Mode::Core { k } => Mode::Core {
                 k: k.min(r as usize),
             },
+            Mode::Cersa { trainable } => Mode::Cersa {
+                trainable: trainable.min(r as usize),
+            },
             other => other,
         };
         cersa = cersa.plus(cersa_layer(m, n, r, info.stored_dtype.size() as u64, mode));
@@ -107,5 +112,10 @@ mod tests {
         let f = cersa_layer(10, 20, 3, 2, Mode::Factors);
         assert_eq!((f.frozen, f.trainable), (0, 3 * 30 * 4));
         assert_eq!(cersa_layer(10, 20, 3, 2, Mode::Scale).trainable, 12);
+        // The paper's core: 200×200 (or its leading 50×50 block) trainable, U, V, σ frozen.
+        let p = cersa_layer(384, 384, 200, 4, Mode::Cersa { trainable: 200 });
+        assert_eq!((p.frozen, p.trainable), (c.frozen, 200 * 200 * 4));
+        let p = cersa_layer(384, 384, 200, 4, Mode::Cersa { trainable: 50 });
+        assert_eq!(p.trainable, 50 * 50 * 4);
     }
 }

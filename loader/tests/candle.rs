@@ -73,11 +73,14 @@ fn every_mode_starts_equal_to_the_reference_reconstruct_and_apply() {
             .map(|(i, v)| v + b[i % m])
             .collect();
         assert_close(&applied_b, &want, "apply vs reconstruct");
+        let r = LAYERS.iter().find(|l| l.0 == prefix).unwrap().3;
         for mode in [
             Mode::Frozen,
             Mode::Scale,
             Mode::Core { k: 3 },
             Mode::Factors,
+            Mode::Cersa { trainable: r },
+            Mode::Cersa { trainable: 1 },
         ] {
             let varmap = VarMap::new();
             let layer = CersaLinear::new(&vb, &weight, Some(&bias_name), mode, &varmap).unwrap();
@@ -92,12 +95,12 @@ fn every_mode_starts_equal_to_the_reference_reconstruct_and_apply() {
                 .iter()
                 .map(|v| v.elem_count())
                 .sum::<usize>();
-            let r = LAYERS.iter().find(|l| l.0 == prefix).unwrap().3;
             let expected = match mode {
                 Mode::Frozen => 0,
                 Mode::Scale => r,
                 Mode::Core { k } => 2 * r * k,
                 Mode::Factors => r * (m + n),
+                Mode::Cersa { trainable } => trainable * trainable,
             };
             assert_eq!(trainable, expected, "{mode:?}");
         }

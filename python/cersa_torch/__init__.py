@@ -17,7 +17,7 @@ Names are imported on first use, so ``load_cersa`` works without torch installed
 """
 from ._manifest import MANIFEST_FILE, SUFFIX_S, SUFFIX_U, SUFFIX_VT, CersaFormatError
 
-MODES = ("frozen", "scale", "core", "factors")
+MODES = ("frozen", "scale", "core", "factors", "cersa")
 
 _LAZY = {
     "load_cersa": "._numpy",

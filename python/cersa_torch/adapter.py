@@ -3,7 +3,8 @@
 The format is the Rust crate's (``cersa_loader::adapter``): one safetensors file of F32
 tensors per adapted layer ``NAME`` (``NAME.adapter_s`` for ``scale``; ``NAME.adapter_a``
 [r, k] and ``NAME.adapter_b`` [k, r] for ``core``; ``NAME.adapter_left`` [m, r] and
-``NAME.adapter_right`` [r, n] for ``factors``) with ``__metadata__`` ``format:
+``NAME.adapter_right`` [r, n] for ``factors``; ``NAME.adapter_c`` [t, t], the trained
+leading block of the core C, for ``cersa``) with ``__metadata__`` ``format:
 cersa-adapter``, ``adapter_version: 1``, the base manifest's sha256 and the layers' modes.
 Names and orientation are the checkpoint's, so ``cersa merge`` folds a file written here.
 
@@ -43,6 +44,9 @@ def _tensors(layer: CersaLinear, name: str) -> Dict[str, torch.Tensor]:
     if layer.mode == "core":
         a, b = (layer.b.T, layer.a.T) if t else (layer.a, layer.b)
         return {f"{name}.adapter_a": f32(a), f"{name}.adapter_b": f32(b)}
+    if layer.mode == "cersa":
+        # W = U·C·Vᵀ; a transposed layer holds Wᵀ = V·C·Uᵀ, so its C is the checkpoint's Cᵀ.
+        return {f"{name}.adapter_c": f32(layer.c.T if t else layer.c)}
     if layer.mode == "factors":
         left, right = (layer.right.T, layer.left.T) if t else (layer.left, layer.right)
         return {f"{name}.adapter_left": f32(left), f"{name}.adapter_right": f32(right)}
@@ -67,6 +71,8 @@ def save_adapter(model, path) -> Dict[str, dict]:
         meta[name] = {"mode": layer.mode, "rank": layer.rank, "matrix_shape": [m, n]}
         if layer.mode == "core":
             meta[name]["k"] = layer.a.shape[1]
+        if layer.mode == "cersa":
+            meta[name]["trainable"] = layer.c.shape[0]
     if not meta:
         raise ValueError("no layer is trainable (mode frozen): nothing to save")
     save_file(tensors, str(path), metadata={
@@ -104,6 +110,9 @@ def load_adapter(model, path) -> None:
             with torch.no_grad():
                 if layer.mode == "scale":
                     layer.s.copy_(got[f"{name}.adapter_s"])
+                elif layer.mode == "cersa":
+                    c = got[f"{name}.adapter_c"]
+                    layer.c.copy_(c.T if t else c)
                 elif layer.mode == "core":
                     a, b = got[f"{name}.adapter_a"], got[f"{name}.adapter_b"]
                     layer.a.copy_(b.T if t else a)

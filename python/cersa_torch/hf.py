@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import open_checkpoint
-from .modules import CersaLinear
+from .modules import CersaLinear, trainable_rank
 
 
 @contextlib.contextmanager
@@ -116,14 +116,15 @@ def _set_tensor(model, name: str, value: torch.Tensor, trainable: bool) -> None:
 
 def load_hf(cersa_dir, auto_class=None, mode: str = "frozen", k: Optional[int] = 8,
             device="cpu", dtype: torch.dtype = torch.float32, config=None,
-            train_dense: bool = False):
+            train_dense: bool = False, beta: Optional[float] = None):
     """A transformers model whose factored linear layers are :class:`CersaLinear` s.
 
     ``auto_class``: e.g. ``transformers.AutoModelForCausalLM`` (default: the class named in
     the config's ``architectures``, else ``AutoModel``). ``config``: a directory or
     ``PretrainedConfig`` (default: ``config.json`` in ``cersa_dir``; needed for GGUF
     sources). ``mode``/``k``: the adaptation of every factored layer (``frozen``, ``scale``,
-    ``core``, ``factors``). Dense parameters are frozen unless ``train_dense``. Raises
+    ``core``, ``factors``, ``cersa``; with ``cersa``, ``beta`` < τ trains only each core's
+    leading components up to cumulative energy β). Dense parameters are frozen unless ``train_dense``. Raises
     ``ValueError`` naming every model parameter the checkpoint does not provide.
     """
     import transformers
@@ -159,7 +160,10 @@ def load_hf(cersa_dir, auto_class=None, mode: str = "frozen", k: Optional[int] =
             if bias_name is None:
                 raise ValueError(f"{cersa_dir}: {path}.bias is not in the checkpoint")
             bias = ckpt.dense(bias_name)
-        layer = CersaLinear(u, s, vt, bias, mode, k, dtype=dtype, device=device)
+        t = None
+        if mode == "cersa" and beta is not None:
+            t = trainable_rank(s, ckpt.info(name)["energy"], beta)
+        layer = CersaLinear(u, s, vt, bias, mode, k, dtype=dtype, device=device, trainable=t)
         # For adapter files: the checkpoint's name and whether the layer holds W transposed.
         layer.cersa_name, layer.cersa_transposed = name, not isinstance(module, nn.Linear)
         parent_path, _, child = path.rpartition(".")

@@ -6,10 +6,14 @@ Mirrors the Rust ``cersa_loader::candle::CersaLinear``. With U_r [m, r], σ_r, V
 - ``scale``:   σ trainable (spectrum tuning);
 - ``core``:    ΔM = A·B trainable inside the subspace (A: r×k, B: k×r, B zero-initialized),
                y = x·V_r·(diag σ + A·B)·U_rᵀ + b;
-- ``factors``: U_r·diag(√σ) and diag(√σ)·V_rᵀ trainable (PiSSA-like, no residual).
+- ``factors``: U_r·diag(√σ) and diag(√σ)·V_rᵀ trainable (PiSSA-like, no residual);
+- ``cersa``:   the CERSA paper's mode: U_r, V_r frozen, an r×r core C initialized to
+               diag(σ_r), y = x·V_r·Cᵀ·U_rᵀ + b (W = U_r·C·V_rᵀ). Only C's leading t×t block
+               is trainable (t = r by default; fewer with a second threshold β < τ, see
+               :func:`trainable_rank`); the rest of C stays diag(σ_{t+1..r}).
 
 Memory held per layer (e = bytes per element): frozen r·(m+n+1)·e; scale the same, σ
-trainable; core r·(m+n+1)·e + 2·r·k trainable; factors r·(m+n)·e, all trainable. The dense
+trainable; core r·(m+n+1)·e + 2·r·k trainable; factors r·(m+n)·e, all trainable; cersa r·(m+n+1)·e + t² trainable. The dense
 W (m·n·e) is never formed.
 """
 from __future__ import annotations
@@ -34,7 +38,8 @@ class CersaLinear(nn.Module):
     """y = x·Wᵀ + b with W = U_r·diag(σ_r)·V_rᵀ held as its factors (see the module doc)."""
 
     def __init__(self, u, s, vt, bias=None, mode: str = "frozen", k: Optional[int] = None,
-                 dtype: torch.dtype = torch.float32, device=None):
+                 dtype: torch.dtype = torch.float32, device=None,
+                 trainable: Optional[int] = None):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: expected one of {MODES}")
@@ -57,6 +62,11 @@ class CersaLinear(nn.Module):
                 self.s = nn.Parameter(s.clone())
             else:
                 self.register_buffer("s", s)
+        if mode == "cersa":
+            t = r if trainable is None else trainable
+            if not 1 <= t <= r:
+                raise ValueError(f"cersa mode needs 1 <= trainable <= rank {r}, got {t}")
+            self.c = nn.Parameter(torch.diag(s[:t].clone()))  # leading t×t block of C
         if mode == "core":
             if k is None or not 1 <= k <= r:
                 raise ValueError(f"core mode needs 1 <= k <= rank {r}, got {k}")
@@ -75,6 +85,9 @@ class CersaLinear(nn.Module):
             z = t * self.s                        # ⊙ σ
             if self.mode == "core":
                 z = z + (t @ self.a) @ self.b     # + x·V_r·A·B
+            if self.mode == "cersa":              # x·V_r·Cᵀ: leading block through C
+                tb = self.c.shape[0]
+                z = torch.cat([t[..., :tb] @ self.c.T, z[..., tb:]], dim=-1)
             y = z @ self.u.T                      # ·U_rᵀ        [.., m]
         return y if self.bias is None else y + self.bias
 
@@ -82,17 +95,30 @@ class CersaLinear(nn.Module):
     def adapted_weight(self) -> torch.Tensor:
         """The matrix the layer applies, W [out, in] with y = x·Wᵀ + b, in float64:
         U·(diag σ + A·B)ᵀ·Vᵀ in ``core`` mode (the layer computes x·V·(diag σ + A·B)·Uᵀ),
-        U·diag σ·Vᵀ in ``frozen``/``scale``, left·right in ``factors``."""
+        U·C·Vᵀ in ``cersa`` mode, U·diag σ·Vᵀ in ``frozen``/``scale``, left·right in ``factors``."""
         if self.mode == "factors":
             return self.left.double() @ self.right.double()
         core = torch.diag(self.s.double())
         if self.mode == "core":
-            core = core + self.a.double() @ self.b.double()
-        return self.u.double() @ core.T @ self.vt.double()
+            core = (core + self.a.double() @ self.b.double()).T
+        if self.mode == "cersa":
+            tb = self.c.shape[0]
+            core[:tb, :tb] = self.c.double()
+        return self.u.double() @ core @ self.vt.double()
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"rank={self.rank}, mode={self.mode}")
+
+
+def trainable_rank(s, energy: float, beta: float) -> int:
+    """Side t of the trainable core block for a second threshold β: the smallest t whose
+    cumulative energy Σ_{i≤t} σᵢ² / ‖W‖_F² reaches β, where ‖W‖_F² = Σ_{i≤r} σᵢ² / E(r) and
+    E(r) = ``energy`` is the manifest's retained energy of the stored rank r."""
+    s2 = torch.as_tensor(s, dtype=torch.float64) ** 2
+    cum = torch.cumsum(s2, 0) / (s2.sum() / energy)
+    reach = torch.nonzero(cum >= beta)
+    return int(reach[0, 0]) + 1 if len(reach) else int(s2.shape[0])
 
 
 def linear_from_checkpoint(ckpt, weight_name: str, bias_name=None, mode: str = "frozen",

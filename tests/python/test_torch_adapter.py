@@ -36,7 +36,7 @@ def run(model, ids):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "bert"])
-@pytest.mark.parametrize("mode", ["core", "scale", "factors"])
+@pytest.mark.parametrize("mode", ["core", "scale", "factors", "cersa"])
 def test_adapter_round_trip_and_merge(family, mode, run_cersa, tmp_path):
     config = tiny(family)
     torch.manual_seed(0)
@@ -44,7 +44,7 @@ def test_adapter_round_trip_and_merge(family, mode, run_cersa, tmp_path):
     getattr(transformers, config.architectures[0])(config).save_pretrained(src)
     base = tmp_path / "base"
     run_cersa("convert", "-q", "--force-factor", "--energy", "0.8", src, base)
-    model = cersa_torch.load_hf(base, config=src, mode=mode, k=3)
+    model = cersa_torch.load_hf(base, config=src, mode=mode, k=3, beta=0.5)
     # Stand-in for training: move every trainable tensor.
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
@@ -57,7 +57,7 @@ def test_adapter_round_trip_and_merge(family, mode, run_cersa, tmp_path):
     layers = cersa_torch.save_adapter(model, adapter)
     assert layers and all(v["mode"] == mode for v in layers.values())
 
-    fresh = cersa_torch.load_hf(base, config=src, mode=mode, k=3)
+    fresh = cersa_torch.load_hf(base, config=src, mode=mode, k=3, beta=0.5)
     assert np.abs(run(fresh, ids) - trained).max() > 0
     cersa_torch.load_adapter(fresh, adapter)
     np.testing.assert_array_equal(run(fresh, ids), trained)

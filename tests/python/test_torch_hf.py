@@ -122,6 +122,13 @@ def test_load_hf_matches_recomposed_dense_model(family, run_cersa, tmp_path):
     np.testing.assert_allclose(output(core, x), got, rtol=1e-5, atol=1e-5 * scale)
     trainable = {n.rpartition(".")[2] for n, p in core.named_parameters() if p.requires_grad}
     assert trainable == {"a", "b"}
+    # The paper's mode starts there too; with β < τ only a leading block of each core trains.
+    paper = cersa_torch.load_hf(out, config=src, mode="cersa", beta=0.5)
+    np.testing.assert_allclose(output(paper, x), got, rtol=1e-5, atol=1e-5 * scale)
+    cores = [m for m in paper.modules() if isinstance(m, cersa_torch.CersaLinear)]
+    assert all(1 <= m.c.shape[0] < m.rank for m in cores)
+    trainable = {n.rpartition(".")[2] for n, p in paper.named_parameters() if p.requires_grad}
+    assert trainable == {"c"}
 
 
 def test_load_hf_real_minilm(run_cersa, tmp_path):
