@@ -1,20 +1,14 @@
 //! Source checkpoint readers, one module per format, behind the [`Source`] trait.
 
-mod ggml_codebook_quants;
-mod ggml_grid_quants;
-mod ggml_grids;
-pub mod ggml_quants;
 pub mod gguf;
-pub mod gguf_header;
 mod index;
-pub mod pickle;
 pub mod pytorch;
 pub mod safetensors;
-pub mod sharded;
 
 use crate::error::{ConvertError, Result};
 use cersa_loader::manifest::SourceFile;
 use cersa_loader::Dtype;
+use pytorch::sharded;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 

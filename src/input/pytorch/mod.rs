@@ -13,13 +13,16 @@
 //! with dotted names: every tensor anywhere under dicts/lists is listed, in pickle order.
 //! Non-tensor leaves (epochs, hyper-parameters) are skipped and counted in the details.
 
-use super::pickle::{self, StorageRef, TensorRef, Value};
+pub mod pickle;
+pub mod sharded;
+
 use super::{FileStamp, FloatData, Precision, Source, TensorMeta};
 use crate::error::{ConvertError, Result};
 use cersa_loader::dtype::{decode_f32, decode_f64};
 use cersa_loader::manifest::SourceFile;
 use cersa_loader::mmap::MappedFile;
 use cersa_loader::Dtype;
+use pickle::{StorageRef, TensorRef, Value};
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;

@@ -6,8 +6,8 @@
 //! gguf-py has no Q8_K dequantizer; ours follows ggml's `dequantize_row_q8_K`
 //! (`y = d · q`, `d` an f32). `tests/python/test_gguf_dequant.py` checks all of them.
 
-use super::ggml_codebook_quants as cb;
-use super::ggml_grid_quants as iq;
+use super::codebook_quants as cb;
+use super::grid_quants as iq;
 use half::f16;
 
 /// Elements in a K-quant super-block.

@@ -4,10 +4,10 @@
 //! them as one source, checked against the index both ways (every indexed tensor is in the
 //! shard the index names, every stored tensor is indexed, no name is stored twice).
 
-use super::index::{check_index, find_index, index_files};
-use super::pytorch::PytorchSource;
-use super::{child_path, FloatData, Source, TensorMeta};
+use super::PytorchSource;
 use crate::error::{ConvertError, Result};
+use crate::input::index::{check_index, find_index, index_files};
+use crate::input::{child_path, FloatData, Source, TensorMeta};
 use cersa_loader::manifest::SourceFile;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

@@ -4,20 +4,26 @@
 //! any of its parts: `PREFIX-00001-of-00003.gguf` … `PREFIX-00003-of-00003.gguf`, each with
 //! `split.no`, `split.count` and (first part) `split.tensors.count`, all checked.
 //!
-//! The header is read by our own strict parser (`gguf_header`), not the `gguf-rs` crate:
+//! The header is read by our own strict parser ([`header`]), not the `gguf-rs` crate:
 //! gguf-rs 0.1.8 allocates a string's declared length (up to 1 GiB) before reading it,
 //! caps array counts only for `tokenizer.*` keys, decodes names lossily, opens its own
 //! memory map outside the loader's single unsafe edge, and reports errors as untyped
 //! `anyhow` values. Here every size from the file is checked before use.
 
-use super::ggml_quants::{dequantize, GgmlType};
-use super::gguf_header::{parse, GgufHeader, GgufTensor};
+mod codebook_quants;
+pub mod ggml;
+mod grid_quants;
+mod grids;
+pub mod header;
+
 use super::{FileStamp, FloatData, Precision, Source, TensorMeta};
 use crate::error::{ConvertError, Result};
 use cersa_loader::dtype::{decode_f64, encode_f32};
 use cersa_loader::manifest::SourceFile;
 use cersa_loader::mmap::MappedFile;
 use cersa_loader::Dtype;
+use ggml::{dequantize, GgmlType};
+use header::{parse, GgufHeader, GgufTensor};
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
