@@ -8,7 +8,7 @@
 //! results are bit-equal to gguf-py; `tests/python/test_gguf_dequant.py` checks each type
 //! on random blocks, edge blocks and, where gguf-py can quantize, real weights.
 
-use super::ggml::f16_at;
+use super::block::f16_at;
 
 /// ggml's non-linear 4-bit grid (`kvalues_iq4nl`), shared by IQ4_NL and IQ4_XS.
 const IQ4_GRID: [i8; 16] = [

@@ -7,7 +7,7 @@
 //! the results are bit-equal to gguf-py; `tests/python/test_gguf_dequant.py` checks each
 //! type on random and edge blocks (gguf-py cannot quantize these types).
 
-use super::ggml::f16_at;
+use super::block::f16_at;
 use super::grids;
 use half::f16;
 use std::sync::OnceLock;

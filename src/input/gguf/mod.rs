@@ -10,11 +10,13 @@
 //! memory map outside the loader's single unsafe edge, and reports errors as untyped
 //! `anyhow` values. Here every size from the file is checked before use.
 
+mod block;
 mod codebook_quants;
 pub mod ggml;
 mod grid_quants;
 mod grids;
 pub mod header;
+mod quants;
 
 use super::{FileStamp, FloatData, Precision, Source, TensorMeta};
 use crate::error::{ConvertError, Result};
