@@ -2,6 +2,7 @@
 
 pub mod gguf;
 mod index;
+mod mapped;
 pub mod pytorch;
 pub mod safetensors;
 

@@ -2,25 +2,19 @@
 //! Hugging Face directory holding either.
 
 use super::index::{check_index, find_index, index_files};
-use super::{child_path, FileStamp, FloatData, Precision, Source, TensorMeta};
+use super::mapped::Mapped;
+use super::{child_path, FloatData, Precision, Source, TensorMeta};
 use crate::error::{ConvertError, Result};
-use cersa_loader::dtype::{decode_f32, decode_f64};
+use cersa_loader::dtype::decode_f32;
 use cersa_loader::manifest::SourceFile;
-use cersa_loader::mmap::MappedFile;
 use cersa_loader::safetensors::{parse, Header};
 use cersa_loader::Dtype;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-/// Bytes copied per chunk of a dense pass-through; pages are released after each chunk
-/// so resident memory stays bounded whatever the tensor size.
-const COPY_CHUNK: usize = 32 << 20;
-
 struct File {
-    path: PathBuf,
-    map: MappedFile,
+    file: Mapped,
     header: Header,
-    stamp: FileStamp,
 }
 
 /// An opened safetensors checkpoint.
@@ -44,24 +38,14 @@ impl SafetensorsSource {
         let (dir, names) = resolve(path)?;
         let mut files = Vec::new();
         for name in &names {
-            let p = child_path(&dir, name, path)?;
-            let stamp = FileStamp::of(&p)?;
-            // SAFETY (of the contract): `stamp` is checked again before the output is
-            // committed, so a file changed under the map is reported, not trusted.
-            #[allow(unsafe_code)]
-            let map = unsafe { MappedFile::open(&p)? };
-            let header = parse(map.bytes()).map_err(|kind| {
+            let file = Mapped::open(&child_path(&dir, name, path)?)?;
+            let header = parse(file.bytes()).map_err(|kind| {
                 ConvertError::Format(cersa_loader::Error::Safetensors {
-                    path: p.clone(),
+                    path: file.path().to_path_buf(),
                     kind,
                 })
             })?;
-            files.push(File {
-                path: p,
-                map,
-                header,
-                stamp,
-            });
+            files.push(File { file, header });
         }
         let mut tensors = Vec::new();
         let mut entry = Vec::new();
@@ -75,9 +59,9 @@ impl SafetensorsSource {
             for (ei, t) in f.header.tensors.iter().enumerate() {
                 if let Some(prev) = seen.insert(t.name.clone(), fi) {
                     return Err(ConvertError::Tensor {
-                        path: f.path.clone(),
+                        path: f.file.path().to_path_buf(),
                         tensor: t.name.clone(),
-                        reason: format!("also stored in {}", files[prev].path.display()),
+                        reason: format!("also stored in {}", files[prev].file.path().display()),
                     });
                 }
                 let float = match t.dtype {
@@ -101,16 +85,13 @@ impl SafetensorsSource {
             }
         }
         if let Some(index_path) = index_file(path, &dir) {
-            let paths: Vec<&Path> = files.iter().map(|f| f.path.as_path()).collect();
+            let paths: Vec<&Path> = files.iter().map(|f| f.file.path()).collect();
             check_index(&index_path, &paths, &seen, &names)?;
         }
         let file_info = files
             .iter()
             .zip(&names)
-            .map(|(f, n)| SourceFile {
-                file: n.clone(),
-                bytes: f.map.bytes().len() as u64,
-            })
+            .map(|(f, n)| f.file.listing(n.clone()))
             .collect();
         let index: HashMap<&str, usize> = tensors
             .iter()
@@ -143,11 +124,7 @@ impl SafetensorsSource {
     fn apply_block_scales(&self, i: usize, k: usize, values: &mut [f32]) -> Result<()> {
         let meta = &self.tensors[i];
         let scales_meta = &self.tensors[k];
-        let err = |reason: String| ConvertError::Tensor {
-            path: self.files[meta.file].path.clone(),
-            tensor: meta.name.clone(),
-            reason,
-        };
+        let err = |reason: String| self.files[meta.file].file.tensor_error(&meta.name, reason);
         let [m, n] = meta.shape[..] else {
             return Err(err(format!(
                 "block-scaled FP8 needs a 2-D tensor, shape is {:?}",
@@ -163,7 +140,7 @@ impl SafetensorsSource {
         }
         let (f, range) = self.bytes(k);
         let scales = f
-            .map
+            .file
             .bytes()
             .get(range)
             .and_then(|b| decode_f32(scales_meta.dense_dtype, b))
@@ -195,7 +172,7 @@ impl Source for SafetensorsSource {
     }
 
     fn file_path(&self, i: usize) -> &Path {
-        &self.files[i].path
+        self.files[i].file.path()
     }
 
     fn tensors(&self) -> &[TensorMeta] {
@@ -204,28 +181,7 @@ impl Source for SafetensorsSource {
 
     fn read_float(&self, i: usize) -> Result<FloatData> {
         let (f, range) = self.bytes(i);
-        let meta = &self.tensors[i];
-        let bytes = f
-            .map
-            .bytes()
-            .get(range.clone())
-            .ok_or_else(|| ConvertError::Tensor {
-                path: f.path.clone(),
-                tensor: meta.name.clone(),
-                reason: "data outside the mapped file".into(),
-            })?;
-        let dtype = meta.dense_dtype;
-        let out = match meta.float {
-            Some(Precision::F64) => decode_f64(dtype, bytes).map(FloatData::F64),
-            Some(Precision::F32) => decode_f32(dtype, bytes).map(FloatData::F32),
-            None => None,
-        };
-        f.map.release(range);
-        let mut out = out.ok_or_else(|| ConvertError::Tensor {
-            path: f.path.clone(),
-            tensor: meta.name.clone(),
-            reason: format!("dtype {dtype} cannot be decoded to floats"),
-        })?;
+        let mut out = f.file.read_float(range, &self.tensors[i])?;
         if let (Some(&k), FloatData::F32(values)) = (self.scale_inv.get(&i), &mut out) {
             self.apply_block_scales(i, k, values)?;
         }
@@ -248,27 +204,11 @@ impl Source for SafetensorsSource {
 
     fn copy_dense(&self, i: usize, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
         let (f, range) = self.bytes(i);
-        let mut start = range.start;
-        while start < range.end {
-            let end = (start + COPY_CHUNK).min(range.end);
-            let chunk = f
-                .map
-                .bytes()
-                .get(start..end)
-                .ok_or_else(|| ConvertError::Tensor {
-                    path: f.path.clone(),
-                    tensor: self.tensors[i].name.clone(),
-                    reason: "data outside the mapped file".into(),
-                })?;
-            sink(chunk)?;
-            f.map.release(start..end);
-            start = end;
-        }
-        Ok(())
+        f.file.copy_range(range, &self.tensors[i].name, sink)
     }
 
     fn check_unchanged(&self) -> Result<()> {
-        self.files.iter().try_for_each(|f| f.stamp.check(&f.path))
+        self.files.iter().try_for_each(|f| f.file.check_unchanged())
     }
 }
 

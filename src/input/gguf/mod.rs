@@ -18,28 +18,24 @@ mod grids;
 pub mod header;
 mod quants;
 
-use super::{FileStamp, FloatData, Precision, Source, TensorMeta};
+use super::mapped::Mapped;
+use super::{FloatData, Precision, Source, TensorMeta};
 use crate::error::{ConvertError, Result};
 use cersa_loader::dtype::{decode_f64, encode_f32};
 use cersa_loader::manifest::SourceFile;
-use cersa_loader::mmap::MappedFile;
 use cersa_loader::Dtype;
 use ggml::{dequantize, GgmlType};
 use header::{parse, GgufHeader, GgufTensor};
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-/// Bytes copied per chunk of a verbatim dense copy.
-const COPY_CHUNK: usize = 32 << 20;
 /// f32 values decoded per chunk of a re-encoded (dequantized) dense copy.
 const DECODE_CHUNK: usize = 2 << 20;
 
 /// One mapped GGUF file (the whole model, or one part of a split model).
 struct Part {
-    path: PathBuf,
-    map: MappedFile,
-    stamp: FileStamp,
+    file: Mapped,
     header: GgufHeader,
 }
 
@@ -70,21 +66,12 @@ fn dense_dtype(ty: GgmlType, requantized: Dtype) -> Dtype {
 
 /// Maps and parses one file.
 fn open_part(path: &Path) -> Result<Part> {
-    let stamp = FileStamp::of(path)?;
-    // SAFETY (of the contract): `stamp` is checked again before the output is
-    // committed, so a file changed under the map is reported, not trusted.
-    #[allow(unsafe_code)]
-    let map = unsafe { MappedFile::open(path)? };
-    let header = parse(map.bytes()).map_err(|kind| ConvertError::Gguf {
+    let file = Mapped::open(path)?;
+    let header = parse(file.bytes()).map_err(|kind| ConvertError::Gguf {
         path: path.to_path_buf(),
         kind,
     })?;
-    Ok(Part {
-        path: path.to_path_buf(),
-        map,
-        stamp,
-        header,
-    })
+    Ok(Part { file, header })
 }
 
 /// `(PREFIX, part number)` of a file named `PREFIX-NNNNN-of-CCCCC.gguf` whose `CCCCC` is
@@ -107,14 +94,10 @@ fn open_split(first: Part) -> Result<Vec<Part>> {
         path: path.to_path_buf(),
         reason,
     };
-    let name = first
-        .path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = first.file.file_name();
     let (prefix, no) = split_name(&name, keys.count).ok_or_else(|| {
         bad(
-            &first.path,
+            first.file.path(),
             format!(
                 "part {} of a model split in {} (split.no/split.count), but the name does not \
                  follow PREFIX-{:05}-of-{:05}.gguf, so the other parts cannot be found",
@@ -127,12 +110,13 @@ fn open_split(first: Part) -> Result<Vec<Part>> {
     })?;
     if no != keys.no + 1 {
         return Err(bad(
-            &first.path,
+            first.file.path(),
             format!("named part {no} but its split.no says part {}", keys.no + 1),
         ));
     }
     let dir = first
-        .path
+        .file
+        .path()
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
@@ -159,7 +143,7 @@ fn open_split(first: Part) -> Result<Vec<Part>> {
             Some(k) if k.no == i && k.count == keys.count => {}
             other => {
                 return Err(bad(
-                    &part.path,
+                    part.file.path(),
                     format!(
                         "expected part {} of {}, but its split keys say {}",
                         i + 1,
@@ -180,7 +164,7 @@ fn open_split(first: Part) -> Result<Vec<Part>> {
         match part.header.split.and_then(|k| k.tensors) {
             Some(want) if want != total as u64 => {
                 return Err(bad(
-                    &part.path,
+                    part.file.path(),
                     format!(
                         "split.tensors.count says {want} tensors, the {} parts hold {total}",
                         parts.len()
@@ -208,11 +192,11 @@ impl GgufSource {
             for (j, t) in part.header.tensors.iter().enumerate() {
                 if let Some(q) = owner.insert(t.name.as_str(), p) {
                     return Err(ConvertError::Source {
-                        path: part.path.clone(),
+                        path: part.file.path().to_path_buf(),
                         reason: format!(
                             "tensor `{}` is also in {}",
                             t.name,
-                            parts[q].path.display()
+                            parts[q].file.path().display()
                         ),
                     });
                 }
@@ -222,14 +206,7 @@ impl GgufSource {
         }
         let file_info = parts
             .iter()
-            .map(|p| SourceFile {
-                file: p
-                    .path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-                bytes: p.map.bytes().len() as u64,
-            })
+            .map(|p| p.file.listing(p.file.file_name()))
             .collect();
         Ok(GgufSource {
             parts,
@@ -246,16 +223,7 @@ impl GgufSource {
 
     fn data(&self, i: usize) -> Result<(&[u8], GgmlType)> {
         let (part, t) = self.header_tensor(i);
-        let bytes = part
-            .map
-            .bytes()
-            .get(t.range.clone())
-            .ok_or_else(|| ConvertError::Tensor {
-                path: part.path.clone(),
-                tensor: t.name.clone(),
-                reason: "data outside the mapped file".into(),
-            })?;
-        Ok((bytes, t.ty))
+        Ok((part.file.tensor_bytes(t.range.clone(), &t.name)?, t.ty))
     }
 }
 
@@ -287,7 +255,7 @@ impl Source for GgufSource {
     }
 
     fn file_path(&self, i: usize) -> &Path {
-        &self.parts[i].path
+        self.parts[i].file.path()
     }
 
     fn tensors(&self) -> &[TensorMeta] {
@@ -334,11 +302,8 @@ impl Source for GgufSource {
         let out = match meta.float {
             Some(Precision::F64) => {
                 FloatData::F64(decode_f64(Dtype::F64, bytes).ok_or_else(|| {
-                    ConvertError::Tensor {
-                        path: part.path.clone(),
-                        tensor: meta.name.clone(),
-                        reason: "F64 data is not a whole number of values".into(),
-                    }
+                    let reason = "F64 data is not a whole number of values".into();
+                    part.file.tensor_error(&meta.name, reason)
                 })?)
             }
             Some(Precision::F32) => {
@@ -347,54 +312,45 @@ impl Source for GgufSource {
                 FloatData::F32(v)
             }
             None => {
-                return Err(ConvertError::Tensor {
-                    path: part.path.clone(),
-                    tensor: meta.name.clone(),
-                    reason: format!("type {} cannot be decoded to floats", ty.name()),
-                })
+                let reason = format!("type {} cannot be decoded to floats", ty.name());
+                return Err(part.file.tensor_error(&meta.name, reason));
             }
         };
-        part.map.release(t.range.clone());
+        part.file.release(t.range.clone());
         Ok(out)
     }
 
     fn copy_dense(&self, i: usize, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
         let (bytes, ty) = self.data(i)?;
         let (src, t) = self.header_tensor(i);
+        let name = &self.tensors[i].name;
+        // Verbatim copy when the GGML type is already a safetensors dtype.
+        if !ty.is_quantized() {
+            return src.file.copy_range(t.range.clone(), name, sink);
+        }
         let base = t.range.start;
         let dtype = self.tensors[i].dense_dtype;
-        // Verbatim copy when the GGML type is already a safetensors dtype.
-        let chunk = if ty.is_quantized() {
-            let (block_elems, block_bytes) = ty.block();
-            (DECODE_CHUNK / block_elems).max(1) * block_bytes
-        } else {
-            COPY_CHUNK
-        };
+        let (block_elems, block_bytes) = ty.block();
+        let chunk = (DECODE_CHUNK / block_elems).max(1) * block_bytes;
         let mut decoded = Vec::new();
         let mut start = 0;
         while start < bytes.len() {
             let end = (start + chunk).min(bytes.len());
-            let part = &bytes[start..end];
-            if ty.is_quantized() {
-                decoded.clear();
-                dequantize(ty, part, &mut decoded);
-                let encoded = encode_f32(dtype, &decoded).ok_or_else(|| ConvertError::Tensor {
-                    path: src.path.clone(),
-                    tensor: self.tensors[i].name.clone(),
-                    reason: format!("dense dtype {dtype} is not a float dtype"),
-                })?;
-                sink(&encoded)?;
-            } else {
-                sink(part)?;
-            }
-            src.map.release(base + start..base + end);
+            decoded.clear();
+            dequantize(ty, &bytes[start..end], &mut decoded);
+            let encoded = encode_f32(dtype, &decoded).ok_or_else(|| {
+                src.file
+                    .tensor_error(name, format!("dense dtype {dtype} is not a float dtype"))
+            })?;
+            sink(&encoded)?;
+            src.file.release(base + start..base + end);
             start = end;
         }
         Ok(())
     }
 
     fn check_unchanged(&self) -> Result<()> {
-        self.parts.iter().try_for_each(|p| p.stamp.check(&p.path))
+        self.parts.iter().try_for_each(|p| p.file.check_unchanged())
     }
 }
 
