@@ -5,7 +5,6 @@
 use super::{FileStamp, FloatData, Precision, TensorMeta};
 use crate::error::{ConvertError, Result};
 use cersa_loader::dtype::{decode_f32, decode_f64};
-use cersa_loader::manifest::SourceFile;
 use cersa_loader::mmap::MappedFile;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -50,14 +49,6 @@ impl Mapped {
     /// Drops the pages of `range` from the resident set (see [`MappedFile::release`]).
     pub fn release(&self, range: Range<usize>) {
         self.map.release(range)
-    }
-
-    /// The file as the manifest lists it: `name` and its size.
-    pub fn listing(&self, name: String) -> SourceFile {
-        SourceFile {
-            file: name,
-            bytes: self.bytes().len() as u64,
-        }
     }
 
     /// The file's own name (without its directory).

@@ -3,10 +3,9 @@
 
 use super::index::{check_index, find_index, index_files};
 use super::mapped::Mapped;
-use super::{child_path, FloatData, Precision, Source, TensorMeta};
+use super::{child_path, Catalog, FloatData, Precision, Source, TensorMeta};
 use crate::error::{ConvertError, Result};
 use cersa_loader::dtype::decode_f32;
-use cersa_loader::manifest::SourceFile;
 use cersa_loader::safetensors::{parse, Header};
 use cersa_loader::Dtype;
 use std::collections::HashMap;
@@ -20,8 +19,7 @@ struct File {
 /// An opened safetensors checkpoint.
 pub struct SafetensorsSource {
     files: Vec<File>,
-    file_info: Vec<SourceFile>,
-    tensors: Vec<TensorMeta>,
+    catalog: Catalog,
     /// Position of each tensor in its file's header.
     entry: Vec<usize>,
     /// FP8 tensor index → index of its `NAME_scale_inv` block-scale companion.
@@ -88,11 +86,6 @@ impl SafetensorsSource {
             let paths: Vec<&Path> = files.iter().map(|f| f.file.path()).collect();
             check_index(&index_path, &paths, &seen, &names)?;
         }
-        let file_info = files
-            .iter()
-            .zip(&names)
-            .map(|(f, n)| f.file.listing(n.clone()))
-            .collect();
         let index: HashMap<&str, usize> = tensors
             .iter()
             .enumerate()
@@ -111,10 +104,13 @@ impl SafetensorsSource {
                     .map(|&k| (i, k))
             })
             .collect();
+        let mut catalog = Catalog::new("safetensors", tensors);
+        for (f, name) in files.iter().zip(names) {
+            catalog.add_file(&f.file, name);
+        }
         Ok(SafetensorsSource {
             files,
-            file_info,
-            tensors,
+            catalog,
             entry,
             scale_inv,
         })
@@ -122,8 +118,8 @@ impl SafetensorsSource {
 
     /// Multiplies FP8 values of tensor `i` by its 128×128 block scales.
     fn apply_block_scales(&self, i: usize, k: usize, values: &mut [f32]) -> Result<()> {
-        let meta = &self.tensors[i];
-        let scales_meta = &self.tensors[k];
+        let meta = &self.catalog.tensors[i];
+        let scales_meta = &self.catalog.tensors[k];
         let err = |reason: String| self.files[meta.file].file.tensor_error(&meta.name, reason);
         let [m, n] = meta.shape[..] else {
             return Err(err(format!(
@@ -155,7 +151,7 @@ impl SafetensorsSource {
     }
 
     fn bytes(&self, i: usize) -> (&File, std::ops::Range<usize>) {
-        let t = &self.tensors[i];
+        let t = &self.catalog.tensors[i];
         let f = &self.files[t.file];
         let e = &f.header.tensors[self.entry[i]];
         (f, f.header.file_range(e))
@@ -163,25 +159,13 @@ impl SafetensorsSource {
 }
 
 impl Source for SafetensorsSource {
-    fn format(&self) -> &'static str {
-        "safetensors"
-    }
-
-    fn files(&self) -> &[SourceFile] {
-        &self.file_info
-    }
-
-    fn file_path(&self, i: usize) -> &Path {
-        self.files[i].file.path()
-    }
-
-    fn tensors(&self) -> &[TensorMeta] {
-        &self.tensors
+    fn catalog(&self) -> &Catalog {
+        &self.catalog
     }
 
     fn read_float(&self, i: usize) -> Result<FloatData> {
         let (f, range) = self.bytes(i);
-        let mut out = f.file.read_float(range, &self.tensors[i])?;
+        let mut out = f.file.read_float(range, &self.catalog.tensors[i])?;
         if let (Some(&k), FloatData::F32(values)) = (self.scale_inv.get(&i), &mut out) {
             self.apply_block_scales(i, k, values)?;
         }
@@ -192,7 +176,7 @@ impl Source for SafetensorsSource {
         let mut names: Vec<&str> = self
             .scale_inv
             .keys()
-            .map(|&i| self.tensors[i].name.as_str())
+            .map(|&i| self.catalog.tensors[i].name.as_str())
             .collect();
         names.sort_unstable();
         let mut d = std::collections::BTreeMap::new();
@@ -204,7 +188,8 @@ impl Source for SafetensorsSource {
 
     fn copy_dense(&self, i: usize, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
         let (f, range) = self.bytes(i);
-        f.file.copy_range(range, &self.tensors[i].name, sink)
+        f.file
+            .copy_range(range, &self.catalog.tensors[i].name, sink)
     }
 
     fn check_unchanged(&self) -> Result<()> {

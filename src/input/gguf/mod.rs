@@ -19,10 +19,9 @@ pub mod header;
 mod quants;
 
 use super::mapped::Mapped;
-use super::{FloatData, Precision, Source, TensorMeta};
+use super::{Catalog, FloatData, Precision, Source, TensorMeta};
 use crate::error::{ConvertError, Result};
 use cersa_loader::dtype::{decode_f64, encode_f32};
-use cersa_loader::manifest::SourceFile;
 use cersa_loader::Dtype;
 use ggml::{dequantize, GgmlType};
 use header::{parse, GgufHeader, GgufTensor};
@@ -42,8 +41,7 @@ struct Part {
 /// An opened GGUF model.
 pub struct GgufSource {
     parts: Vec<Part>,
-    file_info: Vec<SourceFile>,
-    tensors: Vec<TensorMeta>,
+    catalog: Catalog,
     /// Tensor i is `parts[at[i].0].header.tensors[at[i].1]`.
     at: Vec<(usize, usize)>,
 }
@@ -204,16 +202,11 @@ impl GgufSource {
                 at.push((p, j));
             }
         }
-        let file_info = parts
-            .iter()
-            .map(|p| p.file.listing(p.file.file_name()))
-            .collect();
-        Ok(GgufSource {
-            parts,
-            file_info,
-            tensors,
-            at,
-        })
+        let mut catalog = Catalog::new("gguf", tensors);
+        for p in &parts {
+            catalog.add_file(&p.file, p.file.file_name());
+        }
+        Ok(GgufSource { parts, catalog, at })
     }
 
     fn header_tensor(&self, i: usize) -> (&Part, &GgufTensor) {
@@ -246,20 +239,8 @@ fn meta_of(t: &GgufTensor, file: usize) -> TensorMeta {
 }
 
 impl Source for GgufSource {
-    fn format(&self) -> &'static str {
-        "gguf"
-    }
-
-    fn files(&self) -> &[SourceFile] {
-        &self.file_info
-    }
-
-    fn file_path(&self, i: usize) -> &Path {
-        self.parts[i].file.path()
-    }
-
-    fn tensors(&self) -> &[TensorMeta] {
-        &self.tensors
+    fn catalog(&self) -> &Catalog {
+        &self.catalog
     }
 
     fn details(&self) -> BTreeMap<String, serde_json::Value> {
@@ -290,7 +271,7 @@ impl Source for GgufSource {
     }
 
     fn set_requantized_dtype(&mut self, dtype: Dtype) {
-        for (meta, &(p, j)) in self.tensors.iter_mut().zip(&self.at) {
+        for (meta, &(p, j)) in self.catalog.tensors.iter_mut().zip(&self.at) {
             meta.dense_dtype = dense_dtype(self.parts[p].header.tensors[j].ty, dtype);
         }
     }
@@ -298,7 +279,7 @@ impl Source for GgufSource {
     fn read_float(&self, i: usize) -> Result<FloatData> {
         let (bytes, ty) = self.data(i)?;
         let (part, t) = self.header_tensor(i);
-        let meta = &self.tensors[i];
+        let meta = &self.catalog.tensors[i];
         let out = match meta.float {
             Some(Precision::F64) => {
                 FloatData::F64(decode_f64(Dtype::F64, bytes).ok_or_else(|| {
@@ -323,13 +304,13 @@ impl Source for GgufSource {
     fn copy_dense(&self, i: usize, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
         let (bytes, ty) = self.data(i)?;
         let (src, t) = self.header_tensor(i);
-        let name = &self.tensors[i].name;
+        let name = &self.catalog.tensors[i].name;
         // Verbatim copy when the GGML type is already a safetensors dtype.
         if !ty.is_quantized() {
             return src.file.copy_range(t.range.clone(), name, sink);
         }
         let base = t.range.start;
-        let dtype = self.tensors[i].dense_dtype;
+        let dtype = self.catalog.tensors[i].dense_dtype;
         let (block_elems, block_bytes) = ty.block();
         let chunk = (DECODE_CHUNK / block_elems).max(1) * block_bytes;
         let mut decoded = Vec::new();

@@ -16,9 +16,8 @@ mod views;
 mod zip;
 
 use super::mapped::{decode_float, Mapped};
-use super::{FloatData, Precision, Source, TensorMeta};
+use super::{Catalog, FloatData, Precision, Source, TensorMeta};
 use crate::error::{ConvertError, Result};
-use cersa_loader::manifest::SourceFile;
 use cersa_loader::Dtype;
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
@@ -28,8 +27,7 @@ use views::{check_view, flatten, StoredTensor};
 /// An opened PyTorch checkpoint.
 pub struct PytorchSource {
     file: Mapped,
-    file_info: Vec<SourceFile>,
-    tensors: Vec<TensorMeta>,
+    catalog: Catalog,
     views: Vec<StoredTensor>,
     layout: &'static str,
     skipped: usize,
@@ -99,11 +97,11 @@ impl PytorchSource {
             });
             views.push(StoredTensor { view, storage });
         }
-        let file_info = vec![file.listing(file.file_name())];
+        let mut catalog = Catalog::new("pytorch", tensors);
+        catalog.add_file(&file, file.file_name());
         Ok(PytorchSource {
             file,
-            file_info,
-            tensors,
+            catalog,
             views,
             layout,
             skipped,
@@ -123,7 +121,9 @@ impl PytorchSource {
         }
         match t.contiguous_range() {
             // Inside the storage (check_view), which is inside the file.
-            Some(range) => self.file.copy_range(range, &self.tensors[i].name, sink),
+            Some(range) => self
+                .file
+                .copy_range(range, &self.catalog.tensors[i].name, sink),
             None => t.gather(storage, sink, &|| {
                 self.terr(i, "view outside its storage".into())
             }),
@@ -131,25 +131,14 @@ impl PytorchSource {
     }
 
     fn terr(&self, i: usize, reason: String) -> ConvertError {
-        self.file.tensor_error(&self.tensors[i].name, reason)
+        self.file
+            .tensor_error(&self.catalog.tensors[i].name, reason)
     }
 }
 
 impl Source for PytorchSource {
-    fn format(&self) -> &'static str {
-        "pytorch"
-    }
-
-    fn files(&self) -> &[SourceFile] {
-        &self.file_info
-    }
-
-    fn file_path(&self, _i: usize) -> &Path {
-        self.file.path()
-    }
-
-    fn tensors(&self) -> &[TensorMeta] {
-        &self.tensors
+    fn catalog(&self) -> &Catalog {
+        &self.catalog
     }
 
     fn details(&self) -> BTreeMap<String, serde_json::Value> {
@@ -164,7 +153,7 @@ impl Source for PytorchSource {
     }
 
     fn read_float(&self, i: usize) -> Result<FloatData> {
-        let meta = &self.tensors[i];
+        let meta = &self.catalog.tensors[i];
         // Contiguous views decode straight from the map; strided ones are gathered first.
         if let Some(range) = self.views[i].contiguous_range() {
             return self.file.read_float(range, meta);
