@@ -262,3 +262,131 @@ fn index_file(path: &Path, dir: &Path) -> Option<PathBuf> {
         n.ends_with(".safetensors.index.json")
     })
 }
+
+/// The loader's header parser (which this module reads sources with) against the reference
+/// implementation, the `safetensors` crate: whatever the reference refuses, ours refuses,
+/// and whatever both accept they read alike. Ours is stricter on purpose in two ways,
+/// asserted here: a tensor name given twice is refused (the reference keeps one), and
+/// dtypes a CERSA checkpoint cannot store (F4, F6_*, F8_E8M0, C64) are refused by name.
+#[cfg(test)]
+mod reference_tests {
+    use cersa_loader::safetensors::parse;
+    use proptest::prelude::*;
+    use safetensors::SafeTensors;
+
+    fn file(header: &str, data: usize) -> Vec<u8> {
+        let mut v = (header.len() as u64).to_le_bytes().to_vec();
+        v.extend(header.as_bytes());
+        v.resize(v.len() + data, 0);
+        v
+    }
+
+    /// `Err` when ours accepts what the reference refuses, or both accept but disagree.
+    fn agree(bytes: &[u8]) -> Result<(), String> {
+        let (ours, theirs) = match (parse(bytes), SafeTensors::read_metadata(bytes)) {
+            (Err(_), _) => return Ok(()),
+            (Ok(_), Err(e)) => return Err(format!("ours accepts, the reference refuses: {e}")),
+            (Ok(h), Ok(m)) => (h, m),
+        };
+        let (n, meta) = theirs;
+        let mut theirs: Vec<_> = meta
+            .tensors()
+            .into_iter()
+            .map(|(name, t)| (t.data_offsets.0, name, t.dtype.to_string(), t.shape.clone()))
+            .collect();
+        theirs.sort();
+        // Sorted alike: an empty tensor shares its offset with the next one.
+        let mut ours_list: Vec<_> = ours
+            .tensors
+            .iter()
+            .map(|t| {
+                (
+                    t.begin,
+                    t.name.clone(),
+                    t.dtype.to_string(),
+                    t.shape.clone(),
+                )
+            })
+            .collect();
+        ours_list.sort();
+        let their_meta = meta.metadata().clone().unwrap_or_default();
+        let same_meta = their_meta.len() == ours.metadata.len()
+            && their_meta
+                .iter()
+                .all(|(k, v)| ours.metadata.get(k) == Some(v));
+        if ours.data_start != 8 + n || ours_list != theirs || !same_meta {
+            return Err(format!("read differently: {ours_list:?} vs {theirs:?}"));
+        }
+        Ok(())
+    }
+
+    const X8: &str = r#""x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}"#;
+
+    #[test]
+    fn stricter_than_the_reference_only_where_meant() {
+        let twice = file(&format!("{{{X8},{X8}}}"), 8);
+        assert!(SafeTensors::read_metadata(&twice).is_ok());
+        let e = parse(&twice).unwrap_err().to_string();
+        assert!(e.contains("`x` appears twice"), "{e}");
+        for (dtype, shape, bytes) in [
+            ("F8_E8M0", 2, 2),
+            ("F4", 4, 2),
+            ("F6_E2M3", 4, 3),
+            ("C64", 1, 8),
+        ] {
+            let f = file(
+                &format!(
+                    r#"{{"x":{{"dtype":"{dtype}","shape":[{shape}],"data_offsets":[0,{bytes}]}}}}"#
+                ),
+                bytes,
+            );
+            assert!(SafeTensors::read_metadata(&f).is_ok(), "{dtype}");
+            let e = parse(&f).unwrap_err().to_string();
+            assert!(e.contains(&format!("unsupported dtype `{dtype}`")), "{e}");
+        }
+    }
+
+    /// A small valid file of up to four tensors of assorted dtypes, with metadata.
+    fn valid_file() -> impl Strategy<Value = Vec<u8>> {
+        let dtypes = ["F32", "F16", "BF16", "U8", "I64", "F8_E4M3", "BOOL"];
+        let sizes = [4usize, 2, 2, 1, 8, 1, 1];
+        let tensor = (0..dtypes.len(), prop::collection::vec(0usize..4, 0..3));
+        prop::collection::vec(tensor, 0..4).prop_map(move |ts| {
+            let mut entries = vec![r#""__metadata__":{"format":"pt"}"#.to_string()];
+            let mut at = 0;
+            for (i, (d, shape)) in ts.iter().enumerate() {
+                let len = sizes[*d] * shape.iter().product::<usize>();
+                entries.push(format!(
+                    r#""t{i}":{{"dtype":"{}","shape":{shape:?},"data_offsets":[{at},{}]}}"#,
+                    dtypes[*d],
+                    at + len
+                ));
+                at += len;
+            }
+            file(&format!("{{{}}}", entries.join(",")), at)
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn valid_files_read_alike(f in valid_file()) {
+            prop_assert!(parse(&f).is_ok());
+            prop_assert_eq!(agree(&f), Ok(()));
+        }
+
+        #[test]
+        fn mutated_files_never_accepted_beyond_the_reference(
+            f in valid_file(),
+            flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let mut g = f.clone();
+            for (at, byte) in &flips {
+                let i = at.index(g.len());
+                g[i] = *byte;
+            }
+            prop_assert_eq!(agree(&g), Ok(()));
+            prop_assert_eq!(agree(&f[..cut.index(f.len() + 1)]), Ok(()));
+        }
+    }
+}
