@@ -5,10 +5,11 @@
 //! `split.no`, `split.count` and (first part) `split.tensors.count`, all checked.
 //!
 //! The header is read by our own strict parser ([`header`]), not the `gguf-rs` crate:
-//! gguf-rs 0.1.8 allocates a string's declared length (up to 1 GiB) before reading it,
-//! caps array counts only for `tokenizer.*` keys, decodes names lossily, opens its own
-//! memory map outside the loader's single unsafe edge, and reports errors as untyped
-//! `anyhow` values. Here every size from the file is checked before use.
+//! gguf-rs 0.1.8 reads no tensor data and no split models, panics on NVFP4 tensors,
+//! allocates a string's declared length (up to 1 GiB) before reading it, caps array
+//! counts only for `tokenizer.*` keys, decodes names lossily, opens its own memory map
+//! outside the loader's single unsafe edge, and reports errors as untyped `anyhow`
+//! values (DEPENDENCIES.md). Here every size from the file is checked before use.
 
 mod block;
 mod codebook_quants;
