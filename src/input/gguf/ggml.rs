@@ -6,10 +6,8 @@
 //! gguf-py has no Q8_K dequantizer; ours follows ggml's `dequantize_row_q8_K`
 //! (`y = d · q`, `d` an f32). `tests/python/test_gguf_dequant.py` checks all of them.
 //!
-//! This module is the dispatcher: it knows the types and calls the decoders
-//! ([`quants`](super::quants), [`codebook_quants`](super::codebook_quants),
-//! [`grid_quants`](super::grid_quants)), which know nothing of it and share only
-//! [`block`](super::block).
+//! This module is the dispatcher: it knows the types and calls the decoders (`quants`,
+//! `codebook_quants`, `grid_quants`), which know nothing of it and share only `block`.
 
 use super::block::{f16_at, QK_K};
 use super::codebook_quants as cb;

@@ -136,7 +136,7 @@ pub enum GgufError {
     PartialBlock {
         /// Tensor name.
         tensor: String,
-        /// Row length (ne[0]).
+        /// Row length (`ne[0]`).
         ne0: u64,
         /// Type name.
         type_name: &'static str,

@@ -1,8 +1,8 @@
 //! PyTorch checkpoints (`.pt`, `.pth`, `.bin`), read without executing pickles.
 //!
-//! Two layouts: [`zip`] (torch ≥ 1.6) and [`legacy`]; both give the state-dict pickle
+//! Two layouts: `zip` (torch ≥ 1.6) and `legacy`; both give the state-dict pickle
 //! ([`pickle`], read without executing anything) and the byte ranges of its storages, from
-//! which [`views`] lists the tensors. [`sharded`] joins the shards of a
+//! which `views` lists the tensors. [`sharded`] joins the shards of a
 //! `pytorch_model.bin.index.json`.
 //!
 //! Nested dicts (`{"state_dict": {...}}`, `{"model": ..., "optimizer": ...}`) are flattened
