@@ -34,7 +34,7 @@ pub enum ConvertError {
         /// The GGUF file.
         path: PathBuf,
         /// What is wrong.
-        kind: crate::input::gguf_header::GgufError,
+        kind: crate::input::gguf::header::GgufError,
     },
     /// A tensor of the source cannot be used.
     #[error("{path}: tensor `{tensor}`: {reason}")]

@@ -1,20 +1,15 @@
 //! Source checkpoint readers, one module per format, behind the [`Source`] trait.
 
-mod ggml_codebook_quants;
-mod ggml_grid_quants;
-mod ggml_grids;
-pub mod ggml_quants;
 pub mod gguf;
-pub mod gguf_header;
 mod index;
-pub mod pickle;
+mod mapped;
 pub mod pytorch;
 pub mod safetensors;
-pub mod sharded;
 
 use crate::error::{ConvertError, Result};
 use cersa_loader::manifest::SourceFile;
 use cersa_loader::Dtype;
+use pytorch::sharded;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -93,16 +88,60 @@ impl TensorMeta {
     }
 }
 
+/// What a source lists, the same for every format: its format, files and tensors.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    /// Format name recorded in the manifest (`safetensors`, `gguf`, `pytorch`).
+    pub format: &'static str,
+    /// Files read, with their sizes (names relative to the source directory).
+    pub files: Vec<SourceFile>,
+    /// Full path of each of `files`.
+    pub paths: Vec<PathBuf>,
+    /// All tensors, in the order they are converted (file order, then data order).
+    pub tensors: Vec<TensorMeta>,
+}
+
+impl Catalog {
+    /// A catalog of `tensors` in `format`, without files yet.
+    fn new(format: &'static str, tensors: Vec<TensorMeta>) -> Self {
+        Catalog {
+            format,
+            files: Vec::new(),
+            paths: Vec::new(),
+            tensors,
+        }
+    }
+
+    /// Lists the mapped `file` under `name`.
+    fn add_file(&mut self, file: &mapped::Mapped, name: String) {
+        self.files.push(SourceFile {
+            file: name,
+            bytes: file.bytes().len() as u64,
+        });
+        self.paths.push(file.path().to_path_buf());
+    }
+}
+
 /// A checkpoint being read. Implementations map files and decode tensor by tensor.
 pub trait Source: Send + Sync {
+    /// The format, files and tensors of the source.
+    fn catalog(&self) -> &Catalog;
     /// Format name recorded in the manifest (`safetensors`, `gguf`, `pytorch`).
-    fn format(&self) -> &'static str;
+    fn format(&self) -> &'static str {
+        self.catalog().format
+    }
     /// Files read, with their sizes (names relative to the source directory).
-    fn files(&self) -> &[SourceFile];
+    fn files(&self) -> &[SourceFile] {
+        &self.catalog().files
+    }
     /// Full path of file `i`.
-    fn file_path(&self, i: usize) -> &Path;
+    fn file_path(&self, i: usize) -> &Path {
+        &self.catalog().paths[i]
+    }
     /// All tensors, in the order they are converted (file order, then data order).
-    fn tensors(&self) -> &[TensorMeta];
+    fn tensors(&self) -> &[TensorMeta] {
+        &self.catalog().tensors
+    }
     /// Format-specific facts for the manifest's `source.details`.
     fn details(&self) -> BTreeMap<String, serde_json::Value> {
         BTreeMap::new()

@@ -2,32 +2,24 @@
 //! Hugging Face directory holding either.
 
 use super::index::{check_index, find_index, index_files};
-use super::{child_path, FileStamp, FloatData, Precision, Source, TensorMeta};
+use super::mapped::Mapped;
+use super::{child_path, Catalog, FloatData, Precision, Source, TensorMeta};
 use crate::error::{ConvertError, Result};
-use cersa_loader::dtype::{decode_f32, decode_f64};
-use cersa_loader::manifest::SourceFile;
-use cersa_loader::mmap::MappedFile;
+use cersa_loader::dtype::decode_f32;
 use cersa_loader::safetensors::{parse, Header};
 use cersa_loader::Dtype;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-/// Bytes copied per chunk of a dense pass-through; pages are released after each chunk
-/// so resident memory stays bounded whatever the tensor size.
-const COPY_CHUNK: usize = 32 << 20;
-
 struct File {
-    path: PathBuf,
-    map: MappedFile,
+    file: Mapped,
     header: Header,
-    stamp: FileStamp,
 }
 
 /// An opened safetensors checkpoint.
 pub struct SafetensorsSource {
     files: Vec<File>,
-    file_info: Vec<SourceFile>,
-    tensors: Vec<TensorMeta>,
+    catalog: Catalog,
     /// Position of each tensor in its file's header.
     entry: Vec<usize>,
     /// FP8 tensor index → index of its `NAME_scale_inv` block-scale companion.
@@ -44,24 +36,14 @@ impl SafetensorsSource {
         let (dir, names) = resolve(path)?;
         let mut files = Vec::new();
         for name in &names {
-            let p = child_path(&dir, name, path)?;
-            let stamp = FileStamp::of(&p)?;
-            // SAFETY (of the contract): `stamp` is checked again before the output is
-            // committed, so a file changed under the map is reported, not trusted.
-            #[allow(unsafe_code)]
-            let map = unsafe { MappedFile::open(&p)? };
-            let header = parse(map.bytes()).map_err(|kind| {
+            let file = Mapped::open(&child_path(&dir, name, path)?)?;
+            let header = parse(file.bytes()).map_err(|kind| {
                 ConvertError::Format(cersa_loader::Error::Safetensors {
-                    path: p.clone(),
+                    path: file.path().to_path_buf(),
                     kind,
                 })
             })?;
-            files.push(File {
-                path: p,
-                map,
-                header,
-                stamp,
-            });
+            files.push(File { file, header });
         }
         let mut tensors = Vec::new();
         let mut entry = Vec::new();
@@ -75,9 +57,9 @@ impl SafetensorsSource {
             for (ei, t) in f.header.tensors.iter().enumerate() {
                 if let Some(prev) = seen.insert(t.name.clone(), fi) {
                     return Err(ConvertError::Tensor {
-                        path: f.path.clone(),
+                        path: f.file.path().to_path_buf(),
                         tensor: t.name.clone(),
-                        reason: format!("also stored in {}", files[prev].path.display()),
+                        reason: format!("also stored in {}", files[prev].file.path().display()),
                     });
                 }
                 let float = match t.dtype {
@@ -101,17 +83,9 @@ impl SafetensorsSource {
             }
         }
         if let Some(index_path) = index_file(path, &dir) {
-            let paths: Vec<&Path> = files.iter().map(|f| f.path.as_path()).collect();
+            let paths: Vec<&Path> = files.iter().map(|f| f.file.path()).collect();
             check_index(&index_path, &paths, &seen, &names)?;
         }
-        let file_info = files
-            .iter()
-            .zip(&names)
-            .map(|(f, n)| SourceFile {
-                file: n.clone(),
-                bytes: f.map.bytes().len() as u64,
-            })
-            .collect();
         let index: HashMap<&str, usize> = tensors
             .iter()
             .enumerate()
@@ -130,10 +104,13 @@ impl SafetensorsSource {
                     .map(|&k| (i, k))
             })
             .collect();
+        let mut catalog = Catalog::new("safetensors", tensors);
+        for (f, name) in files.iter().zip(names) {
+            catalog.add_file(&f.file, name);
+        }
         Ok(SafetensorsSource {
             files,
-            file_info,
-            tensors,
+            catalog,
             entry,
             scale_inv,
         })
@@ -141,13 +118,9 @@ impl SafetensorsSource {
 
     /// Multiplies FP8 values of tensor `i` by its 128×128 block scales.
     fn apply_block_scales(&self, i: usize, k: usize, values: &mut [f32]) -> Result<()> {
-        let meta = &self.tensors[i];
-        let scales_meta = &self.tensors[k];
-        let err = |reason: String| ConvertError::Tensor {
-            path: self.files[meta.file].path.clone(),
-            tensor: meta.name.clone(),
-            reason,
-        };
+        let meta = &self.catalog.tensors[i];
+        let scales_meta = &self.catalog.tensors[k];
+        let err = |reason: String| self.files[meta.file].file.tensor_error(&meta.name, reason);
         let [m, n] = meta.shape[..] else {
             return Err(err(format!(
                 "block-scaled FP8 needs a 2-D tensor, shape is {:?}",
@@ -163,7 +136,7 @@ impl SafetensorsSource {
         }
         let (f, range) = self.bytes(k);
         let scales = f
-            .map
+            .file
             .bytes()
             .get(range)
             .and_then(|b| decode_f32(scales_meta.dense_dtype, b))
@@ -178,7 +151,7 @@ impl SafetensorsSource {
     }
 
     fn bytes(&self, i: usize) -> (&File, std::ops::Range<usize>) {
-        let t = &self.tensors[i];
+        let t = &self.catalog.tensors[i];
         let f = &self.files[t.file];
         let e = &f.header.tensors[self.entry[i]];
         (f, f.header.file_range(e))
@@ -186,46 +159,13 @@ impl SafetensorsSource {
 }
 
 impl Source for SafetensorsSource {
-    fn format(&self) -> &'static str {
-        "safetensors"
-    }
-
-    fn files(&self) -> &[SourceFile] {
-        &self.file_info
-    }
-
-    fn file_path(&self, i: usize) -> &Path {
-        &self.files[i].path
-    }
-
-    fn tensors(&self) -> &[TensorMeta] {
-        &self.tensors
+    fn catalog(&self) -> &Catalog {
+        &self.catalog
     }
 
     fn read_float(&self, i: usize) -> Result<FloatData> {
         let (f, range) = self.bytes(i);
-        let meta = &self.tensors[i];
-        let bytes = f
-            .map
-            .bytes()
-            .get(range.clone())
-            .ok_or_else(|| ConvertError::Tensor {
-                path: f.path.clone(),
-                tensor: meta.name.clone(),
-                reason: "data outside the mapped file".into(),
-            })?;
-        let dtype = meta.dense_dtype;
-        let out = match meta.float {
-            Some(Precision::F64) => decode_f64(dtype, bytes).map(FloatData::F64),
-            Some(Precision::F32) => decode_f32(dtype, bytes).map(FloatData::F32),
-            None => None,
-        };
-        f.map.release(range);
-        let mut out = out.ok_or_else(|| ConvertError::Tensor {
-            path: f.path.clone(),
-            tensor: meta.name.clone(),
-            reason: format!("dtype {dtype} cannot be decoded to floats"),
-        })?;
+        let mut out = f.file.read_float(range, &self.catalog.tensors[i])?;
         if let (Some(&k), FloatData::F32(values)) = (self.scale_inv.get(&i), &mut out) {
             self.apply_block_scales(i, k, values)?;
         }
@@ -236,7 +176,7 @@ impl Source for SafetensorsSource {
         let mut names: Vec<&str> = self
             .scale_inv
             .keys()
-            .map(|&i| self.tensors[i].name.as_str())
+            .map(|&i| self.catalog.tensors[i].name.as_str())
             .collect();
         names.sort_unstable();
         let mut d = std::collections::BTreeMap::new();
@@ -248,27 +188,12 @@ impl Source for SafetensorsSource {
 
     fn copy_dense(&self, i: usize, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
         let (f, range) = self.bytes(i);
-        let mut start = range.start;
-        while start < range.end {
-            let end = (start + COPY_CHUNK).min(range.end);
-            let chunk = f
-                .map
-                .bytes()
-                .get(start..end)
-                .ok_or_else(|| ConvertError::Tensor {
-                    path: f.path.clone(),
-                    tensor: self.tensors[i].name.clone(),
-                    reason: "data outside the mapped file".into(),
-                })?;
-            sink(chunk)?;
-            f.map.release(start..end);
-            start = end;
-        }
-        Ok(())
+        f.file
+            .copy_range(range, &self.catalog.tensors[i].name, sink)
     }
 
     fn check_unchanged(&self) -> Result<()> {
-        self.files.iter().try_for_each(|f| f.stamp.check(&f.path))
+        self.files.iter().try_for_each(|f| f.file.check_unchanged())
     }
 }
 
@@ -336,4 +261,132 @@ fn index_file(path: &Path, dir: &Path) -> Option<PathBuf> {
     find_index(dir, "model.safetensors.index.json", |n| {
         n.ends_with(".safetensors.index.json")
     })
+}
+
+/// The loader's header parser (which this module reads sources with) against the reference
+/// implementation, the `safetensors` crate: whatever the reference refuses, ours refuses,
+/// and whatever both accept they read alike. Ours is stricter on purpose in two ways,
+/// asserted here: a tensor name given twice is refused (the reference keeps one), and
+/// dtypes a CERSA checkpoint cannot store (F4, F6_*, F8_E8M0, C64) are refused by name.
+#[cfg(test)]
+mod reference_tests {
+    use cersa_loader::safetensors::parse;
+    use proptest::prelude::*;
+    use safetensors::SafeTensors;
+
+    fn file(header: &str, data: usize) -> Vec<u8> {
+        let mut v = (header.len() as u64).to_le_bytes().to_vec();
+        v.extend(header.as_bytes());
+        v.resize(v.len() + data, 0);
+        v
+    }
+
+    /// `Err` when ours accepts what the reference refuses, or both accept but disagree.
+    fn agree(bytes: &[u8]) -> Result<(), String> {
+        let (ours, theirs) = match (parse(bytes), SafeTensors::read_metadata(bytes)) {
+            (Err(_), _) => return Ok(()),
+            (Ok(_), Err(e)) => return Err(format!("ours accepts, the reference refuses: {e}")),
+            (Ok(h), Ok(m)) => (h, m),
+        };
+        let (n, meta) = theirs;
+        let mut theirs: Vec<_> = meta
+            .tensors()
+            .into_iter()
+            .map(|(name, t)| (t.data_offsets.0, name, t.dtype.to_string(), t.shape.clone()))
+            .collect();
+        theirs.sort();
+        // Sorted alike: an empty tensor shares its offset with the next one.
+        let mut ours_list: Vec<_> = ours
+            .tensors
+            .iter()
+            .map(|t| {
+                (
+                    t.begin,
+                    t.name.clone(),
+                    t.dtype.to_string(),
+                    t.shape.clone(),
+                )
+            })
+            .collect();
+        ours_list.sort();
+        let their_meta = meta.metadata().clone().unwrap_or_default();
+        let same_meta = their_meta.len() == ours.metadata.len()
+            && their_meta
+                .iter()
+                .all(|(k, v)| ours.metadata.get(k) == Some(v));
+        if ours.data_start != 8 + n || ours_list != theirs || !same_meta {
+            return Err(format!("read differently: {ours_list:?} vs {theirs:?}"));
+        }
+        Ok(())
+    }
+
+    const X8: &str = r#""x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}"#;
+
+    #[test]
+    fn stricter_than_the_reference_only_where_meant() {
+        let twice = file(&format!("{{{X8},{X8}}}"), 8);
+        assert!(SafeTensors::read_metadata(&twice).is_ok());
+        let e = parse(&twice).unwrap_err().to_string();
+        assert!(e.contains("`x` appears twice"), "{e}");
+        for (dtype, shape, bytes) in [
+            ("F8_E8M0", 2, 2),
+            ("F4", 4, 2),
+            ("F6_E2M3", 4, 3),
+            ("C64", 1, 8),
+        ] {
+            let f = file(
+                &format!(
+                    r#"{{"x":{{"dtype":"{dtype}","shape":[{shape}],"data_offsets":[0,{bytes}]}}}}"#
+                ),
+                bytes,
+            );
+            assert!(SafeTensors::read_metadata(&f).is_ok(), "{dtype}");
+            let e = parse(&f).unwrap_err().to_string();
+            assert!(e.contains(&format!("unsupported dtype `{dtype}`")), "{e}");
+        }
+    }
+
+    /// A small valid file of up to four tensors of assorted dtypes, with metadata.
+    fn valid_file() -> impl Strategy<Value = Vec<u8>> {
+        let dtypes = ["F32", "F16", "BF16", "U8", "I64", "F8_E4M3", "BOOL"];
+        let sizes = [4usize, 2, 2, 1, 8, 1, 1];
+        let tensor = (0..dtypes.len(), prop::collection::vec(0usize..4, 0..3));
+        prop::collection::vec(tensor, 0..4).prop_map(move |ts| {
+            let mut entries = vec![r#""__metadata__":{"format":"pt"}"#.to_string()];
+            let mut at = 0;
+            for (i, (d, shape)) in ts.iter().enumerate() {
+                let len = sizes[*d] * shape.iter().product::<usize>();
+                entries.push(format!(
+                    r#""t{i}":{{"dtype":"{}","shape":{shape:?},"data_offsets":[{at},{}]}}"#,
+                    dtypes[*d],
+                    at + len
+                ));
+                at += len;
+            }
+            file(&format!("{{{}}}", entries.join(",")), at)
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn valid_files_read_alike(f in valid_file()) {
+            prop_assert!(parse(&f).is_ok());
+            prop_assert_eq!(agree(&f), Ok(()));
+        }
+
+        #[test]
+        fn mutated_files_never_accepted_beyond_the_reference(
+            f in valid_file(),
+            flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let mut g = f.clone();
+            for (at, byte) in &flips {
+                let i = at.index(g.len());
+                g[i] = *byte;
+            }
+            prop_assert_eq!(agree(&g), Ok(()));
+            prop_assert_eq!(agree(&f[..cut.index(f.len() + 1)]), Ok(()));
+        }
+    }
 }

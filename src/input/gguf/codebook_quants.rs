@@ -3,12 +3,12 @@
 //! e2m1 values with an e8m0 block scale), NVFP4 (e2m1 with e4m3 scales per 16 values),
 //! TQ1_0 and TQ2_0 (ternary −1/0/1, BitNet-style).
 //!
-//! As in `ggml_quants`, every formula follows gguf-py's `gguf.quants.dequantize_blocks`
+//! As in `ggml`, every formula follows gguf-py's `gguf.quants.dequantize_blocks`
 //! operation by operation in f32 (a product is one rounding; two products are two), so the
 //! results are bit-equal to gguf-py; `tests/python/test_gguf_dequant.py` checks each type
 //! on random blocks, edge blocks and, where gguf-py can quantize, real weights.
 
-use super::ggml_quants::f16_at;
+use super::block::f16_at;
 
 /// ggml's non-linear 4-bit grid (`kvalues_iq4nl`), shared by IQ4_NL and IQ4_XS.
 const IQ4_GRID: [i8; 16] = [

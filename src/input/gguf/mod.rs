@@ -4,42 +4,45 @@
 //! any of its parts: `PREFIX-00001-of-00003.gguf` … `PREFIX-00003-of-00003.gguf`, each with
 //! `split.no`, `split.count` and (first part) `split.tensors.count`, all checked.
 //!
-//! The header is read by our own strict parser (`gguf_header`), not the `gguf-rs` crate:
-//! gguf-rs 0.1.8 allocates a string's declared length (up to 1 GiB) before reading it,
-//! caps array counts only for `tokenizer.*` keys, decodes names lossily, opens its own
-//! memory map outside the loader's single unsafe edge, and reports errors as untyped
-//! `anyhow` values. Here every size from the file is checked before use.
+//! The header is read by our own strict parser ([`header`]), not the `gguf-rs` crate:
+//! gguf-rs 0.1.8 reads no tensor data and no split models, panics on NVFP4 tensors,
+//! allocates a string's declared length (up to 1 GiB) before reading it, caps array
+//! counts only for `tokenizer.*` keys, decodes names lossily, opens its own memory map
+//! outside the loader's single unsafe edge, and reports errors as untyped `anyhow`
+//! values (DEPENDENCIES.md). Here every size from the file is checked before use.
 
-use super::ggml_quants::{dequantize, GgmlType};
-use super::gguf_header::{parse, GgufHeader, GgufTensor};
-use super::{FileStamp, FloatData, Precision, Source, TensorMeta};
+mod block;
+mod codebook_quants;
+pub mod ggml;
+mod grid_quants;
+mod grids;
+pub mod header;
+mod quants;
+
+use super::mapped::Mapped;
+use super::{Catalog, FloatData, Precision, Source, TensorMeta};
 use crate::error::{ConvertError, Result};
 use cersa_loader::dtype::{decode_f64, encode_f32};
-use cersa_loader::manifest::SourceFile;
-use cersa_loader::mmap::MappedFile;
 use cersa_loader::Dtype;
+use ggml::{dequantize, GgmlType};
+use header::{parse, GgufHeader, GgufTensor};
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-/// Bytes copied per chunk of a verbatim dense copy.
-const COPY_CHUNK: usize = 32 << 20;
 /// f32 values decoded per chunk of a re-encoded (dequantized) dense copy.
 const DECODE_CHUNK: usize = 2 << 20;
 
 /// One mapped GGUF file (the whole model, or one part of a split model).
 struct Part {
-    path: PathBuf,
-    map: MappedFile,
-    stamp: FileStamp,
+    file: Mapped,
     header: GgufHeader,
 }
 
 /// An opened GGUF model.
 pub struct GgufSource {
     parts: Vec<Part>,
-    file_info: Vec<SourceFile>,
-    tensors: Vec<TensorMeta>,
+    catalog: Catalog,
     /// Tensor i is `parts[at[i].0].header.tensors[at[i].1]`.
     at: Vec<(usize, usize)>,
 }
@@ -62,21 +65,12 @@ fn dense_dtype(ty: GgmlType, requantized: Dtype) -> Dtype {
 
 /// Maps and parses one file.
 fn open_part(path: &Path) -> Result<Part> {
-    let stamp = FileStamp::of(path)?;
-    // SAFETY (of the contract): `stamp` is checked again before the output is
-    // committed, so a file changed under the map is reported, not trusted.
-    #[allow(unsafe_code)]
-    let map = unsafe { MappedFile::open(path)? };
-    let header = parse(map.bytes()).map_err(|kind| ConvertError::Gguf {
+    let file = Mapped::open(path)?;
+    let header = parse(file.bytes()).map_err(|kind| ConvertError::Gguf {
         path: path.to_path_buf(),
         kind,
     })?;
-    Ok(Part {
-        path: path.to_path_buf(),
-        map,
-        stamp,
-        header,
-    })
+    Ok(Part { file, header })
 }
 
 /// `(PREFIX, part number)` of a file named `PREFIX-NNNNN-of-CCCCC.gguf` whose `CCCCC` is
@@ -99,14 +93,10 @@ fn open_split(first: Part) -> Result<Vec<Part>> {
         path: path.to_path_buf(),
         reason,
     };
-    let name = first
-        .path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = first.file.file_name();
     let (prefix, no) = split_name(&name, keys.count).ok_or_else(|| {
         bad(
-            &first.path,
+            first.file.path(),
             format!(
                 "part {} of a model split in {} (split.no/split.count), but the name does not \
                  follow PREFIX-{:05}-of-{:05}.gguf, so the other parts cannot be found",
@@ -119,12 +109,13 @@ fn open_split(first: Part) -> Result<Vec<Part>> {
     })?;
     if no != keys.no + 1 {
         return Err(bad(
-            &first.path,
+            first.file.path(),
             format!("named part {no} but its split.no says part {}", keys.no + 1),
         ));
     }
     let dir = first
-        .path
+        .file
+        .path()
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
@@ -151,7 +142,7 @@ fn open_split(first: Part) -> Result<Vec<Part>> {
             Some(k) if k.no == i && k.count == keys.count => {}
             other => {
                 return Err(bad(
-                    &part.path,
+                    part.file.path(),
                     format!(
                         "expected part {} of {}, but its split keys say {}",
                         i + 1,
@@ -172,7 +163,7 @@ fn open_split(first: Part) -> Result<Vec<Part>> {
         match part.header.split.and_then(|k| k.tensors) {
             Some(want) if want != total as u64 => {
                 return Err(bad(
-                    &part.path,
+                    part.file.path(),
                     format!(
                         "split.tensors.count says {want} tensors, the {} parts hold {total}",
                         parts.len()
@@ -200,11 +191,11 @@ impl GgufSource {
             for (j, t) in part.header.tensors.iter().enumerate() {
                 if let Some(q) = owner.insert(t.name.as_str(), p) {
                     return Err(ConvertError::Source {
-                        path: part.path.clone(),
+                        path: part.file.path().to_path_buf(),
                         reason: format!(
                             "tensor `{}` is also in {}",
                             t.name,
-                            parts[q].path.display()
+                            parts[q].file.path().display()
                         ),
                     });
                 }
@@ -212,23 +203,11 @@ impl GgufSource {
                 at.push((p, j));
             }
         }
-        let file_info = parts
-            .iter()
-            .map(|p| SourceFile {
-                file: p
-                    .path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-                bytes: p.map.bytes().len() as u64,
-            })
-            .collect();
-        Ok(GgufSource {
-            parts,
-            file_info,
-            tensors,
-            at,
-        })
+        let mut catalog = Catalog::new("gguf", tensors);
+        for p in &parts {
+            catalog.add_file(&p.file, p.file.file_name());
+        }
+        Ok(GgufSource { parts, catalog, at })
     }
 
     fn header_tensor(&self, i: usize) -> (&Part, &GgufTensor) {
@@ -238,16 +217,7 @@ impl GgufSource {
 
     fn data(&self, i: usize) -> Result<(&[u8], GgmlType)> {
         let (part, t) = self.header_tensor(i);
-        let bytes = part
-            .map
-            .bytes()
-            .get(t.range.clone())
-            .ok_or_else(|| ConvertError::Tensor {
-                path: part.path.clone(),
-                tensor: t.name.clone(),
-                reason: "data outside the mapped file".into(),
-            })?;
-        Ok((bytes, t.ty))
+        Ok((part.file.tensor_bytes(t.range.clone(), &t.name)?, t.ty))
     }
 }
 
@@ -270,20 +240,8 @@ fn meta_of(t: &GgufTensor, file: usize) -> TensorMeta {
 }
 
 impl Source for GgufSource {
-    fn format(&self) -> &'static str {
-        "gguf"
-    }
-
-    fn files(&self) -> &[SourceFile] {
-        &self.file_info
-    }
-
-    fn file_path(&self, i: usize) -> &Path {
-        &self.parts[i].path
-    }
-
-    fn tensors(&self) -> &[TensorMeta] {
-        &self.tensors
+    fn catalog(&self) -> &Catalog {
+        &self.catalog
     }
 
     fn details(&self) -> BTreeMap<String, serde_json::Value> {
@@ -314,7 +272,7 @@ impl Source for GgufSource {
     }
 
     fn set_requantized_dtype(&mut self, dtype: Dtype) {
-        for (meta, &(p, j)) in self.tensors.iter_mut().zip(&self.at) {
+        for (meta, &(p, j)) in self.catalog.tensors.iter_mut().zip(&self.at) {
             meta.dense_dtype = dense_dtype(self.parts[p].header.tensors[j].ty, dtype);
         }
     }
@@ -322,15 +280,12 @@ impl Source for GgufSource {
     fn read_float(&self, i: usize) -> Result<FloatData> {
         let (bytes, ty) = self.data(i)?;
         let (part, t) = self.header_tensor(i);
-        let meta = &self.tensors[i];
+        let meta = &self.catalog.tensors[i];
         let out = match meta.float {
             Some(Precision::F64) => {
                 FloatData::F64(decode_f64(Dtype::F64, bytes).ok_or_else(|| {
-                    ConvertError::Tensor {
-                        path: part.path.clone(),
-                        tensor: meta.name.clone(),
-                        reason: "F64 data is not a whole number of values".into(),
-                    }
+                    let reason = "F64 data is not a whole number of values".into();
+                    part.file.tensor_error(&meta.name, reason)
                 })?)
             }
             Some(Precision::F32) => {
@@ -339,54 +294,45 @@ impl Source for GgufSource {
                 FloatData::F32(v)
             }
             None => {
-                return Err(ConvertError::Tensor {
-                    path: part.path.clone(),
-                    tensor: meta.name.clone(),
-                    reason: format!("type {} cannot be decoded to floats", ty.name()),
-                })
+                let reason = format!("type {} cannot be decoded to floats", ty.name());
+                return Err(part.file.tensor_error(&meta.name, reason));
             }
         };
-        part.map.release(t.range.clone());
+        part.file.release(t.range.clone());
         Ok(out)
     }
 
     fn copy_dense(&self, i: usize, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
         let (bytes, ty) = self.data(i)?;
         let (src, t) = self.header_tensor(i);
-        let base = t.range.start;
-        let dtype = self.tensors[i].dense_dtype;
+        let name = &self.catalog.tensors[i].name;
         // Verbatim copy when the GGML type is already a safetensors dtype.
-        let chunk = if ty.is_quantized() {
-            let (block_elems, block_bytes) = ty.block();
-            (DECODE_CHUNK / block_elems).max(1) * block_bytes
-        } else {
-            COPY_CHUNK
-        };
+        if !ty.is_quantized() {
+            return src.file.copy_range(t.range.clone(), name, sink);
+        }
+        let base = t.range.start;
+        let dtype = self.catalog.tensors[i].dense_dtype;
+        let (block_elems, block_bytes) = ty.block();
+        let chunk = (DECODE_CHUNK / block_elems).max(1) * block_bytes;
         let mut decoded = Vec::new();
         let mut start = 0;
         while start < bytes.len() {
             let end = (start + chunk).min(bytes.len());
-            let part = &bytes[start..end];
-            if ty.is_quantized() {
-                decoded.clear();
-                dequantize(ty, part, &mut decoded);
-                let encoded = encode_f32(dtype, &decoded).ok_or_else(|| ConvertError::Tensor {
-                    path: src.path.clone(),
-                    tensor: self.tensors[i].name.clone(),
-                    reason: format!("dense dtype {dtype} is not a float dtype"),
-                })?;
-                sink(&encoded)?;
-            } else {
-                sink(part)?;
-            }
-            src.map.release(base + start..base + end);
+            decoded.clear();
+            dequantize(ty, &bytes[start..end], &mut decoded);
+            let encoded = encode_f32(dtype, &decoded).ok_or_else(|| {
+                src.file
+                    .tensor_error(name, format!("dense dtype {dtype} is not a float dtype"))
+            })?;
+            sink(&encoded)?;
+            src.file.release(base + start..base + end);
             start = end;
         }
         Ok(())
     }
 
     fn check_unchanged(&self) -> Result<()> {
-        self.parts.iter().try_for_each(|p| p.stamp.check(&p.path))
+        self.parts.iter().try_for_each(|p| p.file.check_unchanged())
     }
 }
 

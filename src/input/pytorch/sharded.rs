@@ -4,10 +4,10 @@
 //! them as one source, checked against the index both ways (every indexed tensor is in the
 //! shard the index names, every stored tensor is indexed, no name is stored twice).
 
-use super::index::{check_index, find_index, index_files};
-use super::pytorch::PytorchSource;
-use super::{child_path, FloatData, Source, TensorMeta};
+use super::PytorchSource;
 use crate::error::{ConvertError, Result};
+use crate::input::index::{check_index, find_index, index_files};
+use crate::input::{child_path, Catalog, FloatData, Source, TensorMeta};
 use cersa_loader::manifest::SourceFile;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -16,8 +16,7 @@ use std::path::{Path, PathBuf};
 pub struct ShardedPytorch {
     index: PathBuf,
     parts: Vec<PytorchSource>,
-    files: Vec<SourceFile>,
-    tensors: Vec<TensorMeta>,
+    catalog: Catalog,
     /// Tensor i is tensor `at[i].1` of `parts[at[i].0]`.
     at: Vec<(usize, usize)>,
 }
@@ -68,39 +67,26 @@ impl ShardedPytorch {
         }
         let paths: Vec<&Path> = parts.iter().map(|p| p.file_path(0)).collect();
         check_index(index, &paths, &seen, &names)?;
-        let files = parts
-            .iter()
-            .zip(&names)
-            .map(|(p, name)| SourceFile {
-                file: name.clone(),
-                bytes: p.files().iter().map(|f| f.bytes).sum(),
-            })
-            .collect();
+        let mut catalog = Catalog::new("pytorch", tensors);
+        for (part, name) in parts.iter().zip(names) {
+            catalog.files.push(SourceFile {
+                file: name,
+                bytes: part.files().iter().map(|f| f.bytes).sum(),
+            });
+            catalog.paths.push(part.file_path(0).to_path_buf());
+        }
         Ok(ShardedPytorch {
             index: index.to_path_buf(),
             parts,
-            files,
-            tensors,
+            catalog,
             at,
         })
     }
 }
 
 impl Source for ShardedPytorch {
-    fn format(&self) -> &'static str {
-        "pytorch"
-    }
-
-    fn files(&self) -> &[SourceFile] {
-        &self.files
-    }
-
-    fn file_path(&self, i: usize) -> &Path {
-        self.parts[i].file_path(0)
-    }
-
-    fn tensors(&self) -> &[TensorMeta] {
-        &self.tensors
+    fn catalog(&self) -> &Catalog {
+        &self.catalog
     }
 
     /// The shards' details, merged key by key: counts are summed, a value every shard

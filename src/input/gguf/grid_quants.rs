@@ -1,14 +1,14 @@
 //! Dequantization of GGML's grid ("i-quant") types IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S,
 //! IQ3_XXS and IQ3_S: each group of 4 or 8 values is a row of a fixed codebook
-//! (`ggml_grids`), times a sub-block scale, with per-value signs or a ±1/8 shift.
+//! (`grids`), times a sub-block scale, with per-value signs or a ±1/8 shift.
 //!
-//! As in `ggml_quants`, every formula follows gguf-py's `gguf.quants.dequantize_blocks`
+//! As in `ggml`, every formula follows gguf-py's `gguf.quants.dequantize_blocks`
 //! operation by operation in f32 (each product and sum one rounding, sign flips exact), so
 //! the results are bit-equal to gguf-py; `tests/python/test_gguf_dequant.py` checks each
 //! type on random and edge blocks (gguf-py cannot quantize these types).
 
-use super::ggml_grids as grids;
-use super::ggml_quants::f16_at;
+use super::block::f16_at;
+use super::grids;
 use half::f16;
 use std::sync::OnceLock;
 

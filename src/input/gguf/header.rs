@@ -5,7 +5,7 @@
 //! arithmetic is checked, and every tensor's data range is checked against the file.
 //! Metadata values are walked, not stored, except the few keys the manifest records.
 
-use super::ggml_quants::{unsupported_name, GgmlType, SUPPORTED};
+use super::ggml::{unsupported_name, GgmlType, SUPPORTED};
 
 /// Longest metadata key or tensor name accepted (ggml itself caps tensor names at 64).
 pub const MAX_NAME_LEN: u64 = 64 << 10;
@@ -136,7 +136,7 @@ pub enum GgufError {
     PartialBlock {
         /// Tensor name.
         tensor: String,
-        /// Row length (ne[0]).
+        /// Row length (`ne[0]`).
         ne0: u64,
         /// Type name.
         type_name: &'static str,
