@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generates the CERSA v1 test vectors under formats/vectors/ (spec §6).
+"""Generates the CERSA v1 test vectors under formats/vectors/ (spec §7).
 
     python3 formats/vectors/make_vectors.py
 

@@ -50,7 +50,7 @@ impl RawTensor<'_> {
 pub struct Factors<'a> {
     /// `U_r`, [m, r].
     pub u: RawTensor<'a>,
-    /// `σ_r`, [r], F32.
+    /// `σ_r`, `[r]`, F32.
     pub s: RawTensor<'a>,
     /// `V_rᵀ`, [r, n].
     pub vt: RawTensor<'a>,
@@ -127,7 +127,7 @@ impl Checkpoint {
             .map_err(|issue| Error::invalid(dir, issue))
     }
 
-    /// A checkpoint from the parts [`crate::validate`] checked.
+    /// A checkpoint from the parts [`crate::validate()`] checked.
     pub(crate) fn from_checked(
         dir: PathBuf,
         manifest: Manifest,
@@ -203,7 +203,7 @@ impl Checkpoint {
     }
 
     /// The matrix W (factored: U·diag(s)·Vᵀ; dense: the tensor viewed as
-    /// [shape[0], rest]) as f32.
+    /// `[shape[0], rest]`) as f32.
     pub fn reconstruct(&self, name: &str) -> Result<Matrix> {
         match self.get(name)? {
             TensorView::Dense(t) => {

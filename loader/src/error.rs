@@ -169,10 +169,10 @@ pub enum SafetensorsError {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    pub(crate) fn invalid(dir: &Path, issue: Issue) -> Self {
+    pub(crate) fn invalid(dir: &Path, issue: impl Into<Box<Issue>>) -> Self {
         Error::Invalid {
             dir: dir.to_path_buf(),
-            issue: Box::new(issue),
+            issue: issue.into(),
         }
     }
 

@@ -1,4 +1,4 @@
-//! What [`crate::validate`] finds wrong with a CERSA directory: one typed [`Issue`] per
+//! What [`crate::validate()`] finds wrong with a CERSA directory: one typed [`Issue`] per
 //! broken rule of `formats/cersa-v1.md`.
 
 use crate::error::SafetensorsError;

@@ -323,7 +323,7 @@ pub fn serialize_header(
 }
 
 /// Writes a complete safetensors file from in-memory tensors (used by tests and
-/// fixture generators; the converter streams through [`crate::writer::ShardWriter`]).
+/// fixture generators; the converter streams through [`crate::writer::CheckpointWriter`]).
 pub fn write_file(
     path: &std::path::Path,
     metadata: &BTreeMap<String, String>,

@@ -66,7 +66,7 @@ pub fn validate_with(dir: &Path, options: &ValidateOptions<'_>) -> Result<Vec<Is
 }
 
 /// Opens `dir` with the checks of `open`: stops at the first issue.
-pub(crate) fn open_checked(dir: &Path, verify_checksums: bool) -> Result<Checkpoint, Issue> {
+pub(crate) fn open_checked(dir: &Path, verify_checksums: bool) -> Result<Checkpoint, Box<Issue>> {
     let mut run = Run {
         dir,
         options: ValidateOptions {
@@ -78,17 +78,17 @@ pub(crate) fn open_checked(dir: &Path, verify_checksums: bool) -> Result<Checkpo
     };
     let outcome = run.checks();
     if let Some(issue) = run.issues.into_iter().next() {
-        return Err(issue);
+        return Err(Box::new(issue));
     }
     match outcome {
         Ok(Some(ckpt)) => Ok(ckpt),
         // Unreachable: without an issue the checks build the checkpoint, and `open` has no
         // cancel flag. An error rather than a panic all the same.
-        _ => Err(Issue::new(
+        _ => Err(Box::new(Issue::new(
             IssueKind::ManifestUnreadable,
             MANIFEST_FILE,
             "internal error: validation ended without a verdict",
-        )),
+        ))),
     }
 }
 
@@ -131,25 +131,27 @@ pub fn non_finite_factors(ckpt: &Checkpoint, name: &str) -> Vec<Issue> {
 }
 
 /// Reads and parses `dir/cersa.json`; the issue says why it is unusable.
-pub(crate) fn load_manifest(dir: &Path) -> Result<Manifest, Issue> {
+pub(crate) fn load_manifest(dir: &Path) -> Result<Manifest, Box<Issue>> {
     let path = dir.join(MANIFEST_FILE);
     let unreadable = |e: std::io::Error| {
-        Issue::new(
+        Box::new(Issue::new(
             IssueKind::ManifestUnreadable,
             MANIFEST_FILE,
             format!("cannot read the manifest: {e}"),
-        )
+        ))
     };
     let len = std::fs::metadata(&path).map_err(unreadable)?.len();
     if len > MAX_MANIFEST_SIZE {
-        return Err(Issue::new(
-            IssueKind::ManifestTooLarge,
-            MANIFEST_FILE,
-            "invalid CERSA manifest: larger than the cap",
-        )
-        .expected_found(
-            format!("≤ {MAX_MANIFEST_SIZE} bytes"),
-            format!("{len} bytes"),
+        return Err(Box::new(
+            Issue::new(
+                IssueKind::ManifestTooLarge,
+                MANIFEST_FILE,
+                "invalid CERSA manifest: larger than the cap",
+            )
+            .expected_found(
+                format!("≤ {MAX_MANIFEST_SIZE} bytes"),
+                format!("{len} bytes"),
+            ),
         ));
     }
     let text = std::fs::read(&path).map_err(unreadable)?;
@@ -158,29 +160,37 @@ pub(crate) fn load_manifest(dir: &Path) -> Result<Manifest, Issue> {
             serde_json::error::Category::Data => IssueKind::ManifestInvalid,
             _ => IssueKind::ManifestNotJson,
         };
-        Issue::new(kind, MANIFEST_FILE, format!("invalid CERSA manifest: {e}"))
+        Box::new(Issue::new(
+            kind,
+            MANIFEST_FILE,
+            format!("invalid CERSA manifest: {e}"),
+        ))
     })?;
     if manifest.format != FORMAT_NAME {
-        return Err(Issue::new(
-            IssueKind::WrongFormat,
-            MANIFEST_FILE,
-            format!(
-                "format is {:?}, expected \"{FORMAT_NAME}\"",
-                manifest.format
-            ),
-        )
-        .expected_found(FORMAT_NAME, &manifest.format));
+        return Err(Box::new(
+            Issue::new(
+                IssueKind::WrongFormat,
+                MANIFEST_FILE,
+                format!(
+                    "format is {:?}, expected \"{FORMAT_NAME}\"",
+                    manifest.format
+                ),
+            )
+            .expected_found(FORMAT_NAME, &manifest.format),
+        ));
     }
     if manifest.format_version != FORMAT_VERSION {
-        return Err(Issue::new(
-            IssueKind::UnsupportedVersion,
-            MANIFEST_FILE,
-            format!(
-                "format_version {} is not supported (this reader knows {FORMAT_VERSION})",
-                manifest.format_version
-            ),
-        )
-        .expected_found(FORMAT_VERSION, manifest.format_version));
+        return Err(Box::new(
+            Issue::new(
+                IssueKind::UnsupportedVersion,
+                MANIFEST_FILE,
+                format!(
+                    "format_version {} is not supported (this reader knows {FORMAT_VERSION})",
+                    manifest.format_version
+                ),
+            )
+            .expected_found(FORMAT_VERSION, manifest.format_version),
+        ));
     }
     Ok(manifest)
 }
@@ -285,7 +295,7 @@ impl Run<'_> {
         let manifest = match load_manifest(self.dir) {
             Ok(m) => m,
             Err(issue) => {
-                self.push(issue)?;
+                self.push(*issue)?;
                 return Ok(None);
             }
         };

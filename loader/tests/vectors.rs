@@ -1,4 +1,4 @@
-//! The CERSA v1 test vectors of `formats/vectors/` (spec §6), written by
+//! The CERSA v1 test vectors of `formats/vectors/` (spec §7), written by
 //! `formats/vectors/make_vectors.py` independently of this crate's writer.
 
 use cersa_loader::{validate, Checkpoint, Error, IssueKind, OpenOptions, TensorView};
