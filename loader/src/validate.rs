@@ -134,25 +134,22 @@ pub fn non_finite_factors(ckpt: &Checkpoint, name: &str) -> Vec<Issue> {
 /// Reads and parses `dir/cersa.json`; the issue says why it is unusable.
 pub(crate) fn load_manifest(dir: &Path) -> Result<Manifest, Box<Issue>> {
     let path = dir.join(MANIFEST_FILE);
+    let issue = |kind, detail: String| Box::new(Issue::new(kind, MANIFEST_FILE, detail));
     let unreadable = |e: std::io::Error| {
-        Box::new(Issue::new(
-            IssueKind::ManifestUnreadable,
-            MANIFEST_FILE,
-            format!("cannot read the manifest: {e}"),
-        ))
+        let detail = format!("cannot read the manifest: {e}");
+        issue(IssueKind::ManifestUnreadable, detail)
+    };
+    // A rule on a field's value: the issue with what the rule wants and what was found.
+    let rule = |kind, detail, expected: String, found: String| {
+        Box::new(Issue::new(kind, MANIFEST_FILE, detail).expected_found(expected, found))
     };
     let len = std::fs::metadata(&path).map_err(unreadable)?.len();
     if len > MAX_MANIFEST_SIZE {
-        return Err(Box::new(
-            Issue::new(
-                IssueKind::ManifestTooLarge,
-                MANIFEST_FILE,
-                "invalid CERSA manifest: larger than the cap",
-            )
-            .expected_found(
-                format!("≤ {MAX_MANIFEST_SIZE} bytes"),
-                format!("{len} bytes"),
-            ),
+        return Err(rule(
+            IssueKind::ManifestTooLarge,
+            "invalid CERSA manifest: larger than the cap".into(),
+            format!("≤ {MAX_MANIFEST_SIZE} bytes"),
+            format!("{len} bytes"),
         ));
     }
     let text = std::fs::read(&path).map_err(unreadable)?;
@@ -161,36 +158,25 @@ pub(crate) fn load_manifest(dir: &Path) -> Result<Manifest, Box<Issue>> {
             serde_json::error::Category::Data => IssueKind::ManifestInvalid,
             _ => IssueKind::ManifestNotJson,
         };
-        Box::new(Issue::new(
-            kind,
-            MANIFEST_FILE,
-            format!("invalid CERSA manifest: {e}"),
-        ))
+        issue(kind, format!("invalid CERSA manifest: {e}"))
     })?;
-    if manifest.format != FORMAT_NAME {
-        return Err(Box::new(
-            Issue::new(
-                IssueKind::WrongFormat,
-                MANIFEST_FILE,
-                format!(
-                    "format is {:?}, expected \"{FORMAT_NAME}\"",
-                    manifest.format
-                ),
-            )
-            .expected_found(FORMAT_NAME, &manifest.format),
+    let (format, version) = (&manifest.format, manifest.format_version);
+    if format != FORMAT_NAME {
+        return Err(rule(
+            IssueKind::WrongFormat,
+            format!("format is {format:?}, expected \"{FORMAT_NAME}\""),
+            FORMAT_NAME.into(),
+            format.clone(),
         ));
     }
-    if manifest.format_version != FORMAT_VERSION {
-        return Err(Box::new(
-            Issue::new(
-                IssueKind::UnsupportedVersion,
-                MANIFEST_FILE,
-                format!(
-                    "format_version {} is not supported (this reader knows {FORMAT_VERSION})",
-                    manifest.format_version
-                ),
-            )
-            .expected_found(FORMAT_VERSION, manifest.format_version),
+    if version != FORMAT_VERSION {
+        return Err(rule(
+            IssueKind::UnsupportedVersion,
+            format!(
+                "format_version {version} is not supported (this reader knows {FORMAT_VERSION})"
+            ),
+            FORMAT_VERSION.to_string(),
+            version.to_string(),
         ));
     }
     Ok(manifest)
@@ -397,20 +383,25 @@ impl Run<'_> {
         if first_listing {
             shard_of_file.insert(file.to_string(), k);
         }
-        if file.is_empty() || file.contains('/') || file.contains('\\') || file.starts_with('.') {
-            self.push(Issue::new(
+        let plain = !(file.is_empty()
+            || file.contains('/')
+            || file.contains('\\')
+            || file.starts_with('.'));
+        let rejected = if !plain {
+            Some((
                 IssueKind::ShardNameNotPlain,
-                MANIFEST_FILE,
                 format!("shard file name {file:?} must be a plain file name"),
-            ))?;
-            return Ok(None);
-        }
-        if !first_listing {
-            self.push(Issue::new(
+            ))
+        } else if !first_listing {
+            Some((
                 IssueKind::ShardListedTwice,
-                MANIFEST_FILE,
                 format!("shard {file:?} listed twice"),
-            ))?;
+            ))
+        } else {
+            None
+        };
+        if let Some((kind, detail)) = rejected {
+            self.push(Issue::new(kind, MANIFEST_FILE, detail))?;
             return Ok(None);
         }
         let path = self.dir.join(file);

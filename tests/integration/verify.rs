@@ -45,6 +45,16 @@ fn report(args: &[&str], code: i32) -> VerifyReport {
     serde_json::from_slice(&out.stdout).expect("verify --json parses into VerifyReport")
 }
 
+/// Rewrites `out`'s manifest through `edit`; returns the original text.
+fn edit_manifest(out: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> String {
+    let mpath = out.join("cersa.json");
+    let original = std::fs::read_to_string(&mpath).unwrap();
+    let mut man: serde_json::Value = serde_json::from_str(&original).unwrap();
+    edit(&mut man);
+    std::fs::write(&mpath, serde_json::to_string_pretty(&man).unwrap()).unwrap();
+    original
+}
+
 fn shard(out: &Path) -> PathBuf {
     out.join("cersa-00001-of-00001.safetensors")
 }
@@ -168,18 +178,16 @@ fn stray_and_missing_tensors_and_shards_are_listed() {
 fn every_format_issue_is_listed_with_its_kind() {
     let dir = tmp();
     let (_src, out) = converted(dir.path());
-    let mpath = out.join("cersa.json");
-    let mut man: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&mpath).unwrap()).unwrap();
     // Three independent faults: a rank outside 1..=min(m, n), a wrong dense shape, and a
     // dense entry dropped (its stored tensor becomes a stray).
-    man["tensors"]["layer.0.proj.weight"]["rank"] = serde_json::json!(0);
-    man["tensors"]["layer.0.tiny.weight"]["shape"] = serde_json::json!([3, 2]);
-    man["tensors"]
-        .as_object_mut()
-        .unwrap()
-        .remove("layer.0.proj.bias");
-    std::fs::write(&mpath, serde_json::to_string(&man).unwrap()).unwrap();
+    edit_manifest(&out, |man| {
+        man["tensors"]["layer.0.proj.weight"]["rank"] = serde_json::json!(0);
+        man["tensors"]["layer.0.tiny.weight"]["shape"] = serde_json::json!([3, 2]);
+        man["tensors"]
+            .as_object_mut()
+            .unwrap()
+            .remove("layer.0.proj.bias");
+    });
     let r = report(&["verify", s(&out), "--json", "-q"], 1);
     assert_eq!(r.schema_version, cersa::verify::SCHEMA_VERSION);
     let found: Vec<(Check, Option<IssueKind>)> =
