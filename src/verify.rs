@@ -1,27 +1,32 @@
 //! `verify`: checks a CERSA directory against its manifest and, optionally, its source.
 //!
-//! Without a source: every shard's size and sha256 match the manifest; every manifest entry
-//! has its stored tensors (right shard, dtype and shape); no stray tensors; all factors are
-//! finite. With a source: the relative Frobenius error ‖W − Ŵ‖_F / ‖W‖_F of every factored
-//! tensor is recomputed in f64 from the source and compared with the manifest's `rel_error`,
-//! and dense tensors are compared byte for byte with the source.
+//! Without a source it runs the loader's validator ([`cersa_loader::validate_with`]: every
+//! shard's size, sha256 and safetensors layout; every manifest entry's rules and stored
+//! tensors, in the right shard with the right dtype and shape; no stray tensors) and checks
+//! that all factors are finite. With a source: the relative Frobenius error
+//! ‖W − Ŵ‖_F / ‖W‖_F of every factored tensor is recomputed in f64 from the source and
+//! compared with the manifest's `rel_error`, and dense tensors are compared byte for byte
+//! with the source.
 //!
 //! Every failed check is listed (the run does not stop at the first one); errors that make
-//! checking impossible (unreadable manifest or source) are returned as `Err`.
+//! checking impossible (unreadable manifest or source, Ctrl-C) are returned as `Err`.
 
-use crate::error::Result;
+use crate::error::{ConvertError, Result};
 use crate::input::{FloatData, Precision, Source};
 use cersa_loader::dtype::decode_f64;
-use cersa_loader::manifest::{Manifest, TensorInfo};
-use cersa_loader::{factor_names, Checkpoint, Dtype, TensorKind, TensorView, MANIFEST_FILE};
+use cersa_loader::manifest::TensorInfo;
+use cersa_loader::{
+    Checkpoint, Dtype, Issue, IssueKind, TensorKind, TensorView, ValidateOptions, MANIFEST_FILE,
+};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::Read;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Version of the verify JSON schema.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Version of the verify JSON schema. 2: failures carry `issue`, the loader's
+/// [`IssueKind`] (kebab-case) for every check the format validator made.
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// What a failed check was about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,13 +38,14 @@ pub enum Check {
     ShardSize,
     /// A shard's sha256 differs from the manifest.
     Sha256,
-    /// A shard's safetensors header is malformed, or the loader rejected the directory.
+    /// A shard's safetensors header is malformed, a manifest entry breaks a rule of the
+    /// format, or the loader rejected the directory.
     Structure,
     /// A tensor the manifest lists is not stored (or not where it says).
     MissingTensor,
     /// A stored tensor has another dtype or shape than the manifest implies.
     DtypeShape,
-    /// A stored tensor is not listed in the manifest.
+    /// A stored tensor is not listed in the manifest (or is stored twice).
     StrayTensor,
     /// A factor holds NaN or ±Inf.
     NonFinite,
@@ -51,11 +57,32 @@ pub enum Check {
     DenseBytes,
 }
 
+impl Check {
+    /// The check a format issue belongs to.
+    fn of(kind: IssueKind) -> Check {
+        use IssueKind as K;
+        match kind {
+            K::ShardMissing => Check::ShardMissing,
+            K::ShardSize => Check::ShardSize,
+            K::Sha256 => Check::Sha256,
+            K::TensorMissing | K::WrongShard | K::ShardNotListed => Check::MissingTensor,
+            K::DtypeMismatch | K::ShapeMismatch => Check::DtypeShape,
+            K::StrayTensor | K::StoredInTwoShards => Check::StrayTensor,
+            K::NonFiniteFactor => Check::NonFinite,
+            _ => Check::Structure,
+        }
+    }
+}
+
 /// One failed check.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Failure {
     /// The kind of check.
     pub check: Check,
+    /// The rule of the format broken, for the checks the loader's validator made (absent
+    /// for the source checks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issue: Option<IssueKind>,
     /// The file concerned (shard or manifest), relative to the CERSA directory.
     pub file: Option<String>,
     /// The tensor concerned (stored or source name).
@@ -66,6 +93,20 @@ pub struct Failure {
     pub found: Option<String>,
     /// Human-readable explanation.
     pub detail: String,
+}
+
+impl From<Issue> for Failure {
+    fn from(i: Issue) -> Self {
+        Failure {
+            check: Check::of(i.kind),
+            issue: Some(i.kind),
+            file: Some(i.file),
+            tensor: i.tensor,
+            expected: i.expected,
+            found: i.found,
+            detail: i.detail,
+        }
+    }
 }
 
 /// What was checked, counted.
@@ -103,6 +144,7 @@ pub struct VerifyReport {
 fn failure(check: Check, file: Option<&str>, tensor: Option<&str>, detail: String) -> Failure {
     Failure {
         check,
+        issue: None,
         file: file.map(String::from),
         tensor: tensor.map(String::from),
         expected: None,
@@ -129,35 +171,72 @@ pub fn rel_error_tolerance(stored: Dtype, precision: Precision, rel_error: f64) 
     abs + rel * rel_error.abs()
 }
 
+fn interrupted(cancel: &AtomicBool) -> Result<()> {
+    if cancel.load(Ordering::Relaxed) {
+        return Err(ConvertError::Interrupted);
+    }
+    Ok(())
+}
+
 /// Verifies `dir` (and, with `source`, against that checkpoint). `progress(done, total)`
-/// counts tensors compared with the source.
+/// counts tensors compared with the source; setting `cancel` stops the run with
+/// [`ConvertError::Interrupted`].
 pub fn verify(
     dir: &Path,
     source: Option<(&Path, &dyn Source)>,
     progress: &(dyn Fn(usize, usize) + Sync),
+    cancel: &AtomicBool,
 ) -> Result<VerifyReport> {
+    // An unusable manifest means nothing can be checked: an error, not a verdict.
     let manifest = cersa_loader::read_manifest(dir)?;
+    let options = ValidateOptions {
+        verify_checksums: true,
+        // Checked below on the thread pool.
+        check_finite: false,
+        cancel: Some(cancel),
+    };
+    let issues = cersa_loader::validate_with(dir, &options)
+        .map_err(|cersa_loader::Interrupted| ConvertError::Interrupted)?;
+    if let Some(issue) = issues.iter().find(|i| i.kind.is_manifest_unusable()) {
+        // The manifest changed since it was read.
+        return Err(cersa_loader::Error::Invalid {
+            dir: dir.to_path_buf(),
+            issue: Box::new(issue.clone()),
+        }
+        .into());
+    }
+    // A shard whose name was rejected is not read.
+    let unread = issues
+        .iter()
+        .filter(|i| {
+            matches!(
+                i.kind,
+                IssueKind::ShardNameNotPlain | IssueKind::ShardListedTwice
+            )
+        })
+        .count();
+    // A sha256 mismatch aside, a failed format check makes the values unreadable.
+    let structure_ok = issues.iter().all(|i| i.kind == IssueKind::Sha256);
     let mut report = VerifyReport {
         schema_version: SCHEMA_VERSION,
         out_dir: dir.to_path_buf(),
         source: source.map(|(p, _)| p.to_path_buf()),
         ok: false,
-        counts: Counts::default(),
-        failures: Vec::new(),
+        counts: Counts {
+            shards: manifest.shards.len().saturating_sub(unread),
+            tensors: manifest.tensors.len(),
+            ..Counts::default()
+        },
+        failures: issues.into_iter().map(Failure::from).collect(),
         skipped: Vec::new(),
     };
-    let headers = check_shards(dir, &manifest, &mut report);
-    let structure_ok = match &headers {
-        Some(h) => check_structure(&manifest, h, &mut report),
-        None => false,
-    };
     if structure_ok {
-        // The loader validates offsets and contiguity too; its verdict is one more check.
+        // Opened without hashing again: the shards were hashed above.
         match Checkpoint::open(dir) {
             Ok(ckpt) => {
-                check_finite(&ckpt, &mut report);
+                check_finite(&ckpt, &mut report, cancel)?;
                 if let Some((_, src)) = source {
-                    compare_source(&ckpt, src, &mut report, progress)?;
+                    compare_source(&ckpt, src, &mut report, progress, cancel)?;
                 }
             }
             Err(e) => {
@@ -179,268 +258,22 @@ pub fn verify(
     Ok(report)
 }
 
-/// Stored tensor name → (dtype name, shape) of one shard header.
-type HeaderIndex = BTreeMap<String, (String, Vec<u64>)>;
-
-/// Hashes every shard and reads its header. `None` when a shard is missing, of the wrong
-/// size, or has an unreadable header (structure checks are then meaningless).
-fn check_shards(
-    dir: &Path,
-    manifest: &Manifest,
-    report: &mut VerifyReport,
-) -> Option<BTreeMap<String, HeaderIndex>> {
-    let mut headers = BTreeMap::new();
-    let mut usable = true;
-    for info in &manifest.shards {
-        let file = Some(info.file.as_str());
-        let plain = !(info.file.contains('/')
-            || info.file.contains('\\')
-            || info.file.starts_with('.')
-            || info.file.is_empty());
-        if !plain {
-            report.failures.push(failure(
-                Check::Structure,
-                Some(MANIFEST_FILE),
-                None,
-                format!("shard file name {:?} must be a plain file name", info.file),
-            ));
-            usable = false;
-            continue;
-        }
-        let path = dir.join(&info.file);
-        report.counts.shards += 1;
-        let (len, sha) = match cersa_loader::writer::sha256_file(&path) {
-            Ok(x) => x,
-            Err(e) => {
-                report.failures.push(failure(
-                    Check::ShardMissing,
-                    file,
-                    None,
-                    format!("cannot read {}: {e}", path.display()),
-                ));
-                usable = false;
-                continue;
-            }
-        };
-        if len != info.bytes {
-            report.failures.push(expected_found(
-                failure(Check::ShardSize, file, None, "shard size differs".into()),
-                info.bytes,
-                len,
-            ));
-            usable = false;
-        }
-        if !sha.eq_ignore_ascii_case(&info.sha256) {
-            report.failures.push(expected_found(
-                failure(Check::Sha256, file, None, "shard sha256 differs".into()),
-                &info.sha256,
-                &sha,
-            ));
-        }
-        match read_header(&path, len) {
-            Ok(h) => {
-                headers.insert(info.file.clone(), h);
-            }
-            Err(reason) => {
-                report
-                    .failures
-                    .push(failure(Check::Structure, file, None, reason));
-                usable = false;
-            }
-        }
-    }
-    usable.then_some(headers)
-}
-
-/// Reads only the JSON header of a safetensors shard (names, dtypes, shapes). Offsets are
-/// validated later by the loader.
-fn read_header(path: &Path, file_len: u64) -> std::result::Result<HeaderIndex, String> {
-    #[derive(Deserialize)]
-    struct Entry {
-        dtype: String,
-        shape: Vec<u64>,
-    }
-    let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let mut len_bytes = [0u8; 8];
-    f.read_exact(&mut len_bytes)
-        .map_err(|_| "file shorter than the 8-byte header length".to_string())?;
-    let header_len = u64::from_le_bytes(len_bytes);
-    let cap = cersa_loader::safetensors::MAX_HEADER_SIZE;
-    if header_len > cap || header_len > file_len.saturating_sub(8) {
-        return Err(format!(
-            "header length {header_len} exceeds the file ({file_len} bytes) or the {cap}-byte cap"
-        ));
-    }
-    let mut text = vec![0u8; header_len as usize];
-    f.read_exact(&mut text).map_err(|e| e.to_string())?;
-    let raw: BTreeMap<String, serde_json::Value> =
-        serde_json::from_slice(&text).map_err(|e| format!("header is not valid JSON: {e}"))?;
-    let mut out = HeaderIndex::new();
-    for (name, value) in raw {
-        if name == "__metadata__" {
-            continue;
-        }
-        let e: Entry = serde_json::from_value(value)
-            .map_err(|e| format!("tensor `{name}`: malformed header entry: {e}"))?;
-        out.insert(name, (e.dtype, e.shape));
-    }
-    Ok(out)
-}
-
-/// The stored tensors a manifest entry implies: (name, dtype, shape).
-fn expected_stored(
-    name: &str,
-    info: &TensorInfo,
-) -> std::result::Result<Vec<(String, Dtype, Vec<u64>)>, String> {
-    let shape = |s: &[usize]| s.iter().map(|&d| d as u64).collect::<Vec<_>>();
-    match info.kind {
-        TensorKind::Dense => Ok(vec![(
-            name.to_string(),
-            info.stored_dtype,
-            shape(&info.shape),
-        )]),
-        TensorKind::Factored => {
-            let [m, n] = info
-                .matrix_shape
-                .ok_or("factored without matrix_shape".to_string())?;
-            let r = info.rank.ok_or("factored without rank".to_string())?;
-            let numel = info.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-            if info.shape.first() != Some(&m) || numel != m.checked_mul(n) {
-                return Err(format!(
-                    "matrix_shape [{m}, {n}] does not fit shape {:?}",
-                    info.shape
-                ));
-            }
-            if r == 0 || r > m.min(n) {
-                return Err(format!("rank {r} outside 1..=min({m}, {n})"));
-            }
-            let (u, s, vt) = factor_names(name);
-            Ok(vec![
-                (u, info.stored_dtype, shape(&[m, r])),
-                (s, Dtype::F32, shape(&[r])),
-                (vt, info.stored_dtype, shape(&[r, n])),
-            ])
-        }
-    }
-}
-
-/// Manifest entries ↔ shard headers. True when everything matched.
-fn check_structure(
-    manifest: &Manifest,
-    headers: &BTreeMap<String, HeaderIndex>,
-    report: &mut VerifyReport,
-) -> bool {
-    let before = report.failures.len();
-    let mut claimed: BTreeSet<(String, String)> = BTreeSet::new();
-    for (name, info) in &manifest.tensors {
-        report.counts.tensors += 1;
-        let expected = match expected_stored(name, info) {
-            Ok(e) => e,
-            Err(reason) => {
-                report.failures.push(failure(
-                    Check::Structure,
-                    Some(MANIFEST_FILE),
-                    Some(name),
-                    reason,
-                ));
-                continue;
-            }
-        };
-        let Some(header) = headers.get(&info.shard) else {
-            report.failures.push(failure(
-                Check::MissingTensor,
-                Some(MANIFEST_FILE),
-                Some(name),
-                format!("shard {:?} is not in the shard list", info.shard),
-            ));
-            continue;
-        };
-        for (stored, dtype, shape) in expected {
-            let file = Some(info.shard.as_str());
-            match header.get(&stored) {
-                None => {
-                    let elsewhere: Vec<&str> = headers
-                        .iter()
-                        .filter(|(_, h)| h.contains_key(&stored))
-                        .map(|(f, _)| f.as_str())
-                        .collect();
-                    let detail = if elsewhere.is_empty() {
-                        "listed in the manifest but not stored".to_string()
-                    } else {
-                        format!(
-                            "manifest says shard {:?}, stored in {elsewhere:?}",
-                            info.shard
-                        )
-                    };
-                    report.failures.push(failure(
-                        Check::MissingTensor,
-                        file,
-                        Some(&stored),
-                        detail,
-                    ));
-                }
-                Some((found_dtype, found_shape)) => {
-                    claimed.insert((info.shard.clone(), stored.clone()));
-                    if found_dtype != dtype.as_str() || *found_shape != shape {
-                        report.failures.push(expected_found(
-                            failure(
-                                Check::DtypeShape,
-                                file,
-                                Some(&stored),
-                                "stored dtype/shape differ from the manifest".into(),
-                            ),
-                            format!("{dtype} {shape:?}"),
-                            format!("{found_dtype} {found_shape:?}"),
-                        ));
-                    }
-                }
-            }
-        }
-    }
-    for (file, header) in headers {
-        for stored in header.keys() {
-            if !claimed.contains(&(file.clone(), stored.clone())) {
-                report.failures.push(failure(
-                    Check::StrayTensor,
-                    Some(file),
-                    Some(stored),
-                    "stored in a shard but not listed in the manifest".into(),
-                ));
-            }
-        }
-    }
-    report.failures.len() == before
-}
-
-/// Every factor (U, σ, Vᵀ) holds finite values.
-fn check_finite(ckpt: &Checkpoint, report: &mut VerifyReport) {
-    let man = ckpt.manifest();
-    let found: Vec<Failure> = man
+/// Every factor (U, σ, Vᵀ) holds finite values (the loader's check, one tensor per task).
+fn check_finite(ckpt: &Checkpoint, report: &mut VerifyReport, cancel: &AtomicBool) -> Result<()> {
+    let found = ckpt
+        .manifest()
         .tensors
         .par_iter()
         .filter(|(_, info)| info.kind == TensorKind::Factored)
-        .flat_map_iter(|(name, info)| {
-            let mut out = Vec::new();
-            let Ok(TensorView::Factored(f)) = ckpt.get(name) else {
-                return out;
-            };
-            let (un, sn, vn) = factor_names(name);
-            for (stored, raw) in [(un, f.u), (sn, f.s), (vn, f.vt)] {
-                let values = decode_f64(raw.dtype, raw.bytes).unwrap_or_default();
-                let bad = values.iter().filter(|x| !x.is_finite()).count();
-                if bad > 0 {
-                    out.push(failure(
-                        Check::NonFinite,
-                        Some(&info.shard),
-                        Some(&stored),
-                        format!("{bad} non-finite value(s) of {}", values.len()),
-                    ));
-                }
-            }
-            out
+        .map(|(name, _)| {
+            interrupted(cancel)?;
+            Ok(cersa_loader::non_finite_factors(ckpt, name))
         })
-        .collect();
-    report.failures.extend(found);
+        .collect::<Result<Vec<_>>>()?;
+    report
+        .failures
+        .extend(found.into_iter().flatten().map(Failure::from));
+    Ok(())
 }
 
 /// Outcome of comparing one manifest entry with the source.
@@ -454,6 +287,7 @@ fn compare_source(
     src: &dyn Source,
     report: &mut VerifyReport,
     progress: &(dyn Fn(usize, usize) + Sync),
+    cancel: &AtomicBool,
 ) -> Result<()> {
     let man = ckpt.manifest();
     let by_name: HashMap<&str, usize> = src
@@ -478,7 +312,8 @@ fn compare_source(
     let results = names
         .par_iter()
         .map(|(name, info)| {
-            let r = compare_one(ckpt, src, &by_name, name, info);
+            interrupted(cancel)?;
+            let r = compare_one(ckpt, src, &by_name, name, info, cancel);
             progress(
                 done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
                 total,
@@ -505,6 +340,7 @@ fn compare_one(
     by_name: &HashMap<&str, usize>,
     name: &str,
     info: &TensorInfo,
+    cancel: &AtomicBool,
 ) -> Result<std::result::Result<Compared, Failure>> {
     let shard = Some(info.shard.as_str());
     let Some(&i) = by_name.get(name) else {
@@ -534,6 +370,7 @@ fn compare_one(
             let mut first_diff: Option<usize> = None;
             let mut too_long = false;
             src.copy_dense(i, &mut |chunk| {
+                interrupted(cancel)?;
                 let end = offset.saturating_add(chunk.len());
                 match raw.bytes.get(offset..end) {
                     Some(stored) if first_diff.is_none() => {

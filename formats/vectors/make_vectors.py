@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generates the CERSA v1 test vectors under formats/vectors/ (spec §6).
+"""Generates the CERSA v1 test vectors under formats/vectors/ (spec §7).
 
     python3 formats/vectors/make_vectors.py
 
@@ -9,9 +9,13 @@ writer, so the Rust reader is checked against a second implementation of the spe
 valid/<case>/    a checkpoint + expected.json: for every tensor its kind, shape and the
                  values `reconstruct` must give (f64, from the factors as stored: numpy
                  U·diag(s)·Vᵀ; dense: the stored values), flattened row-major.
-invalid/<case>/  a broken checkpoint + expected_error.txt: every non-empty line is a
-                 substring the reader's error (opened with sha256 verification) must contain
-                 — the cause first, then the file and, where there is one, the tensor.
+invalid/<case>/  a broken checkpoint + expected_issues.json:
+                 {"validate": [kinds], "open": {"kind", "file", "tensor"} or null}
+                 `validate` lists the `IssueKind` names (kebab-case, as serialized) that
+                 `cersa_loader::validate` must return, in order; `open` is the issue
+                 `Checkpoint::open` (with sha256 verification) must stop at — the first of
+                 `validate` — or null where open must succeed (issues only `validate` checks,
+                 such as non-finite factors). Its message must name the file and the tensor.
 """
 import copy
 import hashlib
@@ -25,6 +29,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 META = {"format": "cersa", "cersa_version": "1"}
 SHARD1 = "cersa-00001-of-00001.safetensors"
+SHARD2 = "cersa-00002-of-00002.safetensors"
+MANIFEST = "cersa.json"
 
 
 # ---------------------------------------------------------------- encoding helpers
@@ -210,12 +216,16 @@ def valid_cases():
 
 # ---------------------------------------------------------------- invalid vectors
 def invalid_cases():
-    """Each case: a function (manifest, shard_bytes) → optional manifest text; and the
-    expected error lines. Shards are re-hashed after the edit unless the case says not."""
+    """Each case: a function (manifest, shard_bytes) → optional manifest text; the issue
+    kind `open` stops at with its file and tensor, and the further kinds `validate` lists
+    after it (`opens`: open succeeds, only `validate` sees the issues). Shards are
+    re-hashed after the edit unless the case says not."""
     cases = []
 
-    def case(name, expected, rehash_after=True):
+    def case(name, kind, file, tensor=None, more=(), rehash_after=True, opens=False):
         def deco(fn):
+            first = None if opens else {"kind": kind, "file": file, "tensor": tensor}
+            expected = {"validate": [kind, *more], "open": first}
             cases.append((name, fn, expected, rehash_after))
             return fn
         return deco
@@ -234,187 +244,187 @@ def invalid_cases():
             lst.append(extra)
         return safetensors([tuple(t) for t in lst]) + data_suffix
 
-    @case("bad-format", ["format is \"notcersa\"", "cersa.json"])
+    @case("bad-format", "wrong-format", MANIFEST)
     def _(m, sb):
         m["format"] = "notcersa"
 
-    @case("bad-version", ["format_version 2 is not supported", "cersa.json"])
+    @case("bad-version", "unsupported-version", MANIFEST)
     def _(m, sb):
         m["format_version"] = 2
 
-    @case("manifest-not-json", ["invalid CERSA manifest", "cersa.json"])
+    @case("manifest-not-json", "manifest-not-json", MANIFEST)
     def _(m, sb):
         return '{"format": "cersa", '
 
-    @case("manifest-missing-tensors", ["missing field `tensors`", "cersa.json"])
+    @case("manifest-missing-tensors", "manifest-invalid", MANIFEST)
     def _(m, sb):
         del m["tensors"]
 
-    @case("manifest-unknown-kind", ["unknown variant `lowrank`", "cersa.json"])
+    @case("manifest-unknown-kind", "manifest-invalid", MANIFEST)
     def _(m, sb):
         m["tensors"][W]["kind"] = "lowrank"
 
-    @case("manifest-negative-rank", ["invalid value", "cersa.json"])
+    @case("manifest-negative-rank", "manifest-invalid", MANIFEST)
     def _(m, sb):
         m["tensors"][W]["rank"] = -1
 
-    @case("shard-name-with-slash", ["must be a plain file name", "cersa.json"])
+    @case("shard-name-with-slash", "shard-name-not-plain", MANIFEST)
     def _(m, sb):
         m["shards"][0]["file"] = "../" + SHARD1
         m["tensors"][W]["shard"] = m["tensors"]["layer.bias"]["shard"] = "../" + SHARD1
 
-    @case("shard-name-hidden", ["must be a plain file name", "cersa.json"])
+    @case("shard-name-hidden", "shard-name-not-plain", MANIFEST,
+          more=["shard-not-listed", "shard-not-listed"])
     def _(m, sb):
+        # The entries still name the unhidden file, which is no longer in the list.
         m["shards"][0]["file"] = "." + SHARD1
 
-    @case("shard-listed-twice", ["listed twice", "cersa.json"])
+    @case("shard-listed-twice", "shard-listed-twice", MANIFEST)
     def _(m, sb):
         m["shards"].append(dict(m["shards"][0]))
 
-    @case("shard-file-missing", ["stat", "cersa-00002-of-00002.safetensors"])
+    @case("shard-file-missing", "shard-missing", SHARD2)
     def _(m, sb):
-        m["shards"].append({"file": "cersa-00002-of-00002.safetensors", "bytes": 8,
+        m["shards"].append({"file": SHARD2, "bytes": 8,
                             "sha256": "0" * 64})
 
-    @case("shard-size-mismatch", ["size mismatch", SHARD1], rehash_after=False)
+    @case("shard-size-mismatch", "shard-size", SHARD1, rehash_after=False)
     def _(m, sb):
         m["shards"][0]["bytes"] += 1
 
-    @case("checksum-mismatch", ["sha256 mismatch", SHARD1], rehash_after=False)
+    @case("checksum-mismatch", "sha256", SHARD1, rehash_after=False)
     def _(m, sb):
         b = bytearray(sb[SHARD1])
         b[-1] ^= 0x01  # same size, one bit of the last tensor's data flipped
         sb[SHARD1] = bytes(b)
 
-    @case("truncated-shard", ["size mismatch", SHARD1], rehash_after=False)
+    @case("truncated-shard", "shard-size", SHARD1,
+          more=["sha256", "offsets-out-of-bounds"], rehash_after=False)
     def _(m, sb):
         sb[SHARD1] = sb[SHARD1][:-5]
 
-    @case("truncated-shard-rehashed", ["outside the", "was the file truncated", SHARD1,
-                                       "layer.bias"])
+    @case("truncated-shard-rehashed", "offsets-out-of-bounds", SHARD1, "layer.bias")
     def _(m, sb):
         # The manifest agrees with the truncated file, so the safetensors bounds catch it.
         sb[SHARD1] = sb[SHARD1][:-5]
 
-    @case("shard-too-short", ["too short", SHARD1])
+    @case("shard-too-short", "shard-too-short", SHARD1)
     def _(m, sb):
         sb[SHARD1] = b"\x10\x00\x00"
 
-    @case("shard-header-past-end", ["past the end", SHARD1])
+    @case("shard-header-past-end", "header-past-end", SHARD1)
     def _(m, sb):
         sb[SHARD1] = struct.pack("<Q", 4096) + b"{}"
 
-    @case("shard-header-over-cap", ["exceeds the 100000000-byte cap", SHARD1])
+    @case("shard-header-over-cap", "header-over-cap", SHARD1)
     def _(m, sb):
         sb[SHARD1] = struct.pack("<Q", 100_000_001) + b"{}" + b" " * 6
 
-    @case("shard-header-invalid-json", ["header is not valid JSON", SHARD1])
+    @case("shard-header-invalid-json", "header-malformed", SHARD1)
     def _(m, sb):
         sb[SHARD1] = raw_safetensors(b'{"layer.bias": {"dtype": "F32",', b"")
 
-    @case("shard-header-not-utf8", ["not UTF-8", SHARD1])
+    @case("shard-header-not-utf8", "header-malformed", SHARD1)
     def _(m, sb):
         sb[SHARD1] = raw_safetensors(b'{"\xff\xfe": 1}', b"")
 
-    @case("shard-duplicate-name", ["appears twice", SHARD1, "layer.bias"])
+    @case("shard-duplicate-name", "duplicate-tensor-name", SHARD1, "layer.bias")
     def _(m, sb):
         h = (b'{"layer.bias":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
              b'"layer.bias":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}')
         sb[SHARD1] = raw_safetensors(h, b"\0" * 8)
 
-    @case("shard-unknown-dtype", ["unsupported dtype `Q4_0`", SHARD1, "layer.bias"])
+    @case("shard-unknown-dtype", "unknown-dtype", SHARD1, "layer.bias")
     def _(m, sb):
         h = b'{"layer.bias":{"dtype":"Q4_0","shape":[3],"data_offsets":[0,12]}}'
         sb[SHARD1] = raw_safetensors(h, b"\0" * 12)
 
-    @case("shard-shape-overflow", ["overflows", SHARD1, "layer.bias"])
+    @case("shard-shape-overflow", "shape-overflow", SHARD1, "layer.bias")
     def _(m, sb):
         h = (b'{"layer.bias":{"dtype":"F32","shape":[4294967296,4294967296,16],'
              b'"data_offsets":[0,12]}}')
         sb[SHARD1] = raw_safetensors(h, b"\0" * 12)
 
-    @case("shard-dtype-size-mismatch", ["need 12", SHARD1, "layer.bias"])
+    @case("shard-dtype-size-mismatch", "data-size-mismatch", SHARD1, "layer.bias")
     def _(m, sb):
         h = b'{"layer.bias":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}'
         sb[SHARD1] = raw_safetensors(h, b"\0" * 8)
 
-    @case("shard-overlapping-offsets", ["must be contiguous", SHARD1])
+    @case("shard-overlapping-offsets", "overlapping-offsets", SHARD1, "b")
     def _(m, sb):
         h = (b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},'
              b'"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}')
         sb[SHARD1] = raw_safetensors(h, b"\0" * 12)
 
-    @case("shard-gap-in-data", ["must be contiguous", SHARD1])
+    @case("shard-gap-in-data", "data-gap", SHARD1, "b")
     def _(m, sb):
         h = (b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
              b'"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}')
         sb[SHARD1] = raw_safetensors(h, b"\0" * 12)
 
-    @case("shard-trailing-bytes", ["not covered by any tensor", SHARD1])
+    @case("shard-trailing-bytes", "trailing-bytes", SHARD1)
     def _(m, sb):
         sb[SHARD1] = sb[SHARD1] + b"\0" * 4
 
-    @case("wrong-factor-shape", ["expected F32 [4, 2], found F32 [4, 1]", SHARD1,
-                                 "layer.weight.cersa_u"])
+    @case("wrong-factor-shape", "shape-mismatch", SHARD1, W + ".cersa_u")
     def _(m, sb):
         def mut(lst):
             u = lst[0]
             u[2], u[3] = [4, 1], u[3][:16]
         sb[SHARD1] = shard_with(mut)
 
-    @case("sigma-not-f32", ["expected F32 [2], found F16 [2]", SHARD1, "layer.weight.cersa_s"])
+    @case("sigma-not-f32", "dtype-mismatch", SHARD1, W + ".cersa_s")
     def _(m, sb):
         def mut(lst):
             lst[1][1], lst[1][3] = "F16", lst[1][3][:4]
         sb[SHARD1] = shard_with(mut)
 
-    @case("rank-above-min-dim", ["rank 4 outside 1..=min(4, 3)", "cersa.json", W])
+    @case("rank-above-min-dim", "rank-out-of-range", MANIFEST, W)
     def _(m, sb):
         m["tensors"][W]["rank"] = 4
 
-    @case("rank-zero", ["rank 0 outside", "cersa.json", W])
+    @case("rank-zero", "rank-out-of-range", MANIFEST, W)
     def _(m, sb):
         m["tensors"][W]["rank"] = 0
 
-    @case("rank-disagrees-with-shard", ["expected F32 [4, 1], found F32 [4, 2]", SHARD1,
-                                        "layer.weight.cersa_u"])
+    @case("rank-disagrees-with-shard", "shape-mismatch", SHARD1, W + ".cersa_u",
+          more=["shape-mismatch", "shape-mismatch"])
     def _(m, sb):
         m["tensors"][W]["rank"] = 1
 
-    @case("factored-without-rank", ["factored without rank", "cersa.json", W])
+    @case("factored-without-rank", "factored-without-rank", MANIFEST, W)
     def _(m, sb):
         del m["tensors"][W]["rank"]
 
-    @case("matrix-shape-mismatch", ["does not fit shape", "cersa.json", W])
+    @case("matrix-shape-mismatch", "matrix-shape-mismatch", MANIFEST, W)
     def _(m, sb):
         m["tensors"][W]["matrix_shape"] = [2, 6]
 
-    @case("factor-dtype-integer", ["not a float type", "cersa.json", W])
+    @case("factor-dtype-integer", "factor-dtype-not-float", MANIFEST, W)
     def _(m, sb):
         m["tensors"][W]["stored_dtype"] = "I32"
 
-    @case("dense-dtype-mismatch", ["expected F16 [3], found F32 [3]", SHARD1, "layer.bias"])
+    @case("dense-dtype-mismatch", "dtype-mismatch", SHARD1, "layer.bias")
     def _(m, sb):
         m["tensors"]["layer.bias"]["stored_dtype"] = "F16"
 
-    @case("dense-shape-mismatch", ["expected F32 [1, 3], found F32 [3]", SHARD1,
-                                   "layer.bias"])
+    @case("dense-shape-mismatch", "shape-mismatch", SHARD1, "layer.bias")
     def _(m, sb):
         m["tensors"]["layer.bias"]["shape"] = [1, 3]
 
-    @case("tensor-missing-from-shard", ["missing from its shard", SHARD1, "layer.bias"])
+    @case("tensor-missing-from-shard", "tensor-missing", SHARD1, "layer.bias")
     def _(m, sb):
         sb[SHARD1] = shard_with(drop="layer.bias")
 
-    @case("stray-tensor", ["not listed in the manifest", SHARD1, "stray"])
+    @case("stray-tensor", "stray-tensor", SHARD1, "stray")
     def _(m, sb):
         sb[SHARD1] = shard_with(extra=["stray", "F32", [1], b"\0" * 4])
 
-    @case("tensor-shard-not-listed", ["is not in the shard list", "cersa.json", "layer.bias"])
+    @case("tensor-shard-not-listed", "shard-not-listed", MANIFEST, "layer.bias")
     def _(m, sb):
         m["tensors"]["layer.bias"]["shard"] = "cersa-00009-of-00009.safetensors"
 
-    @case("tensor-in-other-shard", ["manifest says shard", "cersa-00002-of-00002", "layer.bias"])
+    @case("tensor-in-other-shard", "wrong-shard", SHARD2, "layer.bias")
     def _(m, sb):
         c = base()
         s2 = "cersa-00002-of-00002.safetensors"
@@ -423,15 +433,15 @@ def invalid_cases():
         m["shards"].append({"file": s2})
         # the manifest still says the bias is in shard 1
 
-    @case("tensor-in-two-shards", ["stored in more than one shard", "layer.bias"])
+    @case("tensor-in-two-shards", "stored-in-two-shards", SHARD2, "layer.bias")
     def _(m, sb):
         c = base()
         s2 = "cersa-00002-of-00002.safetensors"
         sb[s2] = safetensors(c.shards[SHARD1][3:])
         m["shards"].append({"file": s2})
 
-    @case("stored-name-claimed-twice", ["claimed by two manifest entries", "cersa.json",
-                                        "layer.weight.cersa_u"])
+    @case("stored-name-claimed-twice", "claimed-twice", MANIFEST,
+          W + ".cersa_u", more=["stray-tensor"])
     def _(m, sb):
         # A dense entry named like a factor of another entry, plus a stray tensor: the
         # counts of claimed and stored tensors agree, the names do not.
@@ -440,6 +450,26 @@ def invalid_cases():
         m["tensors"][W + ".cersa_u"] = {
             "kind": "dense", "shape": [4, 2], "source_dtype": "F32", "stored_dtype": "F32",
             "shard": u["shard"], "reason": "excluded"}
+
+    @case("factored-without-matrix-shape", "factored-without-matrix-shape", MANIFEST, W)
+    def _(m, sb):
+        del m["tensors"][W]["matrix_shape"]
+
+    @case("factor-non-finite", "non-finite-factor", SHARD1, W + ".cersa_vt", opens=True)
+    def _(m, sb):
+        # Structurally sound and correctly hashed: only the value check sees the NaN.
+        def mut(lst):
+            vt = lst[2]
+            vt[3] = struct.pack("<f", float("nan")) + vt[3][4:]
+        sb[SHARD1] = shard_with(mut)
+
+    @case("several-issues", "shape-mismatch", SHARD1, "layer.bias",
+          more=["rank-out-of-range", "stray-tensor"])
+    def _(m, sb):
+        # validate lists all three; open stops at the first (entries in name order).
+        m["tensors"]["layer.bias"]["shape"] = [1, 3]
+        m["tensors"][W]["rank"] = 0
+        sb[SHARD1] = shard_with(extra=["stray", "F32", [1], b"\0" * 4])
 
     for name, fn, expected, rehash_after in cases:
         c = base()
@@ -450,8 +480,9 @@ def invalid_cases():
             rehash(m, sb)
         d = os.path.join(HERE, "invalid", name)
         write_dir(d, m, sb, manifest_text=text)
-        with open(os.path.join(d, "expected_error.txt"), "w") as f:
-            f.write("\n".join(expected) + "\n")
+        with open(os.path.join(d, "expected_issues.json"), "w") as f:
+            json.dump(expected, f, indent=1)
+            f.write("\n")
     return len(cases)
 
 

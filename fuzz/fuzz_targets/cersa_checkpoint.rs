@@ -53,6 +53,8 @@ fuzz_target!(|data: &[u8]| {
     for (name, bytes) in SHARDS.iter().zip(&parts[1..]) {
         std::fs::write(dir.path().join(name), bytes).expect("write");
     }
+    // The validator lists every issue of the same hostile directory; it must not panic either.
+    let _ = cersa_loader::validate(dir.path());
     let opts = OpenOptions {
         verify_checksums: false,
     };

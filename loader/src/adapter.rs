@@ -5,7 +5,7 @@
 //!
 //! | mode      | tensors                                                   |
 //! |-----------|-----------------------------------------------------------|
-//! | `scale`   | `NAME.adapter_s` [r] (replaces σ_r)                        |
+//! | `scale`   | `NAME.adapter_s` `[r]` (replaces σ_r)                      |
 //! | `core`    | `NAME.adapter_a` [r, k], `NAME.adapter_b` [k, r] (ΔM = A·B) |
 //! | `factors` | `NAME.adapter_left` [m, r] (U·√σ), `NAME.adapter_right` [r, n] (√σ·Vᵀ) |
 //! | `cersa`   | `NAME.adapter_c` [t, t] (the leading t×t block of the core C)   |

@@ -2,14 +2,11 @@
 
 use crate::dtype::{decode_f32, Dtype};
 use crate::error::{Error, Result};
-use crate::manifest::{
-    factor_names, Manifest, TensorInfo, TensorKind, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE,
-};
+use crate::manifest::{factor_names, Manifest, TensorKind};
 use crate::mmap::MappedFile;
-use crate::safetensors::{self, Header};
-use crate::writer::hex;
-use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use crate::safetensors::Header;
+use crate::validate;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// Manifest size cap: a manifest lists each tensor in ~400 bytes, so 256 MiB covers
@@ -23,10 +20,11 @@ pub struct OpenOptions {
     pub verify_checksums: bool,
 }
 
-struct Shard {
-    path: PathBuf,
-    map: MappedFile,
-    header: Header,
+/// A mapped shard with its validated header.
+pub(crate) struct Shard {
+    pub(crate) path: PathBuf,
+    pub(crate) map: MappedFile,
+    pub(crate) header: Header,
 }
 
 /// A stored tensor: dtype, shape and its little-endian bytes inside a mapped shard.
@@ -52,7 +50,7 @@ impl RawTensor<'_> {
 pub struct Factors<'a> {
     /// `U_r`, [m, r].
     pub u: RawTensor<'a>,
-    /// `σ_r`, [r], F32.
+    /// `σ_r`, `[r]`, F32.
     pub s: RawTensor<'a>,
     /// `V_rᵀ`, [r, n].
     pub vt: RawTensor<'a>,
@@ -111,223 +109,37 @@ fn mismatch(path: &Path, tensor: &str, reason: String) -> Error {
 
 /// Reads and parses `cersa.json` of `dir` without opening shards.
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
-    let path = dir.join(MANIFEST_FILE);
-    let meta = std::fs::metadata(&path).map_err(|e| Error::io(&path, "stat", e))?;
-    if meta.len() > MAX_MANIFEST_SIZE {
-        return Err(Error::Manifest {
-            path,
-            reason: format!(
-                "{} bytes exceeds the {MAX_MANIFEST_SIZE}-byte cap",
-                meta.len()
-            ),
-        });
-    }
-    let text = std::fs::read(&path).map_err(|e| Error::io(&path, "read", e))?;
-    let manifest: Manifest = serde_json::from_slice(&text).map_err(|e| Error::Manifest {
-        path: path.clone(),
-        reason: e.to_string(),
-    })?;
-    if manifest.format != FORMAT_NAME {
-        return Err(Error::Manifest {
-            path,
-            reason: format!("format is {:?}, expected \"cersa\"", manifest.format),
-        });
-    }
-    if manifest.format_version != FORMAT_VERSION {
-        return Err(Error::Manifest {
-            path,
-            reason: format!(
-                "format_version {} is not supported (this reader knows {FORMAT_VERSION})",
-                manifest.format_version
-            ),
-        });
-    }
-    Ok(manifest)
+    validate::load_manifest(dir).map_err(|issue| Error::invalid(dir, issue))
 }
 
 impl Checkpoint {
-    /// Opens `dir` and validates manifest ↔ shards (names, shapes, dtypes, sizes, ranks).
+    /// Opens `dir` and validates manifest ↔ shards (names, shapes, dtypes, sizes, ranks):
+    /// the checks of [`crate::validate()`] without checksums and values, stopping at the
+    /// first issue ([`Error::Invalid`]).
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         Self::open_with(dir, OpenOptions::default())
     }
 
     /// Like [`Checkpoint::open`], with options (e.g. sha256 verification).
     pub fn open_with(dir: impl AsRef<Path>, options: OpenOptions) -> Result<Self> {
-        let dir = dir.as_ref().to_path_buf();
-        let manifest = read_manifest(&dir)?;
-        let manifest_path = dir.join(MANIFEST_FILE);
-        let mut shards = Vec::with_capacity(manifest.shards.len());
-        let mut index = HashMap::new();
-        let mut shard_of_file = BTreeMap::new();
-        for (k, info) in manifest.shards.iter().enumerate() {
-            if info.file.contains('/') || info.file.contains('\\') || info.file.starts_with('.') {
-                return Err(Error::Manifest {
-                    path: manifest_path,
-                    reason: format!("shard file name {:?} must be a plain file name", info.file),
-                });
-            }
-            if shard_of_file.insert(info.file.clone(), k).is_some() {
-                return Err(Error::Manifest {
-                    path: manifest_path,
-                    reason: format!("shard {:?} listed twice", info.file),
-                });
-            }
-            let path = dir.join(&info.file);
-            let len = std::fs::metadata(&path)
-                .map_err(|e| Error::io(&path, "stat", e))?
-                .len();
-            if len != info.bytes {
-                return Err(Error::Checksum {
-                    path,
-                    what: "size",
-                    expected: info.bytes.to_string(),
-                    found: len.to_string(),
-                });
-            }
-            // SAFETY (of the contract): CERSA shards are written once and never modified
-            // in place; see `MappedFile::open`.
-            #[allow(unsafe_code)]
-            let map = unsafe { MappedFile::open(&path)? };
-            if options.verify_checksums {
-                let found = hex(&Sha256::digest(map.bytes()));
-                if !found.eq_ignore_ascii_case(&info.sha256) {
-                    return Err(Error::Checksum {
-                        path,
-                        what: "sha256",
-                        expected: info.sha256.clone(),
-                        found,
-                    });
-                }
-            }
-            let header = safetensors::parse(map.bytes()).map_err(|kind| Error::Safetensors {
-                path: path.clone(),
-                kind,
-            })?;
-            for (i, t) in header.tensors.iter().enumerate() {
-                if index.insert(t.name.clone(), (k, i)).is_some() {
-                    return Err(mismatch(
-                        &path,
-                        &t.name,
-                        "stored in more than one shard".into(),
-                    ));
-                }
-            }
-            shards.push(Shard { path, map, header });
-        }
-        let ckpt = Checkpoint {
+        let dir = dir.as_ref();
+        validate::open_checked(dir, options.verify_checksums)
+            .map_err(|issue| Error::invalid(dir, issue))
+    }
+
+    /// A checkpoint from the parts [`crate::validate()`] checked.
+    pub(crate) fn from_checked(
+        dir: PathBuf,
+        manifest: Manifest,
+        shards: Vec<Shard>,
+        index: HashMap<String, (usize, usize)>,
+    ) -> Self {
+        Checkpoint {
             dir,
             manifest,
             shards,
             index,
-        };
-        ckpt.validate(&shard_of_file)?;
-        Ok(ckpt)
-    }
-
-    fn validate(&self, shard_of_file: &BTreeMap<String, usize>) -> Result<()> {
-        let mpath = self.dir.join(MANIFEST_FILE);
-        // Stored names claimed so far: a stored tensor claimed by two manifest entries
-        // (dense `a.cersa_u` next to factored `a`) would otherwise let a stray one pass a
-        // count comparison.
-        let mut claimed: HashSet<String> = HashSet::new();
-        for (name, info) in &self.manifest.tensors {
-            let &k = shard_of_file.get(&info.shard).ok_or_else(|| {
-                mismatch(
-                    &mpath,
-                    name,
-                    format!("shard {:?} is not in the shard list", info.shard),
-                )
-            })?;
-            let check = |stored: &str, dtype: Dtype, shape: &[usize]| -> Result<()> {
-                let (sk, i) = *self.index.get(stored).ok_or_else(|| {
-                    mismatch(
-                        &self.shards[k].path,
-                        stored,
-                        "listed in the manifest but missing from its shard".into(),
-                    )
-                })?;
-                let shard = &self.shards[sk];
-                if sk != k {
-                    return Err(mismatch(
-                        &shard.path,
-                        stored,
-                        format!("manifest says shard {:?}", info.shard),
-                    ));
-                }
-                let e = &shard.header.tensors[i];
-                if e.dtype != dtype || e.shape != shape {
-                    return Err(mismatch(
-                        &shard.path,
-                        stored,
-                        format!(
-                            "expected {dtype} {shape:?}, found {} {:?}",
-                            e.dtype, e.shape
-                        ),
-                    ));
-                }
-                Ok(())
-            };
-            let stored = match info.kind {
-                TensorKind::Dense => {
-                    check(name, info.stored_dtype, &info.shape)?;
-                    vec![name.clone()]
-                }
-                TensorKind::Factored => {
-                    let (m, n, r) = factored_dims(&mpath, name, info)?;
-                    let (u, s, vt) = factor_names(name);
-                    check(&u, info.stored_dtype, &[m, r])?;
-                    check(&s, Dtype::F32, &[r])?;
-                    check(&vt, info.stored_dtype, &[r, n])?;
-                    vec![u, s, vt]
-                }
-            };
-            for t in stored {
-                if claimed.contains(&t) {
-                    return Err(mismatch(
-                        &mpath,
-                        &t,
-                        "stored tensor claimed by two manifest entries".into(),
-                    ));
-                }
-                claimed.insert(t);
-            }
         }
-        if claimed.len() != self.index.len() {
-            let stray = self
-                .index
-                .keys()
-                .filter(|n| !self.is_claimed(n))
-                .min()
-                .cloned()
-                .unwrap_or_default();
-            let path = self
-                .index
-                .get(&stray)
-                .map(|(k, _)| self.shards[*k].path.clone())
-                .unwrap_or(mpath);
-            return Err(mismatch(
-                &path,
-                &stray,
-                "stored in a shard but not listed in the manifest".into(),
-            ));
-        }
-        Ok(())
-    }
-
-    fn is_claimed(&self, stored: &str) -> bool {
-        if let Some(info) = self.manifest.tensors.get(stored) {
-            if info.kind == TensorKind::Dense {
-                return true;
-            }
-        }
-        for suffix in [crate::SUFFIX_U, crate::SUFFIX_S, crate::SUFFIX_VT] {
-            if let Some(base) = stored.strip_suffix(suffix) {
-                if let Some(info) = self.manifest.tensors.get(base) {
-                    return info.kind == TensorKind::Factored;
-                }
-            }
-        }
-        false
     }
 
     /// The directory.
@@ -374,7 +186,10 @@ impl Checkpoint {
         match info.kind {
             TensorKind::Dense => Ok(TensorView::Dense(self.raw(name)?)),
             TensorKind::Factored => {
-                let (m, n, r) = factored_dims(&self.dir.join(MANIFEST_FILE), name, info)?;
+                let (m, n, r) = validate::factored_dims(name, info).map_err(|issues| {
+                    let first = issues.into_iter().next();
+                    Error::invalid(&self.dir, first.expect("factored_dims gives a reason"))
+                })?;
                 let (u, s, vt) = factor_names(name);
                 Ok(TensorView::Factored(Factors {
                     u: self.raw(&u)?,
@@ -388,7 +203,7 @@ impl Checkpoint {
     }
 
     /// The matrix W (factored: U·diag(s)·Vᵀ; dense: the tensor viewed as
-    /// [shape[0], rest]) as f32.
+    /// `[shape[0], rest]`) as f32.
     pub fn reconstruct(&self, name: &str) -> Result<Matrix> {
         match self.get(name)? {
             TensorView::Dense(t) => {
@@ -462,41 +277,6 @@ impl Checkpoint {
             }
         }
     }
-}
-
-fn factored_dims(mpath: &Path, name: &str, info: &TensorInfo) -> Result<(usize, usize, usize)> {
-    let [m, n] = info
-        .matrix_shape
-        .ok_or_else(|| mismatch(mpath, name, "factored without matrix_shape".into()))?;
-    let r = info
-        .rank
-        .ok_or_else(|| mismatch(mpath, name, "factored without rank".into()))?;
-    let numel = info.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-    if info.shape.len() < 2 || numel != m.checked_mul(n) || info.shape.first() != Some(&m) {
-        return Err(mismatch(
-            mpath,
-            name,
-            format!(
-                "matrix_shape [{m}, {n}] does not fit shape {:?}",
-                info.shape
-            ),
-        ));
-    }
-    if r == 0 || r > m.min(n) {
-        return Err(mismatch(
-            mpath,
-            name,
-            format!("rank {r} outside 1..=min({m}, {n})"),
-        ));
-    }
-    if !info.stored_dtype.is_factor_float() {
-        return Err(mismatch(
-            mpath,
-            name,
-            format!("factor dtype {} is not a float type", info.stored_dtype),
-        ));
-    }
-    Ok((m, n, r))
 }
 
 fn dense_matrix_dims(name: &str, shape: &[usize]) -> Result<(usize, usize)> {

@@ -1,6 +1,7 @@
 //! The error type of `cersa-loader`.
 
-use std::path::PathBuf;
+use crate::issue::Issue;
+use std::path::{Path, PathBuf};
 
 /// Everything that can go wrong reading, validating or writing a CERSA checkpoint or a
 /// safetensors file. Variants carry the file, the tensor and the expected/found values.
@@ -16,6 +17,16 @@ pub enum Error {
         op: &'static str,
         /// The OS error.
         source: std::io::Error,
+    },
+    /// A CERSA directory breaks a rule of the format: the first [`Issue`] that
+    /// [`crate::Checkpoint::open`] (or [`crate::read_manifest`]) found. [`crate::validate()`]
+    /// lists them all.
+    #[error("{}", .issue.located(.dir))]
+    Invalid {
+        /// The CERSA directory.
+        dir: PathBuf,
+        /// What is wrong, where, expected and found.
+        issue: Box<Issue>,
     },
     /// A safetensors header or data section is malformed.
     #[error("{path}: invalid safetensors file: {kind}")]
@@ -158,6 +169,13 @@ pub enum SafetensorsError {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    pub(crate) fn invalid(dir: &Path, issue: impl Into<Box<Issue>>) -> Self {
+        Error::Invalid {
+            dir: dir.to_path_buf(),
+            issue: issue.into(),
+        }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, op: &'static str, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),

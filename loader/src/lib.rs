@@ -8,10 +8,12 @@ pub mod candle;
 pub mod checkpoint;
 pub mod dtype;
 pub mod error;
+pub mod issue;
 pub mod manifest;
 pub mod memory;
 pub mod mmap;
 pub mod safetensors;
+pub mod validate;
 pub mod writer;
 
 pub use checkpoint::{
@@ -19,8 +21,10 @@ pub use checkpoint::{
 };
 pub use dtype::Dtype;
 pub use error::{Error, Result, SafetensorsError};
+pub use issue::{Issue, IssueKind};
 pub use manifest::{
     factor_names, shard_file_name, DenseReason, Manifest, TensorInfo, TensorKind, FORMAT_NAME,
     FORMAT_VERSION, MANIFEST_FILE, SUFFIX_S, SUFFIX_U, SUFFIX_VT,
 };
+pub use validate::{non_finite_factors, validate, validate_with, Interrupted, ValidateOptions};
 pub use writer::CheckpointWriter;

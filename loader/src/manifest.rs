@@ -12,7 +12,7 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const MANIFEST_FILE: &str = "cersa.json";
 /// Suffix of the left factor `U_r` ([m, r]).
 pub const SUFFIX_U: &str = ".cersa_u";
-/// Suffix of the singular values `σ_r` ([r], always F32).
+/// Suffix of the singular values `σ_r` (`[r]`, always F32).
 pub const SUFFIX_S: &str = ".cersa_s";
 /// Suffix of the right factor `V_rᵀ` ([r, n]).
 pub const SUFFIX_VT: &str = ".cersa_vt";

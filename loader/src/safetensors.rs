@@ -111,102 +111,162 @@ impl<'de> Deserialize<'de> for RawHeader {
     }
 }
 
-/// Parses and validates the header of a complete safetensors file held in `file`.
+/// Parses and validates the header of a complete safetensors file held in `file`; the
+/// error is the first problem found.
 pub fn parse(file: &[u8]) -> Result<Header, SafetensorsError> {
+    let mut problems = Vec::new();
+    match parse_reporting(file, &mut problems, false) {
+        Some(header) => Ok(header),
+        None => Err(problems
+            .pop()
+            .expect("a header is only refused with a reason")),
+    }
+}
+
+/// Like [`parse`], but appends every problem it can find to `problems` (with `all`; else
+/// only the first): each entry's dtype, shape and offsets, then the layout of the data
+/// section. Problems that make the rest unreadable (length, JSON) end the parse. Returns
+/// the header only when nothing was wrong.
+pub fn parse_reporting(
+    file: &[u8],
+    problems: &mut Vec<SafetensorsError>,
+    all: bool,
+) -> Option<Header> {
+    let before = problems.len();
+    // Pushes `e`; true when the caller wants no more problems.
+    let stop = |e: SafetensorsError, problems: &mut Vec<SafetensorsError>| {
+        problems.push(e);
+        !all
+    };
+    // Problems after which nothing more can be read end the parse whatever `all` says.
     let file_len = file.len() as u64;
-    let len_bytes: [u8; 8] = file
-        .get(..8)
-        .and_then(|b| b.try_into().ok())
-        .ok_or(SafetensorsError::TooShort(file_len))?;
+    let Some(len_bytes) = file.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) else {
+        problems.push(SafetensorsError::TooShort(file_len));
+        return None;
+    };
     let header_len = u64::from_le_bytes(len_bytes);
     if header_len > MAX_HEADER_SIZE {
-        return Err(SafetensorsError::HeaderTooLarge {
+        problems.push(SafetensorsError::HeaderTooLarge {
             found: header_len,
             cap: MAX_HEADER_SIZE,
         });
+        return None;
     }
     let data_start = 8 + header_len; // cannot overflow: header_len is capped
-    let header_bytes = file
-        .get(8..data_start as usize)
-        .ok_or(SafetensorsError::HeaderPastEnd {
+    let Some(header_bytes) = file.get(8..data_start as usize) else {
+        problems.push(SafetensorsError::HeaderPastEnd {
             header: header_len,
             file: file_len,
-        })?;
-    let text = std::str::from_utf8(header_bytes)
-        .map_err(|e| SafetensorsError::InvalidJson(format!("not UTF-8: {e}")))?;
-    let raw: RawHeader =
-        serde_json::from_str(text).map_err(|e| SafetensorsError::InvalidJson(e.to_string()))?;
+        });
+        return None;
+    };
+    let raw = std::str::from_utf8(header_bytes)
+        .map_err(|e| SafetensorsError::InvalidJson(format!("not UTF-8: {e}")))
+        .and_then(|text| {
+            serde_json::from_str::<RawHeader>(text)
+                .map_err(|e| SafetensorsError::InvalidJson(e.to_string()))
+        });
+    let raw = match raw {
+        Ok(raw) => raw,
+        Err(e) => {
+            problems.push(e);
+            return None;
+        }
+    };
     if let Some(name) = raw.duplicate {
-        return Err(SafetensorsError::DuplicateName(name));
+        if stop(SafetensorsError::DuplicateName(name), problems) {
+            return None;
+        }
     }
     let data_len = file_len - data_start;
     let mut tensors = Vec::with_capacity(raw.entries.len());
     for (name, e) in raw.entries {
-        let dtype = Dtype::parse(&e.dtype).ok_or_else(|| SafetensorsError::UnknownDtype {
-            tensor: name.clone(),
-            dtype: e.dtype.clone(),
-        })?;
-        let overflow = || SafetensorsError::ShapeOverflow {
-            tensor: name.clone(),
-            shape: e.shape.clone(),
-        };
-        let numel = e
-            .shape
-            .iter()
-            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
-            .ok_or_else(overflow)?;
-        let nbytes = numel
-            .checked_mul(dtype.size() as u64)
-            .ok_or_else(overflow)?;
-        let [begin, end] = e.data_offsets;
-        if begin > end || end > data_len {
-            return Err(SafetensorsError::OffsetOutOfBounds {
-                tensor: name,
-                begin,
-                end,
-                data_len,
-            });
+        match entry(name, e, data_len) {
+            Ok(t) => tensors.push(t),
+            Err(problem) => {
+                if stop(problem, problems) {
+                    return None;
+                }
+            }
         }
-        if end - begin != nbytes {
-            return Err(SafetensorsError::SizeMismatch {
-                tensor: name,
-                expected: nbytes,
-                found: end - begin,
-            });
-        }
-        // All values are now bounded by the file length, so they fit in usize.
-        let shape = e
-            .shape
-            .iter()
-            .map(|&d| usize::try_from(d).map_err(|_| overflow()))
-            .collect::<Result<Vec<_>, _>>()?;
-        tensors.push(TensorEntry {
-            name,
-            dtype,
-            shape,
-            begin: begin as usize,
-            end: end as usize,
-        });
+    }
+    if problems.len() > before {
+        // Offsets of rejected entries are unknown: the layout check would only add noise.
+        return None;
     }
     tensors.sort_by_key(|t| (t.begin, t.end));
     let mut expected = 0usize;
     for t in &tensors {
         if t.begin != expected {
-            return Err(SafetensorsError::NotContiguous {
+            let e = SafetensorsError::NotContiguous {
                 tensor: t.name.clone(),
                 expected: expected as u64,
                 found: t.begin as u64,
-            });
+            };
+            if stop(e, problems) {
+                return None;
+            }
         }
-        expected = t.end;
+        // `max`: after an overlap the next tensor is compared with the furthest end, so
+        // one misplaced tensor is reported once.
+        expected = expected.max(t.end);
     }
     if expected as u64 != data_len {
-        return Err(SafetensorsError::TrailingBytes(data_len - expected as u64));
+        problems.push(SafetensorsError::TrailingBytes(data_len - expected as u64));
     }
-    Ok(Header {
+    (problems.len() == before).then(|| Header {
         metadata: raw.metadata.unwrap_or_default(),
         tensors,
         data_start: data_start as usize,
+    })
+}
+
+/// One header entry checked against its dtype and the data section of `data_len` bytes.
+fn entry(name: String, e: RawEntry, data_len: u64) -> Result<TensorEntry, SafetensorsError> {
+    let dtype = Dtype::parse(&e.dtype).ok_or_else(|| SafetensorsError::UnknownDtype {
+        tensor: name.clone(),
+        dtype: e.dtype.clone(),
+    })?;
+    let overflow = || SafetensorsError::ShapeOverflow {
+        tensor: name.clone(),
+        shape: e.shape.clone(),
+    };
+    let numel = e
+        .shape
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(overflow)?;
+    let nbytes = numel
+        .checked_mul(dtype.size() as u64)
+        .ok_or_else(overflow)?;
+    let [begin, end] = e.data_offsets;
+    if begin > end || end > data_len {
+        return Err(SafetensorsError::OffsetOutOfBounds {
+            tensor: name,
+            begin,
+            end,
+            data_len,
+        });
+    }
+    if end - begin != nbytes {
+        return Err(SafetensorsError::SizeMismatch {
+            tensor: name,
+            expected: nbytes,
+            found: end - begin,
+        });
+    }
+    // All values are now bounded by the file length, so they fit in usize.
+    let shape = e
+        .shape
+        .iter()
+        .map(|&d| usize::try_from(d).map_err(|_| overflow()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(TensorEntry {
+        name,
+        dtype,
+        shape,
+        begin: begin as usize,
+        end: end as usize,
     })
 }
 
@@ -263,7 +323,7 @@ pub fn serialize_header(
 }
 
 /// Writes a complete safetensors file from in-memory tensors (used by tests and
-/// fixture generators; the converter streams through [`crate::writer::ShardWriter`]).
+/// fixture generators; the converter streams through [`crate::writer::CheckpointWriter`]).
 pub fn write_file(
     path: &std::path::Path,
     metadata: &BTreeMap<String, String>,

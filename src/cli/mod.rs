@@ -49,7 +49,7 @@ pub fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<Status> {
     match cli.command {
         Command::Convert(a) => run_convert(a, &cancel),
         Command::Inspect(a) => run_inspect(a),
-        Command::Verify(a) => run_verify(a),
+        Command::Verify(a) => run_verify(a, &cancel),
         Command::Report(a) => run_report(a),
         Command::Merge(a) => run_merge(a),
     }
@@ -156,7 +156,7 @@ fn run_inspect(a: InspectArgs) -> Result<Status> {
     Ok(Status::Ok)
 }
 
-fn run_verify(a: VerifyArgs) -> Result<Status> {
+fn run_verify(a: VerifyArgs, cancel: &AtomicBool) -> Result<Status> {
     let threads = args::threads(a.threads)?;
     let src = match &a.source {
         Some(p) => Some(crate::input::open(p).with_context(|| format!("opening {}", p.display()))?),
@@ -170,10 +170,15 @@ fn run_verify(a: VerifyArgs) -> Result<Status> {
     let source = a.source.as_deref().zip(src.as_deref());
     let report = pool
         .install(|| {
-            crate::verify::verify(&a.out_dir, source, &|done, total| {
-                bar.set_length(total as u64);
-                bar.set_position(done as u64)
-            })
+            crate::verify::verify(
+                &a.out_dir,
+                source,
+                &|done, total| {
+                    bar.set_length(total as u64);
+                    bar.set_position(done as u64)
+                },
+                cancel,
+            )
         })
         .with_context(|| format!("verifying {}", a.out_dir.display()))?;
     bar.finish_and_clear();

@@ -3,6 +3,7 @@
 
 use crate::util::*;
 use cersa::verify::{Check, VerifyReport};
+use cersa_loader::IssueKind;
 use std::path::{Path, PathBuf};
 
 /// A source with one factored matrix (low rank plus noise), one dense vector and one
@@ -42,6 +43,16 @@ fn report(args: &[&str], code: i32) -> VerifyReport {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("verify --json parses into VerifyReport")
+}
+
+/// Rewrites `out`'s manifest through `edit`; returns the original text.
+fn edit_manifest(out: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> String {
+    let mpath = out.join("cersa.json");
+    let original = std::fs::read_to_string(&mpath).unwrap();
+    let mut man: serde_json::Value = serde_json::from_str(&original).unwrap();
+    edit(&mut man);
+    std::fs::write(&mpath, serde_json::to_string_pretty(&man).unwrap()).unwrap();
+    original
 }
 
 fn shard(out: &Path) -> PathBuf {
@@ -161,4 +172,48 @@ fn stray_and_missing_tensors_and_shards_are_listed() {
     assert_eq!(r.failures[0].check, Check::ShardMissing, "{r:?}");
     // No manifest at all: an error (exit 2), not a verdict.
     cersa_fails(&["verify", s(dir.path()), "-q"], 2);
+}
+
+#[test]
+fn every_format_issue_is_listed_with_its_kind() {
+    let dir = tmp();
+    let (_src, out) = converted(dir.path());
+    // Three independent faults: a rank outside 1..=min(m, n), a wrong dense shape, and a
+    // dense entry dropped (its stored tensor becomes a stray).
+    edit_manifest(&out, |man| {
+        man["tensors"]["layer.0.proj.weight"]["rank"] = serde_json::json!(0);
+        man["tensors"]["layer.0.tiny.weight"]["shape"] = serde_json::json!([3, 2]);
+        man["tensors"]
+            .as_object_mut()
+            .unwrap()
+            .remove("layer.0.proj.bias");
+    });
+    let r = report(&["verify", s(&out), "--json", "-q"], 1);
+    assert_eq!(r.schema_version, cersa::verify::SCHEMA_VERSION);
+    let found: Vec<(Check, Option<IssueKind>)> =
+        r.failures.iter().map(|f| (f.check, f.issue)).collect();
+    assert_eq!(
+        found,
+        [
+            (Check::Structure, Some(IssueKind::RankOutOfRange)),
+            (Check::DtypeShape, Some(IssueKind::ShapeMismatch)),
+            (Check::StrayTensor, Some(IssueKind::StrayTensor)),
+        ],
+        "{r:?}"
+    );
+    // The same issues, in the same order, as the loader's validator gives.
+    let issues = cersa_loader::validate(&out);
+    let kinds: Vec<_> = issues.iter().map(|i| Some(i.kind)).collect();
+    assert_eq!(kinds, found.iter().map(|f| f.1).collect::<Vec<_>>());
+    assert_eq!(r.failures[1].expected.as_deref(), Some("[3, 2]"));
+    assert_eq!(r.failures[1].found.as_deref(), Some("[2, 3]"));
+}
+
+#[test]
+fn a_set_cancel_flag_stops_verify() {
+    let dir = tmp();
+    let (_src, out) = converted(dir.path());
+    let cancel = std::sync::atomic::AtomicBool::new(true);
+    let r = cersa::verify::verify(&out, None, &|_, _| {}, &cancel);
+    assert!(matches!(r, Err(cersa::ConvertError::Interrupted)), "{r:?}");
 }
