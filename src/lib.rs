@@ -13,9 +13,11 @@ pub mod error;
 pub mod input;
 pub mod inspect;
 pub mod journal;
+pub mod matrix;
 pub mod merge;
 pub mod report;
 pub mod select;
+pub mod storage;
 pub mod verify;
 
 pub use error::{ConvertError, Result};

@@ -48,10 +48,10 @@ fn emit(text: &str) -> Result<()> {
 pub fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<Status> {
     match cli.command {
         Command::Convert(a) => run_convert(a, &cancel),
-        Command::Inspect(a) => run_inspect(a),
+        Command::Inspect(a) => run_inspect(a, &cancel),
         Command::Verify(a) => run_verify(a),
-        Command::Report(a) => run_report(a),
-        Command::Merge(a) => run_merge(a),
+        Command::Report(a) => run_report(a, &cancel),
+        Command::Merge(a) => run_merge(a, &cancel),
     }
 }
 
@@ -101,36 +101,40 @@ fn run_convert(a: ConvertArgs, cancel: &AtomicBool) -> Result<Status> {
     Ok(Status::Ok)
 }
 
-/// Singular values of every selected matrix of the source at `path`, on `threads` workers,
-/// with a progress bar unless `quiet` (shared by `inspect` and `report`).
+/// Singular values of every selected matrix of the source `a.path` by the route
+/// `a.algorithm`, with a progress bar unless `quiet` (shared by `inspect` and `report`).
 fn spectra_of_source(
-    path: &std::path::Path,
+    a: &args::SpectraArgs,
     opts: &crate::inspect::InspectOptions,
-    threads: usize,
     quiet: bool,
+    cancel: &AtomicBool,
 ) -> Result<crate::inspect::SourceReport> {
+    let path = &a.path;
+    let threads = args::threads(a.threads)?;
+    let decomposer = decompose::by_name(&a.algorithm)?;
     let src = crate::input::open(path).with_context(|| format!("opening {}", path.display()))?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
         .context("starting worker threads")?;
     let bar = progress_bar(quiet, src.tensors().len() as u64);
-    // Values only: `auto` takes the cheapest exact route to σ (f64 Gram eigenvalues).
-    let decomposer = decompose::by_name("auto")?;
     let report = pool
         .install(|| {
-            inspect_source(src.as_ref(), opts, decomposer.as_ref(), &|done, _| {
-                bar.set_position(done as u64)
-            })
+            inspect_source(
+                src.as_ref(),
+                opts,
+                decomposer.as_ref(),
+                &|done, _| bar.set_position(done as u64),
+                cancel,
+            )
         })
         .with_context(|| format!("inspecting {}", path.display()))?;
     bar.finish_and_clear();
     Ok(report)
 }
 
-fn run_inspect(a: InspectArgs) -> Result<Status> {
+fn run_inspect(a: InspectArgs, cancel: &AtomicBool) -> Result<Status> {
     let opts = a.spectra.to_options(a.singular_values)?;
-    let threads = args::threads(a.spectra.threads)?;
     let path = &a.spectra.path;
     if path.join(cersa_loader::MANIFEST_FILE).is_file() {
         let ckpt = cersa_loader::Checkpoint::open(path)
@@ -145,7 +149,7 @@ fn run_inspect(a: InspectArgs) -> Result<Status> {
         }
         return Ok(Status::Ok);
     }
-    let report = spectra_of_source(path, &opts, threads, a.quiet)?;
+    let report = spectra_of_source(&a.spectra, &opts, a.quiet, cancel)?;
     if a.json {
         emit(&(serde_json::to_string_pretty(&report)? + "\n"))?;
     } else if a.csv {
@@ -189,19 +193,19 @@ fn run_verify(a: VerifyArgs) -> Result<Status> {
     })
 }
 
-fn run_report(a: ReportArgs) -> Result<Status> {
+fn run_report(a: ReportArgs, cancel: &AtomicBool) -> Result<Status> {
     let path = &a.spectra.path;
     let title = path.display().to_string();
     let model = if path.join(cersa_loader::MANIFEST_FILE).is_file() {
         let ckpt = cersa_loader::Checkpoint::open(path)
             .with_context(|| format!("opening CERSA directory {}", path.display()))?;
         let report = inspect_checkpoint(&ckpt);
-        crate::report::model_from_checkpoint(&title, &ckpt, &report)?
+        crate::report::model_from_checkpoint(&title, &ckpt, &report, cancel)
+            .with_context(|| format!("reading the spectra of {}", path.display()))?
     } else {
         // Every singular value: the report plots the spectra.
         let opts = a.spectra.to_options(true)?;
-        let threads = args::threads(a.spectra.threads)?;
-        let report = spectra_of_source(path, &opts, threads, a.quiet)?;
+        let report = spectra_of_source(&a.spectra, &opts, a.quiet, cancel)?;
         crate::report::model_from_source(&title, &report)
     };
     let html = crate::report::render_html(&model);
@@ -213,41 +217,23 @@ fn run_report(a: ReportArgs) -> Result<Status> {
     Ok(Status::Ok)
 }
 
-fn run_merge(a: MergeArgs) -> Result<Status> {
-    let decomposer = decompose::by_name("svd")?;
-    let (manifest, layers) =
-        crate::merge::merge(&a.cersa_dir, &a.adapter, &a.out_dir, decomposer.as_ref())
-            .with_context(|| {
-                format!(
-                    "merging {} into {}",
-                    a.adapter.display(),
-                    a.cersa_dir.display()
-                )
-            })?;
+fn run_merge(a: MergeArgs, cancel: &AtomicBool) -> Result<Status> {
+    let opts = crate::merge::MergeOptions {
+        algorithm: a.algorithm.clone(),
+        overwrite: a.overwrite,
+    };
+    let report = crate::merge::merge(&a.cersa_dir, &a.adapter, &a.out_dir, &opts, cancel)
+        .with_context(|| {
+            format!(
+                "merging {} into {}",
+                a.adapter.display(),
+                a.cersa_dir.display()
+            )
+        })?;
     if a.json {
-        let layers: Vec<_> = layers
-            .iter()
-            .map(|l| {
-                serde_json::json!({"name": l.name, "old_rank": l.old_rank, "new_rank": l.new_rank,
-                    "energy": l.energy, "rel_error": l.rel_error})
-            })
-            .collect();
-        let report = serde_json::json!({"out_dir": a.out_dir, "layers": layers,
-            "totals": manifest.totals});
         emit(&(serde_json::to_string_pretty(&report)? + "\n"))?;
     } else {
-        let mut text = format!(
-            "merged {} layer(s) into {}\n",
-            layers.len(),
-            a.out_dir.display()
-        );
-        for l in &layers {
-            text += &format!(
-                "  {}  rank {} -> {}  energy {:.4}  rel_error {:.3e}\n",
-                l.name, l.old_rank, l.new_rank, l.energy, l.rel_error
-            );
-        }
-        emit(&text)?;
+        emit(&output::merge_summary(&report))?;
     }
     Ok(Status::Ok)
 }

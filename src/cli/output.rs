@@ -113,3 +113,21 @@ pub fn verify_summary(r: &crate::verify::VerifyReport) -> String {
     );
     out
 }
+
+/// `cersa merge` summary: one line per re-decomposed layer.
+pub fn merge_summary(r: &crate::merge::MergeReport) -> String {
+    let mut text = format!(
+        "merged {} layer(s) into {} (route {})\n",
+        r.layers.len(),
+        r.out_dir.display(),
+        r.algorithm
+    );
+    for l in &r.layers {
+        let _ = writeln!(
+            text,
+            "  {}  rank {} -> {}  energy {:.4}  rel_error {:.3e}",
+            l.name, l.old_rank, l.new_rank, l.energy, l.rel_error
+        );
+    }
+    text
+}

@@ -17,6 +17,7 @@ use crate::inspect::groups::GroupRow;
 use crate::inspect::{CheckpointReport, SourceReport};
 use cersa_loader::{Checkpoint, TensorKind, TensorView};
 use std::fmt::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use svg::esc;
 
 /// The spectrum of one matrix as the plots need it.
@@ -159,14 +160,19 @@ pub fn model_from_source(title: &str, r: &SourceReport) -> ReportModel {
     }
 }
 
-/// The model of a CERSA directory: stored σ_r of every factored tensor.
+/// The model of a CERSA directory: stored σ_r of every factored tensor. Once `cancel` is
+/// set no further tensor is read and the result is [`ConvertError::Interrupted`].
 pub fn model_from_checkpoint(
     title: &str,
     ckpt: &Checkpoint,
     r: &CheckpointReport,
+    cancel: &AtomicBool,
 ) -> Result<ReportModel> {
     let mut matrices = Vec::new();
     for t in &r.tensors {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(ConvertError::Interrupted);
+        }
         if t.kind != TensorKind::Factored {
             continue;
         }
