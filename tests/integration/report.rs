@@ -101,20 +101,11 @@ fn inspect_groups_csv_and_checkpoint_totals() {
 /// A source of 48 matrices 320×320 (long enough to inspect for a Ctrl-C to land).
 fn slow_source(dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("model.safetensors");
-    let tensors: Vec<_> = (0..48)
-        .map(|l| {
-            (
-                format!("layer.{l:02}.weight"),
-                vec![320, 320],
-                noise(l + 1, 320 * 320),
-            )
-        })
+    let names: Vec<String> = (0..48).map(|l| format!("layer.{l:02}.weight")).collect();
+    let tensors: Vec<_> = (names.iter().zip(1..))
+        .map(|(name, seed)| (name.as_str(), vec![320, 320], noise(seed, 320 * 320)))
         .collect();
-    let refs: Vec<_> = tensors
-        .iter()
-        .map(|(n, s, v)| (n.as_str(), s.clone(), v.clone()))
-        .collect();
-    write_f32(&path, &refs);
+    write_f32(&path, &tensors);
     path
 }
 
