@@ -44,6 +44,11 @@ fn emit(text: &str) -> Result<()> {
     }
 }
 
+/// Writes `report` to stdout as pretty JSON (the versioned wire formats of `--json`).
+fn emit_json(report: &impl serde::Serialize) -> Result<()> {
+    emit(&(serde_json::to_string_pretty(report)? + "\n"))
+}
+
 /// Runs the parsed command line.
 pub fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<Status> {
     match cli.command {
@@ -94,7 +99,7 @@ fn run_convert(a: ConvertArgs, cancel: &AtomicBool) -> Result<Status> {
         manifest,
     };
     if a.json {
-        emit(&(serde_json::to_string_pretty(&report)? + "\n"))?;
+        emit_json(&report)?;
     } else {
         emit(&output::convert_summary(&report))?;
     }
@@ -136,27 +141,24 @@ fn spectra_of_source(
 fn run_inspect(a: InspectArgs, cancel: &AtomicBool) -> Result<Status> {
     let opts = a.spectra.to_options(a.singular_values)?;
     let path = &a.spectra.path;
-    if path.join(cersa_loader::MANIFEST_FILE).is_file() {
+    let text = if path.join(cersa_loader::MANIFEST_FILE).is_file() {
         let ckpt = cersa_loader::Checkpoint::open(path)
             .with_context(|| format!("opening CERSA directory {}", path.display()))?;
         let report = inspect_checkpoint(&ckpt);
-        if a.json {
-            emit(&(serde_json::to_string_pretty(&report)? + "\n"))?;
-        } else if a.csv {
-            emit(&inspect_view::checkpoint_csv(&report))?;
-        } else {
-            emit(&inspect_view::checkpoint_view(&report, a.group))?;
+        match (a.json, a.csv) {
+            (true, _) => return emit_json(&report).map(|()| Status::Ok),
+            (_, true) => inspect_view::checkpoint_csv(&report),
+            _ => inspect_view::checkpoint_view(&report, a.group),
         }
-        return Ok(Status::Ok);
-    }
-    let report = spectra_of_source(&a.spectra, &opts, a.quiet, cancel)?;
-    if a.json {
-        emit(&(serde_json::to_string_pretty(&report)? + "\n"))?;
-    } else if a.csv {
-        emit(&inspect_view::source_csv(&report))?;
     } else {
-        emit(&inspect_view::source_view(&report, a.group))?;
-    }
+        let report = spectra_of_source(&a.spectra, &opts, a.quiet, cancel)?;
+        match (a.json, a.csv) {
+            (true, _) => return emit_json(&report).map(|()| Status::Ok),
+            (_, true) => inspect_view::source_csv(&report),
+            _ => inspect_view::source_view(&report, a.group),
+        }
+    };
+    emit(&text)?;
     Ok(Status::Ok)
 }
 
@@ -182,7 +184,7 @@ fn run_verify(a: VerifyArgs) -> Result<Status> {
         .with_context(|| format!("verifying {}", a.out_dir.display()))?;
     bar.finish_and_clear();
     if a.json {
-        emit(&(serde_json::to_string_pretty(&report)? + "\n"))?;
+        emit_json(&report)?;
     } else {
         emit(&output::verify_summary(&report))?;
     }
@@ -231,7 +233,7 @@ fn run_merge(a: MergeArgs, cancel: &AtomicBool) -> Result<Status> {
             )
         })?;
     if a.json {
-        emit(&(serde_json::to_string_pretty(&report)? + "\n"))?;
+        emit_json(&report)?;
     } else {
         emit(&output::merge_summary(&report))?;
     }

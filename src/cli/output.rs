@@ -5,16 +5,7 @@ use std::fmt::Write;
 
 /// Counts with k/M/G suffixes.
 pub(crate) fn human(n: u64) -> String {
-    let n = n as f64;
-    if n >= 1e9 {
-        format!("{:.2}G", n / 1e9)
-    } else if n >= 1e6 {
-        format!("{:.2}M", n / 1e6)
-    } else if n >= 1e3 {
-        format!("{:.1}k", n / 1e3)
-    } else {
-        format!("{n}")
-    }
+    crate::report::si_text(n, "", "")
 }
 
 /// Renders rows with left-aligned first column and right-aligned others.
