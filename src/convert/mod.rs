@@ -1,12 +1,12 @@
 //! The conversion pipeline: source reader → decomposition workers → ordered shard writer.
 //!
 //! Data flows one way through small rooms:
-//! - [`out_dir`]: the sibling `.OUT.cersa-partial` directory the run writes into, and the
+//! - `out_dir`: the sibling `.OUT.cersa-partial` directory the run writes into, and the
 //!   rename that makes `OUT` appear (or replace a CERSA directory, `--overwrite`);
-//! - [`schedule`]: workers claim tensors in source order within an admission window and
+//! - `schedule`: workers claim tensors in source order within an admission window and
 //!   the memory budget, and hand their results to the writer;
-//! - [`process`]: one tensor's work (read, check, factor, encode, measure the error);
-//! - [`write`]: the calling thread writes results strictly in source order, journals each
+//! - `process`: one tensor's work (read, check, factor, encode, measure the error);
+//! - `write`: the calling thread writes results strictly in source order, journals each
 //!   shard the writer closes, and assembles the manifest.
 //!
 //! The output bytes do not depend on the thread count or the memory budget.
