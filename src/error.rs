@@ -73,9 +73,17 @@ pub enum ConvertError {
     Route(#[from] DecomposeError),
     /// The output directory exists and is not empty.
     #[error(
-        "{0}: output directory already exists and is not empty (remove it or choose another path)"
+        "{0}: output directory already exists and is not empty (remove it, choose another path, or pass --overwrite to replace a CERSA directory)"
     )]
     OutputExists(PathBuf),
+    /// `--overwrite` found something other than a CERSA directory at the output path.
+    #[error("{path}: refusing to replace it with --overwrite: {reason}; only a CERSA directory (holding a cersa.json of format `cersa`) is replaced, anything else is left untouched")]
+    NotReplaceable {
+        /// The output path.
+        path: PathBuf,
+        /// What it is instead.
+        reason: String,
+    },
     /// A source file changed while it was being read.
     #[error("{path}: source file changed during conversion ({what}); its memory map can no longer be trusted — rerun on a stable file")]
     SourceChanged {

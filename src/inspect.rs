@@ -5,17 +5,19 @@
 pub mod groups;
 pub mod metrics;
 
-use crate::decompose::rank::{break_even_rank, energy_at, frobenius2, saves, RankRule};
+use crate::decompose::rank::{break_even_rank, energy_at, saves, RankRule};
 use crate::decompose::Decomposer;
 use crate::error::{ConvertError, Result};
-use crate::input::{FloatData, Source};
+use crate::input::Source;
+use crate::matrix::{read_matrix, Matrix};
 use crate::select::Selection;
+use crate::storage::{FactorDtype, Stored};
 use cersa_loader::{Checkpoint, DenseReason, Dtype, TensorKind};
 use groups::{group, Contribution, GroupRow};
 use metrics::{kind_and_layer, spectrum_metrics, SpectrumMetrics};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// Version of the inspect JSON schema (2: metrics, bytes, groups; 1: ranks only).
 pub const SCHEMA_VERSION: u32 = 2;
@@ -137,12 +139,14 @@ pub struct InspectOptions {
 }
 
 /// Singular values of every selected matrix of `src` (in parallel over tensors), and the
-/// ranks at each threshold. `progress(done, total)` is called from worker threads.
+/// ranks at each threshold. `progress(done, total)` is called from worker threads; once
+/// `cancel` is set no further tensor starts and the result is [`ConvertError::Interrupted`].
 pub fn inspect_source(
     src: &dyn Source,
     opts: &InspectOptions,
     decomposer: &dyn Decomposer,
     progress: &(dyn Fn(usize, usize) + Sync),
+    cancel: &AtomicBool,
 ) -> Result<SourceReport> {
     let selection = Selection::new(&opts.include, &opts.exclude, src.default_excludes())?;
     let metas = src.tensors();
@@ -151,6 +155,9 @@ pub fn inspect_source(
     let tensors = (0..total)
         .into_par_iter()
         .map(|i| {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(ConvertError::Interrupted);
+            }
             let t = &metas[i];
             let (module_kind, layer) = kind_and_layer(&t.name);
             let mut spec = TensorSpectrum {
@@ -267,26 +274,10 @@ fn analyse(
     spec: &mut TensorSpectrum,
 ) -> Result<()> {
     let t = &src.tensors()[i];
-    let data = src.read_float(i)?;
-    if let Some((count, first, index)) = data.non_finite() {
-        return Err(ConvertError::NonFinite {
-            path: src.file_path(t.file).to_path_buf(),
-            tensor: t.name.clone(),
-            count,
-            first,
-            index,
-        });
-    }
-    let m = t.shape[0];
-    let n: usize = t.shape[1..].iter().product();
-    let norm2 = match &data {
-        FloatData::F32(v) => frobenius2(v),
-        FloatData::F64(v) => frobenius2(v),
-    };
-    if m == 0 || n == 0 || norm2 == 0.0 {
+    let Some(Matrix { data, m, n, norm2 }) = read_matrix(src, i)? else {
         spec.reason = Some(DenseReason::Zero);
         return Ok(());
-    }
+    };
     let sigma =
         decomposer
             .singular_values(&data, m, n)
@@ -295,13 +286,9 @@ fn analyse(
                 source,
             })?;
     drop(data);
-    // Bytes as `convert --dtype source` would store them (its FactorDtype::Source rule).
-    let factor_dtype = if t.dense_dtype.is_factor_float() {
-        t.dense_dtype
-    } else {
-        Dtype::BF16
-    };
-    let dense_bytes = t.numel() * t.dense_dtype.size() as u64;
+    // Bytes as `convert --dtype source` would store them.
+    let factor_dtype = FactorDtype::Source.resolve(t.dense_dtype);
+    let dense_bytes = Stored::dense(t.numel(), t.dense_dtype).bytes;
     spec.matrix_shape = Some([m, n]);
     spec.break_even_rank = Some(break_even_rank(m, n));
     spec.metrics = spectrum_metrics(&sigma, norm2);
@@ -314,20 +301,16 @@ fn analyse(
                 ..RankRule::default()
             };
             let r = rule.rank(&sigma, norm2, m, n);
-            let factored_params = r as u64 * (m as u64 + n as u64 + 1);
+            let factored = Stored::factored(m, n, r, factor_dtype);
             let saves = saves(r, m, n);
             RankAtEnergy {
                 threshold: tau,
                 rank: r,
                 rank_fraction: r as f64 / m.min(n) as f64,
                 energy: energy_at(&sigma, norm2, r),
-                factored_params,
+                factored_params: factored.params,
                 saves,
-                stored_bytes: if saves {
-                    r as u64 * (m as u64 + n as u64) * factor_dtype.size() as u64 + 4 * r as u64
-                } else {
-                    dense_bytes
-                },
+                stored_bytes: if saves { factored.bytes } else { dense_bytes },
             }
         })
         .collect();
@@ -402,16 +385,7 @@ pub fn inspect_checkpoint(ckpt: &Checkpoint) -> CheckpointReport {
         .iter()
         .map(|(name, t)| {
             let params: u64 = t.shape.iter().map(|&d| d as u64).product();
-            let (stored_params, stored_bytes) = match (t.kind, t.matrix_shape, t.rank) {
-                (TensorKind::Factored, Some([m, n]), Some(r)) => {
-                    let fp = (r * (m + n)) as u64;
-                    (
-                        fp + r as u64,
-                        fp * t.stored_dtype.size() as u64 + 4 * r as u64,
-                    )
-                }
-                _ => (params, params * t.stored_dtype.size() as u64),
-            };
+            let stored = Stored::of(t);
             let (module_kind, layer) = kind_and_layer(name);
             StoredTensor {
                 name: name.clone(),
@@ -430,8 +404,8 @@ pub fn inspect_checkpoint(ckpt: &Checkpoint) -> CheckpointReport {
                 rel_error: t.rel_error,
                 reason: t.reason,
                 params,
-                stored_params,
-                stored_bytes,
+                stored_params: stored.params,
+                stored_bytes: stored.bytes,
                 source_bytes: Dtype::parse(&t.source_dtype)
                     .and_then(|d| params.checked_mul(d.size() as u64)),
             }

@@ -14,9 +14,11 @@ pub mod input;
 pub mod inspect;
 pub mod journal;
 pub mod linalg;
+pub mod matrix;
 pub mod merge;
 pub mod report;
 pub mod select;
+pub mod storage;
 pub mod trace;
 pub mod verify;
 

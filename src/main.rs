@@ -27,12 +27,14 @@ fn main() -> ExitCode {
     let cli = cersa::cli::args::Cli::parse();
     let cancel = Arc::new(AtomicBool::new(false));
     let flag = cancel.clone();
-    // First Ctrl-C: stop cleanly (finished shards kept for --resume). Second: exit at once.
+    // First Ctrl-C: every command stops between tensors and exits 2 with an `interrupted`
+    // error, leaving nothing that looks complete (convert keeps its finished shards for
+    // --resume and says so). Second: exit at once.
     let _ = ctrlc::set_handler(move || {
         if flag.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
-        eprintln!("interrupted: stopping; finished work is kept for `cersa convert --resume`…");
+        eprintln!("interrupted: stopping after the tensors in progress…");
     });
     let status = cersa::cli::run(cli, cancel);
     cersa::trace::print_peak_rss();

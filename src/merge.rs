@@ -1,25 +1,33 @@
 //! `cersa merge`: folds a trained adapter into its base CERSA checkpoint.
 //!
 //! For every adapted layer the adapted matrix W' (see `cersa_loader::adapter`) is formed
-//! in f64 and re-decomposed by the same route as `convert` (faer thin SVD, sign rule),
-//! truncated by the base checkpoint's own rank rule (`config.energy`, clamps, multiple),
-//! rounded to the base factor dtype. Every other tensor is copied byte for byte. The
-//! output is written into a temporary sibling and renamed into place.
+//! in f64 and re-decomposed by the route the user chose (default: the one recorded in the
+//! base manifest's `config.algorithm`), truncated by the base checkpoint's own rank rule
+//! (`config.energy`, clamps, multiple), rounded to the base factor dtype. Every other
+//! tensor is copied byte for byte. The output is written into a temporary sibling and
+//! renamed into place, exactly as `convert` does.
 
 use crate::decompose::rank::{energy_at, RankRule};
 use crate::decompose::svd::residual_norm2;
-use crate::decompose::{Decomposer, Factorization};
+use crate::decompose::{Decomposer, Factorization, Route};
 use crate::error::{ConvertError, Result};
 use crate::input::FloatData;
+use crate::storage::Stored;
 use cersa_loader::adapter::{manifest_sha256, Adapter};
 use cersa_loader::dtype::{decode_f64, encode_f64};
+use cersa_loader::manifest::Totals;
 use cersa_loader::writer::hex;
 use cersa_loader::{Checkpoint, CheckpointWriter, Dtype, Manifest, TensorView};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
-/// What `merge` did, per adapted layer: (name, old rank, new rank, energy, rel_error).
-#[derive(Debug, Clone, PartialEq)]
+/// Wire-format version of [`MergeReport`].
+pub const MERGE_REPORT_VERSION: u32 = 1;
+
+/// What `merge` did to one adapted layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MergedLayer {
     /// Tensor name.
     pub name: String,
@@ -33,6 +41,30 @@ pub struct MergedLayer {
     pub rel_error: f64,
 }
 
+/// The result of a merge, as printed by `cersa merge --json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MergeReport {
+    /// [`MERGE_REPORT_VERSION`].
+    pub report_version: u32,
+    /// The output directory.
+    pub out_dir: PathBuf,
+    /// Route the adapted layers were re-decomposed with.
+    pub algorithm: String,
+    /// The adapted layers, in name order.
+    pub layers: Vec<MergedLayer>,
+    /// Totals of the merged checkpoint's manifest.
+    pub totals: Totals,
+}
+
+/// Options of [`merge`].
+#[derive(Debug, Clone, Default)]
+pub struct MergeOptions {
+    /// Decomposition route; `None`: the base manifest's `config.algorithm`.
+    pub algorithm: Option<Route>,
+    /// Replace a CERSA directory at the output path once the merged one is complete.
+    pub overwrite: bool,
+}
+
 fn rounded(dtype: Dtype, values: &[f64], name: &str) -> Result<(Vec<u8>, Vec<f64>)> {
     let bytes = encode_f64(dtype, values).ok_or_else(|| ConvertError::Tensor {
         path: Default::default(),
@@ -44,49 +76,94 @@ fn rounded(dtype: Dtype, values: &[f64], name: &str) -> Result<(Vec<u8>, Vec<f64
 }
 
 /// Merges `adapter` into the checkpoint at `base`, writing a new CERSA directory `out`.
+/// Once `cancel` is set no further tensor starts, nothing is left at `out` and the result
+/// is [`ConvertError::Interrupted`].
 pub fn merge(
     base: &Path,
     adapter_path: &Path,
     out: &Path,
-    decomposer: &dyn Decomposer,
-) -> Result<(Manifest, Vec<MergedLayer>)> {
+    opts: &MergeOptions,
+    cancel: &AtomicBool,
+) -> Result<MergeReport> {
     let ckpt = Checkpoint::open(base)?;
     let adapter = Adapter::read(adapter_path)?;
     adapter.check_base(&ckpt)?;
     let cfg = &ckpt.manifest().config;
+    let decomposer = match opts.algorithm {
+        Some(route) => route.decomposer()?,
+        None => Route::from_name(&cfg.algorithm)
+            .ok_or_else(|| format!("unknown route `{}`", cfg.algorithm))
+            .and_then(|route| route.decomposer().map_err(|e| e.to_string()))
+            .map_err(|e| {
+                ConvertError::Options(format!(
+                    "{}: the base checkpoint was made with --algorithm {} ({e}); pass \
+                     --algorithm to merge with another route",
+                    base.display(),
+                    cfg.algorithm
+                ))
+            })?,
+    };
     let rule = RankRule {
         energy: cfg.energy,
         min_rank: cfg.min_rank,
         max_rank: cfg.max_rank,
         rank_multiple: cfg.rank_multiple,
     };
-    let (tmp, _) = crate::convert::prepare_output(out, false)?;
-    let result = write_merged(&ckpt, &adapter, adapter_path, &tmp, &rule, decomposer);
-    match result {
-        Ok(done) => {
-            crate::convert::commit(&tmp, out)?;
-            Ok(done)
+    let staging = crate::convert::prepare_output(out, false, opts.overwrite)?;
+    let tmp = &staging.partial;
+    let job = MergeJob {
+        ckpt: &ckpt,
+        adapter: &adapter,
+        adapter_path,
+        rule: &rule,
+        decomposer: decomposer.as_ref(),
+        cancel,
+    };
+    match write_merged(&job, tmp) {
+        Ok((manifest, layers)) => {
+            crate::convert::commit(&staging, out)?;
+            Ok(MergeReport {
+                report_version: MERGE_REPORT_VERSION,
+                out_dir: out.to_path_buf(),
+                algorithm: decomposer.name().into(),
+                layers,
+                totals: manifest.totals,
+            })
         }
         Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
+            let _ = std::fs::remove_dir_all(tmp);
             Err(e)
         }
     }
 }
 
-fn write_merged(
-    ckpt: &Checkpoint,
-    adapter: &Adapter,
-    adapter_path: &Path,
-    tmp: &Path,
-    rule: &RankRule,
-    decomposer: &dyn Decomposer,
-) -> Result<(Manifest, Vec<MergedLayer>)> {
+/// What [`write_merged`] reads.
+struct MergeJob<'a> {
+    ckpt: &'a Checkpoint,
+    adapter: &'a Adapter,
+    adapter_path: &'a Path,
+    rule: &'a RankRule,
+    decomposer: &'a dyn Decomposer,
+    cancel: &'a AtomicBool,
+}
+
+fn write_merged(job: &MergeJob, tmp: &Path) -> Result<(Manifest, Vec<MergedLayer>)> {
+    let MergeJob {
+        ckpt,
+        adapter,
+        adapter_path,
+        rule,
+        decomposer,
+        cancel,
+    } = *job;
     let mut manifest = ckpt.manifest().clone();
     let mut writer = CheckpointWriter::new(tmp, manifest.config.max_shard_size);
     let mut merged = Vec::new();
     let names: Vec<String> = ckpt.names().map(str::to_string).collect();
     for name in &names {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(ConvertError::Interrupted);
+        }
         let view = ckpt.get(name)?;
         match (view, adapter.layers.contains_key(name)) {
             (TensorView::Dense(t), _) => {
@@ -158,25 +235,11 @@ fn write_merged(
         }
     }
     // Totals: only the factored tensors' stored sizes change.
-    let mut stored_params = 0u64;
-    let mut stored_bytes = 0u64;
-    for (name, info) in &manifest.tensors {
-        match (info.matrix_shape, info.rank) {
-            (Some([m, n]), Some(r)) => {
-                let elems = (r * (m + n)) as u64;
-                stored_params += elems + r as u64;
-                stored_bytes += elems * info.stored_dtype.size() as u64 + 4 * r as u64;
-            }
-            _ => {
-                let numel: u64 = info.shape.iter().map(|&d| d as u64).product();
-                stored_params += numel;
-                let dense = ckpt.get(name)?;
-                if let TensorView::Dense(t) = dense {
-                    stored_bytes += t.bytes.len() as u64;
-                }
-            }
-        }
-    }
+    let (stored_params, stored_bytes) = manifest
+        .tensors
+        .values()
+        .map(Stored::of)
+        .fold((0, 0), |(p, b), s| (p + s.params, b + s.bytes));
     manifest.totals.stored_params = stored_params;
     manifest.totals.stored_bytes = stored_bytes;
     let adapter_bytes =
@@ -190,6 +253,7 @@ fn write_merged(
         "merged_adapter_sha256".into(),
         hex(&Sha256::digest(&adapter_bytes)).into(),
     );
+    details.insert("merged_algorithm".into(), decomposer.name().into());
     let manifest = writer.finish(manifest)?;
     Ok((manifest, merged))
 }

@@ -1,17 +1,23 @@
 //! Streaming writer of CERSA shards and manifest.
 //!
 //! Tensor data is appended to a per-shard data file as it arrives; the safetensors header
-//! is known only when the shard is closed. With a header reservation
-//! ([`CheckpointWriter::reserve_header`]) the data starts after that many bytes and the
-//! header, padded with spaces to fill them, is written in place: the data is never
-//! copied, and the file's sha256 is read back while it is synced. Without one, or when
-//! the header outgrows it, the header and then the data are copied into a new file, the
-//! sha256 taken on the way. Memory use is one copy buffer, whatever the tensor sizes.
+//! is known only when the shard is closed. With a header reservation the data starts after
+//! that many bytes and the header, padded with spaces to fill them, is written in place:
+//! the data is never copied, and the file's sha256 is read back while it is synced.
+//! Without one, or when the header outgrows it, the header and then the data are copied
+//! into a new file, the sha256 taken on the way. Memory use is one copy buffer, whatever
+//! the tensor sizes.
+//!
+//! The writer reserves by itself when it is told the manifest entries to come
+//! ([`CheckpointWriter::with_plan`]): a shard opened at entry `i` reserves room for the
+//! entries `i..`, each in its longer form (dense or factored), so it never copies.
+//! [`CheckpointWriter::begin_group`] returns the shard it closed, so the caller can
+//! journal it without asking.
 
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
-use crate::manifest::{shard_file_name, Manifest, ShardInfo, MANIFEST_FILE};
-use crate::safetensors::serialize_header;
+use crate::manifest::{factor_names, shard_file_name, Manifest, ShardInfo, MANIFEST_FILE};
+use crate::safetensors::{header_entry_bound, serialize_header};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -40,6 +46,41 @@ struct OpenTensor {
     written: usize,
 }
 
+/// A manifest entry the writer will be given, in order (see
+/// [`CheckpointWriter::with_plan`]). It may be stored dense (one tensor `name` with
+/// `ndims` dimensions) or factored (`name.cersa_u` [m, r], `.cersa_s` [r], `.cersa_vt`
+/// [r, n]); the header reservation covers the longer of the two.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedEntry {
+    /// Manifest entry name (the source tensor name).
+    pub name: String,
+    /// Number of dimensions of its source shape.
+    pub ndims: usize,
+}
+
+impl PlannedEntry {
+    /// Upper bound on the header bytes this entry adds, dense or factored.
+    fn header_bound(&self) -> u64 {
+        let (un, sn, vn) = factor_names(&self.name);
+        let factored =
+            header_entry_bound(&un, 2) + header_entry_bound(&sn, 1) + header_entry_bound(&vn, 2);
+        factored.max(header_entry_bound(&self.name, self.ndims))
+    }
+}
+
+/// A shard [`CheckpointWriter::begin_group`] closed: its file is complete and synced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClosedShard {
+    /// 0-based shard index.
+    pub index: usize,
+    /// Temporary file name in the output directory ([`CheckpointWriter::temp_shard_name`]).
+    pub file: String,
+    /// File size.
+    pub bytes: u64,
+    /// Lowercase hex sha256 of the file.
+    pub sha256: String,
+}
+
 /// Writes the shards and manifest of a CERSA checkpoint into an existing, empty
 /// directory. The caller makes that directory appear atomically (see the converter).
 pub struct CheckpointWriter {
@@ -49,6 +90,13 @@ pub struct CheckpointWriter {
     current: Option<OpenShard>,
     tensor: Option<OpenTensor>,
     group_shard: BTreeMap<String, usize>,
+    /// Groups begun so far (resumed ones included): the position in `plan`.
+    groups_begun: usize,
+    /// Planned entry names and, per position `i`, the header bytes a shard opened there
+    /// reserves (one more element than entries; empty without a plan).
+    plan: Vec<PlannedEntry>,
+    reserve_from: Vec<u64>,
+    /// Fixed reservation without a plan ([`CheckpointWriter::reserve_header`]).
     header_reserve: u64,
 }
 
@@ -63,17 +111,41 @@ impl CheckpointWriter {
             current: None,
             tensor: None,
             group_shard: BTreeMap::new(),
+            groups_begun: 0,
+            plan: Vec::new(),
+            reserve_from: Vec::new(),
             header_reserve: 0,
         }
     }
 
-    /// Reserves `bytes` (8-byte length prefix included) for the header of each shard
-    /// opened from now on, so that its data is written in place instead of copied when the
-    /// shard closes (see the module docs). A bound on the header of the tensors still to
-    /// come is [`crate::safetensors::header_entry_bound`] summed over them, plus
-    /// [`header_base_bound`]. 0 (the default) reserves nothing.
+    /// Announces every manifest entry, in the order its group will begin (resumed ones
+    /// included). Each shard then reserves room for the headers of the entries still to
+    /// come, so its data is written in place instead of copied when it closes (see the
+    /// module docs), and [`CheckpointWriter::begin_group`] checks the names against it.
+    pub fn with_plan(mut self, plan: Vec<PlannedEntry>) -> Self {
+        let mut reserve_from = vec![0u64; plan.len() + 1];
+        for (i, entry) in plan.iter().enumerate().rev() {
+            reserve_from[i] = reserve_from[i + 1] + entry.header_bound();
+        }
+        self.plan = plan;
+        self.reserve_from = reserve_from;
+        self
+    }
+
+    /// Without a plan: reserves `bytes` (8-byte length prefix included) for the header of
+    /// each shard opened from now on; a header that does not fit is copied (tests of that
+    /// path, writers that know their own bound). 0 (the default) reserves nothing.
     pub fn reserve_header(&mut self, bytes: u64) {
-        self.header_reserve = bytes.div_ceil(8).saturating_mul(8);
+        self.header_reserve = bytes;
+    }
+
+    /// Header bytes a shard opened now reserves, a multiple of 8.
+    fn reservation(&self) -> u64 {
+        let bytes = match self.reserve_from.get(self.groups_begun) {
+            Some(rest) => header_base_bound() + rest,
+            None => self.header_reserve,
+        };
+        bytes.div_ceil(8).saturating_mul(8)
     }
 
     /// Continues a run whose first shards were closed before an interruption:
@@ -91,22 +163,11 @@ impl CheckpointWriter {
         for (k, names) in groups.iter().enumerate() {
             for name in names {
                 w.group_shard.insert(name.clone(), k);
+                w.groups_begun += 1;
             }
         }
         w.closed = closed;
         w
-    }
-
-    /// Number of shards closed so far (their files are complete and synced).
-    pub fn closed_count(&self) -> usize {
-        self.closed.len()
-    }
-
-    /// Temporary path, size and sha256 of closed shard `k` (0-based).
-    pub fn closed_shard(&self, k: usize) -> Option<(&Path, u64, &str)> {
-        self.closed
-            .get(k)
-            .map(|(p, b, s)| (p.as_path(), *b, s.as_str()))
     }
 
     /// Temporary file name of shard `k` (0-based) before [`CheckpointWriter::finish`]
@@ -116,19 +177,32 @@ impl CheckpointWriter {
     }
 
     /// Starts the stored tensors of manifest entry `name` (`total_bytes` in all); they
-    /// all go to the same shard.
-    pub fn begin_group(&mut self, name: &str, total_bytes: u64) -> Result<()> {
+    /// all go to the same shard. When that closes the open shard, returns it: its file is
+    /// complete and synced before any byte of this group is written.
+    pub fn begin_group(&mut self, name: &str, total_bytes: u64) -> Result<Option<ClosedShard>> {
+        if let Some(planned) = self.plan.get(self.groups_begun) {
+            if planned.name != name {
+                return Err(Error::Usage {
+                    tensor: name.to_string(),
+                    reason: format!(
+                        "group {} begun where the plan has `{}`",
+                        self.groups_begun, planned.name
+                    ),
+                });
+            }
+        }
         let need_new = match &self.current {
             None => true,
             Some(s) => s.bytes > 0 && s.bytes.saturating_add(total_bytes) > self.max_shard_size,
         };
+        let mut closed = None;
         if need_new {
-            self.close_current()?;
+            closed = self.close_current()?;
             let index = self.closed.len();
             let data_path = self.dir.join(format!(".shard-{:05}.data", index + 1));
             let mut file =
                 File::create(&data_path).map_err(|e| Error::io(&data_path, "create", e))?;
-            let data_start = self.header_reserve;
+            let data_start = self.reservation();
             if data_start > 0 {
                 file.seek(SeekFrom::Start(data_start))
                     .map_err(|e| Error::io(&data_path, "seek", e))?;
@@ -142,7 +216,8 @@ impl CheckpointWriter {
             });
         }
         self.group_shard.insert(name.to_string(), self.closed.len());
-        Ok(())
+        self.groups_begun += 1;
+        Ok(closed)
     }
 
     /// Starts one stored tensor in the current group.
@@ -231,9 +306,9 @@ impl CheckpointWriter {
         self.end_tensor()
     }
 
-    fn close_current(&mut self) -> Result<()> {
+    fn close_current(&mut self) -> Result<Option<ClosedShard>> {
         let Some(shard) = self.current.take() else {
-            return Ok(());
+            return Ok(None);
         };
         let index = self.closed.len();
         let mut data_file = shard
@@ -297,8 +372,13 @@ impl CheckpointWriter {
                 .map_err(|e| Error::io(&shard.data_path, "remove", e))?;
             (header.len() as u64 + shard.bytes, hex(&hasher.finalize()))
         };
-        self.closed.push((path, bytes, sha));
-        Ok(())
+        self.closed.push((path, bytes, sha.clone()));
+        Ok(Some(ClosedShard {
+            index,
+            file: Self::temp_shard_name(index),
+            bytes,
+            sha256: sha,
+        }))
     }
 
     /// Closes the last shard, names shards `cersa-0000k-of-0000N.safetensors`, fills the

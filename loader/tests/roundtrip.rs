@@ -1,11 +1,13 @@
 //! Write → read round trips through `CheckpointWriter` and `Checkpoint::open`.
 
 use cersa_loader::manifest::{ConvertConfig, Producer, SourceInfo, Totals};
+use cersa_loader::writer::{header_base_bound, hex, ClosedShard, PlannedEntry};
 use cersa_loader::{
     factor_names, safetensors::header_entry_bound, Checkpoint, CheckpointWriter, DenseReason,
     Dtype, Manifest, OpenOptions, TensorInfo, TensorKind, TensorView,
 };
 use proptest::prelude::*;
+use sha2::Digest;
 use std::collections::BTreeMap;
 
 fn manifest(tensors: BTreeMap<String, TensorInfo>) -> Manifest {
@@ -256,4 +258,89 @@ fn tampered_shard_fails_checksum_and_stray_tensor_is_named() {
         err.contains("`a`") && err.contains("not listed in the manifest"),
         "{err}"
     );
+}
+
+/// Writes five dense entries of 24 bytes into 50-byte shards (two per shard), calling
+/// `reserve(i, w)` before entry `i`. Returns the shards `begin_group` reported closed and
+/// the files' bytes.
+fn write_five(
+    dir: &std::path::Path,
+    mut w: CheckpointWriter,
+    reserve: impl Fn(usize, &mut CheckpointWriter),
+) -> (Vec<ClosedShard>, Vec<Vec<u8>>) {
+    let mut closed = Vec::new();
+    let mut tensors = BTreeMap::new();
+    for i in 0..5 {
+        let name = format!("layer.{i}.bias");
+        reserve(i, &mut w);
+        closed.extend(w.begin_group(&name, 24).unwrap());
+        w.write_tensor(&name, Dtype::F32, &[2, 3], &[i as u8; 24])
+            .unwrap();
+        tensors.insert(name, dense_info(vec![2, 3], Dtype::F32));
+    }
+    let m = w.finish(manifest(tensors)).unwrap();
+    let files = m
+        .shards
+        .iter()
+        .map(|s| std::fs::read(dir.join(&s.file)).unwrap());
+    (closed, files.collect())
+}
+
+fn plan_of_five() -> Vec<PlannedEntry> {
+    (0..5)
+        .map(|i| PlannedEntry {
+            name: format!("layer.{i}.bias"),
+            ndims: 2,
+        })
+        .collect()
+}
+
+/// What a caller reserved before the writer took a plan: every entry still to come,
+/// dense or factored, whichever is longer.
+fn bound_from(i: usize) -> u64 {
+    let rest: u64 = plan_of_five()[i..]
+        .iter()
+        .map(|e| {
+            let (un, sn, vn) = factor_names(&e.name);
+            let factored = header_entry_bound(&un, 2)
+                + header_entry_bound(&sn, 1)
+                + header_entry_bound(&vn, 2);
+            factored.max(header_entry_bound(&e.name, e.ndims))
+        })
+        .sum();
+    header_base_bound() + rest
+}
+
+#[test]
+fn a_plan_reserves_what_callers_computed_and_closed_shards_are_reported() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let w = CheckpointWriter::new(a.path(), 50).with_plan(plan_of_five());
+    let (closed, planned) = write_five(a.path(), w, |_, _| {});
+    let (_, manual) = write_five(b.path(), CheckpointWriter::new(b.path(), 50), |i, w| {
+        w.reserve_header(bound_from(i))
+    });
+    assert_eq!(
+        planned, manual,
+        "same bytes as the caller-computed reservation"
+    );
+    assert_eq!(planned.len(), 3);
+    // begin_group reported each shard it closed (the last one closes in finish).
+    assert_eq!(closed.len(), 2);
+    for (k, c) in closed.iter().enumerate() {
+        assert_eq!(c.index, k);
+        assert_eq!(c.file, CheckpointWriter::temp_shard_name(k));
+        assert_eq!(c.bytes, planned[k].len() as u64);
+        assert_eq!(c.sha256, hex(&sha2::Sha256::digest(&planned[k])));
+    }
+    // The first header fills its reservation: the data was written in place.
+    let len = u64::from_le_bytes(planned[0][..8].try_into().unwrap());
+    assert_eq!(8 + len, bound_from(0).div_ceil(8) * 8);
+}
+
+#[test]
+fn a_group_out_of_plan_order_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = CheckpointWriter::new(dir.path(), 50).with_plan(plan_of_five());
+    let err = w.begin_group("layer.1.bias", 24).unwrap_err();
+    assert!(err.to_string().contains("`layer.0.bias`"), "{err}");
 }

@@ -1,10 +1,11 @@
 //! Raw command-line flags (clap) and their validation into config structs, before any work.
 
-use crate::convert::{ConvertOptions, FactorDtype};
+use crate::convert::ConvertOptions;
 use crate::decompose::{RankRule, Route};
 use crate::inspect::InspectOptions;
+use crate::storage::FactorDtype;
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
 /// cersa: convert model checkpoints into their energy-retaining SVD subspace (CERSA v1).
@@ -40,24 +41,19 @@ pub struct MergeArgs {
     pub cersa_dir: PathBuf,
     /// The adapter file (safetensors, format `cersa-adapter`).
     pub adapter: PathBuf,
-    /// Output directory (must not exist, or be empty).
+    /// Output directory (must not exist, or be empty; see --overwrite).
     pub out_dir: PathBuf,
-    /// Print the result as JSON on stdout.
+    /// Decomposition route for the re-decomposed layers (default: the route recorded in
+    /// the base checkpoint's manifest, `config.algorithm`; lapack and cuda need builds
+    /// with those cargo features).
+    #[arg(long, value_enum)]
+    pub algorithm: Option<Route>,
+    /// Replace OUT_DIR if it is a CERSA directory, once the new one is complete.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Print the result as JSON on stdout (`report_version` 1).
     #[arg(long)]
     pub json: bool,
-}
-
-/// Factor dtype flag.
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum DtypeArg {
-    /// Keep the source float dtype.
-    Source,
-    /// f32.
-    F32,
-    /// f16.
-    F16,
-    /// bf16.
-    Bf16,
 }
 
 /// Flags shared by the selection of tensors.
@@ -76,7 +72,7 @@ pub struct SelectArgs {
 pub struct ConvertArgs {
     /// Source checkpoint.
     pub src: PathBuf,
-    /// Output directory (must not exist, or be empty).
+    /// Output directory (must not exist, or be empty; see --overwrite).
     pub out_dir: PathBuf,
     /// Energy threshold τ in (0, 1].
     #[arg(long, default_value_t = 0.90)]
@@ -85,7 +81,7 @@ pub struct ConvertArgs {
     pub select: SelectArgs,
     /// Dtype of the stored factors (and of quantized GGUF tensors kept dense).
     #[arg(long, value_enum, default_value = "source")]
-    pub dtype: DtypeArg,
+    pub dtype: FactorDtype,
     /// Lower clamp of the rank.
     #[arg(long, default_value_t = 1)]
     pub min_rank: usize,
@@ -124,6 +120,10 @@ pub struct ConvertArgs {
     /// output directory is removed.
     #[arg(long)]
     pub resume: bool,
+    /// Replace OUT_DIR if it is a CERSA directory (holds a cersa.json of format cersa),
+    /// once the new output is complete; anything else at OUT_DIR is refused and left alone.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 /// What `inspect` and `report` both read: the source, the thresholds, the selection and the
@@ -140,6 +140,10 @@ pub struct SpectraArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Route computing the singular values (source only; default auto: f64 Gram
+    /// eigenvalues, the cheapest exact route).
+    #[arg(long, value_enum, default_value_t = Route::Auto)]
+    pub algorithm: Route,
 }
 
 impl SpectraArgs {
@@ -278,12 +282,7 @@ impl ConvertArgs {
                 max_rank: self.max_rank,
                 rank_multiple: self.rank_multiple,
             },
-            dtype: match self.dtype {
-                DtypeArg::Source => FactorDtype::Source,
-                DtypeArg::F32 => FactorDtype::F32,
-                DtypeArg::F16 => FactorDtype::F16,
-                DtypeArg::Bf16 => FactorDtype::Bf16,
-            },
+            dtype: self.dtype,
             include: self.select.include.clone(),
             exclude: self.select.exclude.clone(),
             force_factor: self.force_factor,
@@ -291,6 +290,7 @@ impl ConvertArgs {
             threads: threads(self.threads)?,
             algorithm: self.algorithm,
             resume: self.resume,
+            overwrite: self.overwrite,
             max_memory: self
                 .max_memory
                 .as_deref()

@@ -18,16 +18,7 @@ pub enum GroupBy {
 }
 
 fn bytes(n: u64) -> String {
-    let n = n as f64;
-    if n >= 1e9 {
-        format!("{:.2}GB", n / 1e9)
-    } else if n >= 1e6 {
-        format!("{:.2}MB", n / 1e6)
-    } else if n >= 1e3 {
-        format!("{:.1}kB", n / 1e3)
-    } else {
-        format!("{n}B")
-    }
+    crate::report::si_text(n, "", "B")
 }
 
 fn pct(x: f64) -> String {
@@ -36,9 +27,8 @@ fn pct(x: f64) -> String {
 
 fn group_table(rows: &[GroupRow], first: &str, thresholds: &[f64]) -> String {
     let mut header: Vec<String> = [first, "tensors", "matrices", "params", "dense"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        .map(String::from)
+        .into();
     for t in thresholds {
         header.push(format!("rank%@{t}"));
         header.push(format!("bytes@{t}"));
@@ -83,9 +73,8 @@ pub fn source_view(r: &SourceReport, by: GroupBy) -> String {
                 "eff.rank",
                 "top1%",
             ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+            .map(String::from)
+            .into();
             for e in &r.energies {
                 header.push(format!("r@{e}"));
             }
@@ -182,9 +171,8 @@ pub fn checkpoint_view(r: &CheckpointReport, by: GroupBy) -> String {
                 "bytes",
                 "note",
             ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+            .map(String::from)
+            .into();
             let rows: Vec<Vec<String>> = r
                 .tensors
                 .iter()
@@ -268,9 +256,8 @@ pub fn source_csv(r: &SourceReport) -> String {
         "top1pct_energy",
         "break_even_rank",
     ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    .map(String::from)
+    .into();
     for e in &r.energies {
         for c in ["rank", "rank_fraction", "energy", "saves", "stored_bytes"] {
             header.push(format!("{c}@{e}"));
@@ -341,9 +328,8 @@ pub fn checkpoint_csv(r: &CheckpointReport) -> String {
         "source_bytes",
         "stored_bytes",
     ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    .map(String::from)
+    .into();
     let rows: Vec<Vec<String>> = r
         .tensors
         .iter()

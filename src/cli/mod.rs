@@ -5,7 +5,6 @@ pub mod inspect_view;
 pub mod output;
 
 use crate::convert::{convert, ConvertReport};
-use crate::decompose;
 use crate::inspect::{inspect_checkpoint, inspect_source};
 use anyhow::{Context, Result};
 use args::{Cli, Command, ConvertArgs, InspectArgs, MergeArgs, ReportArgs, VerifyArgs};
@@ -44,14 +43,19 @@ fn emit(text: &str) -> Result<()> {
     }
 }
 
+/// Writes `report` to stdout as pretty JSON (the versioned wire formats of `--json`).
+fn emit_json(report: &impl serde::Serialize) -> Result<()> {
+    emit(&(serde_json::to_string_pretty(report)? + "\n"))
+}
+
 /// Runs the parsed command line.
 pub fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<Status> {
     match cli.command {
         Command::Convert(a) => run_convert(a, &cancel),
-        Command::Inspect(a) => run_inspect(a),
+        Command::Inspect(a) => run_inspect(a, &cancel),
         Command::Verify(a) => run_verify(a, &cancel),
-        Command::Report(a) => run_report(a),
-        Command::Merge(a) => run_merge(a),
+        Command::Report(a) => run_report(a, &cancel),
+        Command::Merge(a) => run_merge(a, &cancel),
     }
 }
 
@@ -94,65 +98,66 @@ fn run_convert(a: ConvertArgs, cancel: &AtomicBool) -> Result<Status> {
         manifest,
     };
     if a.json {
-        emit(&(serde_json::to_string_pretty(&report)? + "\n"))?;
+        emit_json(&report)?;
     } else {
         emit(&output::convert_summary(&report))?;
     }
     Ok(Status::Ok)
 }
 
-/// Singular values of every selected matrix of the source at `path`, on `threads` workers,
-/// with a progress bar unless `quiet` (shared by `inspect` and `report`).
+/// Singular values of every selected matrix of the source `a.path` by the route
+/// `a.algorithm`, with a progress bar unless `quiet` (shared by `inspect` and `report`).
 fn spectra_of_source(
-    path: &std::path::Path,
+    a: &args::SpectraArgs,
     opts: &crate::inspect::InspectOptions,
-    threads: usize,
     quiet: bool,
+    cancel: &AtomicBool,
 ) -> Result<crate::inspect::SourceReport> {
+    let path = &a.path;
+    let threads = args::threads(a.threads)?;
+    let decomposer = a.algorithm.decomposer()?;
     let src = crate::input::open(path).with_context(|| format!("opening {}", path.display()))?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
         .context("starting worker threads")?;
     let bar = progress_bar(quiet, src.tensors().len() as u64);
-    // Values only: `auto` takes the cheapest exact route to σ (f64 Gram eigenvalues).
-    let decomposer = decompose::Route::Auto.decomposer()?;
     let report = pool
         .install(|| {
-            inspect_source(src.as_ref(), opts, decomposer.as_ref(), &|done, _| {
-                bar.set_position(done as u64)
-            })
+            inspect_source(
+                src.as_ref(),
+                opts,
+                decomposer.as_ref(),
+                &|done, _| bar.set_position(done as u64),
+                cancel,
+            )
         })
         .with_context(|| format!("inspecting {}", path.display()))?;
     bar.finish_and_clear();
     Ok(report)
 }
 
-fn run_inspect(a: InspectArgs) -> Result<Status> {
+fn run_inspect(a: InspectArgs, cancel: &AtomicBool) -> Result<Status> {
     let opts = a.spectra.to_options(a.singular_values)?;
-    let threads = args::threads(a.spectra.threads)?;
     let path = &a.spectra.path;
-    if path.join(cersa_loader::MANIFEST_FILE).is_file() {
+    let text = if path.join(cersa_loader::MANIFEST_FILE).is_file() {
         let ckpt = cersa_loader::Checkpoint::open(path)
             .with_context(|| format!("opening CERSA directory {}", path.display()))?;
         let report = inspect_checkpoint(&ckpt);
-        if a.json {
-            emit(&(serde_json::to_string_pretty(&report)? + "\n"))?;
-        } else if a.csv {
-            emit(&inspect_view::checkpoint_csv(&report))?;
-        } else {
-            emit(&inspect_view::checkpoint_view(&report, a.group))?;
+        match (a.json, a.csv) {
+            (true, _) => return emit_json(&report).map(|()| Status::Ok),
+            (_, true) => inspect_view::checkpoint_csv(&report),
+            _ => inspect_view::checkpoint_view(&report, a.group),
         }
-        return Ok(Status::Ok);
-    }
-    let report = spectra_of_source(path, &opts, threads, a.quiet)?;
-    if a.json {
-        emit(&(serde_json::to_string_pretty(&report)? + "\n"))?;
-    } else if a.csv {
-        emit(&inspect_view::source_csv(&report))?;
     } else {
-        emit(&inspect_view::source_view(&report, a.group))?;
-    }
+        let report = spectra_of_source(&a.spectra, &opts, a.quiet, cancel)?;
+        match (a.json, a.csv) {
+            (true, _) => return emit_json(&report).map(|()| Status::Ok),
+            (_, true) => inspect_view::source_csv(&report),
+            _ => inspect_view::source_view(&report, a.group),
+        }
+    };
+    emit(&text)?;
     Ok(Status::Ok)
 }
 
@@ -183,7 +188,7 @@ fn run_verify(a: VerifyArgs, cancel: &AtomicBool) -> Result<Status> {
         .with_context(|| format!("verifying {}", a.out_dir.display()))?;
     bar.finish_and_clear();
     if a.json {
-        emit(&(serde_json::to_string_pretty(&report)? + "\n"))?;
+        emit_json(&report)?;
     } else {
         emit(&output::verify_summary(&report))?;
     }
@@ -194,19 +199,19 @@ fn run_verify(a: VerifyArgs, cancel: &AtomicBool) -> Result<Status> {
     })
 }
 
-fn run_report(a: ReportArgs) -> Result<Status> {
+fn run_report(a: ReportArgs, cancel: &AtomicBool) -> Result<Status> {
     let path = &a.spectra.path;
     let title = path.display().to_string();
     let model = if path.join(cersa_loader::MANIFEST_FILE).is_file() {
         let ckpt = cersa_loader::Checkpoint::open(path)
             .with_context(|| format!("opening CERSA directory {}", path.display()))?;
         let report = inspect_checkpoint(&ckpt);
-        crate::report::model_from_checkpoint(&title, &ckpt, &report)?
+        crate::report::model_from_checkpoint(&title, &ckpt, &report, cancel)
+            .with_context(|| format!("reading the spectra of {}", path.display()))?
     } else {
         // Every singular value: the report plots the spectra.
         let opts = a.spectra.to_options(true)?;
-        let threads = args::threads(a.spectra.threads)?;
-        let report = spectra_of_source(path, &opts, threads, a.quiet)?;
+        let report = spectra_of_source(&a.spectra, &opts, a.quiet, cancel)?;
         crate::report::model_from_source(&title, &report)
     };
     let html = crate::report::render_html(&model);
@@ -218,41 +223,23 @@ fn run_report(a: ReportArgs) -> Result<Status> {
     Ok(Status::Ok)
 }
 
-fn run_merge(a: MergeArgs) -> Result<Status> {
-    let decomposer = decompose::Route::Svd.decomposer()?;
-    let (manifest, layers) =
-        crate::merge::merge(&a.cersa_dir, &a.adapter, &a.out_dir, decomposer.as_ref())
-            .with_context(|| {
-                format!(
-                    "merging {} into {}",
-                    a.adapter.display(),
-                    a.cersa_dir.display()
-                )
-            })?;
+fn run_merge(a: MergeArgs, cancel: &AtomicBool) -> Result<Status> {
+    let opts = crate::merge::MergeOptions {
+        algorithm: a.algorithm,
+        overwrite: a.overwrite,
+    };
+    let report = crate::merge::merge(&a.cersa_dir, &a.adapter, &a.out_dir, &opts, cancel)
+        .with_context(|| {
+            format!(
+                "merging {} into {}",
+                a.adapter.display(),
+                a.cersa_dir.display()
+            )
+        })?;
     if a.json {
-        let layers: Vec<_> = layers
-            .iter()
-            .map(|l| {
-                serde_json::json!({"name": l.name, "old_rank": l.old_rank, "new_rank": l.new_rank,
-                    "energy": l.energy, "rel_error": l.rel_error})
-            })
-            .collect();
-        let report = serde_json::json!({"out_dir": a.out_dir, "layers": layers,
-            "totals": manifest.totals});
-        emit(&(serde_json::to_string_pretty(&report)? + "\n"))?;
+        emit_json(&report)?;
     } else {
-        let mut text = format!(
-            "merged {} layer(s) into {}\n",
-            layers.len(),
-            a.out_dir.display()
-        );
-        for l in &layers {
-            text += &format!(
-                "  {}  rank {} -> {}  energy {:.4}  rel_error {:.3e}\n",
-                l.name, l.old_rank, l.new_rank, l.energy, l.rel_error
-            );
-        }
-        emit(&text)?;
+        emit(&output::merge_summary(&report))?;
     }
     Ok(Status::Ok)
 }

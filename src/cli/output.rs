@@ -5,16 +5,7 @@ use std::fmt::Write;
 
 /// Counts with k/M/G suffixes.
 pub(crate) fn human(n: u64) -> String {
-    let n = n as f64;
-    if n >= 1e9 {
-        format!("{:.2}G", n / 1e9)
-    } else if n >= 1e6 {
-        format!("{:.2}M", n / 1e6)
-    } else if n >= 1e3 {
-        format!("{:.1}k", n / 1e3)
-    } else {
-        format!("{n}")
-    }
+    crate::report::si_text(n, "", "")
 }
 
 /// Renders rows with left-aligned first column and right-aligned others.
@@ -112,4 +103,22 @@ pub fn verify_summary(r: &crate::verify::VerifyReport) -> String {
         }
     );
     out
+}
+
+/// `cersa merge` summary: one line per re-decomposed layer.
+pub fn merge_summary(r: &crate::merge::MergeReport) -> String {
+    let mut text = format!(
+        "merged {} layer(s) into {} (route {})\n",
+        r.layers.len(),
+        r.out_dir.display(),
+        r.algorithm
+    );
+    for l in &r.layers {
+        let _ = writeln!(
+            text,
+            "  {}  rank {} -> {}  energy {:.4}  rel_error {:.3e}",
+            l.name, l.old_rank, l.new_rank, l.energy, l.rel_error
+        );
+    }
+    text
 }

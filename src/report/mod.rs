@@ -17,6 +17,7 @@ use crate::inspect::groups::GroupRow;
 use crate::inspect::{CheckpointReport, SourceReport};
 use cersa_loader::{Checkpoint, TensorKind, TensorView};
 use std::fmt::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use svg::esc;
 
 /// The spectrum of one matrix as the plots need it.
@@ -91,9 +92,8 @@ pub fn model_from_source(title: &str, r: &SourceReport) -> ReportModel {
     let mut header: Vec<String> = [
         "tensor", "kind", "layer", "shape", "dtype", "σ₁", "stable", "eff.rank",
     ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    .map(String::from)
+    .into();
     for e in &r.energies {
         header.push(format!("rank@{e}"));
     }
@@ -159,14 +159,19 @@ pub fn model_from_source(title: &str, r: &SourceReport) -> ReportModel {
     }
 }
 
-/// The model of a CERSA directory: stored σ_r of every factored tensor.
+/// The model of a CERSA directory: stored σ_r of every factored tensor. Once `cancel` is
+/// set no further tensor is read and the result is [`ConvertError::Interrupted`].
 pub fn model_from_checkpoint(
     title: &str,
     ckpt: &Checkpoint,
     r: &CheckpointReport,
+    cancel: &AtomicBool,
 ) -> Result<ReportModel> {
     let mut matrices = Vec::new();
     for t in &r.tensors {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(ConvertError::Interrupted);
+        }
         if t.kind != TensorKind::Factored {
             continue;
         }
@@ -206,9 +211,8 @@ pub fn model_from_checkpoint(
         "dense",
         "stored bytes",
     ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    .map(String::from)
+    .into();
     let table_rows = r
         .tensors
         .iter()
@@ -243,18 +247,25 @@ pub fn model_from_checkpoint(
     })
 }
 
+/// `n` with an SI prefix: `1.78{sep}M{unit}`, `41.7{sep}k{unit}`, `812{sep}{unit}`. One
+/// rule for the terminal (`1.78M` counts, `1.78MB` bytes) and this report (`1.78 MB`).
+pub fn si_text(n: u64, sep: &str, unit: &str) -> String {
+    let x = n as f64;
+    let (value, prefix, digits) = if x >= 1e9 {
+        (x / 1e9, "G", 2)
+    } else if x >= 1e6 {
+        (x / 1e6, "M", 2)
+    } else if x >= 1e3 {
+        (x / 1e3, "k", 1)
+    } else {
+        return format!("{n}{sep}{unit}");
+    };
+    format!("{value:.digits$}{sep}{prefix}{unit}")
+}
+
 /// Bytes as text.
 pub(crate) fn bytes_text(n: u64) -> String {
-    let n = n as f64;
-    if n >= 1e9 {
-        format!("{:.2} GB", n / 1e9)
-    } else if n >= 1e6 {
-        format!("{:.2} MB", n / 1e6)
-    } else if n >= 1e3 {
-        format!("{:.1} kB", n / 1e3)
-    } else {
-        format!("{n} B")
-    }
+    si_text(n, " ", "B")
 }
 
 /// Renders the whole HTML page.
@@ -335,4 +346,20 @@ pub fn write_report(path: &std::path::Path, html: &str) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
         ConvertError::io(path, "rename", e)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::si_text;
+
+    #[test]
+    fn si_text_for_counts_terminal_bytes_and_report_bytes() {
+        assert_eq!(si_text(0, "", ""), "0");
+        assert_eq!(si_text(812, "", ""), "812");
+        assert_eq!(si_text(812, " ", "B"), "812 B");
+        assert_eq!(si_text(41_700, "", "B"), "41.7kB");
+        assert_eq!(si_text(1_780_000, "", ""), "1.78M");
+        assert_eq!(si_text(7_107_024, " ", "B"), "7.11 MB");
+        assert_eq!(si_text(5_000_000_000, "", "B"), "5.00GB");
+    }
 }

@@ -432,3 +432,74 @@ fn reserved_suffixes_in_source_names_are_rejected() {
     );
     assert!(!out.exists());
 }
+
+/// Names in `dir`, sorted.
+fn listing(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn second_run_replaces_a_cersa_directory_only_with_overwrite() {
+    let dir = tmp();
+    let src = fixture("minilm-excerpt/model.safetensors");
+    let out = dir.path().join("out");
+    cersa_ok(&["convert", s(&src), s(&out), "-q"]);
+    let first = std::fs::read(out.join("cersa.json")).unwrap();
+    // The README's first command, run again: refused without the flag, output untouched.
+    let err = cersa_fails(&["convert", s(&src), s(&out), "-q"], 2);
+    assert!(
+        err.contains("already exists") && err.contains("--overwrite"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(out.join("cersa.json")).unwrap(), first);
+    // With it, the new output replaces the old one, and no sibling is left behind.
+    cersa_ok(&[
+        "convert",
+        s(&src),
+        s(&out),
+        "-q",
+        "--overwrite",
+        "--energy",
+        "0.5",
+    ]);
+    let ckpt = Checkpoint::open(&out).expect("replaced output validates");
+    assert_eq!(ckpt.manifest().config.energy, 0.5);
+    assert_eq!(listing(dir.path()), ["out"]);
+    // The same run twice gives the same bytes as a fresh one.
+    cersa_ok(&["convert", s(&src), s(&out), "-q", "--overwrite"]);
+    assert_eq!(std::fs::read(out.join("cersa.json")).unwrap(), first);
+    // A failing run leaves the previous output in place.
+    let bad = dir.path().join("bad.safetensors");
+    write_f32(
+        &bad,
+        &[("w.weight", vec![2, 2], vec![1.0, f32::NAN, 0.0, 1.0])],
+    );
+    cersa_fails(&["convert", s(&bad), s(&out), "-q", "--overwrite"], 2);
+    assert_eq!(std::fs::read(out.join("cersa.json")).unwrap(), first);
+    assert_eq!(listing(dir.path()), ["bad.safetensors", "out"]);
+}
+
+#[test]
+fn overwrite_refuses_a_directory_that_is_not_cersa() {
+    let dir = tmp();
+    let src = fixture("mixed/model.safetensors");
+    let mine = dir.path().join("mine");
+    std::fs::create_dir(&mine).unwrap();
+    std::fs::write(mine.join("keep.txt"), "x").unwrap();
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("cersa.json"), r#"{"format": "something-else"}"#).unwrap();
+    for out in [&mine, &other] {
+        let err = cersa_fails(&["convert", s(&src), s(out), "-q", "--overwrite"], 2);
+        assert!(err.contains("refusing to replace"), "{err}");
+    }
+    assert_eq!(listing(&mine), ["keep.txt"]);
+    assert_eq!(std::fs::read_to_string(mine.join("keep.txt")).unwrap(), "x");
+    assert_eq!(listing(&other), ["cersa.json"]);
+    assert_eq!(listing(dir.path()), ["mine", "other"]);
+}

@@ -9,6 +9,7 @@ mod gguf_split;
 mod lapack;
 mod malformed;
 mod memory;
+mod merge;
 mod pytorch;
 mod pytorch_sharded;
 mod report;

@@ -97,3 +97,110 @@ fn inspect_groups_csv_and_checkpoint_totals() {
     assert_eq!(csv.lines().count(), 1 + c.tensors.len());
     assert!(csv.starts_with("name,module_kind,layer,kind,"));
 }
+
+/// A source of 48 matrices 320×320 (long enough to inspect for a Ctrl-C to land).
+fn slow_source(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("model.safetensors");
+    let names: Vec<String> = (0..48).map(|l| format!("layer.{l:02}.weight")).collect();
+    let tensors: Vec<_> = (names.iter().zip(1..))
+        .map(|(name, seed)| (name.as_str(), vec![320, 320], noise(seed, 320 * 320)))
+        .collect();
+    write_f32(&path, &tensors);
+    path
+}
+
+#[test]
+fn ctrl_c_stops_inspect_and_report_with_an_error_and_no_file() {
+    use std::process::{Command, Stdio};
+    let dir = tmp();
+    let src = slow_source(dir.path());
+    let html = dir.path().join("r.html");
+    for args in [
+        vec!["inspect", s(&src), "-q", "--threads", "1", "--json"],
+        vec!["report", s(&src), "-o", s(&html), "-q", "--threads", "1"],
+    ] {
+        let child = Command::new(bin())
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let _ = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status();
+        let output = child.wait_with_output().unwrap();
+        if output.status.success() {
+            eprintln!("{}: the run won the race against the signal", args[0]);
+            continue;
+        }
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("error:") && stderr.contains("interrupted"),
+            "{stderr}"
+        );
+        assert!(output.stdout.is_empty(), "no half report on stdout");
+    }
+    assert!(!html.exists(), "no report file after Ctrl-C");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+}
+
+#[test]
+fn a_set_cancel_flag_stops_inspect_and_report_before_any_tensor() {
+    use std::sync::atomic::AtomicBool;
+    let src = fixture("minilm-excerpt/model.safetensors");
+    let source = cersa::input::open(&src).unwrap();
+    let opts = cersa::inspect::InspectOptions {
+        energies: vec![0.9],
+        include: vec![],
+        exclude: vec![],
+        keep_singular_values: false,
+    };
+    let route = cersa::decompose::Route::Auto.decomposer().unwrap();
+    let cancelled = AtomicBool::new(true);
+    let err = cersa::inspect::inspect_source(
+        source.as_ref(),
+        &opts,
+        route.as_ref(),
+        &|_, _| {},
+        &cancelled,
+    )
+    .unwrap_err();
+    assert!(matches!(err, cersa::ConvertError::Interrupted), "{err}");
+
+    let dir = tmp();
+    let out = dir.path().join("out");
+    cersa_ok(&["convert", s(&src), s(&out), "-q"]);
+    let ckpt = cersa_loader::Checkpoint::open(&out).unwrap();
+    let report = cersa::inspect::inspect_checkpoint(&ckpt);
+    let err = cersa::report::model_from_checkpoint("t", &ckpt, &report, &cancelled).unwrap_err();
+    assert!(matches!(err, cersa::ConvertError::Interrupted), "{err}");
+    cersa::report::model_from_checkpoint("t", &ckpt, &report, &AtomicBool::new(false)).unwrap();
+}
+
+#[test]
+fn inspect_uses_the_chosen_route() {
+    let src = fixture("mixed/model.safetensors");
+    let auto: SourceReport =
+        serde_json::from_str(&cersa_ok(&["inspect", s(&src), "-q", "--json"])).unwrap();
+    let svd: SourceReport = serde_json::from_str(&cersa_ok(&[
+        "inspect",
+        s(&src),
+        "-q",
+        "--json",
+        "--algorithm",
+        "svd",
+    ]))
+    .unwrap();
+    // Both routes are exact: the same ranks.
+    let ranks = |r: &SourceReport| -> Vec<Vec<usize>> {
+        r.tensors
+            .iter()
+            .map(|t| t.ranks.iter().map(|a| a.rank).collect())
+            .collect()
+    };
+    assert_eq!(ranks(&auto), ranks(&svd));
+    let err = cersa_fails(&["inspect", s(&src), "-q", "--algorithm", "nope"], 2);
+    assert!(err.contains("unknown --algorithm `nope`"), "{err}");
+}

@@ -1,0 +1,243 @@
+//! The conversion pipeline: source reader → decomposition workers → ordered shard writer.
+//!
+//! Data flows one way through small rooms:
+//! - `out_dir`: the sibling `.OUT.cersa-partial` directory the run writes into, and the
+//!   rename that makes `OUT` appear (or replace a CERSA directory, `--overwrite`);
+//! - `schedule`: workers claim tensors in source order within an admission window and
+//!   the memory budget, and hand their results to the writer;
+//! - `process`: one tensor's work (read, check, factor, encode, measure the error);
+//! - `write`: the calling thread writes results strictly in source order, journals each
+//!   shard the writer closes, and assembles the manifest.
+//!
+//! The output bytes do not depend on the thread count or the memory budget.
+
+mod out_dir;
+mod process;
+mod schedule;
+mod write;
+
+pub(crate) use out_dir::{commit, prepare_output};
+
+use crate::decompose::{RankRule, Route};
+use crate::error::{ConvertError, Result};
+use crate::input::Source;
+use crate::journal::{self, Journal, Recovered};
+use crate::select::Selection;
+use cersa_loader::Manifest;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+pub use crate::storage::FactorDtype;
+
+/// Conversion options (validated by the CLI before any work).
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    /// Rank rule (τ and clamps).
+    pub rule: RankRule,
+    /// Factor dtype.
+    pub dtype: FactorDtype,
+    /// `--include` globs.
+    pub include: Vec<String>,
+    /// `--exclude` globs.
+    pub exclude: Vec<String>,
+    /// Factor even when it saves nothing.
+    pub force_factor: bool,
+    /// Shard size cap in bytes.
+    pub max_shard_size: u64,
+    /// Worker threads (≥ 1). Does not change the output.
+    pub threads: usize,
+    /// Decomposition route.
+    pub algorithm: Route,
+    /// Continue an interrupted run from its partial directory (see [`crate::journal`]).
+    pub resume: bool,
+    /// Replace an existing CERSA directory at the output path once the new one is complete
+    /// (anything else there is refused and left alone).
+    pub overwrite: bool,
+    /// Memory budget in bytes for the tensors in flight (see [`crate::budget`]); `None`
+    /// uses [`crate::budget::default_budget`]. Does not change the output.
+    pub max_memory: Option<u64>,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            rule: RankRule::default(),
+            dtype: FactorDtype::Source,
+            include: Vec::new(),
+            exclude: Vec::new(),
+            force_factor: false,
+            max_shard_size: 5_000_000_000,
+            threads: 1,
+            algorithm: Route::Auto,
+            resume: false,
+            overwrite: false,
+            max_memory: None,
+        }
+    }
+}
+
+/// Progress reported to the caller (from the writing thread).
+#[derive(Debug, Clone)]
+pub struct Progress<'a> {
+    /// Tensors written so far.
+    pub done: usize,
+    /// Tensors in all.
+    pub total: usize,
+    /// Source bytes of the tensors written so far.
+    pub bytes_done: u64,
+    /// Source bytes in all.
+    pub bytes_total: u64,
+    /// The tensor just written.
+    pub name: &'a str,
+}
+
+/// The result of a conversion, as printed by `cersa convert --json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConvertReport {
+    /// Wire-format version of this report.
+    pub report_version: u32,
+    /// The output directory.
+    pub out_dir: PathBuf,
+    /// Wall time in seconds.
+    pub seconds: f64,
+    /// Stored params / source params.
+    pub param_ratio: f64,
+    /// Stored bytes / source bytes.
+    pub byte_ratio: f64,
+    /// The manifest that was written.
+    pub manifest: Manifest,
+}
+
+/// Converts `src` into a CERSA directory at `out`. The directory appears only when
+/// everything succeeded. The work happens in a sibling `.OUT.cersa-partial` directory with
+/// a journal of the closed shards: after a cancellation or an I/O error (disk full) it is
+/// kept and the error says so, and `opts.resume` continues from it; after any other error
+/// it is removed.
+pub fn convert(
+    src: &dyn Source,
+    out: &Path,
+    opts: &ConvertOptions,
+    progress: &mut dyn FnMut(&Progress),
+    cancel: &AtomicBool,
+) -> Result<Manifest> {
+    let decomposer = opts.algorithm.decomposer()?;
+    let selection = Selection::new(&opts.include, &opts.exclude, src.default_excludes())?;
+    check_names(src)?;
+    let fingerprint = run_fingerprint(src, opts, decomposer.name())?;
+    let staging = prepare_output(out, opts.resume, opts.overwrite)?;
+    let tmp = staging.partial.clone();
+    let (mut journal, recovered) = if staging.resumable {
+        // Errors here (a journal of another run) leave the partial directory untouched.
+        journal::recover(&tmp, &fingerprint, src.tensors().len())?
+    } else {
+        match Journal::create(&tmp, &fingerprint) {
+            Ok(j) => (j, Recovered::default()),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(e);
+            }
+        }
+    };
+    let job = schedule::Job {
+        src,
+        tmp: &tmp,
+        opts,
+        decomposer: decomposer.as_ref(),
+        selection: &selection,
+        cancel,
+    };
+    let result = schedule::run(&job, progress, &mut journal, &recovered).and_then(|m| {
+        src.check_unchanged()?;
+        // The journal is not part of the checkpoint.
+        let jpath = tmp.join(journal::JOURNAL_FILE);
+        std::fs::remove_file(&jpath).map_err(|e| ConvertError::io(&jpath, "remove", e))?;
+        commit(&staging, out)?;
+        Ok(m)
+    });
+    match result {
+        Err(e) if keeps_partial(&e) && tmp.exists() => Err(ConvertError::Resumable {
+            cause: Box::new(e),
+            partial: tmp,
+        }),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+        ok => ok,
+    }
+}
+
+/// Source names ending in a factor suffix would collide with the stored factors.
+fn check_names(src: &dyn Source) -> Result<()> {
+    let suffixes = [
+        cersa_loader::SUFFIX_U,
+        cersa_loader::SUFFIX_S,
+        cersa_loader::SUFFIX_VT,
+    ];
+    for t in src.tensors() {
+        if let Some(suffix) = suffixes.iter().find(|s| t.name.ends_with(*s)) {
+            return Err(ConvertError::Tensor {
+                path: src.file_path(t.file).to_path_buf(),
+                tensor: t.name.clone(),
+                reason: format!(
+                    "name ends in the reserved suffix `{suffix}` (is this already a CERSA checkpoint? \
+                     load it with cersa-loader instead of converting it again)"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Errors after which the finished shards are worth keeping: the same command with
+/// `--resume` can go on once the cause (Ctrl-C, a full disk) is gone.
+fn keeps_partial(e: &ConvertError) -> bool {
+    matches!(
+        e,
+        ConvertError::Interrupted
+            | ConvertError::Io { .. }
+            | ConvertError::Format(cersa_loader::Error::Io { .. })
+    )
+}
+
+/// What must be equal for a partial directory to be resumed: the options that shape the
+/// output, and the source (file names, sizes, mtimes, tensor list).
+fn run_fingerprint(
+    src: &dyn Source,
+    opts: &ConvertOptions,
+    algorithm: &str,
+) -> Result<serde_json::Value> {
+    use sha2::{Digest, Sha256};
+    let mut files = Vec::new();
+    for (i, f) in src.files().iter().enumerate() {
+        let path = src.file_path(i);
+        let meta = std::fs::metadata(path).map_err(|e| ConvertError::io(path, "stat", e))?;
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos().to_string());
+        files.push(serde_json::json!({"file": f.file, "bytes": meta.len(), "mtime_ns": mtime}));
+    }
+    let mut tensors = Sha256::new();
+    for t in src.tensors() {
+        tensors.update(format!("{}\t{:?}\t{}\n", t.name, t.shape, t.source_dtype).as_bytes());
+    }
+    Ok(serde_json::json!({
+        "producer_version": env!("CARGO_PKG_VERSION"),
+        "energy": opts.rule.energy,
+        "min_rank": opts.rule.min_rank,
+        "max_rank": opts.rule.max_rank,
+        "rank_multiple": opts.rule.rank_multiple,
+        "dtype": opts.dtype.to_string(),
+        "algorithm": algorithm,
+        "force_factor": opts.force_factor,
+        "include": opts.include,
+        "exclude": opts.exclude,
+        "max_shard_size": opts.max_shard_size,
+        "source_format": src.format(),
+        "source_files": files,
+        "tensors_sha256": cersa_loader::writer::hex(&tensors.finalize()),
+    }))
+}

@@ -1,0 +1,108 @@
+//! One tensor's work, on a worker thread: read it as a matrix, factor it, keep it dense
+//! when factoring saves nothing, encode the factors in the stored dtype and measure the
+//! error of the factors exactly as stored.
+
+use super::ConvertOptions;
+use crate::decompose::rank::{energy_at, saves};
+use crate::decompose::svd::{stored_residual_norm2, StoredFactors};
+use crate::decompose::{Decomposer, Factorization};
+use crate::error::{ConvertError, Result};
+use crate::input::{FloatData, Source};
+use crate::matrix::{read_matrix, Matrix};
+use cersa_loader::dtype::{decode_f64, encode_f32, encode_f64};
+use cersa_loader::{DenseReason, Dtype};
+
+/// What the writer stores for one tensor.
+pub(super) enum Outcome {
+    /// The tensor's own bytes, streamed from the source by the writer.
+    Dense(DenseReason),
+    /// Encoded factors.
+    Factored {
+        m: usize,
+        n: usize,
+        rank: usize,
+        energy: f64,
+        rel_error: f64,
+        dtype: Dtype,
+        u: Vec<u8>,
+        s: Vec<u8>,
+        vt: Vec<u8>,
+    },
+}
+
+impl Outcome {
+    /// Bytes the result holds until it is written.
+    pub(super) fn held_bytes(&self) -> u64 {
+        match self {
+            Outcome::Dense(_) => 0,
+            Outcome::Factored { u, s, vt, .. } => (u.len() + s.len() + vt.len()) as u64,
+        }
+    }
+}
+
+/// Reads, checks and factors tensor `i`.
+pub(super) fn process(
+    src: &dyn Source,
+    i: usize,
+    opts: &ConvertOptions,
+    decomposer: &dyn Decomposer,
+) -> Result<Outcome> {
+    let meta = &src.tensors()[i];
+    let Some(Matrix { data, m, n, norm2 }) = read_matrix(src, i)? else {
+        return Ok(Outcome::Dense(DenseReason::Zero));
+    };
+    crate::trace::rss("convert: read");
+    let f = decomposer
+        .factorize_named(&meta.name, &data, m, n, &opts.rule)
+        .map_err(|source| ConvertError::Decompose {
+            tensor: meta.name.clone(),
+            source,
+        })?;
+    crate::trace::rss("convert: factorized");
+    let r = f.rank;
+    let energy = energy_at(&f.sigma, f.norm2, r);
+    if !opts.force_factor && !saves(r, m, n) {
+        return Ok(Outcome::Dense(DenseReason::NoSaving));
+    }
+    let dtype = opts.dtype.resolve(meta.dense_dtype);
+    // Each factor is freed as soon as it is encoded (f32 → any factor dtype rounds once,
+    // exactly as from the f64 widening).
+    let encode = |v: FloatData| {
+        match v {
+            FloatData::F32(v) => encode_f32(dtype, &v),
+            FloatData::F64(v) => encode_f64(dtype, &v),
+        }
+        .expect("factor dtypes are float")
+    };
+    let Factorization { u, s, vt, .. } = f;
+    let u = encode(u);
+    let vt = encode(vt);
+    let s = encode_f64(Dtype::F32, &s).expect("F32 is a float dtype");
+    crate::trace::rss("convert: encoded");
+    // rel_error is measured on the factors exactly as stored, streamed by row blocks.
+    let s_stored = decode_f64(Dtype::F32, &s).expect("F32 is a float dtype");
+    let res = stored_residual_norm2(
+        &data,
+        m,
+        n,
+        &StoredFactors {
+            dtype,
+            u: &u,
+            s: &s_stored,
+            vt: &vt,
+        },
+    );
+    crate::trace::rss("convert: residual");
+    drop(data);
+    Ok(Outcome::Factored {
+        m,
+        n,
+        rank: r,
+        energy,
+        rel_error: (res / norm2).sqrt(),
+        dtype,
+        u,
+        s,
+        vt,
+    })
+}

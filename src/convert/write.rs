@@ -1,0 +1,242 @@
+//! The ordered writer loop: takes results in source order, streams dense tensors from the
+//! source, writes factors, journals every shard the writer closes, and assembles the
+//! manifest.
+
+use super::process::Outcome;
+use super::schedule::{Job, Results};
+use super::Progress;
+use crate::error::{ConvertError, Result};
+use crate::input::TensorMeta;
+use crate::journal::{self, Journal, Recovered, ShardRecord};
+use crate::storage::Stored;
+use cersa_loader::manifest::{ConvertConfig, Producer, SourceInfo, Totals};
+use cersa_loader::writer::{ClosedShard, PlannedEntry};
+use cersa_loader::{factor_names, CheckpointWriter, Dtype, Manifest, TensorInfo, TensorKind};
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+
+/// The shard being written: its first tensor and the manifest entries in it so far.
+struct OpenShard {
+    first_tensor: usize,
+    tensors: Vec<(String, TensorInfo)>,
+}
+
+impl OpenShard {
+    /// Journals `closed` (complete and synced) with the tensors it holds, before any byte
+    /// of tensor `i` is written; tensor `i` opens the next shard.
+    fn journal(&mut self, closed: ClosedShard, i: usize, journal: &mut Journal) -> Result<()> {
+        journal.record(&ShardRecord {
+            index: closed.index,
+            file: closed.file,
+            bytes: closed.bytes,
+            sha256: closed.sha256,
+            first_tensor: self.first_tensor,
+            end_tensor: i,
+            tensors: std::mem::take(&mut self.tensors),
+        })?;
+        self.first_tensor = i;
+        Ok(())
+    }
+}
+
+/// Writes every tensor from the first one `recovered` does not hold, in source order.
+pub(super) fn write_all(
+    job: &Job,
+    results: &Results,
+    progress: &mut dyn FnMut(&Progress),
+    journal: &mut Journal,
+    recovered: &Recovered,
+) -> Result<Manifest> {
+    let (src, tmp, cancel) = (job.src, job.tmp, job.cancel);
+    let metas = src.tensors();
+    let start = recovered.next_tensor();
+    let bytes_total: u64 = metas.iter().map(|t| t.source_bytes).sum();
+    let mut writer = CheckpointWriter::resume(
+        tmp,
+        job.opts.max_shard_size,
+        recovered
+            .shards
+            .iter()
+            .map(|r| (tmp.join(&r.file), r.bytes, r.sha256.clone()))
+            .collect(),
+        &recovered
+            .shards
+            .iter()
+            .map(|r| r.tensors.iter().map(|(n, _)| n.clone()).collect())
+            .collect::<Vec<_>>(),
+    )
+    // Every tensor may be stored dense or factored: the writer reserves header room for
+    // the longer, so each shard's data is written in place.
+    .with_plan(
+        metas
+            .iter()
+            .map(|t| PlannedEntry {
+                name: t.name.clone(),
+                ndims: t.shape.len(),
+            })
+            .collect(),
+    );
+    let mut tensors = BTreeMap::new();
+    let mut totals = Totals::default();
+    let mut bytes_done = 0u64;
+    // Tensors finished by the interrupted run count as written.
+    for (meta, (name, info)) in metas
+        .iter()
+        .zip(recovered.shards.iter().flat_map(|r| &r.tensors))
+    {
+        if *name != meta.name {
+            return Err(ConvertError::Tensor {
+                path: tmp.join(journal::JOURNAL_FILE),
+                tensor: name.clone(),
+                reason: format!("journal lists it where the source has `{}`", meta.name),
+            });
+        }
+        add_totals(&mut totals, meta, info);
+        bytes_done += meta.source_bytes;
+        tensors.insert(name.clone(), info.clone());
+    }
+    if start > 0 {
+        progress(&Progress {
+            done: start,
+            total: metas.len(),
+            bytes_done,
+            bytes_total,
+            name: &metas[start - 1].name,
+        });
+    }
+    let mut open_shard = OpenShard {
+        first_tensor: start,
+        tensors: Vec::new(),
+    };
+    for (i, meta) in metas.iter().enumerate().skip(start) {
+        // A source rewritten under its memory map is caught between tensors, not only at
+        // the end (reading a truncated map would fault).
+        src.check_unchanged()?;
+        let (outcome, held) = results.take(i)?;
+        let info = match outcome {
+            Outcome::Dense(reason) => {
+                let nbytes = meta.numel() * meta.dense_dtype.size() as u64;
+                if let Some(closed) = writer.begin_group(&meta.name, nbytes)? {
+                    open_shard.journal(closed, i, journal)?;
+                }
+                writer.begin_tensor(&meta.name, meta.dense_dtype, &meta.shape)?;
+                src.copy_dense(i, &mut |chunk| {
+                    if cancel.load(Ordering::Relaxed) {
+                        return Err(ConvertError::Interrupted);
+                    }
+                    writer.write(chunk).map_err(ConvertError::from)
+                })?;
+                writer.end_tensor()?;
+                TensorInfo {
+                    kind: TensorKind::Dense,
+                    shape: meta.shape.clone(),
+                    source_dtype: meta.source_dtype.clone(),
+                    stored_dtype: meta.dense_dtype,
+                    shard: String::new(),
+                    matrix_shape: None,
+                    rank: None,
+                    energy: None,
+                    rel_error: None,
+                    reason: Some(reason),
+                }
+            }
+            Outcome::Factored {
+                m,
+                n,
+                rank,
+                energy,
+                rel_error,
+                dtype,
+                u,
+                s,
+                vt,
+            } => {
+                let nbytes = (u.len() + s.len() + vt.len()) as u64;
+                let (un, sn, vn) = factor_names(&meta.name);
+                if let Some(closed) = writer.begin_group(&meta.name, nbytes)? {
+                    open_shard.journal(closed, i, journal)?;
+                }
+                writer.write_tensor(&un, dtype, &[m, rank], &u)?;
+                writer.write_tensor(&sn, Dtype::F32, &[rank], &s)?;
+                writer.write_tensor(&vn, dtype, &[rank, n], &vt)?;
+                TensorInfo {
+                    kind: TensorKind::Factored,
+                    shape: meta.shape.clone(),
+                    source_dtype: meta.source_dtype.clone(),
+                    stored_dtype: dtype,
+                    shard: String::new(),
+                    matrix_shape: Some([m, n]),
+                    rank: Some(rank),
+                    energy: Some(energy),
+                    rel_error: Some(rel_error),
+                    reason: None,
+                }
+            }
+        };
+        results.release(held);
+        add_totals(&mut totals, meta, &info);
+        open_shard.tensors.push((meta.name.clone(), info.clone()));
+        if tensors.insert(meta.name.clone(), info).is_some() {
+            return Err(ConvertError::Tensor {
+                path: src.file_path(meta.file).to_path_buf(),
+                tensor: meta.name.clone(),
+                reason: "tensor name appears twice in the source".into(),
+            });
+        }
+        bytes_done += meta.source_bytes;
+        progress(&Progress {
+            done: i + 1,
+            total: metas.len(),
+            bytes_done,
+            bytes_total,
+            name: &meta.name,
+        });
+    }
+    Ok(writer.finish(manifest(job, tensors, totals))?)
+}
+
+/// The manifest of this run (shards and each tensor's shard are filled by the writer).
+fn manifest(job: &Job, tensors: BTreeMap<String, TensorInfo>, totals: Totals) -> Manifest {
+    let (src, opts) = (job.src, job.opts);
+    Manifest {
+        format: cersa_loader::FORMAT_NAME.into(),
+        format_version: cersa_loader::FORMAT_VERSION,
+        producer: Producer {
+            name: "cersa".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        },
+        config: ConvertConfig {
+            energy: opts.rule.energy,
+            min_rank: opts.rule.min_rank,
+            max_rank: opts.rule.max_rank,
+            rank_multiple: opts.rule.rank_multiple,
+            dtype: opts.dtype.to_string(),
+            algorithm: job.decomposer.name().into(),
+            force_factor: opts.force_factor,
+            include: opts.include.clone(),
+            exclude: opts.exclude.clone(),
+            max_shard_size: opts.max_shard_size,
+        },
+        source: SourceInfo {
+            format: src.format().into(),
+            files: src.files().to_vec(),
+            details: src.details(),
+        },
+        shards: Vec::new(),
+        tensors,
+        totals,
+    }
+}
+
+/// Adds tensor `meta`, stored as `info`, to the manifest totals.
+fn add_totals(totals: &mut Totals, meta: &TensorMeta, info: &TensorInfo) {
+    totals.source_params += meta.numel();
+    totals.source_bytes += meta.source_bytes;
+    let stored = Stored::of(info);
+    totals.stored_params += stored.params;
+    totals.stored_bytes += stored.bytes;
+    match info.kind {
+        TensorKind::Factored => totals.factored_tensors += 1,
+        TensorKind::Dense => totals.dense_tensors += 1,
+    }
+}
