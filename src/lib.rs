@@ -1,23 +1,33 @@
 //! `cersa`: convert model checkpoints into their energy-retaining SVD subspace (CERSA v1).
 //!
 //! Data flows one way: [`input`] (one module per source format) → [`decompose`] (routes
-//! behind one trait, the rank rule) → [`convert`] (the pipeline) → `cersa-loader`'s writer.
-//! [`inspect`] reports spectra and ranks without writing anything.
+//! behind one trait, the rank rule; numerical kernels in a private `linalg` layer) →
+//! [`convert`] (the pipeline) → `cersa-loader`'s writer. [`inspect`] and [`report`] read
+//! spectra and ranks without writing a checkpoint; [`verify`] checks one; [`merge`] folds an
+//! adapter into one.
+//!
+//! The public API is what the binary (`src/main.rs`, through [`cli`]) and the tests use: the
+//! entry point of each subcommand, its options and its `Serialize` report. Internals stay
+//! private so the compiler sees dead code; the kernel benchmarks (`examples/bench_symeig.rs`,
+//! `examples/bench_twostage.rs`) reach `linalg` through the cargo feature `bench-internals`.
 #![deny(unsafe_code)]
 
-pub mod budget;
+mod budget;
 pub mod cli;
 pub mod convert;
 pub mod decompose;
 pub mod error;
 pub mod input;
 pub mod inspect;
-pub mod journal;
+mod journal;
+#[cfg(feature = "bench-internals")]
 pub mod linalg;
-pub mod matrix;
+#[cfg(not(feature = "bench-internals"))]
+mod linalg;
+mod matrix;
 pub mod merge;
 pub mod report;
-pub mod select;
+mod select;
 pub mod storage;
 pub mod trace;
 pub mod verify;

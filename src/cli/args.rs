@@ -163,7 +163,7 @@ impl SpectraArgs {
 pub struct InspectArgs {
     #[command(flatten)]
     pub spectra: SpectraArgs,
-    /// Print JSON on stdout (schema in the README).
+    /// Print JSON on stdout (schema in docs/inspect-json.md).
     #[arg(long, conflicts_with = "csv")]
     pub json: bool,
     /// Print one CSV row per tensor on stdout.

@@ -15,7 +15,7 @@ pub mod tridiagonal;
 pub mod twostage;
 
 pub use elem::Elem;
-pub use symeig::{symmetric_eig, symmetric_eigenvalues, SymmetricEig, Tridiagonalization};
+pub use symeig::{symmetric_eig, symmetric_eigenvalues};
 
 /// Why a kernel failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

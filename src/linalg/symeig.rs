@@ -101,6 +101,8 @@ pub const BLOCKED_FROM: usize = 1536;
 /// Which reduction to tridiagonal form [`symmetric_eig_with`] uses. Only the benchmarks
 /// choose: the routes always take `Auto`, so no switch outside the code changes output bits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+// Only the benchmarks and tests construct the forced reductions.
+#[cfg_attr(not(any(test, feature = "bench-internals")), allow(dead_code))]
 pub enum Tridiagonalization {
     /// The blocked reduction from [`BLOCKED_FROM`] on, faer's unblocked one below.
     Auto,

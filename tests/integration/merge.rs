@@ -98,7 +98,10 @@ fn merge_json_is_versioned_and_uses_the_base_route_by_default() {
         ],
         2,
     );
-    assert!(err.contains("unknown --algorithm `nope`"), "{err}");
+    assert!(
+        err.contains("invalid value 'nope' for '--algorithm"),
+        "{err}"
+    );
 }
 
 #[test]
