@@ -103,7 +103,7 @@ def test_torch_modes_match_numpy(run_cersa, tmp_path):
         np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
         trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
         assert trainable == {"frozen": set(), "scale": {"s"}, "core": {"a", "b"},
-                             "factors": {"left", "right"}}[mode]
+                             "factors": {"left", "right"}, "cersa": {"c"}}[mode]
 
 
 def test_torch_patch_linears_and_core_training(run_cersa, tmp_path):
