@@ -146,3 +146,24 @@ def index(directory: str, manifest: dict) -> Dict[str, str]:
     if stray:
         raise CersaFormatError(f"{where[stray[0]]}: {stray[0]} is stored but not in the manifest")
     return where
+
+
+class ManifestEntries:
+    """Lookups over ``self.manifest`` shared by the numpy and torch checkpoints."""
+
+    dir: str
+    manifest: dict
+
+    def names(self):
+        """Source tensor names, sorted."""
+        return sorted(self.manifest["tensors"])
+
+    def info(self, name: str) -> dict:
+        """The manifest entry of source tensor ``name``."""
+        try:
+            return self.manifest["tensors"][name]
+        except KeyError:
+            raise KeyError(f"{self.dir}: no tensor {name!r}") from None
+
+    def is_factored(self, name: str) -> bool:
+        return self.info(name)["kind"] == "factored"

@@ -10,7 +10,8 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-from ._manifest import SUFFIX_S, SUFFIX_U, SUFFIX_VT, index, read_header, read_manifest
+from ._manifest import (SUFFIX_S, SUFFIX_U, SUFFIX_VT, ManifestEntries, index, read_header,
+                        read_manifest)
 
 
 def _bf16_to_f32(raw: bytes, shape) -> np.ndarray:
@@ -38,26 +39,13 @@ def _read_shard(path: str) -> Dict[str, np.ndarray]:
     return out
 
 
-class CersaCheckpoint:
+class CersaCheckpoint(ManifestEntries):
     """A CERSA directory read into memory: the manifest and every stored tensor."""
 
     def __init__(self, directory: str, manifest: dict, stored: Dict[str, np.ndarray]):
         self.dir = directory
         self.manifest = manifest
         self.stored = stored
-
-    def names(self):
-        """Source tensor names, sorted."""
-        return sorted(self.manifest["tensors"])
-
-    def info(self, name: str) -> dict:
-        try:
-            return self.manifest["tensors"][name]
-        except KeyError:
-            raise KeyError(f"{self.dir}: no tensor {name!r}") from None
-
-    def is_factored(self, name: str) -> bool:
-        return self.info(name)["kind"] == "factored"
 
     def factors(self, name: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(U_r [m, r], σ_r [r], V_rᵀ [r, n]) as stored (BF16 decoded to f32)."""

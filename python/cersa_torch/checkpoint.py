@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
-from ._manifest import MANIFEST_FILE, SUFFIX_S, SUFFIX_U, SUFFIX_VT, index, read_manifest
+from ._manifest import (MANIFEST_FILE, SUFFIX_S, SUFFIX_U, SUFFIX_VT, ManifestEntries, index,
+                        read_manifest)
 
 
-class TorchCheckpoint:
+class TorchCheckpoint(ManifestEntries):
     """A CERSA checkpoint whose tensors load on demand as ``torch.Tensor`` s."""
 
     def __init__(self, directory: str, device="cpu", dtype: Optional[torch.dtype] = None):
@@ -32,20 +33,6 @@ class TorchCheckpoint:
         self._where = index(directory, self.manifest)
         self._open = {p: safe_open(p, framework="pt", device="cpu")
                       for p in sorted(set(self._where.values()))}
-
-    def names(self) -> Iterator[str]:
-        """Source tensor names, sorted."""
-        return iter(sorted(self.manifest["tensors"]))
-
-    def info(self, name: str) -> dict:
-        """The manifest entry of source tensor ``name``."""
-        try:
-            return self.manifest["tensors"][name]
-        except KeyError:
-            raise KeyError(f"{self.dir}: no tensor {name!r}") from None
-
-    def is_factored(self, name: str) -> bool:
-        return self.info(name)["kind"] == "factored"
 
     def _get(self, key: str, dtype: Optional[torch.dtype]) -> torch.Tensor:
         t = self._open[self._where[key]].get_tensor(key)
