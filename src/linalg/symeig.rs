@@ -179,8 +179,8 @@ impl<T: Elem> SymmetricEig<T> {
 /// Eigenvalues (non-increasing) of the symmetric matrix whose lower triangle is `g`, by
 /// faer's one-stage EVD without vectors: the reference the solvers in [`super::twostage`] and
 /// this module are tested against.
-#[cfg(test)]
-pub(crate) fn faer_eigenvalues<T: Elem>(g: Mat<T>) -> Result<Vec<f64>, LinalgError> {
+#[cfg(any(test, feature = "bench-internals"))]
+pub fn faer_eigenvalues<T: Elem>(g: Mat<T>) -> Result<Vec<f64>, LinalgError> {
     use faer::linalg::evd::{self_adjoint_evd, self_adjoint_evd_scratch, ComputeEigenvectors};
     let k = g.nrows();
     let mut mem = MemBuffer::try_new(self_adjoint_evd_scratch::<T>(
