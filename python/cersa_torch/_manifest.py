@@ -90,11 +90,12 @@ def read_header(path: str) -> Tuple[dict, int]:
     return header, 8 + n
 
 
-def index(directory: str, manifest: dict) -> Dict[str, str]:
-    """Checks every shard against the manifest; returns stored tensor name → shard path."""
+def index(directory: str, manifest: dict) -> Tuple[Dict[str, str], Dict[str, Tuple[dict, int]]]:
+    """Checks every shard against the manifest; returns stored tensor name → shard path, and
+    shard path → (its header, where its data starts)."""
     mpath = os.path.join(directory, MANIFEST_FILE)
     where: Dict[str, str] = {}
-    headers: Dict[str, dict] = {}
+    headers: Dict[str, Tuple[dict, int]] = {}
     for shard in manifest["shards"]:
         name = shard.get("file") if isinstance(shard, dict) else None
         if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
@@ -108,8 +109,8 @@ def index(directory: str, manifest: dict) -> Dict[str, str]:
             raise CersaFormatError(f"{path}: shard listed in the manifest is missing") from None
         if size != shard.get("bytes"):
             raise CersaFormatError(f"{path}: size {size} != {shard.get('bytes')} in the manifest")
-        header, _ = read_header(path)
-        headers[path] = header
+        header, data_start = read_header(path)
+        headers[path] = (header, data_start)
         for key in header:
             if key in where:
                 raise CersaFormatError(f"{path}: {key} stored in more than one shard")
@@ -119,7 +120,7 @@ def index(directory: str, manifest: dict) -> Dict[str, str]:
     def check(key: str, shape, dtypes=None):
         if key not in where:
             raise CersaFormatError(f"{mpath}: {key} is listed in the manifest but missing")
-        entry = headers[where[key]][key]
+        entry = headers[where[key]][0][key]
         if list(entry["shape"]) != list(shape):
             raise CersaFormatError(
                 f"{where[key]}: {key} has shape {list(entry['shape'])}, expected {list(shape)}")
@@ -145,7 +146,7 @@ def index(directory: str, manifest: dict) -> Dict[str, str]:
     stray = sorted(set(where) - claimed)
     if stray:
         raise CersaFormatError(f"{where[stray[0]]}: {stray[0]} is stored but not in the manifest")
-    return where
+    return where, headers
 
 
 class ManifestEntries:

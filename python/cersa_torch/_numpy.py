@@ -10,8 +10,7 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-from ._manifest import (SUFFIX_S, SUFFIX_U, SUFFIX_VT, ManifestEntries, index, read_header,
-                        read_manifest)
+from ._manifest import SUFFIX_S, SUFFIX_U, SUFFIX_VT, ManifestEntries, index, read_manifest
 
 
 def _bf16_to_f32(raw: bytes, shape) -> np.ndarray:
@@ -20,11 +19,10 @@ def _bf16_to_f32(raw: bytes, shape) -> np.ndarray:
     return bits.view(np.float32).reshape(shape)
 
 
-def _read_shard(path: str) -> Dict[str, np.ndarray]:
-    """All tensors of one (already checked) shard; BF16 decoded to f32."""
+def _read_shard(path: str, header: dict, data_start: int) -> Dict[str, np.ndarray]:
+    """All tensors of one shard, checked by ``index`` (its ``header``); BF16 decoded to f32."""
     from safetensors import safe_open
 
-    header, data_start = read_header(path)
     bf16 = {k for k, v in header.items() if v["dtype"] == "BF16"}
     out: Dict[str, np.ndarray] = {}
     with safe_open(path, framework="numpy") as st:
@@ -87,8 +85,8 @@ class CersaCheckpoint(ManifestEntries):
 def load_cersa(directory: str) -> CersaCheckpoint:
     """Reads ``cersa.json`` and its shards; checks format, sizes, names, dtypes and shapes."""
     manifest = read_manifest(directory)
-    where = index(directory, manifest)
+    _, headers = index(directory, manifest)
     stored: Dict[str, np.ndarray] = {}
-    for path in sorted(set(where.values())):
-        stored.update(_read_shard(path))
+    for path, (header, data_start) in sorted(headers.items()):
+        stored.update(_read_shard(path, header, data_start))
     return CersaCheckpoint(directory, manifest, stored)

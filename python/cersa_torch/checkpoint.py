@@ -30,7 +30,7 @@ class TorchCheckpoint(ManifestEntries):
         with open(os.path.join(directory, MANIFEST_FILE), "rb") as f:
             # What adapter files record to name the checkpoint they were trained on.
             self.manifest_sha256 = hashlib.sha256(f.read()).hexdigest()
-        self._where = index(directory, self.manifest)
+        self._where, _ = index(directory, self.manifest)
         self._open = {p: safe_open(p, framework="pt", device="cpu")
                       for p in sorted(set(self._where.values()))}
 

@@ -22,7 +22,7 @@
 //! (λ_r ≈ 50·ε·k·λ₁ at τ = 0.9) and made `gram` pay for both passes (2048²: 3.5 s).
 
 use super::gram::Gram;
-use super::{DecomposeError, Decomposer, Factorization, RankRule, Route};
+use super::{Decomposer, Factorization, RankRule, Result, Route};
 use crate::input::{FloatData, Precision};
 
 /// Per-matrix route choice.
@@ -44,16 +44,11 @@ impl Decomposer for Auto {
         m: usize,
         n: usize,
         rule: &RankRule,
-    ) -> Result<Factorization, DecomposeError> {
+    ) -> Result<Factorization> {
         Gram.factorize(w, m, n, rule)
     }
 
-    fn singular_values(
-        &self,
-        w: &FloatData,
-        m: usize,
-        n: usize,
-    ) -> Result<Vec<f64>, DecomposeError> {
+    fn singular_values(&self, w: &FloatData, m: usize, n: usize) -> Result<Vec<f64>> {
         Gram.singular_values(w, m, n)
     }
 }

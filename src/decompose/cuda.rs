@@ -41,7 +41,7 @@
 
 use super::gram::{self, row_major, sigma_of};
 use super::rank::RankRule;
-use super::{fix_signs, footprint_of, DecomposeError, Decomposer, Factorization, Route};
+use super::{fix_signs, footprint_of, DecomposeError, Decomposer, Factorization, Result, Route};
 use crate::input::{FloatData, Precision};
 use cudarc::cublas::{sys as blas, CudaBlas};
 use cudarc::cusolver::{sys as sol, DnHandle};
@@ -74,7 +74,7 @@ struct Gpu {
 const STAGING: usize = 1 << 21;
 
 /// The device state, or why there is none.
-static GPU: OnceLock<Result<Mutex<Gpu>, DecomposeError>> = OnceLock::new();
+static GPU: OnceLock<Result<Mutex<Gpu>>> = OnceLock::new();
 
 fn unavailable(why: &str) -> DecomposeError {
     DecomposeError::Unavailable {
@@ -92,7 +92,7 @@ fn backend(detail: String) -> DecomposeError {
 }
 
 /// The shared device state, opened on first use; the error says why there is none.
-fn gpu() -> Result<&'static Mutex<Gpu>, DecomposeError> {
+fn gpu() -> Result<&'static Mutex<Gpu>> {
     GPU.get_or_init(|| {
         std::panic::catch_unwind(open_gpu)
             .unwrap_or_else(|_| Err(unavailable("CUDA initialisation panicked")))
@@ -103,14 +103,14 @@ fn gpu() -> Result<&'static Mutex<Gpu>, DecomposeError> {
 }
 
 /// Name of the GPU the route runs on, or why it cannot run.
-pub fn device_name() -> Result<String, DecomposeError> {
+pub fn device_name() -> Result<String> {
     let g = gpu()?;
     let g = g.lock().map_err(|_| unavailable("GPU state poisoned"))?;
     Ok(g.name.clone())
 }
 
 #[allow(unsafe_code)]
-fn open_gpu() -> Result<Gpu, DecomposeError> {
+fn open_gpu() -> Result<Gpu> {
     // SAFETY (three look-ups): each only tries dlopen on the candidate file names; no symbol
     // is called, so a missing library is reported instead of panicking later.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
@@ -280,7 +280,7 @@ fn check_info(st: &Arc<CudaStream>, info: &CudaSlice<i32>, what: &str) -> Result
         0 => Ok(()),
         i if i > 0 => Err(format!("{what} did not converge (info = {i})")),
         i => Err(format!(
-            "cuda route: {what} rejected argument {} (info = {i})",
+            "{what} rejected argument {} (info = {i})",
             -i
         )),
     }
@@ -567,7 +567,7 @@ fn run_on_gpu(
 }
 
 /// Runs `f` on the shared device, turning a poisoned lock or a panic into an error.
-fn with_gpu<R>(f: impl FnOnce(&mut Gpu) -> Result<R, String>) -> Result<R, DecomposeError> {
+fn with_gpu<R>(f: impl FnOnce(&mut Gpu) -> Result<R, String>) -> Result<R> {
     let g = gpu()?;
     let mut guard = g
         .lock()
@@ -600,7 +600,7 @@ impl Decomposer for Cuda {
         m: usize,
         n: usize,
         rule: &RankRule,
-    ) -> Result<Factorization, DecomposeError> {
+    ) -> Result<Factorization> {
         if m == 0 || n == 0 {
             // Nothing to offload; keep the CPU route's handling of empty matrices.
             return gram::Gram.factorize(w, m, n, rule);
@@ -636,12 +636,7 @@ impl Decomposer for Cuda {
         })
     }
 
-    fn singular_values(
-        &self,
-        w: &FloatData,
-        m: usize,
-        n: usize,
-    ) -> Result<Vec<f64>, DecomposeError> {
+    fn singular_values(&self, w: &FloatData, m: usize, n: usize) -> Result<Vec<f64>> {
         if m == 0 || n == 0 {
             return gram::Gram.singular_values(w, m, n);
         }

@@ -25,7 +25,7 @@
 //! Everything runs with `Par::Seq`, so bits do not depend on the thread count.
 
 use super::rank::{energy_at, frobenius2, RankRule};
-use super::{fix_signs, footprint_of, DecomposeError, Decomposer, Elem, Factorization, Route};
+use super::{fix_signs, footprint_of, Decomposer, Elem, Factorization, Result, Route};
 use crate::input::{FloatData, Precision};
 use crate::linalg::{symmetric_eig, twostage, LinalgError};
 use faer::dyn_stack::{MemBuffer, MemStack, StackReq};
@@ -165,7 +165,7 @@ pub fn gram_decision_is_sound(
 /// Orthonormalizes the p×r matrix `y` by a Householder QR: returns (Q p×r, |R_ii|, signs of
 /// R_ii), so that y ≈ Q·diag(sign·|R_ii|) up to the dropped off-diagonal of R.
 #[allow(clippy::type_complexity)]
-pub(crate) fn thin_q<T: Elem>(y: Mat<T>) -> Result<(Mat<T>, Vec<f64>, Vec<bool>), DecomposeError> {
+pub(crate) fn thin_q<T: Elem>(y: Mat<T>) -> Result<(Mat<T>, Vec<f64>, Vec<bool>)> {
     let (p, r) = (y.nrows(), y.ncols());
     let mut a = y;
     if r == 0 {
@@ -215,7 +215,7 @@ pub(crate) fn factors_from_basis<T: Elem>(
     vr: MatRef<'_, T>,
     m: usize,
     n: usize,
-) -> Result<(Vec<T>, Vec<f64>, Vec<T>), DecomposeError> {
+) -> Result<(Vec<T>, Vec<f64>, Vec<T>)> {
     let (p, r) = (x.nrows(), vr.ncols());
     let mut y = Mat::<T>::zeros(p, r);
     faer::linalg::matmul::matmul(y.as_mut(), Accum::Replace, x, vr, T::of(1.0), Par::Seq);
@@ -230,7 +230,7 @@ fn factors_from_y<T: Elem>(
     vr: MatRef<'_, T>,
     m: usize,
     n: usize,
-) -> Result<(Vec<T>, Vec<f64>, Vec<T>), DecomposeError> {
+) -> Result<(Vec<T>, Vec<f64>, Vec<T>)> {
     crate::trace::rss("gram: Y = X·V_r");
     let (q, s, neg) = thin_q(y)?;
     crate::trace::rss("gram: Q");
@@ -307,7 +307,7 @@ fn factorize_pass<T: Elem>(
     rule: &RankRule,
     norm2: f64,
     eps: Option<f64>,
-) -> Result<Option<Factorization>, DecomposeError>
+) -> Result<Option<Factorization>>
 where
     FloatData: From<Vec<T>>,
 {
@@ -461,7 +461,7 @@ pub fn factorize_f32(
     n: usize,
     rule: &RankRule,
     force_f64: bool,
-) -> Result<Factorization, DecomposeError> {
+) -> Result<Factorization> {
     let norm2 = frobenius2(w);
     if !force_f64 {
         if let Some(f) = factorize_pass(w, m, n, rule, norm2, Some(f32::EPSILON as f64 / 2.0))? {
@@ -484,7 +484,7 @@ fn factorize_widened(
     n: usize,
     rule: &RankRule,
     norm2: f64,
-) -> Result<Factorization, DecomposeError> {
+) -> Result<Factorization> {
     // The same power-of-two scaling as `factorize_pass` (exact), σ scaled back.
     let e = super::svd::scale_exponent(w);
     let (f, unscale) = ((-e).exp2(), e.exp2());
@@ -528,11 +528,7 @@ fn factorize_widened(
 
 /// σ of the row-major m×n matrix `w` from a Gram matrix accumulated in f64 (f64 absolute
 /// accuracy ≈ √(ε₆₄)·σ₁ ≈ 1e-8·σ₁, finer than an f32 SVD's ε₃₂·σ₁).
-pub fn singular_values_f64<T: Elem>(
-    w: &[T],
-    m: usize,
-    n: usize,
-) -> Result<Vec<f64>, DecomposeError> {
+pub fn singular_values_f64<T: Elem>(w: &[T], m: usize, n: usize) -> Result<Vec<f64>> {
     Ok(sigma_of(&eigenvalues_f64(long_view(w, m, n))?))
 }
 
@@ -568,7 +564,7 @@ fn widened_rows<T: Elem>(x: MatRef<'_, T>, i0: usize, b: usize, f: f64) -> Mat<f
 }
 
 /// Eigenvalues (non-increasing) of XᵀX with G accumulated and decomposed in f64.
-fn eigenvalues_f64<T: Elem>(x: MatRef<'_, T>) -> Result<Vec<f64>, DecomposeError> {
+fn eigenvalues_f64<T: Elem>(x: MatRef<'_, T>) -> Result<Vec<f64>> {
     let g = gram_widened(x, 1.0);
     Ok(if g.nrows() >= twostage::MIN_ORDER {
         twostage::symmetric_eigenvalues(g)?
@@ -599,7 +595,7 @@ impl Decomposer for Gram {
         m: usize,
         n: usize,
         rule: &RankRule,
-    ) -> Result<Factorization, DecomposeError> {
+    ) -> Result<Factorization> {
         match w {
             FloatData::F32(v) => factorize_f32(v, m, n, rule, false),
             FloatData::F64(v) => {
@@ -608,12 +604,7 @@ impl Decomposer for Gram {
         }
     }
 
-    fn singular_values(
-        &self,
-        w: &FloatData,
-        m: usize,
-        n: usize,
-    ) -> Result<Vec<f64>, DecomposeError> {
+    fn singular_values(&self, w: &FloatData, m: usize, n: usize) -> Result<Vec<f64>> {
         match w {
             FloatData::F32(v) => singular_values_f64(v, m, n),
             FloatData::F64(v) => singular_values_f64(v, m, n),

@@ -15,7 +15,9 @@
 
 use super::rank::{frobenius2, RankRule};
 use super::svd::{scale_exponent, scaled_by_pow2, FaerSvd};
-use super::{fix_signs, footprint_of, DecomposeError, Decomposer, Elem, Factorization, Route};
+use super::{
+    fix_signs, footprint_of, DecomposeError, Decomposer, Elem, Factorization, Result, Route,
+};
 use crate::input::{FloatData, Precision};
 use ndarray::ArrayView2;
 use ndarray_linalg::{JobSvd, Lapack, Scalar, SVDDC};
@@ -55,7 +57,7 @@ fn backend(detail: String) -> DecomposeError {
 /// in f64, k = min(m, n), of the row-major m×n matrix `w`.
 type Gesdd = (Vec<f64>, Option<(Vec<f64>, Vec<f64>)>);
 
-fn gesdd<T>(w: &[T], m: usize, n: usize, vectors: bool) -> Result<Gesdd, DecomposeError>
+fn gesdd<T>(w: &[T], m: usize, n: usize, vectors: bool) -> Result<Gesdd>
 where
     T: Elem + Lapack + Scalar<Real = T>,
 {
@@ -85,12 +87,7 @@ where
     Ok((sigma, Some((u, vt))))
 }
 
-fn factorize_t<T>(
-    w: &[T],
-    m: usize,
-    n: usize,
-    rule: &RankRule,
-) -> Result<Factorization, DecomposeError>
+fn factorize_t<T>(w: &[T], m: usize, n: usize, rule: &RankRule) -> Result<Factorization>
 where
     T: Elem + Lapack + Scalar<Real = T>,
 {
@@ -141,7 +138,7 @@ impl Decomposer for LapackSvd {
         m: usize,
         n: usize,
         rule: &RankRule,
-    ) -> Result<Factorization, DecomposeError> {
+    ) -> Result<Factorization> {
         if m == 0 || n == 0 {
             // LAPACK rejects empty leading dimensions; an empty matrix has nothing to factor.
             return FaerSvd.factorize(w, m, n, rule);
@@ -152,12 +149,7 @@ impl Decomposer for LapackSvd {
         }
     }
 
-    fn singular_values(
-        &self,
-        w: &FloatData,
-        m: usize,
-        n: usize,
-    ) -> Result<Vec<f64>, DecomposeError> {
+    fn singular_values(&self, w: &FloatData, m: usize, n: usize) -> Result<Vec<f64>> {
         if m == 0 || n == 0 {
             return Ok(Vec::new());
         }

@@ -22,6 +22,9 @@ mod tests;
 use crate::input::{FloatData, Precision};
 pub use crate::linalg::Elem;
 pub use error::DecomposeError;
+
+/// `Result` with [`DecomposeError`].
+pub type Result<T, E = DecomposeError> = std::result::Result<T, E>;
 pub use rank::RankRule;
 
 /// A decomposition route, as named by `--algorithm` and recorded in the manifest's
@@ -75,7 +78,7 @@ impl Route {
     }
 
     /// The route's implementation, or why this build or machine cannot run it.
-    pub fn decomposer(self) -> Result<Box<dyn Decomposer>, DecomposeError> {
+    pub fn decomposer(self) -> Result<Box<dyn Decomposer>> {
         match self {
             Route::Auto => Ok(Box::new(auto::Auto)),
             Route::Svd => Ok(Box::new(svd::FaerSvd)),
@@ -95,12 +98,12 @@ impl std::fmt::Display for Route {
 
 /// The LAPACK route, present only in builds with the `lapack` feature.
 #[cfg(feature = "lapack")]
-fn lapack_route() -> Result<Box<dyn Decomposer>, DecomposeError> {
+fn lapack_route() -> Result<Box<dyn Decomposer>> {
     Ok(Box::new(lapack::LapackSvd))
 }
 
 #[cfg(not(feature = "lapack"))]
-fn lapack_route() -> Result<Box<dyn Decomposer>, DecomposeError> {
+fn lapack_route() -> Result<Box<dyn Decomposer>> {
     Err(DecomposeError::NotBuilt {
         route: Route::Lapack,
         how: "needs a cersa built with the cargo feature `lapack` (cargo build --features \
@@ -110,12 +113,12 @@ fn lapack_route() -> Result<Box<dyn Decomposer>, DecomposeError> {
 
 /// The GPU route (src/decompose/cuda.rs), present only in builds with the `cuda` feature.
 #[cfg(feature = "cuda")]
-fn cuda_route() -> Result<Box<dyn Decomposer>, DecomposeError> {
+fn cuda_route() -> Result<Box<dyn Decomposer>> {
     Ok(Box::new(cuda::Cuda))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_route() -> Result<Box<dyn Decomposer>, DecomposeError> {
+fn cuda_route() -> Result<Box<dyn Decomposer>> {
     Err(DecomposeError::NotBuilt {
         route: Route::Cuda,
         how: "this cersa binary was built without the `cuda` feature (rebuild with \
@@ -191,7 +194,7 @@ pub trait Decomposer: Send + Sync {
         m: usize,
         n: usize,
         rule: &RankRule,
-    ) -> Result<Factorization, DecomposeError>;
+    ) -> Result<Factorization>;
 
     /// Like [`Decomposer::factorize`] for the tensor called `name`; routes with randomness
     /// seed it from the name so output is deterministic and independent of tensor order.
@@ -202,18 +205,13 @@ pub trait Decomposer: Send + Sync {
         m: usize,
         n: usize,
         rule: &RankRule,
-    ) -> Result<Factorization, DecomposeError> {
+    ) -> Result<Factorization> {
         let _ = name;
         self.factorize(w, m, n, rule)
     }
 
     /// All min(m, n) singular values of `w`, non-increasing.
-    fn singular_values(
-        &self,
-        w: &FloatData,
-        m: usize,
-        n: usize,
-    ) -> Result<Vec<f64>, DecomposeError>;
+    fn singular_values(&self, w: &FloatData, m: usize, n: usize) -> Result<Vec<f64>>;
 }
 
 impl From<Vec<f32>> for FloatData {

@@ -24,7 +24,7 @@
 use super::gram::{self, thin_q};
 use super::rank::{frobenius2, RankRule};
 use super::rng::{seed_of, Rng};
-use super::{fix_signs, DecomposeError, Decomposer, Elem, Factorization, Route};
+use super::{fix_signs, Decomposer, Elem, Factorization, Result, Route};
 use crate::input::{FloatData, Precision};
 use crate::linalg::LinalgError;
 use faer::dyn_stack::{MemBuffer, MemStack};
@@ -51,7 +51,7 @@ fn block_size(k: usize) -> usize {
 }
 
 /// Y − Q·(QᵀY), twice (classical Gram–Schmidt, re-orthogonalized), then orthonormalized.
-fn orth_against<T: Elem>(q: MatRef<'_, T>, y: Mat<T>) -> Result<Mat<T>, DecomposeError> {
+fn orth_against<T: Elem>(q: MatRef<'_, T>, y: Mat<T>) -> Result<Mat<T>> {
     let mut y = y;
     if q.ncols() > 0 {
         for _ in 0..2 {
@@ -98,7 +98,7 @@ fn qb<T: Elem>(
     norm2: f64,
     tau: f64,
     seed: u64,
-) -> Result<Option<(Mat<T>, Mat<T>)>, DecomposeError> {
+) -> Result<Option<(Mat<T>, Mat<T>)>> {
     let (m, n) = (a.nrows(), a.ncols());
     let k = m.min(n);
     let cap = ((k as f64 * MAX_FRACTION).ceil() as usize).max(1);
@@ -214,7 +214,7 @@ fn qb<T: Elem>(
 }
 
 /// σ of the l×n matrix B (values only, in f64), non-increasing.
-fn ritz_values<T: Elem>(b: MatRef<'_, T>) -> Result<Vec<f64>, DecomposeError> {
+fn ritz_values<T: Elem>(b: MatRef<'_, T>) -> Result<Vec<f64>> {
     let (l, n) = (b.nrows(), b.ncols());
     let b64 = Mat::<f64>::from_fn(l, n, |i, j| b[(i, j)].into());
     let which = ComputeSvdVectors::No;
@@ -257,7 +257,7 @@ fn refine<T: Elem>(
     b: Mat<T>,
     norm2: f64,
     tau: f64,
-) -> Result<(Mat<T>, Mat<T>, usize), DecomposeError> {
+) -> Result<(Mat<T>, Mat<T>, usize)> {
     let cum = |sigma: &[f64], r: usize| -> f64 {
         sigma.iter().take(r).map(|s| s * s).sum::<f64>() / norm2
     };
@@ -305,7 +305,7 @@ fn refine<T: Elem>(
 
 /// Thin SVD of the l×n matrix B: (σ, Ũ l×l', Z n×l'), l' = min(l, n).
 #[allow(clippy::type_complexity)]
-fn small_svd<T: Elem>(b: MatRef<'_, T>) -> Result<(Vec<f64>, Mat<T>, Mat<T>), DecomposeError> {
+fn small_svd<T: Elem>(b: MatRef<'_, T>) -> Result<(Vec<f64>, Mat<T>, Mat<T>)> {
     let (l, n) = (b.nrows(), b.ncols());
     let k = l.min(n);
     let which = ComputeSvdVectors::Thin;
@@ -345,7 +345,7 @@ pub fn factorize_t<T: Elem>(
     n: usize,
     rule: &RankRule,
     seed: u64,
-) -> Result<Option<Factorization>, DecomposeError> {
+) -> Result<Option<Factorization>> {
     let norm2 = frobenius2(w);
     // Tiny or huge entries under/overflow the f32 QR norms: scale by 2^-e (exact), σ back.
     let e = super::svd::scale_exponent(w);
@@ -422,7 +422,7 @@ impl Randomized {
         n: usize,
         rule: &RankRule,
         seed: u64,
-    ) -> Result<Factorization, DecomposeError> {
+    ) -> Result<Factorization> {
         let got = match w {
             FloatData::F32(v) => match factorize_t(v, m, n, rule, seed)? {
                 // Same precision rule as `gram`: an f32 sketch cannot resolve a rank
@@ -460,7 +460,7 @@ impl Decomposer for Randomized {
         m: usize,
         n: usize,
         rule: &RankRule,
-    ) -> Result<Factorization, DecomposeError> {
+    ) -> Result<Factorization> {
         self.factorize_seeded(w, m, n, rule, seed_of(""))
     }
 
@@ -471,17 +471,12 @@ impl Decomposer for Randomized {
         m: usize,
         n: usize,
         rule: &RankRule,
-    ) -> Result<Factorization, DecomposeError> {
+    ) -> Result<Factorization> {
         self.factorize_seeded(w, m, n, rule, seed_of(name))
     }
 
     /// Values-only needs every σ: the exact f64-Gram values.
-    fn singular_values(
-        &self,
-        w: &FloatData,
-        m: usize,
-        n: usize,
-    ) -> Result<Vec<f64>, DecomposeError> {
+    fn singular_values(&self, w: &FloatData, m: usize, n: usize) -> Result<Vec<f64>> {
         gram::Gram.singular_values(w, m, n)
     }
 }

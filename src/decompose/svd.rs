@@ -2,7 +2,7 @@
 //! on the thread count (parallelism comes from converting several tensors at once).
 
 use super::rank::{frobenius2, RankRule};
-use super::{fix_signs, footprint_of, DecomposeError, Decomposer, Elem, Factorization, Route};
+use super::{fix_signs, footprint_of, Decomposer, Elem, Factorization, Result, Route};
 use crate::input::{FloatData, Precision};
 use crate::linalg::LinalgError;
 use faer::dyn_stack::{MemBuffer, MemStack};
@@ -18,12 +18,7 @@ type ThinSvd<T> = (Vec<f64>, Mat<T>, Mat<T>);
 
 /// Singular values and (optionally) thin singular vectors of a row-major m×n matrix.
 /// Returns (σ, U col-major m×k, V col-major n×k), k = min(m, n).
-fn thin_svd<T: Elem>(
-    w: &[T],
-    m: usize,
-    n: usize,
-    vectors: bool,
-) -> Result<ThinSvd<T>, DecomposeError> {
+fn thin_svd<T: Elem>(w: &[T], m: usize, n: usize, vectors: bool) -> Result<ThinSvd<T>> {
     let k = m.min(n);
     // Row-major W is column-major Wᵀ (n×m): Wᵀ = P Σ Qᵀ gives W = Q Σ Pᵀ, so U = Q, V = P.
     let wt = MatRef::from_column_major_slice(w, n, m);
@@ -104,12 +99,7 @@ pub(crate) fn scale_exponent<T: Elem>(w: &[T]) -> f64 {
     }
 }
 
-fn factorize_t<T: Elem>(
-    w: &[T],
-    m: usize,
-    n: usize,
-    rule: &RankRule,
-) -> Result<Factorization, DecomposeError>
+fn factorize_t<T: Elem>(w: &[T], m: usize, n: usize, rule: &RankRule) -> Result<Factorization>
 where
     FloatData: From<Vec<T>>,
 {
@@ -165,19 +155,14 @@ impl Decomposer for FaerSvd {
         m: usize,
         n: usize,
         rule: &RankRule,
-    ) -> Result<Factorization, DecomposeError> {
+    ) -> Result<Factorization> {
         match w {
             FloatData::F32(v) => factorize_t(v, m, n, rule),
             FloatData::F64(v) => factorize_t(v, m, n, rule),
         }
     }
 
-    fn singular_values(
-        &self,
-        w: &FloatData,
-        m: usize,
-        n: usize,
-    ) -> Result<Vec<f64>, DecomposeError> {
+    fn singular_values(&self, w: &FloatData, m: usize, n: usize) -> Result<Vec<f64>> {
         match w {
             FloatData::F32(v) => thin_svd(v, m, n, false).map(|r| r.0),
             FloatData::F64(v) => thin_svd(v, m, n, false).map(|r| r.0),

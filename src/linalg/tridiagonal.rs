@@ -100,8 +100,8 @@ fn ql(d: &mut [f64], e2: &mut [f64], eps: f64) -> Result<(), LinalgError> {
         }
         if sweeps == max_sweeps {
             return Err(LinalgError::NotConverged {
-                what: format!("tridiagonal eigenvalues in {max_sweeps} sweeps"),
-                detail: String::new(),
+                what: "tridiagonal eigenvalues".into(),
+                detail: format!("{max_sweeps} sweeps"),
             });
         }
         sweeps += 1;
