@@ -279,10 +279,7 @@ fn check_info(st: &Arc<CudaStream>, info: &CudaSlice<i32>, what: &str) -> Result
     match v.first().copied().unwrap_or(0) {
         0 => Ok(()),
         i if i > 0 => Err(format!("{what} did not converge (info = {i})")),
-        i => Err(format!(
-            "{what} rejected argument {} (info = {i})",
-            -i
-        )),
+        i => Err(format!("{what} rejected argument {} (info = {i})", -i)),
     }
 }
 
