@@ -249,6 +249,7 @@ mod tests {
                             rank: None,
                             energy: None,
                             rel_error: None,
+                            quant: None,
                             reason: Some(cersa_loader::DenseReason::NotAMatrix),
                         },
                     )

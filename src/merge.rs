@@ -14,10 +14,10 @@ use crate::error::{ConvertError, Result};
 use crate::input::FloatData;
 use crate::storage::Stored;
 use cersa_loader::adapter::{manifest_sha256, Adapter};
-use cersa_loader::dtype::{decode_f64, encode_f64};
+use cersa_loader::dtype::decode_f64;
 use cersa_loader::manifest::Totals;
 use cersa_loader::writer::hex;
-use cersa_loader::{Checkpoint, CheckpointWriter, Dtype, Manifest, TensorView};
+use cersa_loader::{Checkpoint, CheckpointWriter, Dtype, FactorEncoding, Manifest, TensorView};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -65,14 +65,39 @@ pub struct MergeOptions {
     pub overwrite: bool,
 }
 
-fn rounded(dtype: Dtype, values: &[f64], name: &str) -> Result<(Vec<u8>, Vec<f64>)> {
-    let bytes = encode_f64(dtype, values).ok_or_else(|| ConvertError::Tensor {
+/// Factors encoded as `enc` stores them (bytes of U [m, r] and Vᵀ [r, n]) and their values
+/// as stored, in f64, for the error of the merged checkpoint.
+#[allow(clippy::type_complexity)]
+fn rounded(
+    enc: FactorEncoding,
+    fact: &Factorization,
+    [m, n]: [usize; 2],
+    name: &str,
+) -> Result<((Vec<u8>, Vec<f64>), (Vec<u8>, Vec<f64>))> {
+    let r = fact.rank;
+    let fail = || ConvertError::Tensor {
         path: Default::default(),
         tensor: name.to_string(),
-        reason: format!("cannot store factors as {dtype}"),
-    })?;
-    let back = decode_f64(dtype, &bytes).unwrap_or_default();
-    Ok((bytes, back))
+        reason: format!("cannot store factors as {enc}"),
+    };
+    let (u, vt) = (fact.u.to_f64(), fact.vt.to_f64());
+    let u_bytes = enc.encode_u(&u, m, r).ok_or_else(fail)?;
+    let vt_bytes = enc.encode_vt(&vt, r, n).ok_or_else(fail)?;
+    let back = |bytes: &[u8], is_u: bool| -> Vec<f64> {
+        match enc {
+            FactorEncoding::Float(d) => decode_f64(d, bytes).unwrap_or_default(),
+            FactorEncoding::Quant(_) => {
+                let v = if is_u {
+                    enc.decode_u(bytes, m, r)
+                } else {
+                    enc.decode_vt(bytes, r, n)
+                };
+                v.unwrap_or_default().into_iter().map(f64::from).collect()
+            }
+        }
+    };
+    let (u_back, vt_back) = (back(&u_bytes, true), back(&vt_bytes, false));
+    Ok(((u_bytes, u_back), (vt_bytes, vt_back)))
 }
 
 /// Merges `adapter` into the checkpoint at `base`, writing a new CERSA directory `out`.
@@ -200,10 +225,10 @@ fn write_merged(job: &MergeJob, tmp: &Path) -> Result<(Manifest, Vec<MergedLayer
                             reason: reason.to_string(),
                         }
                     })?;
-                let dtype = f.u.dtype;
+                // Merged factors are stored as the base's were (dtype or quantization).
+                let enc = f.encoding;
                 let r = fact.rank;
-                let (u_bytes, u_back) = rounded(dtype, &fact.u.to_f64(), name)?;
-                let (vt_bytes, vt_back) = rounded(dtype, &fact.vt.to_f64(), name)?;
+                let ((u_bytes, u_back), (vt_bytes, vt_back)) = rounded(enc, &fact, [m, n], name)?;
                 let s32: Vec<f32> = fact.s.iter().map(|&v| v as f32).collect();
                 let s_back: Vec<f64> = s32.iter().map(|&v| f64::from(v)).collect();
                 let s_bytes: Vec<u8> = s32.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -216,9 +241,12 @@ fn write_merged(job: &MergeJob, tmp: &Path) -> Result<(Manifest, Vec<MergedLayer
                 let total = (u_bytes.len() + s_bytes.len() + vt_bytes.len()) as u64;
                 writer.begin_group(name, total)?;
                 let (un, sn, vn) = cersa_loader::factor_names(name);
-                writer.write_tensor(&un, dtype, &[m, r], &u_bytes)?;
+                let dtype = enc.stored_dtype();
+                let u_shape = enc.u_shape(m, r).expect("encoded, so it fits");
+                let vt_shape = enc.vt_shape(r, n).expect("encoded, so it fits");
+                writer.write_tensor(&un, dtype, &u_shape, &u_bytes)?;
                 writer.write_tensor(&sn, Dtype::F32, &[r], &s_bytes)?;
-                writer.write_tensor(&vn, dtype, &[r, n], &vt_bytes)?;
+                writer.write_tensor(&vn, dtype, &vt_shape, &vt_bytes)?;
                 if let Some(info) = manifest.tensors.get_mut(name) {
                     info.rank = Some(r);
                     info.energy = Some(energy);

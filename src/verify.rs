@@ -13,7 +13,6 @@
 
 use crate::error::{ConvertError, Result};
 use crate::input::{FloatData, Precision, Source};
-use cersa_loader::dtype::decode_f64;
 use cersa_loader::manifest::TensorInfo;
 use cersa_loader::{
     Checkpoint, Dtype, Issue, IssueKind, TensorKind, TensorView, ValidateOptions, MANIFEST_FILE,
@@ -417,10 +416,8 @@ fn compare_one(
             };
             let data = src.read_float(i)?;
             let [m, n] = f.matrix_shape;
-            let decode = |raw: cersa_loader::RawTensor<'_>| {
-                decode_f64(raw.dtype, raw.bytes).unwrap_or_default()
-            };
-            let (u, s, vt) = (decode(f.u), decode(f.s), decode(f.vt));
+            // Validated factors decode (quantized ones to their f32 dequantization).
+            let (u, s, vt) = f.values_f64().unwrap_or_default();
             let rel = relative_error_f64(&data, m, n, &u, &s, &vt);
             let precision = meta.float.unwrap_or(Precision::F32);
             let tol = rel_error_tolerance(info.stored_dtype, precision, stored_rel);

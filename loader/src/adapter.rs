@@ -326,15 +326,9 @@ impl Adapter {
                 "adapter layer does not fit the base factors",
             ));
         }
-        let dec = |t: crate::RawTensor<'_>, what: &str| {
-            crate::dtype::decode_f64(t.dtype, t.bytes)
-                .ok_or_else(|| bad(ckpt.dir(), name, format!("{what} is not a float tensor")))
-        };
-        let (u, s, vt) = (
-            dec(f.u, "cersa_u")?,
-            dec(f.s, "cersa_s")?,
-            dec(f.vt, "cersa_vt")?,
-        );
+        let (u, s, vt) = f
+            .values_f64()
+            .map_err(|what| bad(ckpt.dir(), name, format!("{what} cannot be decoded")))?;
         let get = |suffix: &str| -> Result<Vec<f64>> {
             let t = format!("{name}.{suffix}");
             let values = self

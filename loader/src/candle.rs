@@ -113,6 +113,26 @@ impl<'a> CersaVarBuilder<'a> {
     /// The factors of a factored tensor.
     pub fn factors(&self, name: &str) -> Result<CandleFactors> {
         match self.ckpt.get(name).map_err(wrap)? {
+            TensorView::Factored(f) if f.encoding.quant().is_some() => {
+                // Quantized factors are dequantized at load into the compute dtype (f32
+                // unless the builder says otherwise).
+                let [m, n] = f.matrix_shape;
+                let (u, _, vt) = f.values().map_err(|what| {
+                    candle_core::Error::msg(format!("{name}: {what} cannot be dequantized"))
+                })?;
+                let to = |v: Vec<f32>, shape: &[usize]| -> Result<Tensor> {
+                    let t = Tensor::from_vec(v, shape, self.device)?;
+                    match self.dtype {
+                        Some(d) if d != DType::F32 => t.to_dtype(d),
+                        _ => Ok(t),
+                    }
+                };
+                Ok(CandleFactors {
+                    u: to(u, &[m, f.rank])?,
+                    s: self.load(name, f.s)?,
+                    vt: to(vt, &[f.rank, n])?,
+                })
+            }
             TensorView::Factored(f) => Ok(CandleFactors {
                 u: self.load(name, f.u)?,
                 s: self.load(name, f.s)?,
@@ -122,7 +142,8 @@ impl<'a> CersaVarBuilder<'a> {
         }
     }
 
-    /// Every stored tensor by its stored name (`NAME`, or `NAME.cersa_u/_s/_vt`).
+    /// Every stored tensor by its stored name (`NAME`, or `NAME.cersa_u/_s/_vt`), factors in
+    /// the plain layout (`[m, r]`, `[r]`, `[r, n]`; quantized factors dequantized).
     pub fn all(&self) -> Result<BTreeMap<String, Tensor>> {
         let mut out = BTreeMap::new();
         for name in self.ckpt.names() {

@@ -1,6 +1,7 @@
 //! Opening, validating and using a CERSA directory.
 
-use crate::dtype::{decode_f32, Dtype};
+use crate::dtype::{decode_f32, decode_f64, Dtype};
+use crate::encoding::FactorEncoding;
 use crate::error::{Error, Result};
 use crate::manifest::{factor_names, Manifest, TensorKind};
 use crate::mmap::MappedFile;
@@ -46,18 +47,77 @@ impl RawTensor<'_> {
 }
 
 /// The three factors of a factored tensor: W ≈ U · diag(s) · Vᵀ.
+///
+/// `u` and `vt` are the stored tensors: `[m, r]` and `[r, n]` in a float dtype, or U8
+/// rows of quantized singular vectors (`encoding`); [`Factors::u_f32`] and
+/// [`Factors::vt_f32`] give the values in the plain layout either way.
 #[derive(Debug, Clone, Copy)]
 pub struct Factors<'a> {
-    /// `U_r`, [m, r].
+    /// `cersa_u` as stored: `U_r` [m, r], or quantized rows `[r, row_bytes(m)]`.
     pub u: RawTensor<'a>,
     /// `σ_r`, `[r]`, F32.
     pub s: RawTensor<'a>,
-    /// `V_rᵀ`, [r, n].
+    /// `cersa_vt` as stored: `V_rᵀ` [r, n], or quantized rows `[r, row_bytes(n)]`.
     pub vt: RawTensor<'a>,
     /// Rank r.
     pub rank: usize,
     /// Matrix view [m, n] of the original tensor.
     pub matrix_shape: [usize; 2],
+    /// How `u` and `vt` are stored.
+    pub encoding: FactorEncoding,
+}
+
+/// (U `[m, r]`, σ `[r]`, Vᵀ `[r, n]`) values, row-major.
+pub type FactorValues<T> = (Vec<T>, Vec<T>, Vec<T>);
+
+impl Factors<'_> {
+    /// U as f32, row-major `[m, r]` (dequantized where quantized).
+    pub fn u_f32(&self) -> Option<Vec<f32>> {
+        let [m, _] = self.matrix_shape;
+        self.encoding.decode_u(self.u.bytes, m, self.rank)
+    }
+
+    /// Vᵀ as f32, row-major `[r, n]` (dequantized where quantized).
+    pub fn vt_f32(&self) -> Option<Vec<f32>> {
+        let [_, n] = self.matrix_shape;
+        self.encoding.decode_vt(self.vt.bytes, self.rank, n)
+    }
+
+    /// σ as f32, `[r]`.
+    pub fn s_f32(&self) -> Option<Vec<f32>> {
+        self.s.to_f32()
+    }
+
+    /// (U `[m, r]`, σ `[r]`, Vᵀ `[r, n]`) as f32, or the name of the factor that could not
+    /// be decoded.
+    pub fn values(&self) -> std::result::Result<FactorValues<f32>, &'static str> {
+        Ok((
+            self.u_f32().ok_or("cersa_u")?,
+            self.s_f32().ok_or("cersa_s")?,
+            self.vt_f32().ok_or("cersa_vt")?,
+        ))
+    }
+
+    /// Like [`Factors::values`] in f64: exact for every float dtype (F64 factors keep their
+    /// precision), quantized factors widened from their f32 dequantization.
+    pub fn values_f64(&self) -> std::result::Result<FactorValues<f64>, &'static str> {
+        let s = decode_f64(self.s.dtype, self.s.bytes).ok_or("cersa_s")?;
+        match self.encoding {
+            FactorEncoding::Float(d) => Ok((
+                decode_f64(d, self.u.bytes).ok_or("cersa_u")?,
+                s,
+                decode_f64(d, self.vt.bytes).ok_or("cersa_vt")?,
+            )),
+            FactorEncoding::Quant(_) => {
+                let widen = |v: Vec<f32>| v.into_iter().map(f64::from).collect();
+                Ok((
+                    widen(self.u_f32().ok_or("cersa_u")?),
+                    s,
+                    widen(self.vt_f32().ok_or("cersa_vt")?),
+                ))
+            }
+        }
+    }
 }
 
 /// A tensor of the checkpoint as stored.
@@ -197,6 +257,7 @@ impl Checkpoint {
                     vt: self.raw(&vt)?,
                     rank: r,
                     matrix_shape: [m, n],
+                    encoding: FactorEncoding::of(info),
                 }))
             }
         }
@@ -290,15 +351,10 @@ fn dense_matrix_dims(name: &str, shape: &[usize]) -> Result<(usize, usize)> {
 }
 
 fn decode_factors(name: &str, f: &Factors<'_>) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-    let bad = |what: &str| Error::Usage {
+    f.values().map_err(|what| Error::Usage {
         tensor: name.to_string(),
-        reason: format!("{what} is not a float tensor"),
-    };
-    Ok((
-        f.u.to_f32().ok_or_else(|| bad("cersa_u"))?,
-        f.s.to_f32().ok_or_else(|| bad("cersa_s"))?,
-        f.vt.to_f32().ok_or_else(|| bad("cersa_vt"))?,
-    ))
+        reason: format!("{what} cannot be decoded as {}", f.encoding),
+    })
 }
 
 /// a [rows, k] · bᵀ where b is [cols, k]; both row-major. Result [rows, cols].

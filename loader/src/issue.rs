@@ -74,6 +74,9 @@ pub enum IssueKind {
     RankOutOfRange,
     /// A factored entry whose `stored_dtype` is not F16, BF16, F32 or F64.
     FactorDtypeNotFloat,
+    /// A quantized factored entry (`quant` set) whose `stored_dtype` is not U8, or whose
+    /// quantized factor rows would not fit in memory.
+    QuantStoredDtype,
     // ---- manifest ↔ shards
     /// An entry names a shard that is not in `shards`.
     ShardNotListed,
@@ -148,6 +151,7 @@ impl IssueKind {
             | MatrixShapeMismatch
             | RankOutOfRange
             | FactorDtypeNotFloat
+            | QuantStoredDtype
             | ShardNotListed
             | ClaimedTwice => "was the manifest edited by hand?",
             TensorMissing | WrongShard | StoredInTwoShards | DtypeMismatch | ShapeMismatch

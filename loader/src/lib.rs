@@ -7,11 +7,13 @@ pub mod adapter;
 pub mod candle;
 pub mod checkpoint;
 pub mod dtype;
+pub mod encoding;
 pub mod error;
 pub mod issue;
 pub mod manifest;
 pub mod memory;
 pub mod mmap;
+pub mod quant;
 pub mod safetensors;
 pub mod validate;
 pub mod writer;
@@ -20,11 +22,13 @@ pub use checkpoint::{
     read_manifest, Checkpoint, Factors, Matrix, OpenOptions, RawTensor, TensorView,
 };
 pub use dtype::Dtype;
+pub use encoding::FactorEncoding;
 pub use error::{Error, Result, SafetensorsError};
 pub use issue::{Issue, IssueKind};
 pub use manifest::{
     factor_names, shard_file_name, DenseReason, Manifest, TensorInfo, TensorKind, FORMAT_NAME,
     FORMAT_VERSION, MANIFEST_FILE, SUFFIX_S, SUFFIX_U, SUFFIX_VT,
 };
+pub use quant::Quant;
 pub use validate::{non_finite_factors, validate, validate_with, Interrupted, ValidateOptions};
 pub use writer::CheckpointWriter;

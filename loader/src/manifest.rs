@@ -1,6 +1,7 @@
 //! The `cersa.json` manifest: serde types of the CERSA v1 wire format.
 
 use crate::dtype::Dtype;
+use crate::quant::Quant;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -8,6 +9,9 @@ use std::collections::BTreeMap;
 pub const FORMAT_NAME: &str = "cersa";
 /// The format version this crate reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
+/// The highest format revision (`format_minor`) this crate reads: 1 adds quantized
+/// factors.
+pub const FORMAT_MINOR: u32 = 1;
 /// File name of the manifest inside a CERSA directory.
 pub const MANIFEST_FILE: &str = "cersa.json";
 /// Suffix of the left factor `U_r` ([m, r]).
@@ -24,6 +28,10 @@ pub struct Manifest {
     pub format: String,
     /// Always 1 for this version.
     pub format_version: u32,
+    /// Format revision within version 1: 0 (absent) or 1 (the checkpoint has quantized
+    /// factors). Readers refuse revisions above [`FORMAT_MINOR`].
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub format_minor: u32,
     /// The program that wrote the checkpoint.
     pub producer: Producer,
     /// The options the checkpoint was made with.
@@ -139,8 +147,13 @@ pub struct TensorInfo {
     pub shape: Vec<usize>,
     /// Dtype in the source (a safetensors dtype name, or e.g. a GGUF type name).
     pub source_dtype: String,
-    /// Dtype of the stored tensor (dense) or of `cersa_u`/`cersa_vt` (factored).
+    /// Dtype of the stored tensor (dense) or of `cersa_u`/`cersa_vt` (factored; `U8` when
+    /// they are quantized).
     pub stored_dtype: Dtype,
+    /// Block quantization of `cersa_u`/`cersa_vt` (factored only; spec §2 "Quantized
+    /// factors").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quant: Option<Quant>,
     /// Shard file holding the stored tensors.
     pub shard: String,
     /// Matrix view [m, n] that was factored (factored only).
@@ -175,6 +188,27 @@ pub struct Totals {
     pub factored_tensors: u64,
     /// Number of dense tensors.
     pub dense_tensors: u64,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+impl Manifest {
+    /// The `format_minor` a manifest with these tensors needs: 1 when any is quantized.
+    pub fn required_minor(tensors: &BTreeMap<String, TensorInfo>) -> u32 {
+        u32::from(tensors.values().any(|t| t.quant.is_some()))
+    }
+}
+
+impl TensorInfo {
+    /// The factor type as people read it: the quantization's name, else the dtype's.
+    pub fn factor_type(&self) -> String {
+        match self.quant {
+            Some(q) => q.to_string(),
+            None => self.stored_dtype.to_string(),
+        }
+    }
 }
 
 /// Names of the three stored tensors of factored tensor `name`: (u, s, vt).

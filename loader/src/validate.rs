@@ -7,9 +7,11 @@
 
 use crate::checkpoint::{Checkpoint, Shard, MAX_MANIFEST_SIZE};
 use crate::dtype::{decode_f64, Dtype};
+use crate::encoding::FactorEncoding;
 use crate::issue::{Issue, IssueKind};
 use crate::manifest::{
-    factor_names, Manifest, TensorInfo, TensorKind, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE,
+    factor_names, Manifest, TensorInfo, TensorKind, FORMAT_MINOR, FORMAT_NAME, FORMAT_VERSION,
+    MANIFEST_FILE,
 };
 use crate::mmap::MappedFile;
 use crate::safetensors;
@@ -108,14 +110,30 @@ pub fn non_finite_factors(ckpt: &Checkpoint, name: &str) -> Vec<Issue> {
         .unwrap_or(MANIFEST_FILE);
     let (un, sn, vn) = factor_names(name);
     let mut out = Vec::new();
-    for (stored, raw) in [(un, f.u), (sn, f.s), (vn, f.vt)] {
-        // Decoded in blocks so a large factor does not need an f64 copy of itself.
-        let block = raw.dtype.size() * 65536;
+    let [m, n] = f.matrix_shape;
+    let quant = f.encoding.quant();
+    for (stored, raw, len) in [(un, f.u, m), (sn, f.s, 0), (vn, f.vt, n)] {
+        // Decoded in blocks so a large factor does not need an f64 copy of itself;
+        // quantized factors row by row (a non-finite f16 scale).
         let (mut bad, mut total) = (0usize, 0usize);
-        for chunk in raw.bytes.chunks(block.max(1)) {
-            let values = decode_f64(raw.dtype, chunk).unwrap_or_default();
-            bad += values.iter().filter(|x| !x.is_finite()).count();
-            total += values.len();
+        match (quant, raw.shape) {
+            (Some(q), [_, row_bytes]) if len > 0 => {
+                let mut values = Vec::with_capacity(len);
+                for row in raw.bytes.chunks(*row_bytes.max(&1)) {
+                    values.clear();
+                    q.dequantize_row(row, len, &mut values);
+                    bad += values.iter().filter(|x| !x.is_finite()).count();
+                    total += values.len();
+                }
+            }
+            _ => {
+                let block = raw.dtype.size() * 65536;
+                for chunk in raw.bytes.chunks(block.max(1)) {
+                    let values = decode_f64(raw.dtype, chunk).unwrap_or_default();
+                    bad += values.iter().filter(|x| !x.is_finite()).count();
+                    total += values.len();
+                }
+            }
         }
         if bad > 0 {
             out.push(
@@ -179,6 +197,18 @@ pub(crate) fn load_manifest(dir: &Path) -> Result<Manifest, Box<Issue>> {
             version.to_string(),
         ));
     }
+    if manifest.format_minor > FORMAT_MINOR {
+        let minor = manifest.format_minor;
+        return Err(rule(
+            IssueKind::UnsupportedVersion,
+            format!(
+                "format revision 1.{minor} is not supported (this reader knows up to \
+                 1.{FORMAT_MINOR}): the checkpoint needs a newer reader"
+            ),
+            format!("format_minor ≤ {FORMAT_MINOR}"),
+            minor.to_string(),
+        ));
+    }
     Ok(manifest)
 }
 
@@ -224,7 +254,22 @@ pub(crate) fn factored_dims(
             .expected_found(format!("1..={}", m.min(n)), r),
         );
     }
-    if !info.stored_dtype.is_factor_float() {
+    if let Some(q) = info.quant {
+        if info.stored_dtype != Dtype::U8 {
+            issues.push(
+                rule(
+                    IssueKind::QuantStoredDtype,
+                    format!("factors quantized as {q} must be stored as U8 rows"),
+                )
+                .expected_found("U8", info.stored_dtype),
+            );
+        } else if q.row_bytes(m.max(n)).is_none() {
+            issues.push(rule(
+                IssueKind::QuantStoredDtype,
+                format!("{q} rows of {} values overflow", m.max(n)),
+            ));
+        }
+    } else if !info.stored_dtype.is_factor_float() {
         issues.push(
             rule(
                 IssueKind::FactorDtypeNotFloat,
@@ -536,10 +581,14 @@ impl Run<'_> {
             TensorKind::Factored => match factored_dims(name, info) {
                 Ok((m, n, r)) => {
                     let (u, s, vt) = factor_names(name);
+                    let enc = FactorEncoding::of(info);
+                    // factored_dims checked that the quantized row sizes do not overflow.
+                    let u_shape = enc.u_shape(m, r).expect("checked by factored_dims");
+                    let vt_shape = enc.vt_shape(r, n).expect("checked by factored_dims");
                     vec![
-                        (u, info.stored_dtype, vec![m, r]),
+                        (u, info.stored_dtype, u_shape.to_vec()),
                         (s, Dtype::F32, vec![r]),
-                        (vt, info.stored_dtype, vec![r, n]),
+                        (vt, info.stored_dtype, vt_shape.to_vec()),
                     ]
                 }
                 Err(issues) => {

@@ -14,6 +14,7 @@ fn manifest(tensors: BTreeMap<String, TensorInfo>) -> Manifest {
     Manifest {
         format: "cersa".into(),
         format_version: 1,
+        format_minor: 0,
         producer: Producer {
             name: "test".into(),
             version: "0".into(),
@@ -52,6 +53,7 @@ fn dense_info(shape: Vec<usize>, dtype: Dtype) -> TensorInfo {
         rank: None,
         energy: None,
         rel_error: None,
+        quant: None,
         reason: Some(DenseReason::Excluded),
     }
 }

@@ -10,7 +10,7 @@ use crate::error::{ConvertError, Result};
 use crate::input::{FloatData, Source};
 use crate::matrix::{read_matrix, Matrix};
 use cersa_loader::dtype::{decode_f64, encode_f32, encode_f64};
-use cersa_loader::{DenseReason, Dtype};
+use cersa_loader::{DenseReason, Dtype, FactorEncoding};
 
 /// What the writer stores for one tensor.
 pub(super) enum Outcome {
@@ -23,7 +23,7 @@ pub(super) enum Outcome {
         rank: usize,
         energy: f64,
         rel_error: f64,
-        dtype: Dtype,
+        enc: FactorEncoding,
         u: Vec<u8>,
         s: Vec<u8>,
         vt: Vec<u8>,
@@ -64,34 +64,53 @@ pub(super) fn process(
     if !opts.force_factor && !saves(r, m, n) {
         return Ok(Outcome::Dense(DenseReason::NoSaving));
     }
-    let dtype = opts.dtype.resolve(meta.dense_dtype);
+    let enc = opts.dtype.resolve(meta.dense_dtype);
     // Each factor is freed as soon as it is encoded (f32 → any factor dtype rounds once,
-    // exactly as from the f64 widening).
-    let encode = |v: FloatData| {
-        match v {
-            FloatData::F32(v) => encode_f32(dtype, &v),
-            FloatData::F64(v) => encode_f64(dtype, &v),
-        }
-        .expect("factor dtypes are float")
-    };
+    // exactly as from the f64 widening; quantization takes the values rounded to f32).
     let Factorization { u, s, vt, .. } = f;
-    let u = encode(u);
-    let vt = encode(vt);
+    let u = match u {
+        FloatData::F32(v) => enc.encode_u(&v, m, r),
+        FloatData::F64(v) => enc.encode_u(&v, m, r),
+    }
+    .expect("factor encodings are float or quantized");
+    let vt = match vt {
+        FloatData::F32(v) => enc.encode_vt(&v, r, n),
+        FloatData::F64(v) => enc.encode_vt(&v, r, n),
+    }
+    .expect("factor encodings are float or quantized");
     let s = encode_f64(Dtype::F32, &s).expect("F32 is a float dtype");
     crate::trace::rss("convert: encoded");
-    // rel_error is measured on the factors exactly as stored, streamed by row blocks.
+    // rel_error is measured on the factors exactly as stored, streamed by row blocks;
+    // quantized factors are measured on their f32 dequantization (held only meanwhile).
     let s_stored = decode_f64(Dtype::F32, &s).expect("F32 is a float dtype");
-    let res = stored_residual_norm2(
-        &data,
-        m,
-        n,
-        &StoredFactors {
-            dtype,
+    let dequantized = match enc {
+        FactorEncoding::Float(_) => None,
+        FactorEncoding::Quant(_) => {
+            let as_f32 = |v: Option<Vec<f32>>| {
+                encode_f32(Dtype::F32, &v.expect("bytes just encoded")).expect("F32 is a float")
+            };
+            Some((
+                as_f32(enc.decode_u(&u, m, r)),
+                as_f32(enc.decode_vt(&vt, r, n)),
+            ))
+        }
+    };
+    let stored = match &dequantized {
+        None => StoredFactors {
+            dtype: enc.stored_dtype(),
             u: &u,
             s: &s_stored,
             vt: &vt,
         },
-    );
+        Some((du, dvt)) => StoredFactors {
+            dtype: Dtype::F32,
+            u: du,
+            s: &s_stored,
+            vt: dvt,
+        },
+    };
+    let res = stored_residual_norm2(&data, m, n, &stored);
+    drop(dequantized);
     crate::trace::rss("convert: residual");
     drop(data);
     Ok(Outcome::Factored {
@@ -100,7 +119,7 @@ pub(super) fn process(
         rank: r,
         energy,
         rel_error: (res / norm2).sqrt(),
-        dtype,
+        enc,
         u,
         s,
         vt,

@@ -137,6 +137,7 @@ pub(super) fn write_all(
                     rank: None,
                     energy: None,
                     rel_error: None,
+                    quant: None,
                     reason: Some(reason),
                 }
             }
@@ -146,19 +147,22 @@ pub(super) fn write_all(
                 rank,
                 energy,
                 rel_error,
-                dtype,
+                enc,
                 u,
                 s,
                 vt,
             } => {
+                let dtype = enc.stored_dtype();
+                let u_shape = enc.u_shape(m, rank).expect("encoded, so it fits");
+                let vt_shape = enc.vt_shape(rank, n).expect("encoded, so it fits");
                 let nbytes = (u.len() + s.len() + vt.len()) as u64;
                 let (un, sn, vn) = factor_names(&meta.name);
                 if let Some(closed) = writer.begin_group(&meta.name, nbytes)? {
                     open_shard.journal(closed, i, journal)?;
                 }
-                writer.write_tensor(&un, dtype, &[m, rank], &u)?;
+                writer.write_tensor(&un, dtype, &u_shape, &u)?;
                 writer.write_tensor(&sn, Dtype::F32, &[rank], &s)?;
-                writer.write_tensor(&vn, dtype, &[rank, n], &vt)?;
+                writer.write_tensor(&vn, dtype, &vt_shape, &vt)?;
                 TensorInfo {
                     kind: TensorKind::Factored,
                     shape: meta.shape.clone(),
@@ -169,6 +173,7 @@ pub(super) fn write_all(
                     rank: Some(rank),
                     energy: Some(energy),
                     rel_error: Some(rel_error),
+                    quant: enc.quant(),
                     reason: None,
                 }
             }
@@ -201,6 +206,7 @@ fn manifest(job: &Job, tensors: BTreeMap<String, TensorInfo>, totals: Totals) ->
     Manifest {
         format: cersa_loader::FORMAT_NAME.into(),
         format_version: cersa_loader::FORMAT_VERSION,
+        format_minor: Manifest::required_minor(&tensors),
         producer: Producer {
             name: "cersa".into(),
             version: env!("CARGO_PKG_VERSION").into(),

@@ -112,6 +112,7 @@ pub fn write_mlp(dir: &Path, layers: &[LayerSpec<'_>], seed: u64) -> cersa_loade
             rank: None,
             energy: None,
             rel_error: None,
+            quant: None,
             reason: Some(DenseReason::NotAMatrix),
         };
         tensors.insert(bias_name, base.clone());
@@ -138,6 +139,7 @@ pub fn write_mlp(dir: &Path, layers: &[LayerSpec<'_>], seed: u64) -> cersa_loade
     let manifest = Manifest {
         format: cersa_loader::FORMAT_NAME.into(),
         format_version: cersa_loader::FORMAT_VERSION,
+        format_minor: 0,
         producer: Producer {
             name: "cersa-loader synthetic MLP".into(),
             version: env!("CARGO_PKG_VERSION").into(),

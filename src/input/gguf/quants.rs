@@ -1,5 +1,6 @@
-//! Dequantization of GGML's legacy block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) and its
-//! K-quants (Q2_K … Q8_K), one function per type over one block.
+//! Dequantization of GGML's K-quants (Q2_K … Q8_K), one function per type over one block;
+//! the legacy block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) are `cersa_loader::quant`'s, the
+//! same functions that read quantized CERSA factors.
 //!
 //! As in `ggml`, every formula follows gguf-py's `gguf.quants.dequantize_blocks` operation
 //! by operation in f32 (a product and a sum are two roundings; Rust never fuses them), so
@@ -8,51 +9,7 @@
 
 use super::block::{f16_at, QK_K};
 
-/// Low nibbles of the 16 bytes give elements 0..16, high nibbles 16..32.
-fn nibble(qs: &[u8], j: usize) -> u8 {
-    if j < 16 {
-        qs[j] & 0x0F
-    } else {
-        qs[j - 16] >> 4
-    }
-}
-
-pub(super) fn q4_0(b: &[u8], out: &mut Vec<f32>) {
-    let d = f16_at(b, 0);
-    let qs = &b[2..18];
-    out.extend((0..32).map(|j| d * (nibble(qs, j) as i8 - 8) as f32));
-}
-
-pub(super) fn q4_1(b: &[u8], out: &mut Vec<f32>) {
-    let (d, m) = (f16_at(b, 0), f16_at(b, 2));
-    let qs = &b[4..20];
-    out.extend((0..32).map(|j| d * nibble(qs, j) as f32 + m));
-}
-
-pub(super) fn q5_0(b: &[u8], out: &mut Vec<f32>) {
-    let d = f16_at(b, 0);
-    let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-    let qs = &b[6..22];
-    out.extend((0..32).map(|j| {
-        let q = nibble(qs, j) | (((qh >> j) & 1) as u8) << 4;
-        d * (q as i8 - 16) as f32
-    }));
-}
-
-pub(super) fn q5_1(b: &[u8], out: &mut Vec<f32>) {
-    let (d, m) = (f16_at(b, 0), f16_at(b, 2));
-    let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
-    let qs = &b[8..24];
-    out.extend((0..32).map(|j| {
-        let q = nibble(qs, j) | (((qh >> j) & 1) as u8) << 4;
-        d * q as f32 + m
-    }));
-}
-
-pub(super) fn q8_0(b: &[u8], out: &mut Vec<f32>) {
-    let d = f16_at(b, 0);
-    out.extend(b[2..34].iter().map(|&x| x as i8 as f32 * d));
-}
+pub(super) use cersa_loader::quant::{q4_0, q4_1, q5_0, q5_1, q8_0};
 
 /// Q2_K: scales[16] (low nibble scale, high nibble min), qs[64], d, dmin.
 /// Element e: half h = e/128, shift s = (e%128)/32, lane l = e%32, 2 bits of qs[32h+l].
