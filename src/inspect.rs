@@ -331,7 +331,7 @@ pub struct StoredTensor {
     pub shape: Vec<usize>,
     /// Dtype in the source.
     pub source_dtype: String,
-    /// Stored dtype.
+    /// Stored dtype (factored: the factors' dtype, or their quantization, e.g. `Q8_0`).
     pub stored_dtype: String,
     /// Module kind: the name without its layer index.
     pub module_kind: String,
@@ -345,6 +345,12 @@ pub struct StoredTensor {
     pub energy: Option<f64>,
     /// Relative Frobenius error of the stored factors (factored).
     pub rel_error: Option<f64>,
+    /// What the truncation alone costs, √(1 − energy) (factored).
+    pub truncation_error: Option<f64>,
+    /// Share of the squared error that storing adds to the truncation's (rounding to the
+    /// factor dtype, or quantization): (rel_error² − truncation_error²) / rel_error²,
+    /// at least 0 (factored; 0 when rel_error is 0).
+    pub rounding_share: Option<f64>,
     /// Why dense (dense).
     pub reason: Option<DenseReason>,
     /// Elements in the source tensor.
@@ -387,12 +393,20 @@ pub fn inspect_checkpoint(ckpt: &Checkpoint) -> CheckpointReport {
             let params: u64 = t.shape.iter().map(|&d| d as u64).product();
             let stored = Stored::of(t);
             let (module_kind, layer) = kind_and_layer(name);
+            let truncation_error = t.energy.map(|e| (1.0 - e).max(0.0).sqrt());
+            let rounding_share = t.rel_error.zip(truncation_error).map(|(rel, trunc)| {
+                if rel > 0.0 {
+                    ((rel * rel - trunc * trunc) / (rel * rel)).max(0.0)
+                } else {
+                    0.0
+                }
+            });
             StoredTensor {
                 name: name.clone(),
                 kind: t.kind,
                 shape: t.shape.clone(),
                 source_dtype: t.source_dtype.clone(),
-                stored_dtype: t.stored_dtype.to_string(),
+                stored_dtype: t.factor_type(),
                 module_kind,
                 layer,
                 rank: t.rank,
@@ -402,6 +416,8 @@ pub fn inspect_checkpoint(ckpt: &Checkpoint) -> CheckpointReport {
                     .map(|([m, n], r)| r as f64 / m.min(n) as f64),
                 energy: t.energy,
                 rel_error: t.rel_error,
+                truncation_error,
+                rounding_share,
                 reason: t.reason,
                 params,
                 stored_params: stored.params,

@@ -168,6 +168,7 @@ pub fn checkpoint_view(r: &CheckpointReport, by: GroupBy) -> String {
                 "rank",
                 "energy",
                 "rel_error",
+                "storing",
                 "bytes",
                 "note",
             ]
@@ -188,6 +189,7 @@ pub fn checkpoint_view(r: &CheckpointReport, by: GroupBy) -> String {
                             .unwrap_or_default(),
                         t.energy.map(|e| format!("{e:.4}")).unwrap_or_default(),
                         t.rel_error.map(|e| format!("{e:.4}")).unwrap_or_default(),
+                        share(t.rounding_share),
                         bytes(t.stored_bytes),
                         reason_text(t.reason),
                     ]
@@ -308,6 +310,11 @@ pub fn source_csv(r: &SourceReport) -> String {
     csv(&header, &rows)
 }
 
+/// The share of the squared error storing adds (`storing` column), e.g. `+3.1%`.
+fn share(s: Option<f64>) -> String {
+    s.map(|v| format!("+{:.1}%", 100.0 * v)).unwrap_or_default()
+}
+
 /// `cersa inspect OUT_DIR --csv`: one row per tensor.
 pub fn checkpoint_csv(r: &CheckpointReport) -> String {
     let header: Vec<String> = [
@@ -322,6 +329,8 @@ pub fn checkpoint_csv(r: &CheckpointReport) -> String {
         "rank_fraction",
         "energy",
         "rel_error",
+        "truncation_error",
+        "rounding_share",
         "reason",
         "params",
         "stored_params",
@@ -350,6 +359,8 @@ pub fn checkpoint_csv(r: &CheckpointReport) -> String {
                 opt(t.rank_fraction),
                 opt(t.energy),
                 opt(t.rel_error),
+                opt(t.truncation_error),
+                opt(t.rounding_share),
                 reason_text(t.reason),
                 t.params.to_string(),
                 t.stored_params.to_string(),

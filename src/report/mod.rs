@@ -208,6 +208,7 @@ pub fn model_from_checkpoint(
         "rank",
         "energy",
         "rel_error",
+        "storing adds",
         "dense",
         "stored bytes",
     ]
@@ -229,6 +230,9 @@ pub fn model_from_checkpoint(
                     .unwrap_or_default(),
                 t.energy.map(|e| format!("{e:.4}")).unwrap_or_default(),
                 t.rel_error.map(|e| format!("{e:.4}")).unwrap_or_default(),
+                t.rounding_share
+                    .map(|v| format!("{:.1}% of err²", 100.0 * v))
+                    .unwrap_or_default(),
                 t.source_bytes.map(|b| b.to_string()).unwrap_or_default(),
                 t.stored_bytes.to_string(),
             ],

@@ -12,6 +12,7 @@ mod memory;
 mod merge;
 mod pytorch;
 mod pytorch_sharded;
+mod quant;
 mod report;
 mod resume;
 mod verify;
