@@ -11,6 +11,8 @@ the bytes of the factored tensors (U, σ, Vᵀ) and of the whole output, their r
 run, and the relative error of the factors as stored — sum of squared rel_error over the
 factored matrices (what the budget planner minimizes), the mean, the worst — plus the
 truncation's own share √(1 − E). Wall times are ratios to the BF16 run of the same process.
+For sources under 200 MB (MiniLM) it then quantizes the f32 run's factors with gguf-py in
+every legacy type and MXFP4, the evidence for the types offered.
 
 rel_error comes from the manifest; `tests/python/test_quant.py` checks it against numpy
 f64 on gguf-py's dequantization, and the stored blocks against `gguf.quants.quantize`.
@@ -58,6 +60,48 @@ def run(cersa, src, out, dtype):
         return json.load(f), wall
 
 
+def gguf_py_types(cersa, src, work):
+    """What-if on the same factors with gguf-py's quantizers, including the types cersa does
+    not store (MXFP4, Q4_1, Q5_1): bits per value and Σ rel_err² over the factored matrices,
+    W from the source (f64), factors from an `--dtype f32` run."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import dequantize, quantize
+    from safetensors.numpy import load_file
+
+    man, _ = run(cersa, src, os.path.join(work, "quant-f32"), "f32")
+    shards = {}
+    source = load_file(src)
+    types = [("Q8_0", 34), ("Q5_1", 24), ("Q5_0", 22), ("Q4_1", 20), ("Q4_0", 18),
+             ("MXFP4", 17)]
+    sums = {name: 0.0 for name, _ in types}
+    for name, t in man["tensors"].items():
+        if t["kind"] != "factored":
+            continue
+        if t["shard"] not in shards:
+            shards[t["shard"]] = load_file(os.path.join(work, "quant-f32", t["shard"]))
+        st = shards[t["shard"]]
+        u, s, vt = (st[name + x] for x in (".cersa_u", ".cersa_s", ".cersa_vt"))
+        w = source[name].astype(np.float64).reshape(t["matrix_shape"])
+        norm = np.linalg.norm(w)
+
+        def rows(x, qt):
+            pad = -(-x.shape[1] // 32) * 32
+            xp = np.zeros((x.shape[0], pad), np.float32)
+            xp[:, : x.shape[1]] = x
+            return dequantize(quantize(xp, qt), qt)[:, : x.shape[1]].astype(np.float64)
+
+        for qname, _ in types:
+            qt = getattr(T, qname)
+            uq, vq = rows(u.T, qt).T, rows(vt, qt)
+            sums[qname] += (np.linalg.norm(w - (uq * s) @ vq) / norm) ** 2
+    print("\ngguf-py on the same f32 factors (what-if; only Q8_0/Q5_0/Q4_0 are stored):\n")
+    print("| type | bits per value | Σ rel_err² |")
+    print("|---|---|---|")
+    for qname, block in types:
+        print(f"| {qname} | {block * 8 / 32:.2f} | {sums[qname]:.4f} |")
+
+
 def main():
     if len(sys.argv) < 3:
         sys.exit(__doc__)
@@ -90,6 +134,8 @@ def main():
               f"q4_0 output {total / src_bytes:.3f}×")
         print(f"(error of the truncation alone, mean √(1−E): "
               f"{sum(math.sqrt(max(0.0, 1 - t['energy'])) for t in fac) / len(fac):.4f})")
+        if src.endswith(".safetensors") and os.path.getsize(src) < 200_000_000:
+            gguf_py_types(cersa, src, work)
 
 
 if __name__ == "__main__":
