@@ -251,6 +251,7 @@ mod tests {
                             rel_error: None,
                             quant: None,
                             reason: Some(cersa_loader::DenseReason::NotAMatrix),
+                            rule: None,
                         },
                     )
                 })

@@ -1,4 +1,3 @@
-use clap::Parser;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -24,7 +23,7 @@ fn return_large_buffers_to_os() {}
 
 fn main() -> ExitCode {
     return_large_buffers_to_os();
-    let cli = cersa::cli::args::Cli::parse();
+    let cli = cersa::cli::args::Cli::parse_args(std::env::args_os()).unwrap_or_else(|e| e.exit());
     let cancel = Arc::new(AtomicBool::new(false));
     let flag = cancel.clone();
     // First Ctrl-C: every command stops between tensors and exits 2 with an `interrupted`

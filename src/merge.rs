@@ -3,7 +3,8 @@
 //! For every adapted layer the adapted matrix W' (see `cersa_loader::adapter`) is formed
 //! in f64 and re-decomposed by the route the user chose (default: the one recorded in the
 //! base manifest's `config.algorithm`), truncated by the base checkpoint's own rank rule
-//! (`config.energy`, clamps, multiple), rounded to the base factor dtype. Every other
+//! (the per-module rule recorded for the tensor, else `config.energy`, clamps, multiple),
+//! stored as the base factors are (dtype or quantization). Every other
 //! tensor is copied byte for byte. The output is written into a temporary sibling and
 //! renamed into place, exactly as `convert` does.
 
@@ -12,6 +13,7 @@ use crate::decompose::svd::residual_norm2;
 use crate::decompose::{Decomposer, Factorization, Route};
 use crate::error::{ConvertError, Result};
 use crate::input::FloatData;
+use crate::rank_rules::ModuleRule;
 use crate::storage::Stored;
 use cersa_loader::adapter::{manifest_sha256, Adapter};
 use cersa_loader::dtype::decode_f64;
@@ -217,14 +219,24 @@ fn write_merged(job: &MergeJob, tmp: &Path) -> Result<(Manifest, Vec<MergedLayer
                     }
                 }
                 let data = FloatData::F64(w);
+                // The rule that chose the base rank (a per-module rule, else the global one).
+                let recorded = ckpt
+                    .manifest()
+                    .tensors
+                    .get(name)
+                    .and_then(|t| t.rule.as_deref());
+                let tensor_rule = match recorded {
+                    Some(text) => ModuleRule::from_text(text)?.apply(rule),
+                    None => rule.clone(),
+                };
                 let fact: Factorization =
-                    decomposer.factorize(&data, m, n, rule).map_err(|reason| {
-                        ConvertError::Tensor {
+                    decomposer
+                        .factorize(&data, m, n, &tensor_rule)
+                        .map_err(|reason| ConvertError::Tensor {
                             path: adapter_path.to_path_buf(),
                             tensor: name.clone(),
                             reason: reason.to_string(),
-                        }
-                    })?;
+                        })?;
                 // Merged factors are stored as the base's were (dtype or quantization).
                 let enc = f.encoding;
                 let r = fact.rank;

@@ -78,6 +78,10 @@ pub struct ConvertConfig {
     pub exclude: Vec<String>,
     /// Maximum shard size in bytes.
     pub max_shard_size: u64,
+    /// Per-module rank rules in the order they were tried (`--energy GLOB=TAU`,
+    /// `--rank GLOB=N`); absent when none were given.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<String>,
 }
 
 /// The converted source.
@@ -171,6 +175,10 @@ pub struct TensorInfo {
     /// Why the tensor is dense (dense only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<DenseReason>,
+    /// The per-module rule (one of `config.rules`) that chose the rank (factored only;
+    /// absent: `config.energy` and the clamps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
 }
 
 /// Sums over all tensors.

@@ -30,6 +30,7 @@ fn manifest(tensors: BTreeMap<String, TensorInfo>) -> Manifest {
             include: vec![],
             exclude: vec![],
             max_shard_size: 0,
+            rules: vec![],
         },
         source: SourceInfo {
             format: "safetensors".into(),
@@ -55,6 +56,7 @@ fn dense_info(shape: Vec<usize>, dtype: Dtype) -> TensorInfo {
         rel_error: None,
         quant: None,
         reason: Some(DenseReason::Excluded),
+        rule: None,
     }
 }
 

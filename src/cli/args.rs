@@ -3,6 +3,7 @@
 use crate::convert::ConvertOptions;
 use crate::decompose::{RankRule, Route};
 use crate::inspect::InspectOptions;
+use crate::rank_rules::ModuleRule;
 use crate::storage::FactorDtype;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -15,6 +16,35 @@ pub struct Cli {
     /// The command.
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// Parses `argv` like `Cli::try_parse_from`, also recording the command-line order of
+    /// convert's `--energy` and `--rank` rules (first match wins, in that order).
+    pub fn parse_args<I, T>(argv: I) -> std::result::Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = Cli::command().try_get_matches_from(argv)?;
+        let mut cli = Cli::from_arg_matches(&matches)?;
+        if let (Command::Convert(a), Some(("convert", sub))) =
+            (&mut cli.command, matches.subcommand())
+        {
+            let mut ordered: Vec<(usize, &'static str, String)> = Vec::new();
+            for flag in ["energy", "rank"] {
+                if let (Some(idx), Some(vals)) =
+                    (sub.indices_of(flag), sub.get_many::<String>(flag))
+                {
+                    ordered.extend(idx.zip(vals).map(|(i, v)| (i, flag, v.clone())));
+                }
+            }
+            ordered.sort_by_key(|(i, _, _)| *i);
+            a.rules_in_order = ordered.into_iter().map(|(_, f, v)| (f, v)).collect();
+        }
+        Ok(cli)
+    }
 }
 
 /// Subcommands.
@@ -74,9 +104,19 @@ pub struct ConvertArgs {
     pub src: PathBuf,
     /// Output directory (must not exist, or be empty; see --overwrite).
     pub out_dir: PathBuf,
-    /// Energy threshold τ in (0, 1].
-    #[arg(long, default_value_t = 0.90)]
-    pub energy: f64,
+    /// Energy threshold τ in (0, 1] (default 0.90), or a per-module rule GLOB=TAU
+    /// (repeatable; the first --energy/--rank rule whose glob matches a tensor's name, in
+    /// command-line order, chooses its rank; e.g. --energy '*attn*=0.95').
+    #[arg(long, value_name = "TAU|GLOB=TAU")]
+    pub energy: Vec<String>,
+    /// A fixed rank for the tensors matching GLOB (repeatable; capped at min(m, n); the
+    /// rank clamps do not apply to it).
+    #[arg(long, value_name = "GLOB=N")]
+    pub rank: Vec<String>,
+    /// The --energy and --rank values in command-line order (filled by
+    /// [`Cli::parse_args`]; empty: --energy rules first, then --rank).
+    #[arg(skip)]
+    pub rules_in_order: Vec<(&'static str, String)>,
     #[command(flatten)]
     pub select: SelectArgs,
     /// Dtype of the stored factors (and of quantized GGUF tensors kept dense).
@@ -263,7 +303,30 @@ pub fn threads(flag: Option<usize>) -> Result<usize> {
 impl ConvertArgs {
     /// Validated options.
     pub fn to_options(&self) -> Result<ConvertOptions> {
-        let energy = check_energy(self.energy)?;
+        let given: Vec<(&'static str, String)> = if self.rules_in_order.is_empty() {
+            let energies = self.energy.iter().map(|v| ("energy", v.clone()));
+            energies
+                .chain(self.rank.iter().map(|v| ("rank", v.clone())))
+                .collect()
+        } else {
+            self.rules_in_order.clone()
+        };
+        let mut energy = None;
+        let mut rules = Vec::new();
+        for (flag, value) in &given {
+            if *flag == "energy" && !value.contains('=') {
+                let e: f64 = value
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("--energy: {value:?} is not a number"))?;
+                if energy.replace(check_energy(e)?).is_some() {
+                    bail!("--energy TAU is given twice (per-module rules are GLOB=TAU)");
+                }
+            } else {
+                rules.push(ModuleRule::parse(flag, value)?);
+            }
+        }
+        let energy = energy.unwrap_or(RankRule::default().energy);
         if self.rank_multiple == 0 {
             bail!("--rank-multiple must be at least 1");
         }
@@ -282,6 +345,7 @@ impl ConvertArgs {
                 max_rank: self.max_rank,
                 rank_multiple: self.rank_multiple,
             },
+            rules,
             dtype: self.dtype,
             include: self.select.include.clone(),
             exclude: self.select.exclude.clone(),
@@ -336,11 +400,10 @@ mod tests {
 
     #[test]
     fn max_memory_flag() {
-        use clap::Parser;
         let opts = |extra: &[&str]| {
             let mut argv = vec!["cersa", "convert", "in.safetensors", "out"];
             argv.extend_from_slice(extra);
-            match Cli::try_parse_from(argv).expect("parses").command {
+            match Cli::parse_args(argv).expect("parses").command {
                 Command::Convert(a) => a.to_options(),
                 _ => unreachable!("convert"),
             }

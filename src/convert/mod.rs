@@ -22,6 +22,7 @@ use crate::decompose::{RankRule, Route};
 use crate::error::{ConvertError, Result};
 use crate::input::Source;
 use crate::journal::{self, Journal, Recovered};
+use crate::rank_rules::ModuleRule;
 use crate::select::Selection;
 use cersa_loader::Manifest;
 use serde::{Deserialize, Serialize};
@@ -33,8 +34,10 @@ pub use crate::storage::FactorDtype;
 /// Conversion options (validated by the CLI before any work).
 #[derive(Debug, Clone)]
 pub struct ConvertOptions {
-    /// Rank rule (τ and clamps).
+    /// Rank rule (τ and clamps) of the tensors no per-module rule matches.
     pub rule: RankRule,
+    /// Per-module rules (`--energy GLOB=TAU`, `--rank GLOB=N`); the first match wins.
+    pub rules: Vec<ModuleRule>,
     /// Factor dtype.
     pub dtype: FactorDtype,
     /// `--include` globs.
@@ -63,6 +66,7 @@ impl Default for ConvertOptions {
     fn default() -> Self {
         ConvertOptions {
             rule: RankRule::default(),
+            rules: Vec::new(),
             dtype: FactorDtype::Source,
             include: Vec::new(),
             exclude: Vec::new(),
@@ -224,7 +228,7 @@ fn run_fingerprint(
     for t in src.tensors() {
         tensors.update(format!("{}\t{:?}\t{}\n", t.name, t.shape, t.source_dtype).as_bytes());
     }
-    Ok(serde_json::json!({
+    let mut fingerprint = serde_json::json!({
         "producer_version": env!("CARGO_PKG_VERSION"),
         "energy": opts.rule.energy,
         "min_rank": opts.rule.min_rank,
@@ -239,5 +243,10 @@ fn run_fingerprint(
         "source_format": src.format(),
         "source_files": files,
         "tensors_sha256": cersa_loader::writer::hex(&tensors.finalize()),
-    }))
+    });
+    if !opts.rules.is_empty() {
+        // Only when given, so partial directories of runs without rules still resume.
+        fingerprint["rules"] = opts.rules.iter().map(ModuleRule::text).collect();
+    }
+    Ok(fingerprint)
 }

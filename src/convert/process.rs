@@ -9,6 +9,7 @@ use crate::decompose::{Decomposer, Factorization};
 use crate::error::{ConvertError, Result};
 use crate::input::{FloatData, Source};
 use crate::matrix::{read_matrix, Matrix};
+use crate::rank_rules::{rule_for, ModuleRule};
 use cersa_loader::dtype::{decode_f64, encode_f32, encode_f64};
 use cersa_loader::{DenseReason, Dtype, FactorEncoding};
 
@@ -24,6 +25,8 @@ pub(super) enum Outcome {
         energy: f64,
         rel_error: f64,
         enc: FactorEncoding,
+        /// The per-module rule that chose the rank (`None`: the global rule).
+        rule: Option<String>,
         u: Vec<u8>,
         s: Vec<u8>,
         vt: Vec<u8>,
@@ -52,8 +55,9 @@ pub(super) fn process(
         return Ok(Outcome::Dense(DenseReason::Zero));
     };
     crate::trace::rss("convert: read");
+    let (rule, chosen_by) = rule_for(&opts.rules, &opts.rule, &meta.name);
     let f = decomposer
-        .factorize_named(&meta.name, &data, m, n, &opts.rule)
+        .factorize_named(&meta.name, &data, m, n, &rule)
         .map_err(|source| ConvertError::Decompose {
             tensor: meta.name.clone(),
             source,
@@ -120,6 +124,7 @@ pub(super) fn process(
         energy,
         rel_error: (res / norm2).sqrt(),
         enc,
+        rule: chosen_by.map(ModuleRule::text),
         u,
         s,
         vt,

@@ -8,6 +8,7 @@ use super::Progress;
 use crate::error::{ConvertError, Result};
 use crate::input::TensorMeta;
 use crate::journal::{self, Journal, Recovered, ShardRecord};
+use crate::rank_rules::ModuleRule;
 use crate::storage::Stored;
 use cersa_loader::manifest::{ConvertConfig, Producer, SourceInfo, Totals};
 use cersa_loader::writer::{ClosedShard, PlannedEntry};
@@ -139,6 +140,7 @@ pub(super) fn write_all(
                     rel_error: None,
                     quant: None,
                     reason: Some(reason),
+                    rule: None,
                 }
             }
             Outcome::Factored {
@@ -148,6 +150,7 @@ pub(super) fn write_all(
                 energy,
                 rel_error,
                 enc,
+                rule,
                 u,
                 s,
                 vt,
@@ -175,6 +178,7 @@ pub(super) fn write_all(
                     rel_error: Some(rel_error),
                     quant: enc.quant(),
                     reason: None,
+                    rule,
                 }
             }
         };
@@ -222,6 +226,7 @@ fn manifest(job: &Job, tensors: BTreeMap<String, TensorInfo>, totals: Totals) ->
             include: opts.include.clone(),
             exclude: opts.exclude.clone(),
             max_shard_size: opts.max_shard_size,
+            rules: opts.rules.iter().map(ModuleRule::text).collect(),
         },
         source: SourceInfo {
             format: src.format().into(),

@@ -114,6 +114,7 @@ pub fn write_mlp(dir: &Path, layers: &[LayerSpec<'_>], seed: u64) -> cersa_loade
             rel_error: None,
             quant: None,
             reason: Some(DenseReason::NotAMatrix),
+            rule: None,
         };
         tensors.insert(bias_name, base.clone());
         tensors.insert(
@@ -155,6 +156,7 @@ pub fn write_mlp(dir: &Path, layers: &[LayerSpec<'_>], seed: u64) -> cersa_loade
             include: vec![],
             exclude: vec![],
             max_shard_size: 1 << 30,
+            rules: vec![],
         },
         source: SourceInfo {
             format: "synthetic".into(),
