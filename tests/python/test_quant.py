@@ -356,3 +356,52 @@ def test_load_hf_quantized_minilm(quant_bin, run_cersa, tmp_path):
         got = model(**x).last_hidden_state.double().numpy()
         want = ref(**x).last_hidden_state.double().numpy()
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_adapter_on_quantized_base_round_trips_and_merges(quant_bin, run_cersa, tmp_path):
+    """load_hf(mode="core") on a Q8_0 checkpoint trains, saves and reloads an adapter, and
+    `cersa merge` folds it: the merged manifest's rel_error is ‖W_adapted − Ŵ‖_F/‖W_adapted‖_F
+    with W_adapted what the PyTorch layer applied and Ŵ gguf-py's dequantization of the
+    merged rows (numpy f64)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=96, hidden_size=48, intermediate_size=96,
+                                     num_hidden_layers=1, num_attention_heads=4,
+                                     architectures=["BertModel"])
+    torch.manual_seed(0)
+    src, base = tmp_path / "src", tmp_path / "base"
+    transformers.BertModel(config).save_pretrained(src)
+    run_cersa("convert", "-q", "--force-factor", "--energy", "0.8", "--dtype", "q8_0", src, base)
+    model = cersa_torch.load_hf(base, config=src, mode="core", k=3)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * p.abs().mean().clamp(min=1e-3) * torch.randn(p.shape, generator=g))
+    ids = torch.randint(0, config.vocab_size, (2, 10), generator=g)
+    with torch.no_grad():
+        trained = model(input_ids=ids).last_hidden_state.numpy()
+    adapter = tmp_path / "adapter.safetensors"
+    layers = cersa_torch.save_adapter(model, adapter)
+    assert len(layers) == 7
+    fresh = cersa_torch.load_hf(base, config=src, mode="core", k=3)
+    cersa_torch.load_adapter(fresh, adapter)
+    with torch.no_grad():
+        np.testing.assert_array_equal(fresh(input_ids=ids).last_hidden_state.numpy(), trained)
+
+    merged = tmp_path / "merged"
+    run_cersa("merge", base, adapter, merged)
+    manifest, stored = stored_tensors(merged)
+    assert manifest["format_minor"] == 1
+    by_name = {m.cersa_name: m for m in model.modules()
+               if isinstance(m, cersa_torch.CersaLinear)}
+    for name in layers:
+        info = manifest["tensors"][name]
+        assert info["quant"] == "Q8_0", name
+        m, n = info["matrix_shape"]
+        w = by_name[name].adapted_weight().double().numpy()
+        what = (gguf_dequant_rows(stored[name + ".cersa_u"], "Q8_0", m).T *
+                stored[name + ".cersa_s"].astype(np.float64)) @ \
+            gguf_dequant_rows(stored[name + ".cersa_vt"], "Q8_0", n)
+        rel = np.linalg.norm(w - what) / np.linalg.norm(w)
+        assert rel == pytest.approx(info["rel_error"], rel=1e-5), name
