@@ -9,6 +9,9 @@ writer, so the Rust reader is checked against a second implementation of the spe
 valid/<case>/    a checkpoint + expected.json: for every tensor its kind, shape and the
                  values `reconstruct` must give (f64, from the factors as stored: numpy
                  U·diag(s)·Vᵀ; dense: the stored values), flattened row-major.
+                 quant-q8_0, quant-q5_0, quant-q4_0 hold quantized factors (spec §2
+                 "Quantized factors", format_minor 1), written by the numpy quantizers
+                 below; their expected values come from the dequantized rows.
 invalid/<case>/  a broken checkpoint + expected_issues.json:
                  {"validate": [kinds], "open": {"kind", "file", "tensor"} or null}
                  `validate` lists the `IssueKind` names (kebab-case, as serialized) that
