@@ -9,6 +9,9 @@ writer, so the Rust reader is checked against a second implementation of the spe
 valid/<case>/    a checkpoint + expected.json: for every tensor its kind, shape and the
                  values `reconstruct` must give (f64, from the factors as stored: numpy
                  U·diag(s)·Vᵀ; dense: the stored values), flattened row-major.
+                 quant-q8_0, quant-q5_0, quant-q4_0 hold quantized factors (spec §2
+                 "Quantized factors", format_minor 1), written by the numpy quantizers
+                 below; their expected values come from the dequantized rows.
 invalid/<case>/  a broken checkpoint + expected_issues.json:
                  {"validate": [kinds], "open": {"kind", "file", "tensor"} or null}
                  `validate` lists the `IssueKind` names (kebab-case, as serialized) that
@@ -62,6 +65,79 @@ def encode(dtype, x):
     raise ValueError(dtype)
 
 
+# ---------------------------------------------------------------- GGML blocks (§2, 1.1)
+# The writer rules of formats/cersa-v1.md §2 "Quantized factors", in numpy f32: every
+# operation one f32 rounding, d stored as f16 (nearest-even), q from the unrounded 1/d.
+QK = 32
+QUANT_BLOCK_BYTES = {"Q8_0": 34, "Q5_0": 22, "Q4_0": 18}
+F32 = np.float32
+
+
+def _inverse(d):
+    with np.errstate(divide="ignore"):
+        return np.where(d == 0, F32(0), F32(1) / d).astype(F32)
+
+
+def round_half_away(a):
+    """f32 round half away from zero: floor(|a|) + floor(2(|a| − floor(|a|))), signed."""
+    m = np.abs(a)
+    f = np.floor(m)
+    return (np.sign(a) * (f + np.floor(F32(2) * (m - f)))).astype(F32)
+
+
+def quantize_blocks(quant, x):
+    """f32 blocks [nb, 32] → block bytes [nb, B] (uint8), as ggml's quantize_row_*_ref."""
+    x = np.ascontiguousarray(x, dtype=F32)
+    nb = x.shape[0]
+    if quant == "Q8_0":
+        d = (np.abs(x).max(axis=1, keepdims=True) / F32(127)).astype(F32)
+        q = round_half_away(x * _inverse(d)).astype(np.int8).view(np.uint8)
+        return np.concatenate([d.astype("<f2").view(np.uint8), q], axis=1)
+    if quant not in ("Q4_0", "Q5_0"):
+        raise ValueError(quant)
+    imax = np.abs(x).argmax(axis=1)[:, None]  # first of the largest magnitude
+    xmax = np.take_along_axis(x, imax, axis=1)
+    half = F32(8) if quant == "Q4_0" else F32(16)
+    d = (xmax / -half).astype(F32)
+    q = np.trunc(x * _inverse(d) + (half + F32(0.5))).astype(np.int64)
+    q = np.minimum(q, 2 * int(half) - 1).astype(np.uint8)
+    qs = (q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)
+    parts = [d.astype("<f2").view(np.uint8)]
+    if quant == "Q5_0":
+        hbits = ((q >> 4) & 1).astype(np.uint64) << np.arange(QK, dtype=np.uint64)
+        parts.append(hbits.sum(axis=1).astype("<u4").view(np.uint8).reshape(nb, 4))
+    parts.append(qs.astype(np.uint8))
+    return np.concatenate(parts, axis=1)
+
+
+def dequantize_blocks(quant, b):
+    """Block bytes [nb, B] → f32 values [nb, 32] (the spec's table, d·q in f32)."""
+    d = np.ascontiguousarray(b[:, :2]).view("<f2").astype(F32)
+    if quant == "Q8_0":
+        q = np.ascontiguousarray(b[:, 2:]).view(np.int8).astype(F32)
+    else:
+        qs = b[:, -16:].astype(np.int64)
+        nib = np.concatenate([qs & 0x0F, qs >> 4], axis=1)
+        if quant == "Q4_0":
+            q = (nib - 8).astype(F32)
+        else:
+            qh = np.ascontiguousarray(b[:, 2:6]).view("<u4").astype(np.int64)  # [nb, 1]
+            q = ((nib | (((qh >> np.arange(QK)) & 1) << 4)) - 16).astype(F32)
+    return (d * q).astype(F32)
+
+
+def quantize_rows(quant, rows):
+    """Vectors [r, L] → (U8 rows [r, ⌈L/32⌉·B], the stored values [r, L] in f64)."""
+    rows = np.asarray(rows, dtype=np.float64).astype(F32)
+    r, length = rows.shape
+    nb = -(-length // QK)
+    padded = np.zeros((r, nb * QK), dtype=F32)
+    padded[:, :length] = rows
+    raw = quantize_blocks(quant, padded.reshape(r * nb, QK)).reshape(r, nb * QUANT_BLOCK_BYTES[quant])
+    vals = dequantize_blocks(quant, raw.reshape(r * nb, -1)).reshape(r, nb * QK)[:, :length]
+    return np.ascontiguousarray(raw), vals.astype(np.float64)
+
+
 def safetensors(tensors, metadata=META, pad=True):
     """tensors: list of (name, dtype, shape, raw) in data order → file bytes."""
     header = {}
@@ -88,10 +164,11 @@ class Ckpt:
         self.shards = {}  # name → list of (stored name, dtype, shape, raw)
         self.tensors = {}  # manifest entries
         self.expected = {}  # name → (kind, shape, values f64)
+        self.config_dtype = "source"
+        self.format_minor = None  # 1 once a quantized entry is added (§2, revision 1.1)
 
-    def add_factored(self, name, shard, w, rank, dtype, shape=None):
-        w = np.asarray(w, dtype=np.float64)
-        m, n = w.shape
+    @staticmethod
+    def svd(w):
         u, s, vt = np.linalg.svd(w, full_matrices=False)
         # §4.7 sign rule: largest-magnitude entry of each u_i positive.
         for i in range(len(s)):
@@ -99,6 +176,36 @@ class Ckpt:
             if u[j, i] < 0:
                 u[:, i] *= -1
                 vt[i, :] *= -1
+        return u, s, vt
+
+    def add_quantized(self, name, shard, w, rank, quant):
+        """A factored F32 source matrix with Q8_0/Q5_0/Q4_0 factors, rows = singular vectors."""
+        w = np.asarray(w, dtype=np.float64)
+        m, n = w.shape
+        u, s, vt = self.svd(w)
+        ub, uv = quantize_rows(quant, u[:, :rank].T)
+        sb, sv = encode("F32", s[:rank])
+        vb, vv = quantize_rows(quant, vt[:rank, :])
+        lst = self.shards.setdefault(shard, [])
+        lst.append((name + ".cersa_u", "U8", list(ub.shape), ub.tobytes()))
+        lst.append((name + ".cersa_s", "F32", [rank], sb))
+        lst.append((name + ".cersa_vt", "U8", list(vb.shape), vb.tobytes()))
+        rec = uv.T @ np.diag(sv) @ vv
+        energy = float((s[:rank] ** 2).sum() / (w ** 2).sum())
+        rel = float(np.linalg.norm(w - rec) / np.linalg.norm(w))
+        self.tensors[name] = {
+            "kind": "factored", "shape": [m, n], "source_dtype": "F32", "stored_dtype": "U8",
+            "quant": quant, "shard": shard, "matrix_shape": [m, n], "rank": rank,
+            "energy": energy, "rel_error": rel,
+        }
+        self.expected[name] = ("factored", [m, n], rec.reshape(-1))
+        self.config_dtype = quant.lower()
+        self.format_minor = 1
+
+    def add_factored(self, name, shard, w, rank, dtype, shape=None):
+        w = np.asarray(w, dtype=np.float64)
+        m, n = w.shape
+        u, s, vt = self.svd(w)
         ub, uv = encode(dtype, u[:, :rank])
         sb, sv = encode("F32", s[:rank])
         vb, vv = encode(dtype, vt[:rank, :])
@@ -130,12 +237,14 @@ class Ckpt:
         return {k: safetensors(v) for k, v in self.shards.items()}
 
     def manifest(self, shard_bytes):
+        head = {"format": "cersa", "format_version": 1}
+        if self.format_minor is not None:
+            head["format_minor"] = self.format_minor
         return {
-            "format": "cersa",
-            "format_version": 1,
+            **head,
             "producer": {"name": "make_vectors.py", "version": "1"},
             "config": {"energy": 0.9, "min_rank": 1, "max_rank": None, "rank_multiple": 1,
-                       "dtype": "source", "algorithm": "svd", "force_factor": False,
+                       "dtype": self.config_dtype, "algorithm": "svd", "force_factor": False,
                        "include": [], "exclude": [], "max_shard_size": 5000000000},
             "source": {"format": "safetensors",
                        "files": [{"file": "model.safetensors", "bytes": 0}]},
@@ -156,6 +265,15 @@ def base():
     c = Ckpt()
     c.add_factored("layer.weight", SHARD1, rng(1).standard_normal((4, 3)), 2, "F32")
     c.add_dense("layer.bias", SHARD1, rng(2).standard_normal(3), "F32")
+    return c
+
+
+def quant_base(quant="Q8_0"):
+    """The checkpoint the quantized invalid cases break: a 40×70 matrix, rank 3, in `quant`
+    blocks (rows padded from 40 and 70 to 64 and 96 values), and a bias."""
+    c = Ckpt()
+    c.add_quantized("layer.weight", SHARD1, rng(11).standard_normal((40, 70)), 3, quant)
+    c.add_dense("layer.bias", SHARD1, rng(12).standard_normal(40), "F32")
     return c
 
 
@@ -203,6 +321,15 @@ def valid_cases():
     c.add_dense("one.weight", SHARD1, [[1.5]], "F32", reason="no-saving")
     cases["zero-and-tiny"] = c
 
+    # Quantized factors (§2, revision 1.1): odd sizes so every row ends in padding, and
+    # one matrix with m < 32 (its u rows are a single, mostly padded block).
+    for i, quant in enumerate(("Q8_0", "Q5_0", "Q4_0")):
+        c = Ckpt()
+        c.add_quantized("big.weight", SHARD1, rng(20 + i).standard_normal((40, 70)), 3, quant)
+        c.add_quantized("small.weight", SHARD1, rng(30 + i).standard_normal((20, 45)), 2, quant)
+        c.add_dense("big.bias", SHARD1, rng(40 + i).standard_normal(40), "F32")
+        cases["quant-" + quant.lower()] = c
+
     for name, c in cases.items():
         sb = c.shard_bytes()
         d = os.path.join(HERE, "valid", name)
@@ -212,6 +339,7 @@ def valid_cases():
         with open(os.path.join(d, "expected.json"), "w") as f:
             json.dump({"tensors": expected}, f, indent=1)
             f.write("\n")
+    return len(cases)
 
 
 # ---------------------------------------------------------------- invalid vectors
@@ -222,11 +350,12 @@ def invalid_cases():
     re-hashed after the edit unless the case says not."""
     cases = []
 
-    def case(name, kind, file, tensor=None, more=(), rehash_after=True, opens=False):
+    def case(name, kind, file, tensor=None, more=(), rehash_after=True, opens=False,
+             make=base):
         def deco(fn):
             first = None if opens else {"kind": kind, "file": file, "tensor": tensor}
             expected = {"validate": [kind, *more], "open": first}
-            cases.append((name, fn, expected, rehash_after))
+            cases.append((name, fn, expected, rehash_after, make))
             return fn
         return deco
 
@@ -471,8 +600,34 @@ def invalid_cases():
         m["tensors"][W]["rank"] = 0
         sb[SHARD1] = shard_with(extra=["stray", "F32", [1], b"\0" * 4])
 
-    for name, fn, expected, rehash_after in cases:
-        c = base()
+    # Quantized factors (§2, revision 1.1).
+    @case("quant-stored-dtype-not-u8", "quant-stored-dtype", MANIFEST, W, make=quant_base)
+    def _(m, sb):
+        m["tensors"][W]["stored_dtype"] = "F32"  # the shard still holds the U8 rows
+
+    @case("quant-wrong-factor-shape", "shape-mismatch", SHARD1, W + ".cersa_u",
+          make=quant_base)
+    def _(m, sb):
+        def mut(lst):
+            u = lst[0]  # [3, 2·34]: keep one block per row instead of two
+            r, width = u[2]
+            rows = np.frombuffer(u[3], dtype=np.uint8).reshape(r, width)
+            u[2], u[3] = [r, width - 34], rows[:, :width - 34].tobytes()
+        c = quant_base()
+        lst = [list(t) for t in c.shards[SHARD1]]
+        mut(lst)
+        sb[SHARD1] = safetensors([tuple(t) for t in lst])
+
+    @case("quant-unknown-type", "manifest-invalid", MANIFEST, make=quant_base)
+    def _(m, sb):
+        m["tensors"][W]["quant"] = "Q3_K"
+
+    @case("format-minor-too-new", "unsupported-version", MANIFEST, make=quant_base)
+    def _(m, sb):
+        m["format_minor"] = 2
+
+    for name, fn, expected, rehash_after, make in cases:
+        c = make()
         sb = c.shard_bytes()
         m = c.manifest(sb)
         text = fn(m, sb)
@@ -489,6 +644,6 @@ def invalid_cases():
 if __name__ == "__main__":
     for sub in ("valid", "invalid"):
         shutil.rmtree(os.path.join(HERE, sub), ignore_errors=True)
-    valid_cases()
+    v = valid_cases()
     n = invalid_cases()
-    print(f"wrote 4 valid and {n} invalid vectors under {HERE}")
+    print(f"wrote {v} valid and {n} invalid vectors under {HERE}")

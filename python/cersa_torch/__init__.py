@@ -13,6 +13,8 @@ inside their principal subspace.
 
 The format is specified in ``formats/cersa-v1.md``; every size read from a file is checked
 against the manifest before use (:class:`CersaFormatError` names the file and tensor).
+Quantized factors (format revision 1.1: ``quant`` Q8_0, Q5_0 or Q4_0, U8 rows of GGML
+blocks) are dequantized on read, so both readers hand out float U [m, r] and Vᵀ [r, n].
 Names are imported on first use, so ``load_cersa`` works without torch installed.
 """
 from ._manifest import MANIFEST_FILE, SUFFIX_S, SUFFIX_U, SUFFIX_VT, CersaFormatError

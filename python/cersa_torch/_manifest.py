@@ -19,6 +19,8 @@ DTYPE_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16"
               "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2,
               "U32": 4, "U64": 8}
 FACTOR_DTYPES = ("F64", "F32", "F16", "BF16")
+# The highest format revision (`format_minor`) this reader knows: 1 adds quantized factors.
+FORMAT_MINOR = 1
 
 
 class CersaFormatError(ValueError):
@@ -46,7 +48,32 @@ def read_manifest(directory: str) -> dict:
     if not isinstance(manifest.get("shards"), list) or \
             not isinstance(manifest.get("tensors"), dict):
         raise CersaFormatError(f"{mpath}: manifest lacks its shards or tensors")
+    minor = manifest.get("format_minor", 0)
+    if not isinstance(minor, int) or isinstance(minor, bool) or minor < 0:
+        raise CersaFormatError(f"{mpath}: format_minor: expected an integer >= 0, "
+                               f"found {minor!r}")
+    if minor > FORMAT_MINOR:
+        raise CersaFormatError(f"{mpath}: format_minor {minor}: this checkpoint needs a newer "
+                               f"cersa_torch (this one reads format revisions up to "
+                               f"1.{FORMAT_MINOR})")
     return manifest
+
+
+def quant_of(mpath: str, name: str, info: dict):
+    """The ``quant`` of a factored entry (None when its factors are floats), checked: a known
+    GGML type with ``stored_dtype`` U8."""
+    from ._quant import BLOCK_BYTES
+
+    quant = info.get("quant")
+    if quant is None:
+        return None
+    if quant not in BLOCK_BYTES:
+        raise CersaFormatError(f"{mpath}: {name}: quant: expected one of {sorted(BLOCK_BYTES)}, "
+                               f"found {quant!r} (a newer cersa_torch may know it)")
+    if info.get("stored_dtype") != "U8":
+        raise CersaFormatError(f"{mpath}: {name}: quant {quant}: stored_dtype expected U8, "
+                               f"found {info.get('stored_dtype')!r}")
+    return quant
 
 
 def read_header(path: str) -> Tuple[dict, int]:
@@ -136,9 +163,17 @@ def index(directory: str, manifest: dict) -> Tuple[Dict[str, str], Dict[str, Tup
             r = info.get("rank")
             if not isinstance(r, int) or not 1 <= r <= min(m, n):
                 raise CersaFormatError(f"{mpath}: {name}: rank {r} outside 1..=min({m}, {n})")
-            check(name + SUFFIX_U, [m, r], FACTOR_DTYPES)
+            quant = quant_of(mpath, name, info)
+            if quant is None:
+                u_shape, vt_shape, dtypes = [m, r], [r, n], FACTOR_DTYPES
+            else:  # rows are singular vectors in GGML blocks (§2 "Quantized factors")
+                from ._quant import row_bytes
+
+                u_shape, vt_shape = [r, row_bytes(quant, m)], [r, row_bytes(quant, n)]
+                dtypes = ("U8",)
+            check(name + SUFFIX_U, u_shape, dtypes)
             check(name + SUFFIX_S, [r], ("F32",))
-            check(name + SUFFIX_VT, [r, n], FACTOR_DTYPES)
+            check(name + SUFFIX_VT, vt_shape, dtypes)
         elif kind == "dense":
             check(name, info["shape"])
         else:

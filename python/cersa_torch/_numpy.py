@@ -11,6 +11,7 @@ from typing import Dict, Tuple
 import numpy as np
 
 from ._manifest import SUFFIX_S, SUFFIX_U, SUFFIX_VT, ManifestEntries, index, read_manifest
+from ._quant import dequantize_numpy
 
 
 def _bf16_to_f32(raw: bytes, shape) -> np.ndarray:
@@ -46,11 +47,19 @@ class CersaCheckpoint(ManifestEntries):
         self.stored = stored
 
     def factors(self, name: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(U_r [m, r], σ_r [r], V_rᵀ [r, n]) as stored (BF16 decoded to f32)."""
+        """(U_r [m, r], σ_r [r], V_rᵀ [r, n]) as stored (BF16 decoded to f32; quantized
+        factors dequantized to f32, U the transpose of the stored rows u_i)."""
         if not self.is_factored(name):
             raise ValueError(f"{self.dir}: {name} is stored dense")
-        return (self.stored[name + SUFFIX_U], self.stored[name + SUFFIX_S],
-                self.stored[name + SUFFIX_VT])
+        u, s, vt = (self.stored[name + SUFFIX_U], self.stored[name + SUFFIX_S],
+                    self.stored[name + SUFFIX_VT])
+        info = self.info(name)
+        quant = info.get("quant")
+        if quant is not None:  # checked by index(): a known type, U8 rows of the right shape
+            m, n = info["matrix_shape"]
+            u = np.ascontiguousarray(dequantize_numpy(u, quant, m).T)
+            vt = dequantize_numpy(vt, quant, n)
+        return u, s, vt
 
     def dense(self, name: str) -> np.ndarray:
         """A dense tensor with its manifest shape."""

@@ -15,6 +15,7 @@ import torch
 
 from ._manifest import (MANIFEST_FILE, SUFFIX_S, SUFFIX_U, SUFFIX_VT, ManifestEntries, index,
                         read_manifest)
+from ._quant import dequantize_torch
 
 
 class TorchCheckpoint(ManifestEntries):
@@ -42,12 +43,25 @@ class TorchCheckpoint(ManifestEntries):
 
     def factors(self, name: str, dtype: Optional[torch.dtype] = None
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(U_r [m, r], σ_r [r], V_rᵀ [r, n]) in ``dtype`` (default: the checkpoint's)."""
+        """(U_r [m, r], σ_r [r], V_rᵀ [r, n]) in ``dtype`` (default: the checkpoint's).
+
+        Quantized factors (``quant`` in the entry) are dequantized to float32 on ``device``
+        (U is the transpose of the stored rows u_i), then cast to ``dtype`` when given."""
         if not self.is_factored(name):
             raise ValueError(f"{self.dir}: {name} is stored dense")
         dtype = dtype or self.dtype
-        return (self._get(name + SUFFIX_U, dtype), self._get(name + SUFFIX_S, dtype),
-                self._get(name + SUFFIX_VT, dtype))
+        info = self.info(name)
+        quant = info.get("quant")
+        if quant is None:
+            return (self._get(name + SUFFIX_U, dtype), self._get(name + SUFFIX_S, dtype),
+                    self._get(name + SUFFIX_VT, dtype))
+        # Checked when the directory was opened: a known type, U8 rows of the right shape.
+        m, n = info["matrix_shape"]
+        u = dequantize_torch(self._get(name + SUFFIX_U, None), quant, m).t().contiguous()
+        vt = dequantize_torch(self._get(name + SUFFIX_VT, None), quant, n)
+        if dtype is not None:
+            u, vt = u.to(dtype), vt.to(dtype)
+        return u, self._get(name + SUFFIX_S, dtype), vt
 
     def dense(self, name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """A tensor stored dense, with its manifest shape (float ones in ``dtype``)."""
