@@ -145,3 +145,89 @@ fn a_reader_without_quant_support_refuses_rather_than_misreads() {
         .to_string();
     assert!(err.contains("newer"), "{err}");
 }
+
+#[test]
+fn per_module_rules_choose_ranks_first_match_first() {
+    let dir = tmp();
+    let src = fixture("minilm-excerpt/model.safetensors");
+    let out = dir.path().join("rules");
+    cersa_ok(&[
+        "convert",
+        s(&src),
+        s(&out),
+        "-q",
+        "--energy",
+        "*attention.self*=0.95",
+        "--rank",
+        "*attention.self.query*=8",
+        "--energy",
+        "0.8",
+        "--rank",
+        "*intermediate*=16",
+    ]);
+    let ckpt = Checkpoint::open(&out).unwrap();
+    let man = ckpt.manifest();
+    assert_eq!(man.config.energy, 0.8);
+    assert_eq!(
+        man.config.rules,
+        [
+            "--energy *attention.self*=0.95",
+            "--rank *attention.self.query*=8",
+            "--rank *intermediate*=16"
+        ]
+    );
+    // Independent reference: the numpy f64 ranks at each τ (fixtures/…/reference.json).
+    let reference: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture("minilm-excerpt/reference.json")).unwrap())
+            .unwrap();
+    let numpy_rank = |name: &str, tau: &str| reference[name]["ranks"][tau]["rank"].as_u64();
+    let mut seen = 0;
+    for (name, t) in &man.tensors {
+        if t.reason == Some(cersa_loader::DenseReason::NoSaving) {
+            // τ = 0.95 needs more than the break-even rank 191 of a 384×384 matrix.
+            assert!(name.contains("attention.self"), "{name}");
+            assert!(numpy_rank(name, "0.95").unwrap() > 191, "{name}");
+            seen += 1;
+        }
+        let Some(r) = t.rank else { continue };
+        seen += 1;
+        let (want_rule, want_rank) = if name.contains("attention.self") {
+            // The query layer matches the first rule too: first match wins.
+            (
+                Some("--energy *attention.self*=0.95"),
+                numpy_rank(name, "0.95"),
+            )
+        } else if name.contains("intermediate") {
+            (Some("--rank *intermediate*=16"), Some(16))
+        } else {
+            (None, numpy_rank(name, "0.8"))
+        };
+        assert_eq!(t.rule.as_deref(), want_rule, "{name}");
+        assert_eq!(Some(r as u64), want_rank, "{name}");
+    }
+    assert_eq!(seen, 6);
+    let err = cersa_fails(
+        &[
+            "convert",
+            s(&src),
+            s(&dir.path().join("x")),
+            "--energy",
+            "0.9",
+            "--energy",
+            "0.8",
+        ],
+        2,
+    );
+    assert!(err.contains("twice"), "{err}");
+    let err = cersa_fails(
+        &[
+            "convert",
+            s(&src),
+            s(&dir.path().join("y")),
+            "--rank",
+            "*q*",
+        ],
+        2,
+    );
+    assert!(err.contains("GLOB=VALUE"), "{err}");
+}
