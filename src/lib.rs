@@ -26,6 +26,7 @@ pub mod linalg;
 mod linalg;
 mod matrix;
 pub mod merge;
+pub mod plan;
 pub mod rank_rules;
 pub mod report;
 mod select;

@@ -13,7 +13,7 @@ use crate::decompose::svd::residual_norm2;
 use crate::decompose::{Decomposer, Factorization, Route};
 use crate::error::{ConvertError, Result};
 use crate::input::FloatData;
-use crate::rank_rules::ModuleRule;
+use crate::rank_rules::{ModuleRule, PLAN_RULE};
 use crate::storage::Stored;
 use cersa_loader::adapter::{manifest_sha256, Adapter};
 use cersa_loader::dtype::decode_f64;
@@ -226,6 +226,8 @@ fn write_merged(job: &MergeJob, tmp: &Path) -> Result<(Manifest, Vec<MergedLayer
                     .get(name)
                     .and_then(|t| t.rule.as_deref());
                 let tensor_rule = match recorded {
+                    // A planned rank stays the rank the plan chose.
+                    Some(PLAN_RULE) => ModuleRule::fixed_rank(f.rank),
                     Some(text) => ModuleRule::from_text(text)?.apply(rule),
                     None => rule.clone(),
                 };

@@ -6,6 +6,9 @@ use crate::decompose::rank::RankRule;
 use crate::error::{ConvertError, Result};
 use globset::{GlobBuilder, GlobMatcher};
 
+/// The `rule` a manifest records for a rank a budget plan chose.
+pub const PLAN_RULE: &str = "plan";
+
 /// What a rule sets.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum RuleTarget {
@@ -113,6 +116,16 @@ impl ModuleRule {
         self.matcher.is_match(name)
     }
 
+    /// A rank rule that gives exactly rank `n` (capped at min(m, n)).
+    pub fn fixed_rank(n: usize) -> RankRule {
+        RankRule {
+            energy: 1.0,
+            min_rank: n,
+            max_rank: Some(n),
+            rank_multiple: 1,
+        }
+    }
+
     /// The rank rule this rule makes of the global one (`base`: `--energy τ` and clamps).
     pub fn apply(&self, base: &RankRule) -> RankRule {
         match self.target {
@@ -121,12 +134,7 @@ impl ModuleRule {
                 ..base.clone()
             },
             // τ = 1 lets every route see the whole spectrum; the clamps pin the rank to N.
-            RuleTarget::Rank(n) => RankRule {
-                energy: 1.0,
-                min_rank: n,
-                max_rank: Some(n),
-                rank_multiple: 1,
-            },
+            RuleTarget::Rank(n) => ModuleRule::fixed_rank(n),
         }
     }
 }

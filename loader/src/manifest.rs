@@ -140,6 +140,9 @@ pub enum DenseReason {
     NoSaving,
     /// ‖W‖_F = 0 (including matrices with a zero dimension).
     Zero,
+    /// A budget plan (`cersa plan`, `convert --plan`) keeps it dense: its bytes buy more
+    /// energy there than as factors (format revision 1.1).
+    Planned,
 }
 
 /// One tensor of the manifest.
@@ -203,9 +206,14 @@ fn is_zero(v: &u32) -> bool {
 }
 
 impl Manifest {
-    /// The `format_minor` a manifest with these tensors needs: 1 when any is quantized.
+    /// The `format_minor` a manifest with these tensors needs: 1 when any is quantized or
+    /// kept dense by a plan.
     pub fn required_minor(tensors: &BTreeMap<String, TensorInfo>) -> u32 {
-        u32::from(tensors.values().any(|t| t.quant.is_some()))
+        u32::from(
+            tensors
+                .values()
+                .any(|t| t.quant.is_some() || t.reason == Some(DenseReason::Planned)),
+        )
     }
 }
 

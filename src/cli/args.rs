@@ -3,6 +3,7 @@
 use crate::convert::ConvertOptions;
 use crate::decompose::{RankRule, Route};
 use crate::inspect::InspectOptions;
+use crate::plan::{Budget, PlanOptions};
 use crate::rank_rules::ModuleRule;
 use crate::storage::FactorDtype;
 use anyhow::{bail, Context, Result};
@@ -62,6 +63,9 @@ pub enum Command {
     Report(ReportArgs),
     /// Merge a trained adapter into its CERSA checkpoint, writing a new CERSA directory.
     Merge(MergeArgs),
+    /// Choose every matrix's rank (or dense) so the output fits a byte budget with the most
+    /// retained energy, from the singular values; writes a plan for `convert --plan`.
+    Plan(PlanArgs),
 }
 
 /// `cersa merge`.
@@ -97,6 +101,69 @@ pub struct SelectArgs {
     pub exclude: Vec<String>,
 }
 
+/// `cersa plan`.
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// Source checkpoint.
+    pub src: PathBuf,
+    /// Budget for the whole output's tensor bytes: a size (300MB, 2GiB, bytes) or a ratio
+    /// of the source's tensor bytes (0.5 or 0.5x).
+    #[arg(long, value_name = "SIZE|RATIO")]
+    pub budget: String,
+    /// Dtype the factors will be stored in (the plan records it for convert).
+    #[arg(long, value_enum, default_value = "source")]
+    pub dtype: FactorDtype,
+    /// Keep every matrix at retained energy ≥ TAU when the budget allows (says so if not).
+    #[arg(long, value_name = "TAU")]
+    pub energy_floor: Option<f64>,
+    #[command(flatten)]
+    pub select: SelectArgs,
+    /// Write the plan here (default: print it as JSON on stdout).
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Route of the singular values.
+    #[arg(long, value_enum, default_value_t = Route::Auto)]
+    pub algorithm: Route,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// Parses `--budget`: a ratio (`0.5`, `0.5x`) or a size (`300MB`).
+pub fn parse_budget(text: &str) -> Result<Budget> {
+    let t = text.trim();
+    let ratio = t.strip_suffix('x').or_else(|| t.strip_suffix('X'));
+    let as_ratio = match ratio {
+        Some(r) => Some(
+            r.trim()
+                .parse::<f64>()
+                .with_context(|| format!("--budget {text:?}: {r:?} is not a number"))?,
+        ),
+        None => t.parse::<f64>().ok().filter(|v| *v <= 1.0),
+    };
+    match as_ratio {
+        Some(r) if r > 0.0 && r.is_finite() => Ok(Budget::Ratio(r)),
+        Some(_) => bail!("--budget {text:?}: a ratio must be positive"),
+        None => Ok(Budget::Bytes(parse_size(t).context("--budget")?)),
+    }
+}
+
+impl PlanArgs {
+    /// Validated options.
+    pub fn to_options(&self) -> Result<PlanOptions> {
+        Ok(PlanOptions {
+            budget: parse_budget(&self.budget)?,
+            dtype: self.dtype,
+            energy_floor: self.energy_floor.map(check_energy).transpose()?,
+            include: self.select.include.clone(),
+            exclude: self.select.exclude.clone(),
+        })
+    }
+}
+
 /// `cersa convert`.
 #[derive(Debug, Args)]
 pub struct ConvertArgs {
@@ -117,6 +184,16 @@ pub struct ConvertArgs {
     /// [`Cli::parse_args`]; empty: --energy rules first, then --rank).
     #[arg(skip)]
     pub rules_in_order: Vec<(&'static str, String)>,
+    /// Apply a plan of `cersa plan` exactly: its ranks, dense choices, dtype and selection
+    /// (it must have been made for this source).
+    #[arg(long, value_name = "PLAN_JSON", conflicts_with = "budget")]
+    pub plan: Option<PathBuf>,
+    /// Plan under this budget (as `cersa plan --budget`) and convert in one go.
+    #[arg(long, value_name = "SIZE|RATIO")]
+    pub budget: Option<String>,
+    /// With --budget: keep every matrix at retained energy ≥ TAU when the budget allows.
+    #[arg(long, value_name = "TAU", requires = "budget")]
+    pub energy_floor: Option<f64>,
     #[command(flatten)]
     pub select: SelectArgs,
     /// Dtype of the stored factors (and of quantized GGUF tensors kept dense).
@@ -346,6 +423,7 @@ impl ConvertArgs {
                 rank_multiple: self.rank_multiple,
             },
             rules,
+            plan: None,
             dtype: self.dtype,
             include: self.select.include.clone(),
             exclude: self.select.exclude.clone(),

@@ -3,11 +3,12 @@
 pub mod args;
 pub mod inspect_view;
 pub mod output;
+pub mod plan_view;
 
 use crate::convert::{convert, ConvertReport};
 use crate::inspect::{inspect_checkpoint, inspect_source};
 use anyhow::{Context, Result};
-use args::{Cli, Command, ConvertArgs, InspectArgs, MergeArgs, ReportArgs, VerifyArgs};
+use args::{Cli, Command, ConvertArgs, InspectArgs, MergeArgs, PlanArgs, ReportArgs, VerifyArgs};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::Write;
 use std::sync::atomic::AtomicBool;
@@ -56,14 +57,110 @@ pub fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<Status> {
         Command::Verify(a) => run_verify(a, &cancel),
         Command::Report(a) => run_report(a, &cancel),
         Command::Merge(a) => run_merge(a, &cancel),
+        Command::Plan(a) => run_plan(a, &cancel),
     }
 }
 
-fn run_convert(a: ConvertArgs, cancel: &AtomicBool) -> Result<Status> {
+/// Plans `src` with a progress bar on `threads` workers.
+fn plan_source(
+    src: &dyn crate::input::Source,
+    opts: &crate::plan::PlanOptions,
+    route: crate::decompose::Route,
+    threads: usize,
+    quiet: bool,
+    cancel: &AtomicBool,
+) -> Result<crate::plan::Plan> {
+    let decomposer = route.decomposer()?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .context("starting worker threads")?;
+    let bar = progress_bar(quiet, src.tensors().len() as u64);
+    let plan = pool.install(|| {
+        crate::plan::make_plan(
+            src,
+            opts,
+            decomposer.as_ref(),
+            &|done, _| bar.set_position(done as u64),
+            cancel,
+        )
+    })?;
+    bar.finish_and_clear();
+    Ok(plan)
+}
+
+fn run_plan(a: PlanArgs, cancel: &AtomicBool) -> Result<Status> {
     let opts = a.to_options()?;
+    let threads = args::threads(a.threads)?;
+    let src = crate::input::open(&a.src).with_context(|| format!("opening {}", a.src.display()))?;
+    let plan = plan_source(src.as_ref(), &opts, a.algorithm, threads, a.quiet, cancel)
+        .with_context(|| format!("planning {}", a.src.display()))?;
+    let json = serde_json::to_string_pretty(&plan)? + "\n";
+    match &a.output {
+        Some(path) => {
+            std::fs::write(path, json)
+                .with_context(|| format!("writing the plan to {}", path.display()))?;
+            emit(&plan_view::plan_view(&plan))?;
+        }
+        None => emit(&json)?,
+    }
+    Ok(Status::Ok)
+}
+
+/// The plan `convert` applies (`--plan FILE` or `--budget`), checked against `src`; it sets
+/// the options' ranks, dtype and selection.
+fn convert_plan(
+    a: &ConvertArgs,
+    opts: &mut crate::convert::ConvertOptions,
+    src: &dyn crate::input::Source,
+    cancel: &AtomicBool,
+) -> Result<()> {
+    let plan = match (&a.plan, &a.budget) {
+        (Some(path), _) => {
+            let text = std::fs::read(path)
+                .with_context(|| format!("reading the plan {}", path.display()))?;
+            let plan: crate::plan::Plan = serde_json::from_slice(&text)
+                .with_context(|| format!("{} is not a cersa plan", path.display()))?;
+            plan.check_source(src)
+                .with_context(|| format!("applying the plan {}", path.display()))?;
+            plan
+        }
+        (None, Some(budget)) => {
+            let popts = crate::plan::PlanOptions {
+                budget: args::parse_budget(budget)?,
+                dtype: opts.dtype,
+                energy_floor: a.energy_floor.map(args::check_energy).transpose()?,
+                include: opts.include.clone(),
+                exclude: opts.exclude.clone(),
+            };
+            plan_source(src, &popts, opts.algorithm, opts.threads, a.quiet, cancel)
+                .context("planning under --budget")?
+        }
+        (None, None) => return Ok(()),
+    };
+    if !a.rank.is_empty() || a.energy.iter().any(|e| e.contains('=')) {
+        anyhow::bail!(
+            "a plan chooses every rank: it cannot be combined with --energy GLOB=TAU or --rank"
+        );
+    }
+    opts.dtype = plan.dtype;
+    opts.include = plan.include.clone();
+    opts.exclude = plan.exclude.clone();
+    opts.plan = Some(
+        plan.tensors
+            .iter()
+            .map(|(k, e)| (k.clone(), e.rank))
+            .collect(),
+    );
+    Ok(())
+}
+
+fn run_convert(a: ConvertArgs, cancel: &AtomicBool) -> Result<Status> {
+    let mut opts = a.to_options()?;
     let start = std::time::Instant::now();
     let mut src =
         crate::input::open(&a.src).with_context(|| format!("opening {}", a.src.display()))?;
+    convert_plan(&a, &mut opts, src.as_ref(), cancel)?;
     if let Some(dtype) = opts.dtype.explicit() {
         // `--dtype` also sets the dtype quantized tensors are dequantized into when dense.
         src.set_requantized_dtype(dtype);

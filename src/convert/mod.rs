@@ -26,6 +26,7 @@ use crate::rank_rules::ModuleRule;
 use crate::select::Selection;
 use cersa_loader::Manifest;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
@@ -38,6 +39,9 @@ pub struct ConvertOptions {
     pub rule: RankRule,
     /// Per-module rules (`--energy GLOB=TAU`, `--rank GLOB=N`); the first match wins.
     pub rules: Vec<ModuleRule>,
+    /// A budget plan (`--plan`, `--budget`): every selected matrix's rank, or `None` for
+    /// dense; it replaces the rank rules and the saving test.
+    pub plan: Option<BTreeMap<String, Option<usize>>>,
     /// Factor dtype.
     pub dtype: FactorDtype,
     /// `--include` globs.
@@ -67,6 +71,7 @@ impl Default for ConvertOptions {
         ConvertOptions {
             rule: RankRule::default(),
             rules: Vec::new(),
+            plan: None,
             dtype: FactorDtype::Source,
             include: Vec::new(),
             exclude: Vec::new(),
@@ -244,6 +249,9 @@ fn run_fingerprint(
         "source_files": files,
         "tensors_sha256": cersa_loader::writer::hex(&tensors.finalize()),
     });
+    if let Some(plan) = &opts.plan {
+        fingerprint["plan"] = serde_json::to_value(plan).expect("a map of ranks serializes");
+    }
     if !opts.rules.is_empty() {
         // Only when given, so partial directories of runs without rules still resume.
         fingerprint["rules"] = opts.rules.iter().map(ModuleRule::text).collect();

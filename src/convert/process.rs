@@ -9,7 +9,7 @@ use crate::decompose::{Decomposer, Factorization};
 use crate::error::{ConvertError, Result};
 use crate::input::{FloatData, Source};
 use crate::matrix::{read_matrix, Matrix};
-use crate::rank_rules::{rule_for, ModuleRule};
+use crate::rank_rules::{rule_for, ModuleRule, PLAN_RULE};
 use cersa_loader::dtype::{decode_f64, encode_f32, encode_f64};
 use cersa_loader::{DenseReason, Dtype, FactorEncoding};
 
@@ -55,7 +55,29 @@ pub(super) fn process(
         return Ok(Outcome::Dense(DenseReason::Zero));
     };
     crate::trace::rss("convert: read");
-    let (rule, chosen_by) = rule_for(&opts.rules, &opts.rule, &meta.name);
+    let planned = match &opts.plan {
+        None => None,
+        Some(plan) => match plan.get(&meta.name) {
+            Some(None) => return Ok(Outcome::Dense(DenseReason::Planned)),
+            Some(Some(r)) => Some(*r),
+            None => {
+                return Err(ConvertError::Tensor {
+                    path: src.file_path(meta.file).to_path_buf(),
+                    tensor: meta.name.clone(),
+                    reason: "the plan has no entry for this selected matrix (made with \
+                             another --include/--exclude?)"
+                        .into(),
+                })
+            }
+        },
+    };
+    let (rule, chosen_by) = match planned {
+        Some(r) => (ModuleRule::fixed_rank(r), Some(PLAN_RULE.to_string())),
+        None => {
+            let (rule, by) = rule_for(&opts.rules, &opts.rule, &meta.name);
+            (rule, by.map(ModuleRule::text))
+        }
+    };
     let f = decomposer
         .factorize_named(&meta.name, &data, m, n, &rule)
         .map_err(|source| ConvertError::Decompose {
@@ -65,7 +87,7 @@ pub(super) fn process(
     crate::trace::rss("convert: factorized");
     let r = f.rank;
     let energy = energy_at(&f.sigma, f.norm2, r);
-    if !opts.force_factor && !saves(r, m, n) {
+    if planned.is_none() && !opts.force_factor && !saves(r, m, n) {
         return Ok(Outcome::Dense(DenseReason::NoSaving));
     }
     let enc = opts.dtype.resolve(meta.dense_dtype);
@@ -124,7 +146,7 @@ pub(super) fn process(
         energy,
         rel_error: (res / norm2).sqrt(),
         enc,
-        rule: chosen_by.map(ModuleRule::text),
+        rule: chosen_by,
         u,
         s,
         vt,

@@ -10,6 +10,7 @@ mod lapack;
 mod malformed;
 mod memory;
 mod merge;
+mod plan;
 mod pytorch;
 mod pytorch_sharded;
 mod quant;

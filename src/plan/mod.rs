@@ -1,0 +1,261 @@
+//! `cersa plan`: each selected matrix's rank (or dense) under a global byte budget, from
+//! the singular values alone, written as an editable `plan.json` that `convert --plan`
+//! applies exactly (docs/plan-json.md).
+
+pub mod solve;
+
+use crate::decompose::Decomposer;
+use crate::error::{ConvertError, Result};
+use crate::input::Source;
+use crate::inspect::{inspect_source, InspectOptions};
+use crate::storage::{FactorDtype, Stored};
+use serde::{Deserialize, Serialize};
+use solve::{Candidate, Choice};
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicBool;
+
+/// Version of the plan file.
+pub const PLAN_VERSION: u32 = 1;
+
+/// The budget: bytes, or a ratio of the source's tensor bytes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Budget {
+    /// Total stored bytes.
+    Bytes(u64),
+    /// Fraction of the source's tensor bytes.
+    Ratio(f64),
+}
+
+/// Options of [`make_plan`].
+#[derive(Debug, Clone)]
+pub struct PlanOptions {
+    /// The budget for the whole output's tensor bytes.
+    pub budget: Budget,
+    /// Factor dtype the bytes are counted in.
+    pub dtype: FactorDtype,
+    /// Keep every matrix at E ≥ this when the budget allows.
+    pub energy_floor: Option<f64>,
+    /// `--include` globs.
+    pub include: Vec<String>,
+    /// `--exclude` globs.
+    pub exclude: Vec<String>,
+}
+
+/// One selected matrix of the plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanEntry {
+    /// Matrix view [m, n].
+    pub matrix_shape: [usize; 2],
+    /// Kept rank, or `null` for dense.
+    pub rank: Option<usize>,
+    /// Retained energy E (1 when dense).
+    pub energy: f64,
+    /// Bytes stored.
+    pub bytes: u64,
+}
+
+/// Which source a plan was made for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanSource {
+    /// Source format.
+    pub format: String,
+    /// Source files and sizes.
+    pub files: Vec<cersa_loader::manifest::SourceFile>,
+    /// sha256 of every tensor's `name\tshape\tdtype` line, in source order.
+    pub tensors_sha256: String,
+}
+
+/// Sums of the plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanTotals {
+    /// The budget in bytes.
+    pub budget_bytes: u64,
+    /// Bytes the output stores (every tensor).
+    pub stored_bytes: u64,
+    /// Bytes of the source's tensors.
+    pub source_bytes: u64,
+    /// Bytes of the tensors the plan does not choose for (not selected: dense).
+    pub fixed_bytes: u64,
+    /// Selected matrices.
+    pub matrices: usize,
+    /// Σ E over the matrices.
+    pub sum_energy: f64,
+    /// Σ (1 − E): the sum of squared relative errors of the truncation.
+    pub sum_sq_rel_error: f64,
+    /// Whether every matrix reached the energy floor (`null`: no floor).
+    pub floor_met: Option<bool>,
+}
+
+/// `plan.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// [`PLAN_VERSION`].
+    pub plan_version: u32,
+    /// The source it is for.
+    pub source: PlanSource,
+    /// Factor dtype (`--dtype` of convert).
+    pub dtype: FactorDtype,
+    /// The energy floor asked for.
+    pub energy_floor: Option<f64>,
+    /// `--include` globs the selection used.
+    pub include: Vec<String>,
+    /// `--exclude` globs the selection used.
+    pub exclude: Vec<String>,
+    /// Per selected matrix.
+    pub tensors: BTreeMap<String, PlanEntry>,
+    /// Sums.
+    pub totals: PlanTotals,
+}
+
+/// The identity of `src` a plan records.
+pub fn source_identity(src: &dyn Source) -> PlanSource {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for t in src.tensors() {
+        h.update(format!("{}\t{:?}\t{}\n", t.name, t.shape, t.source_dtype).as_bytes());
+    }
+    PlanSource {
+        format: src.format().into(),
+        files: src.files().to_vec(),
+        tensors_sha256: cersa_loader::writer::hex(&h.finalize()),
+    }
+}
+
+/// Plans `src` under `opts.budget` from the singular values of its selected matrices.
+pub fn make_plan(
+    src: &dyn Source,
+    opts: &PlanOptions,
+    decomposer: &dyn Decomposer,
+    progress: &(dyn Fn(usize, usize) + Sync),
+    cancel: &AtomicBool,
+) -> Result<Plan> {
+    let inspect = InspectOptions {
+        energies: vec![0.9],
+        include: opts.include.clone(),
+        exclude: opts.exclude.clone(),
+        keep_singular_values: true,
+    };
+    let report = inspect_source(src, &inspect, decomposer, progress, cancel)?;
+    let metas = src.tensors();
+    let mut fixed = 0u64;
+    let mut names = Vec::new();
+    let mut cands = Vec::new();
+    for (t, meta) in report.tensors.iter().zip(metas) {
+        let dense = Stored::dense(meta.numel(), meta.dense_dtype).bytes;
+        let (Some([m, n]), Some(metrics)) = (t.matrix_shape, &t.metrics) else {
+            fixed += dense;
+            continue;
+        };
+        let norm2 = metrics.frobenius_norm * metrics.frobenius_norm;
+        let mut cum = 0.0;
+        let energy = t
+            .singular_values
+            .iter()
+            .map(|s| {
+                cum += s * s;
+                (cum / norm2).min(1.0)
+            })
+            .collect();
+        let enc = opts.dtype.resolve(meta.dense_dtype);
+        cands.push(Candidate {
+            per_rank: Stored::factored(m, n, 1, enc).bytes,
+            dense_bytes: dense,
+            energy,
+        });
+        names.push((t.name.clone(), [m, n]));
+    }
+    let source_bytes = report.totals.source_bytes;
+    let budget = match opts.budget {
+        Budget::Bytes(b) => b,
+        Budget::Ratio(r) => (r * source_bytes as f64).floor() as u64,
+    };
+    let starts_of =
+        |floor: Option<f64>| -> Vec<Choice> { cands.iter().map(|c| c.start(floor)).collect() };
+    let min_bytes = |starts: &[Choice]| -> u64 {
+        fixed
+            + cands
+                .iter()
+                .zip(starts)
+                .map(|(c, &s)| c.bytes(s))
+                .sum::<u64>()
+    };
+    let avail = budget.saturating_sub(fixed);
+    let (choices, floor_met) = match opts.energy_floor {
+        Some(f) => match solve::solve(&cands, &starts_of(Some(f)), avail) {
+            Some(c) if budget >= fixed => (Some(c), Some(true)),
+            _ => (solve::solve(&cands, &starts_of(None), avail), Some(false)),
+        },
+        None => (solve::solve(&cands, &starts_of(None), avail), None),
+    };
+    let choices = match choices {
+        Some(c) if budget >= fixed => c,
+        _ => {
+            return Err(ConvertError::Options(format!(
+                "a budget of {budget} bytes is below the smallest feasible one, {} bytes \
+                 (every selected matrix at rank 1 or dense if smaller, every other tensor dense)",
+                min_bytes(&starts_of(None))
+            )))
+        }
+    };
+    let mut tensors = BTreeMap::new();
+    let (mut stored, mut sum_e) = (fixed, 0.0);
+    for (((name, shape), c), ch) in names.into_iter().zip(&cands).zip(&choices) {
+        let (bytes, energy) = (c.bytes(*ch), c.energy_of(*ch));
+        stored += bytes;
+        sum_e += energy;
+        let rank = match ch {
+            Choice::Rank(r) => Some(*r),
+            Choice::Dense => None,
+        };
+        tensors.insert(
+            name,
+            PlanEntry {
+                matrix_shape: shape,
+                rank,
+                energy,
+                bytes,
+            },
+        );
+    }
+    let matrices = tensors.len();
+    Ok(Plan {
+        plan_version: PLAN_VERSION,
+        source: source_identity(src),
+        dtype: opts.dtype,
+        energy_floor: opts.energy_floor,
+        include: opts.include.clone(),
+        exclude: opts.exclude.clone(),
+        totals: PlanTotals {
+            budget_bytes: budget,
+            stored_bytes: stored,
+            source_bytes,
+            fixed_bytes: fixed,
+            matrices,
+            sum_energy: sum_e,
+            sum_sq_rel_error: tensors.values().map(|e| (1.0 - e.energy).max(0.0)).sum(),
+            floor_met,
+        },
+        tensors,
+    })
+}
+
+impl Plan {
+    /// Checks that the plan was made for `src` with this selection.
+    pub fn check_source(&self, src: &dyn Source) -> Result<()> {
+        if self.plan_version != PLAN_VERSION {
+            return Err(ConvertError::Options(format!(
+                "plan_version {} is not supported (this cersa writes {PLAN_VERSION})",
+                self.plan_version
+            )));
+        }
+        let here = source_identity(src);
+        if here != self.source {
+            return Err(ConvertError::Options(
+                "the plan was made for another source (its files, sizes or tensor list \
+                 differ): run `cersa plan` on this one"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+}
