@@ -9,6 +9,7 @@ use crate::error::{ConvertError, Result};
 use crate::input::Source;
 use crate::inspect::{inspect_source, InspectOptions};
 use crate::storage::{FactorDtype, Stored};
+use cersa_loader::{FactorEncoding, Quant};
 use serde::{Deserialize, Serialize};
 use solve::{Candidate, Choice};
 use std::collections::BTreeMap;
@@ -16,6 +17,17 @@ use std::sync::atomic::AtomicBool;
 
 /// Version of the plan file.
 pub const PLAN_VERSION: u32 = 1;
+
+/// Mean ‖x − Q(x)‖² of a unit-norm vector under each quantization (gguf-py on Gaussian
+/// vectors, `bench/quant_noise.py`; nearly independent of the length). Float factors: 0.
+fn quant_vector_sq_error(enc: FactorEncoding) -> f64 {
+    match enc {
+        FactorEncoding::Float(_) => 0.0,
+        FactorEncoding::Quant(Quant::Q8_0) => 2.9e-5,
+        FactorEncoding::Quant(Quant::Q5_0) => 1.83e-3,
+        FactorEncoding::Quant(Quant::Q4_0) => 7.4e-3,
+    }
+}
 
 /// The budget: bytes, or a ratio of the source's tensor bytes.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -48,8 +60,11 @@ pub struct PlanEntry {
     pub matrix_shape: [usize; 2],
     /// Kept rank, or `null` for dense.
     pub rank: Option<usize>,
-    /// Retained energy E (1 when dense).
+    /// Retained energy E of the truncation (1 when dense).
     pub energy: f64,
+    /// Estimated squared relative error as stored: 1 − E·(1 − 2q), q the quantization's
+    /// mean squared error of a unit vector (0 for float factors and dense).
+    pub est_sq_rel_error: f64,
     /// Bytes stored.
     pub bytes: u64,
 }
@@ -80,7 +95,8 @@ pub struct PlanTotals {
     pub matrices: usize,
     /// Σ E over the matrices.
     pub sum_energy: f64,
-    /// Σ (1 − E): the sum of squared relative errors of the truncation.
+    /// Σ `est_sq_rel_error`: the estimated sum of squared relative errors as stored (what
+    /// the plan minimizes).
     pub sum_sq_rel_error: f64,
     /// Whether every matrix reached the energy floor (`null`: no floor).
     pub floor_met: Option<bool>,
@@ -140,6 +156,7 @@ pub fn make_plan(
     let mut fixed = 0u64;
     let mut names = Vec::new();
     let mut cands = Vec::new();
+    let mut keeps = Vec::new();
     for (t, meta) in report.tensors.iter().zip(metas) {
         let dense = Stored::dense(meta.numel(), meta.dense_dtype).bytes;
         let (Some([m, n]), Some(metrics)) = (t.matrix_shape, &t.metrics) else {
@@ -148,7 +165,7 @@ pub fn make_plan(
         };
         let norm2 = metrics.frobenius_norm * metrics.frobenius_norm;
         let mut cum = 0.0;
-        let energy = t
+        let energy: Vec<f64> = t
             .singular_values
             .iter()
             .map(|s| {
@@ -157,11 +174,14 @@ pub fn make_plan(
             })
             .collect();
         let enc = opts.dtype.resolve(meta.dense_dtype);
+        // Quantized factors keep ≈ E(r)·(1 − 2q): each rank-1 term loses σ²(q_u + q_v).
+        let keep = 1.0 - 2.0 * quant_vector_sq_error(enc);
         cands.push(Candidate {
             per_rank: Stored::factored(m, n, 1, enc).bytes,
             dense_bytes: dense,
-            energy,
+            energy: energy.into_iter().map(|e: f64| e * keep).collect(),
         });
+        keeps.push(keep);
         names.push((t.name.clone(), [m, n]));
     }
     let source_bytes = report.totals.source_bytes;
@@ -199,20 +219,24 @@ pub fn make_plan(
     };
     let mut tensors = BTreeMap::new();
     let (mut stored, mut sum_e) = (fixed, 0.0);
-    for (((name, shape), c), ch) in names.into_iter().zip(&cands).zip(&choices) {
-        let (bytes, energy) = (c.bytes(*ch), c.energy_of(*ch));
+    let mut sum_sq = 0.0;
+    for ((((name, shape), c), ch), keep) in names.into_iter().zip(&cands).zip(&choices).zip(&keeps)
+    {
+        let (bytes, kept) = (c.bytes(*ch), c.energy_of(*ch));
         stored += bytes;
-        sum_e += energy;
-        let rank = match ch {
-            Choice::Rank(r) => Some(*r),
-            Choice::Dense => None,
+        sum_sq += (1.0 - kept).max(0.0);
+        let (rank, energy) = match ch {
+            Choice::Rank(r) => (Some(*r), kept / keep),
+            Choice::Dense => (None, 1.0),
         };
+        sum_e += energy;
         tensors.insert(
             name,
             PlanEntry {
                 matrix_shape: shape,
                 rank,
                 energy,
+                est_sq_rel_error: (1.0 - kept).max(0.0),
                 bytes,
             },
         );
@@ -232,7 +256,7 @@ pub fn make_plan(
             fixed_bytes: fixed,
             matrices,
             sum_energy: sum_e,
-            sum_sq_rel_error: tensors.values().map(|e| (1.0 - e.energy).max(0.0)).sum(),
+            sum_sq_rel_error: sum_sq,
             floor_met,
         },
         tensors,
