@@ -29,6 +29,7 @@ pub mod merge;
 pub mod rank_rules;
 pub mod report;
 mod select;
+pub mod side_files;
 pub mod storage;
 pub mod trace;
 pub mod verify;

@@ -15,4 +15,5 @@ mod pytorch_sharded;
 mod quant;
 mod report;
 mod resume;
+mod side_files;
 mod verify;
