@@ -187,9 +187,12 @@ fn write_merged(job: &MergeJob, tmp: &Path) -> Result<(Manifest, Vec<MergedLayer
     // The base's side files (config.json, tokenizer files) travel with it; those its
     // manifest lists must still be there.
     manifest.side_files = crate::side_files::copy_side_files(ckpt.dir(), tmp)?;
-    if let Some(lost) = ckpt.manifest().side_files.iter().find(|listed| {
-        !manifest.side_files.iter().any(|f| f.file == listed.file)
-    }) {
+    if let Some(lost) = ckpt
+        .manifest()
+        .side_files
+        .iter()
+        .find(|listed| !manifest.side_files.iter().any(|f| f.file == listed.file))
+    {
         return Err(ConvertError::Source {
             path: ckpt.dir().join(&lost.file),
             reason: "the base checkpoint lists this side file in its manifest but it is \

@@ -190,7 +190,10 @@ mod tests {
             files[0].sha256,
             "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
         );
-        assert_eq!(std::fs::read(to.join("tokenizer.json")).unwrap(), b"{\"t\":1}");
+        assert_eq!(
+            std::fs::read(to.join("tokenizer.json")).unwrap(),
+            b"{\"t\":1}"
+        );
         assert!(!to.join("notes.txt").exists());
     }
 

@@ -334,8 +334,7 @@ impl Run<'_> {
             }
         };
         let side_files = manifest.side_files.clone();
-        let shard_files: HashSet<String> =
-            manifest.shards.iter().map(|s| s.file.clone()).collect();
+        let shard_files: HashSet<String> = manifest.shards.iter().map(|s| s.file.clone()).collect();
         let ckpt = self.tensor_checks(manifest)?;
         if self.all {
             self.side_files(&side_files, &shard_files)?;
@@ -360,14 +359,20 @@ impl Run<'_> {
             let detail = if !plain {
                 Some(format!("side file name {file:?} must be a plain file name"))
             } else if file == MANIFEST_FILE || shard_files.contains(file) {
-                Some(format!("side file {file:?} is also the manifest or a shard"))
+                Some(format!(
+                    "side file {file:?} is also the manifest or a shard"
+                ))
             } else if !seen.insert(file) {
                 Some(format!("side file {file:?} listed twice"))
             } else {
                 None
             };
             if let Some(detail) = detail {
-                self.push(Issue::new(IssueKind::SideFileNameInvalid, MANIFEST_FILE, detail))?;
+                self.push(Issue::new(
+                    IssueKind::SideFileNameInvalid,
+                    MANIFEST_FILE,
+                    detail,
+                ))?;
                 continue;
             }
             let path = self.dir.join(file);
@@ -402,8 +407,12 @@ impl Run<'_> {
                 };
                 if !found.eq_ignore_ascii_case(&info.sha256) {
                     self.push(
-                        Issue::new(IssueKind::SideFileMismatch, file, "side file sha256 mismatch")
-                            .expected_found(&info.sha256, found),
+                        Issue::new(
+                            IssueKind::SideFileMismatch,
+                            file,
+                            "side file sha256 mismatch",
+                        )
+                        .expected_found(&info.sha256, found),
                     )?;
                 }
             }

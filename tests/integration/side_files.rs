@@ -13,9 +13,15 @@ use std::time::{Duration, Instant};
 
 /// Side files written by [`with_side_files`], in name order.
 const FILES: &[(&str, &[u8])] = &[
-    ("config.json", b"{\"model_type\": \"bert\", \"hidden_size\": 8}\n"),
+    (
+        "config.json",
+        b"{\"model_type\": \"bert\", \"hidden_size\": 8}\n",
+    ),
     ("special_tokens_map.json", b"{\"unk_token\": \"[UNK]\"}"),
-    ("tokenizer.json", b"{\"version\": \"1.0\", \"model\": {}}\r\n\xef\xbb\xbf"),
+    (
+        "tokenizer.json",
+        b"{\"version\": \"1.0\", \"model\": {}}\r\n\xef\xbb\xbf",
+    ),
     ("tokenizer_config.json", b"{\"do_lower_case\": true}"),
     ("vocab.txt", b"[PAD]\n[UNK]\nhello\n"),
 ];
