@@ -293,3 +293,50 @@ fn merge_carries_the_side_files_over() {
     assert!(err.contains("tokenizer.json"), "{err}");
     assert_nothing_left(&again);
 }
+
+/// A GGUF file takes the side files of the directory it is in.
+#[test]
+fn gguf_file_takes_the_side_files_of_its_directory() {
+    let dir = tmp();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    for (name, bytes) in FILES {
+        std::fs::write(src.join(name), bytes).unwrap();
+    }
+    let tensors = [("blk.0.attn_q.weight", vec![16, 24], noise(3, 24 * 16))];
+    let file = src.join("model.gguf");
+    std::fs::write(&file, gguf_bytes(&[], &tensors)).unwrap();
+    let out = dir.path().join("out");
+    cersa_ok(&["convert", s(&file), s(&out), "-q"]);
+    assert_side_files(&out);
+    assert_eq!(cersa_loader::validate(&out), vec![]);
+}
+
+/// A symlink to a regular file is followed (Hugging Face cache snapshots link into
+/// `blobs/`); one to a directory is refused, not walked.
+#[cfg(unix)]
+#[test]
+fn symlinks_to_files_are_followed_and_to_directories_refused() {
+    let dir = tmp();
+    let src = with_side_files(dir.path());
+    let blobs = dir.path().join("blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::rename(src.join("tokenizer.json"), blobs.join("abc123")).unwrap();
+    std::os::unix::fs::symlink(blobs.join("abc123"), src.join("tokenizer.json")).unwrap();
+    let out = dir.path().join("out");
+    cersa_ok(&["convert", s(&src), s(&out), "-q"]);
+    assert_side_files(&out);
+    assert!(!std::fs::symlink_metadata(out.join("tokenizer.json"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+
+    std::os::unix::fs::symlink(&blobs, src.join("merges.txt")).unwrap();
+    let again = dir.path().join("again");
+    let err = cersa_fails(&["convert", s(&src), s(&again), "-q"], 2);
+    assert!(
+        err.contains("merges.txt") && err.contains("a directory"),
+        "{err}"
+    );
+    assert_nothing_left(&again);
+}
