@@ -30,6 +30,7 @@ pub mod plan;
 pub mod rank_rules;
 pub mod report;
 mod select;
+pub mod side_files;
 pub mod storage;
 pub mod trace;
 pub mod verify;

@@ -38,6 +38,14 @@ pub enum IssueKind {
     ShardSize,
     /// A shard's sha256 differs from `shards[].sha256`.
     Sha256,
+    // ---- the side files (checked by `validate` only, after everything else)
+    /// A `side_files[].file` that is not a plain name, is listed twice, or names the
+    /// manifest or a shard.
+    SideFileNameInvalid,
+    /// A listed side file is missing, unreadable, or not a regular file.
+    SideFileMissing,
+    /// A side file's size or sha256 differs from `side_files[]`.
+    SideFileMismatch,
     // ---- the safetensors layout of a shard
     /// Fewer than 8 bytes: no header length.
     ShardTooShort,
@@ -146,6 +154,11 @@ impl IssueKind {
             UnsupportedVersion => "was it written by a newer cersa? upgrade cersa-loader",
             ShardMissing => "was the directory copied incompletely?",
             ShardSize | Sha256 => "was the file modified or truncated?",
+            SideFileMissing => "was the directory copied incompletely?",
+            SideFileMismatch => {
+                "was it edited after conversion? restore it, or update side_files in cersa.json"
+            }
+            SideFileNameInvalid => "was the manifest edited by hand?",
             FactoredWithoutMatrixShape
             | FactoredWithoutRank
             | MatrixShapeMismatch

@@ -40,6 +40,10 @@ pub struct Manifest {
     pub source: SourceInfo,
     /// Shard files, in order.
     pub shards: Vec<ShardInfo>,
+    /// Hugging Face side files (`config.json`, tokenizer files) copied byte for byte from
+    /// the source directory, in name order; absent when there were none (spec §1, §3).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub side_files: Vec<SideFile>,
     /// Every tensor of the source, keyed by its source name.
     pub tensors: BTreeMap<String, TensorInfo>,
     /// Sums over all tensors.
@@ -109,6 +113,18 @@ pub struct SourceFile {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardInfo {
     /// File name inside the CERSA directory.
+    pub file: String,
+    /// Size in bytes.
+    pub bytes: u64,
+    /// Lowercase hex sha256 of the whole file.
+    pub sha256: String,
+}
+
+/// One side file of the CERSA directory (not a checkpoint file: readers of tensors ignore
+/// it; the validator checks it is present with this size and sha256).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SideFile {
+    /// Plain file name inside the CERSA directory (e.g. `config.json`).
     pub file: String,
     /// Size in bytes.
     pub bytes: u64,

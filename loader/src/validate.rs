@@ -323,6 +323,8 @@ impl Run<'_> {
     }
 
     /// Runs every check; the checkpoint when the structure is sound (no issue but sha256).
+    /// The side files are checked last and only by [`validate`]: `open` reads tensors,
+    /// which do not depend on them.
     fn checks(&mut self) -> Result<Option<Checkpoint>, Halt> {
         let manifest = match load_manifest(self.dir) {
             Ok(m) => m,
@@ -331,6 +333,95 @@ impl Run<'_> {
                 return Ok(None);
             }
         };
+        let side_files = manifest.side_files.clone();
+        let shard_files: HashSet<String> = manifest.shards.iter().map(|s| s.file.clone()).collect();
+        let ckpt = self.tensor_checks(manifest)?;
+        if self.all {
+            self.side_files(&side_files, &shard_files)?;
+        }
+        Ok(ckpt)
+    }
+
+    /// Each listed side file: a plain name listed once (not the manifest's or a shard's),
+    /// present as a regular file of the listed size and (with checksums) sha256.
+    fn side_files(
+        &mut self,
+        files: &[crate::manifest::SideFile],
+        shard_files: &HashSet<String>,
+    ) -> Result<(), Halt> {
+        let mut seen = HashSet::new();
+        for info in files {
+            let file = info.file.as_str();
+            let plain = !(file.is_empty()
+                || file.contains('/')
+                || file.contains('\\')
+                || file.starts_with('.'));
+            let detail = if !plain {
+                Some(format!("side file name {file:?} must be a plain file name"))
+            } else if file == MANIFEST_FILE || shard_files.contains(file) {
+                Some(format!(
+                    "side file {file:?} is also the manifest or a shard"
+                ))
+            } else if !seen.insert(file) {
+                Some(format!("side file {file:?} listed twice"))
+            } else {
+                None
+            };
+            if let Some(detail) = detail {
+                self.push(Issue::new(
+                    IssueKind::SideFileNameInvalid,
+                    MANIFEST_FILE,
+                    detail,
+                ))?;
+                continue;
+            }
+            let path = self.dir.join(file);
+            let missing = |why: String| Issue::new(IssueKind::SideFileMissing, file, why);
+            // A FIFO or device under the name is reported, never opened.
+            let len = match std::fs::metadata(&path) {
+                Ok(meta) if meta.is_file() => meta.len(),
+                Ok(_) => {
+                    self.push(missing("the side file is not a regular file".into()))?;
+                    continue;
+                }
+                Err(e) => {
+                    self.push(missing(format!("cannot read the side file: {e}")))?;
+                    continue;
+                }
+            };
+            if len != info.bytes {
+                self.push(
+                    Issue::new(IssueKind::SideFileMismatch, file, "side file size mismatch")
+                        .expected_found(info.bytes, len),
+                )?;
+                continue;
+            }
+            if self.options.verify_checksums {
+                self.cancelled()?;
+                let found = match crate::writer::sha256_file(&path) {
+                    Ok((_, sha)) => sha,
+                    Err(e) => {
+                        self.push(missing(format!("cannot read the side file: {e}")))?;
+                        continue;
+                    }
+                };
+                if !found.eq_ignore_ascii_case(&info.sha256) {
+                    self.push(
+                        Issue::new(
+                            IssueKind::SideFileMismatch,
+                            file,
+                            "side file sha256 mismatch",
+                        )
+                        .expected_found(&info.sha256, found),
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The manifest's shards and entries; the checkpoint when they are sound.
+    fn tensor_checks(&mut self, manifest: Manifest) -> Result<Option<Checkpoint>, Halt> {
         let mut shards = Vec::with_capacity(manifest.shards.len());
         let mut shard_of_file = BTreeMap::new();
         // Stored tensor name → (shard index, entry index in that shard's header).

@@ -38,6 +38,7 @@ fn manifest(tensors: BTreeMap<String, TensorInfo>) -> Manifest {
             details: Default::default(),
         },
         shards: vec![],
+        side_files: vec![],
         tensors,
         totals: Totals::default(),
     }

@@ -49,8 +49,9 @@ def _config(cersa_dir: str, config):
         return AutoConfig.from_pretrained(os.fspath(config))
     if os.path.isfile(os.path.join(cersa_dir, "config.json")):
         return AutoConfig.from_pretrained(cersa_dir)
-    raise ValueError(f"{cersa_dir}: no config.json; pass config= (the source model directory, "
-                     "or a transformers PretrainedConfig)")
+    raise ValueError(f"{cersa_dir}: no config.json (cersa convert copies it when it is next to "
+                     "the source); pass config= (the source model directory, or a transformers "
+                     "PretrainedConfig)")
 
 
 def _model_class(config, auto_class):
@@ -121,8 +122,9 @@ def load_hf(cersa_dir, auto_class=None, mode: str = "frozen", k: Optional[int] =
 
     ``auto_class``: e.g. ``transformers.AutoModelForCausalLM`` (default: the class named in
     the config's ``architectures``, else ``AutoModel``). ``config``: a directory or
-    ``PretrainedConfig`` (default: ``config.json`` in ``cersa_dir``; needed for GGUF
-    sources). ``mode``/``k``: the adaptation of every factored layer (``frozen``, ``scale``,
+    ``PretrainedConfig`` (default: ``config.json`` in ``cersa_dir``, which ``cersa convert``
+    copies from the source directory with the tokenizer files; needed when the source had
+    none, e.g. a lone GGUF file). ``mode``/``k``: the adaptation of every factored layer (``frozen``, ``scale``,
     ``core``, ``factors``, ``cersa``; with ``cersa``, ``beta`` < τ trains only each core's
     leading components up to cumulative energy β). Dense parameters are frozen unless ``train_dense``. Raises
     ``ValueError`` naming every model parameter the checkpoint does not provide.

@@ -148,15 +148,25 @@ pub fn convert(
             }
         }
     };
-    let job = schedule::Job {
-        src,
-        tmp: &tmp,
-        opts,
-        decomposer: decomposer.as_ref(),
-        selection: &selection,
-        cancel,
+    // Copied again on resume (the same bytes as an uninterrupted run), before any tensor
+    // work so a refused side file fails fast.
+    let result = match crate::side_files::source_dir(src) {
+        Some(dir) => crate::side_files::copy_side_files(&dir, &tmp),
+        None => Ok(Vec::new()),
     };
-    let result = schedule::run(&job, progress, &mut journal, &recovered).and_then(|m| {
+    let result = result.and_then(|side_files| {
+        let job = schedule::Job {
+            src,
+            tmp: &tmp,
+            opts,
+            decomposer: decomposer.as_ref(),
+            selection: &selection,
+            cancel,
+            side_files: &side_files,
+        };
+        schedule::run(&job, progress, &mut journal, &recovered)
+    });
+    let result = result.and_then(|m| {
         src.check_unchanged()?;
         // The journal is not part of the checkpoint.
         let jpath = tmp.join(journal::JOURNAL_FILE);

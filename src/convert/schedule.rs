@@ -30,6 +30,8 @@ pub(super) struct Job<'a> {
     pub decomposer: &'a dyn Decomposer,
     pub selection: &'a Selection,
     pub cancel: &'a AtomicBool,
+    /// The side files copied into `tmp`, for the manifest.
+    pub side_files: &'a [cersa_loader::manifest::SideFile],
 }
 
 struct Shared {

@@ -234,6 +234,7 @@ fn manifest(job: &Job, tensors: BTreeMap<String, TensorInfo>, totals: Totals) ->
             details: src.details(),
         },
         shards: Vec::new(),
+        side_files: job.side_files.to_vec(),
         tensors,
         totals,
     }

