@@ -34,6 +34,19 @@ pub(crate) fn table(header: &[String], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// How the ranks were chosen, in words.
+fn rank_choice(c: &cersa_loader::manifest::ConvertConfig) -> String {
+    match c.rules.as_slice() {
+        [only] if only == crate::rank_rules::PLAN_RULE => "ranks: from the plan".into(),
+        [] => format!("energy threshold τ = {}", c.energy),
+        rules => format!(
+            "energy threshold τ = {}; rules: {}",
+            c.energy,
+            rules.join(", ")
+        ),
+    }
+}
+
 /// `cersa convert` summary.
 pub fn convert_summary(r: &ConvertReport) -> String {
     let t = &r.manifest.totals;
@@ -42,7 +55,7 @@ pub fn convert_summary(r: &ConvertReport) -> String {
          tensors: {} factored, {} dense\n\
          params:  {} → {} ({:.3}×)\n\
          bytes:   {} → {} ({:.3}×)\n\
-         energy threshold τ = {}\n",
+         {}\n",
         r.out_dir.display(),
         r.manifest.shards.len(),
         r.seconds,
@@ -54,7 +67,7 @@ pub fn convert_summary(r: &ConvertReport) -> String {
         human(t.source_bytes),
         human(t.stored_bytes),
         r.byte_ratio,
-        r.manifest.config.energy,
+        rank_choice(&r.manifest.config),
     )
 }
 

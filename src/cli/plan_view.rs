@@ -65,7 +65,7 @@ pub fn plan_view(plan: &Plan) -> String {
     let t = &plan.totals;
     let _ = writeln!(
         out,
-        "\n{} matrices; stored {} of a {} budget ({:.3}× the source's {}); Σ(1−E) = {:.4}",
+        "\n{} matrices; stored {} of a {} budget ({:.3}× the source's {}); Σ est. rel_err² = {:.4}",
         t.matrices,
         si_text(t.stored_bytes, "", "B"),
         si_text(t.budget_bytes, "", "B"),

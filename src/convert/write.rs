@@ -8,7 +8,7 @@ use super::Progress;
 use crate::error::{ConvertError, Result};
 use crate::input::TensorMeta;
 use crate::journal::{self, Journal, Recovered, ShardRecord};
-use crate::rank_rules::ModuleRule;
+use crate::rank_rules::{ModuleRule, PLAN_RULE};
 use crate::storage::Stored;
 use cersa_loader::manifest::{ConvertConfig, Producer, SourceInfo, Totals};
 use cersa_loader::writer::{ClosedShard, PlannedEntry};
@@ -226,7 +226,11 @@ fn manifest(job: &Job, tensors: BTreeMap<String, TensorInfo>, totals: Totals) ->
             include: opts.include.clone(),
             exclude: opts.exclude.clone(),
             max_shard_size: opts.max_shard_size,
-            rules: opts.rules.iter().map(ModuleRule::text).collect(),
+            // A plan replaces the rules; its entries record `rule: "plan"`.
+            rules: match opts.plan {
+                Some(_) => vec![PLAN_RULE.to_string()],
+                None => opts.rules.iter().map(ModuleRule::text).collect(),
+            },
         },
         source: SourceInfo {
             format: src.format().into(),

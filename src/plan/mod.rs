@@ -280,6 +280,33 @@ impl Plan {
                     .into(),
             ));
         }
+        // The plan is a file the user may edit: every entry must name a matrix of this
+        // source with its matrix view, and a rank in 1..=min(m, n).
+        for (name, e) in &self.tensors {
+            let Some(meta) = src.tensors().iter().find(|t| &t.name == name) else {
+                return Err(ConvertError::Options(format!(
+                    "plan entry {name:?}: the source has no such tensor"
+                )));
+            };
+            let m = meta.shape.first().copied().unwrap_or(0);
+            let n: usize = meta.shape.iter().skip(1).product();
+            if meta.shape.len() < 2 || e.matrix_shape != [m, n] {
+                return Err(ConvertError::Options(format!(
+                    "plan entry {name:?}: matrix_shape {:?}, but the source tensor has shape \
+                     {:?}",
+                    e.matrix_shape, meta.shape
+                )));
+            }
+            if let Some(r) = e.rank {
+                if r == 0 || r > m.min(n) {
+                    return Err(ConvertError::Options(format!(
+                        "plan entry {name:?}: rank {r} is outside 1..={} for a {m}×{n} matrix \
+                         (use null to keep it dense)",
+                        m.min(n)
+                    )));
+                }
+            }
+        }
         Ok(())
     }
 }

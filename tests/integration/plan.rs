@@ -126,3 +126,61 @@ fn infeasible_budgets_name_the_smallest_feasible_one() {
     assert_eq!(plan.totals.floor_met, Some(true));
     assert!(plan.tensors.values().all(|e| e.energy >= 0.8));
 }
+
+#[test]
+fn an_edited_plan_is_applied_and_a_broken_one_refused() {
+    let dir = tmp();
+    let src = fixture("minilm-excerpt/model.safetensors");
+    let p = dir.path().join("p.json");
+    cersa_ok(&["plan", s(&src), "--budget", "0.4", "-o", s(&p), "-q"]);
+    let plan: Plan = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    let mut names = plan.tensors.keys().cloned();
+    let (a, b) = (names.next().unwrap(), names.next().unwrap());
+    let edit = |f: &dyn Fn(&mut Plan)| {
+        let mut e = plan.clone();
+        f(&mut e);
+        std::fs::write(&p, serde_json::to_vec_pretty(&e).unwrap()).unwrap();
+    };
+    // A hand edit is applied as written: a rank of 7 and a dense choice.
+    edit(&|e| {
+        e.tensors.get_mut(&a).unwrap().rank = Some(7);
+        e.tensors.get_mut(&b).unwrap().rank = None;
+    });
+    let out = dir.path().join("out");
+    cersa_ok(&["convert", s(&src), s(&out), "--plan", s(&p), "-q"]);
+    let man = cersa_loader::read_manifest(&out).unwrap();
+    assert_eq!(man.tensors[&a].rank, Some(7));
+    assert_eq!(
+        man.tensors[&b].reason,
+        Some(cersa_loader::DenseReason::Planned)
+    );
+    assert_eq!(man.config.rules, vec!["plan".to_string()]);
+    assert!(cersa_loader::validate(&out).is_empty());
+    // Ranks outside 1..=min(m, n), a wrong shape or an unknown name are refused by name.
+    let [m, n] = plan.tensors[&a].matrix_shape;
+    let cases: [(&dyn Fn(&mut Plan), &str); 4] = [
+        (&|e| e.tensors.get_mut(&a).unwrap().rank = Some(0), "rank 0"),
+        (
+            &|e| e.tensors.get_mut(&a).unwrap().rank = Some(m.min(n) + 1),
+            "outside",
+        ),
+        (
+            &|e| e.tensors.get_mut(&a).unwrap().matrix_shape = [n + 1, m],
+            "matrix_shape",
+        ),
+        (
+            &|e| {
+                let x = e.tensors[&a].clone();
+                e.tensors.insert("no.such.weight".into(), x);
+            },
+            "no such tensor",
+        ),
+    ];
+    for (i, (f, want)) in cases.into_iter().enumerate() {
+        edit(f);
+        let x = dir.path().join(format!("x{i}"));
+        let err = cersa_fails(&["convert", s(&src), s(&x), "--plan", s(&p)], 2);
+        assert!(err.contains(want), "{want}: {err}");
+        assert!(!x.exists(), "no output for a refused plan");
+    }
+}
