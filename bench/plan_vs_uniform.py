@@ -10,10 +10,9 @@ the stored bytes and Σ over the selected matrices of the squared relative error
 factors as stored (rel_error², 0 for a matrix kept dense) for both.
 
 With --curve, for MiniLM: `cersa plan` at budgets of the other tensors' bytes + 0.2–1.0× the
-matrices' bytes in dense BF16, for BF16, Q8_0 and Q4_0 factors: Σ(1 − E) (the truncation's
-squared error, which the planner minimizes; the quantization adds to it, +0.06 % for Q8_0
-and +15 % for Q4_0 at τ = 0.9, bench/quant_factors.py) — which dtype gives the least error
-per byte.
+matrices' bytes in dense BF16, for BF16, Q8_0 and Q4_0 factors, each converted with
+`--plan`: Σ of the planner's estimate (`est_sq_rel_error`: 1 − E·(1 − 2q)) and Σ rel_err² as
+stored — which dtype gives the least error per byte, and how close the estimate is.
 """
 import json
 import os

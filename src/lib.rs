@@ -17,6 +17,7 @@ pub mod cli;
 pub mod convert;
 pub mod decompose;
 pub mod error;
+pub mod export;
 pub mod input;
 pub mod inspect;
 mod journal;

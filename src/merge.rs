@@ -184,22 +184,8 @@ fn write_merged(job: &MergeJob, tmp: &Path) -> Result<(Manifest, Vec<MergedLayer
         cancel,
     } = *job;
     let mut manifest = ckpt.manifest().clone();
-    // The base's side files (config.json, tokenizer files) travel with it; those its
-    // manifest lists must still be there.
-    manifest.side_files = crate::side_files::copy_side_files(ckpt.dir(), tmp)?;
-    if let Some(lost) = ckpt
-        .manifest()
-        .side_files
-        .iter()
-        .find(|listed| !manifest.side_files.iter().any(|f| f.file == listed.file))
-    {
-        return Err(ConvertError::Source {
-            path: ckpt.dir().join(&lost.file),
-            reason: "the base checkpoint lists this side file in its manifest but it is \
-                     missing (or not a side file cersa copies); restore it"
-                .into(),
-        });
-    }
+    // The base's side files (config.json, tokenizer files) travel with it.
+    manifest.side_files = crate::side_files::carry_side_files(ckpt, tmp)?;
     let mut writer = CheckpointWriter::new(tmp, manifest.config.max_shard_size);
     let mut merged = Vec::new();
     let names: Vec<String> = ckpt.names().map(str::to_string).collect();

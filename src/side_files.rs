@@ -169,6 +169,26 @@ fn copy_one(src: &Path, dest: &Path, name: &str) -> Result<Option<SideFile>> {
     }))
 }
 
+/// Copies a CERSA checkpoint's side files into `to` (`merge`, `export`), checking that
+/// every one its manifest lists is still there.
+pub fn carry_side_files(ckpt: &cersa_loader::Checkpoint, to: &Path) -> Result<Vec<SideFile>> {
+    let copied = copy_side_files(ckpt.dir(), to)?;
+    if let Some(lost) = ckpt
+        .manifest()
+        .side_files
+        .iter()
+        .find(|listed| !copied.iter().any(|f| f.file == listed.file))
+    {
+        return Err(ConvertError::Source {
+            path: ckpt.dir().join(&lost.file),
+            reason: "the checkpoint lists this side file in its manifest but it is missing \
+                     (or not a side file cersa copies); restore it"
+                .into(),
+        });
+    }
+    Ok(copied)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

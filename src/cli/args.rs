@@ -66,6 +66,78 @@ pub enum Command {
     /// Choose every matrix's rank (or dense) so the output fits a byte budget with the most
     /// retained energy, from the singular values; writes a plan for `convert --plan`.
     Plan(PlanArgs),
+    /// Export a CERSA directory (and optionally a trained adapter) to a plain Hugging Face
+    /// safetensors model directory: factored tensors recomposed as U·diag(σ)·Vᵀ.
+    Export(ExportArgs),
+}
+
+/// Target format of `cersa export`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportTarget {
+    /// A Hugging Face model directory (`model.safetensors` or shards with
+    /// `model.safetensors.index.json`, plus the side files).
+    Safetensors,
+}
+
+/// Output dtype of `cersa export`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportDtype {
+    /// Each tensor's source float dtype (BF16 for quantized sources; dense tensors as stored).
+    Source,
+    /// 32-bit float.
+    F32,
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+/// `cersa export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The CERSA directory.
+    pub cersa_dir: PathBuf,
+    /// Output directory (must not exist, or be empty).
+    pub out_dir: PathBuf,
+    /// Target format.
+    #[arg(long = "to", value_enum, default_value_t = ExportTarget::Safetensors)]
+    pub target: ExportTarget,
+    /// Fold this trained adapter (format `cersa-adapter`) into the exported weights.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Dtype of the float tensors written.
+    #[arg(long, value_enum, default_value_t = ExportDtype::Source)]
+    pub dtype: ExportDtype,
+    /// Largest shard (e.g. 5GB, 500MiB, bytes); more shards get an index file.
+    #[arg(long, default_value = "5GB")]
+    pub max_shard_size: String,
+    /// Tensors recomposed at once (default: all cores). The output does not depend on it.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print the result as JSON on stdout (`report_version` 1).
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+impl ExportArgs {
+    /// The library options.
+    pub fn to_options(&self) -> Result<crate::export::ExportOptions> {
+        let dtype = match self.dtype {
+            ExportDtype::Source => None,
+            ExportDtype::F32 => Some(cersa_loader::Dtype::F32),
+            ExportDtype::F16 => Some(cersa_loader::Dtype::F16),
+            ExportDtype::Bf16 => Some(cersa_loader::Dtype::BF16),
+        };
+        Ok(crate::export::ExportOptions {
+            dtype,
+            max_shard_size: parse_size(&self.max_shard_size).context("--max-shard-size")?,
+            threads: threads(self.threads)?,
+            adapter: self.adapter.clone(),
+        })
+    }
 }
 
 /// `cersa merge`.

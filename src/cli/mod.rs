@@ -8,7 +8,9 @@ pub mod plan_view;
 use crate::convert::{convert, ConvertReport};
 use crate::inspect::{inspect_checkpoint, inspect_source};
 use anyhow::{Context, Result};
-use args::{Cli, Command, ConvertArgs, InspectArgs, MergeArgs, PlanArgs, ReportArgs, VerifyArgs};
+use args::{
+    Cli, Command, ConvertArgs, ExportArgs, InspectArgs, MergeArgs, PlanArgs, ReportArgs, VerifyArgs,
+};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::Write;
 use std::sync::atomic::AtomicBool;
@@ -58,6 +60,7 @@ pub fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<Status> {
         Command::Report(a) => run_report(a, &cancel),
         Command::Merge(a) => run_merge(a, &cancel),
         Command::Plan(a) => run_plan(a, &cancel),
+        Command::Export(a) => run_export(a, &cancel),
     }
 }
 
@@ -337,6 +340,35 @@ fn run_merge(a: MergeArgs, cancel: &AtomicBool) -> Result<Status> {
         emit_json(&report)?;
     } else {
         emit(&output::merge_summary(&report))?;
+    }
+    Ok(Status::Ok)
+}
+
+fn run_export(a: ExportArgs, cancel: &AtomicBool) -> Result<Status> {
+    let opts = a.to_options()?;
+    let bar = progress_bar(a.quiet, 0);
+    let report = crate::export::export_safetensors(
+        &a.cersa_dir,
+        &a.out_dir,
+        &opts,
+        &|done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+        cancel,
+    )
+    .with_context(|| {
+        format!(
+            "exporting {} to {}",
+            a.cersa_dir.display(),
+            a.out_dir.display()
+        )
+    })?;
+    bar.finish_and_clear();
+    if a.json {
+        emit_json(&report)?;
+    } else {
+        emit(&output::export_summary(&report))?;
     }
     Ok(Status::Ok)
 }

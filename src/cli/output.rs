@@ -135,3 +135,23 @@ pub fn merge_summary(r: &crate::merge::MergeReport) -> String {
     }
     text
 }
+
+/// `cersa export` summary.
+pub fn export_summary(r: &crate::export::ExportReport) -> String {
+    let mut out = format!(
+        "wrote {}: {} tensors ({} recomposed from factors{}), {} in {} file(s)\n",
+        r.out_dir.display(),
+        r.tensors,
+        r.recomposed,
+        match r.adapted {
+            0 => String::new(),
+            n => format!(", {n} with the adapter folded in"),
+        },
+        human(r.tensor_bytes),
+        r.files.len(),
+    );
+    if !r.side_files.is_empty() {
+        out += &format!("side files: {}\n", r.side_files.join(", "));
+    }
+    out
+}

@@ -4,6 +4,7 @@ mod util;
 
 mod convert;
 mod cuda_route;
+mod export;
 mod gguf;
 mod gguf_split;
 mod lapack;

@@ -158,7 +158,8 @@ fn an_edited_plan_is_applied_and_a_broken_one_refused() {
     assert!(cersa_loader::validate(&out).is_empty());
     // Ranks outside 1..=min(m, n), a wrong shape or an unknown name are refused by name.
     let [m, n] = plan.tensors[&a].matrix_shape;
-    let cases: [(&dyn Fn(&mut Plan), &str); 4] = [
+    type Edit<'a> = &'a dyn Fn(&mut Plan);
+    let cases: [(Edit, &str); 4] = [
         (&|e| e.tensors.get_mut(&a).unwrap().rank = Some(0), "rank 0"),
         (
             &|e| e.tensors.get_mut(&a).unwrap().rank = Some(m.min(n) + 1),

