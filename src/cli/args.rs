@@ -77,6 +77,9 @@ pub enum ExportTarget {
     /// A Hugging Face model directory (`model.safetensors` or shards with
     /// `model.safetensors.index.json`, plus the side files).
     Safetensors,
+    /// A PEFT LoRA adapter directory of `--adapter` (ΔW exactly as lora_B·lora_A) for the
+    /// `--to safetensors` export of the same checkpoint without the adapter.
+    Peft,
 }
 
 /// Output dtype of `cersa export`.
@@ -102,8 +105,9 @@ pub struct ExportArgs {
     /// Target format.
     #[arg(long = "to", value_enum, default_value_t = ExportTarget::Safetensors)]
     pub target: ExportTarget,
-    /// Fold this trained adapter (format `cersa-adapter`) into the exported weights.
-    #[arg(long)]
+    /// The trained adapter (format `cersa-adapter`): folded into the weights with
+    /// `--to safetensors`, exported on its own with `--to peft` (required there).
+    #[arg(long, required_if_eq("target", "peft"))]
     pub adapter: Option<PathBuf>,
     /// Dtype of the float tensors written.
     #[arg(long, value_enum, default_value_t = ExportDtype::Source)]

@@ -346,6 +346,32 @@ fn run_merge(a: MergeArgs, cancel: &AtomicBool) -> Result<Status> {
 
 fn run_export(a: ExportArgs, cancel: &AtomicBool) -> Result<Status> {
     let opts = a.to_options()?;
+    if a.target == args::ExportTarget::Peft {
+        let adapter = a.adapter.as_deref().context("--to peft needs --adapter")?;
+        let report = crate::export::peft::export_peft(&a.cersa_dir, adapter, &a.out_dir)
+            .with_context(|| {
+                format!(
+                    "exporting {} (trained on {}) to PEFT {}",
+                    adapter.display(),
+                    a.cersa_dir.display(),
+                    a.out_dir.display()
+                )
+            })?;
+        if a.json {
+            emit_json(&report)?;
+        } else {
+            let ranks = report.modules.iter().map(|m| m.rank);
+            let (lo, hi) = (ranks.clone().min(), ranks.max());
+            emit(&format!(
+                "wrote {}: PEFT LoRA adapter of {} module(s), LoRA ranks {}–{}\n",
+                report.out_dir.display(),
+                report.modules.len(),
+                lo.unwrap_or(0),
+                hi.unwrap_or(0),
+            ))?;
+        }
+        return Ok(Status::Ok);
+    }
     let bar = progress_bar(a.quiet, 0);
     let report = crate::export::export_safetensors(
         &a.cersa_dir,

@@ -178,6 +178,34 @@ fn bad_exports_fail_by_name_and_leave_nothing() {
     ]);
     let report: ExportReport = serde_json::from_str(&json).unwrap();
     assert_eq!(report.adapted, 1);
+    // --to peft: needs --adapter; with it, one module of LoRA rank r (scale mode).
+    let err = cersa_fails(
+        &["export", s(&other), s(&gone_peft(&dir)), "--to", "peft"],
+        2,
+    );
+    assert!(err.contains("--adapter"), "{err}");
+    let lora = dir.path().join("lora");
+    let json = cersa_ok(&[
+        "export",
+        s(&other),
+        s(&lora),
+        "--to",
+        "peft",
+        "--adapter",
+        s(&path),
+        "--json",
+    ]);
+    let report: cersa::export::peft::PeftReport = serde_json::from_str(&json).unwrap();
+    assert_eq!(report.modules.len(), 1);
+    assert_eq!(report.modules[0].rank, f.rank);
+    assert_eq!(
+        report.modules[0].module,
+        name.strip_suffix(".weight").unwrap()
+    );
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(lora.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(config["rank_pattern"], config["alpha_pattern"]);
     // A truncated shard is named.
     let shard = base.join("cersa-00001-of-00001.safetensors");
     let bytes = std::fs::read(&shard).unwrap();
@@ -194,4 +222,8 @@ fn bad_exports_fail_by_name_and_leave_nothing() {
         })
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+fn gone_peft(dir: &tempfile::TempDir) -> std::path::PathBuf {
+    dir.path().join("peft-never")
 }

@@ -124,3 +124,43 @@ def test_export_with_adapter_equals_the_trained_model(mode, run_cersa, tmp_path)
     assert np.abs(got - frozen).max() <= 1e-5 * np.abs(frozen).max()
     # The adapter moved the outputs well beyond the tolerance above.
     assert np.abs(frozen - trained).max() > 1e-4 * np.abs(trained).max()
+
+
+@pytest.mark.parametrize("mode", ["core", "scale", "factors", "cersa"])
+def test_peft_export_on_the_plain_export_equals_the_trained_model(mode, run_cersa, tmp_path):
+    peft = pytest.importorskip("peft")
+    config = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=48, intermediate_size=112, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+        architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    src = tmp_path / "src"
+    transformers.LlamaForCausalLM(config).save_pretrained(src)
+    base = tmp_path / "base"
+    run_cersa("convert", "-q", "--force-factor", "--energy", "0.8", src, base)
+    model = cersa_torch.load_hf(base, mode=mode, k=3, beta=0.5)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * p.abs().mean().clamp(min=1e-3) * torch.randn(p.shape, generator=g))
+    adapter = tmp_path / "adapter.safetensors"
+    layers = cersa_torch.save_adapter(model, adapter)
+    x = {"input_ids": torch.randint(0, config.vocab_size, (2, 10), generator=g)}
+    trained = output(model.eval(), x)
+    plain, lora = tmp_path / "plain", tmp_path / "lora"
+    run_cersa("export", "-q", base, plain)
+    report = json.loads(run_cersa("export", "--to", "peft", "--adapter", adapter, "--json",
+                                  base, lora).stdout)
+    # The exact low-rank form of each mode's update.
+    want_rank = {"core": lambda l: 3, "scale": lambda l: l["rank"],
+                 "factors": lambda l: 2 * l["rank"], "cersa": lambda l: l["trainable"]}[mode]
+    assert {m["module"] + ".weight": m["rank"] for m in report["modules"]} == {
+        name: want_rank(l) for name, l in layers.items()}
+    base_model = transformers.AutoModelForCausalLM.from_pretrained(plain)
+    peft_model = peft.PeftModel.from_pretrained(base_model, str(lora)).eval()
+    got = output(peft_model, x)
+    assert np.abs(got - trained).max() <= 1e-5 * np.abs(trained).max(), mode
+    # merge_and_unload folds it into plain weights: the same function again.
+    merged = output(peft_model.merge_and_unload().eval(), x)
+    assert np.abs(merged - trained).max() <= 1e-5 * np.abs(trained).max(), mode

@@ -9,6 +9,9 @@
 //! tensors streamed after it. Tensors are recomposed `threads` at a time, each on one core
 //! (the bytes do not depend on the thread count), and written in name order. Output goes to
 //! a hidden sibling directory renamed into place at the end, as `convert` does.
+//! [`peft`] writes the adapter alone as a PEFT LoRA directory.
+
+pub mod peft;
 
 use crate::error::{ConvertError, Result};
 use cersa_loader::adapter::Adapter;

@@ -1,0 +1,245 @@
+//! `cersa export --to peft`: a trained CERSA adapter as a PEFT LoRA adapter directory
+//! (`adapter_config.json`, `adapter_model.safetensors`) for the `--to safetensors` export of
+//! the same checkpoint without the adapter.
+//!
+//! The update ΔW = W' − U·diag(σ)·Vᵀ of each adapted layer is written exactly as
+//! `lora_B · lora_A` (scaling 1: `lora_alpha` = rank per module), in the low-rank form each
+//! mode has, never truncated:
+//!
+//! | mode | lora_B [m, q] | lora_A [q, n] | q |
+//! |---|---|---|---|
+//! | `scale` | U·diag(s' − σ) | Vᵀ | r |
+//! | `core` | U·Bᵀ | Aᵀ·Vᵀ | k |
+//! | `cersa` | U_t·(C − diag σ_t) | V_tᵀ | t |
+//! | `factors` | [left, −U·diag σ] | [right; Vᵀ] | 2r |
+//!
+//! Module names are the tensor names without `.weight`; layers are taken as `nn.Linear`
+//! (weight [out, in] = [m, n]), so models with transposed `Conv1D` weights (GPT-2) are not
+//! supported by this target.
+
+use crate::error::{ConvertError, Result};
+use cersa_loader::adapter::{Adapter, Mode};
+use cersa_loader::safetensors::serialize_header;
+use cersa_loader::{Checkpoint, Dtype, TensorView};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// File names PEFT reads.
+pub const PEFT_CONFIG_FILE: &str = "adapter_config.json";
+/// The LoRA weights.
+pub const PEFT_WEIGHTS_FILE: &str = "adapter_model.safetensors";
+
+/// One exported LoRA module.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeftModule {
+    /// Module name (tensor name without `.weight`).
+    pub module: String,
+    /// CERSA adapter mode it came from.
+    pub mode: String,
+    /// LoRA rank q.
+    pub rank: usize,
+}
+
+/// The result of `cersa export --to peft --json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeftReport {
+    /// [`super::EXPORT_REPORT_VERSION`].
+    pub report_version: u32,
+    /// The output directory.
+    pub out_dir: PathBuf,
+    /// The modules, in name order.
+    pub modules: Vec<PeftModule>,
+}
+
+/// ΔW of layer `name` as (lora_B [m, q], lora_A [q, n], q, mode name), f64 row-major.
+fn low_rank_update(
+    ckpt: &Checkpoint,
+    adapter: &Adapter,
+    name: &str,
+) -> Result<(Vec<f64>, Vec<f64>, usize, &'static str)> {
+    let fail = |reason: String| ConvertError::Tensor {
+        path: ckpt.dir().to_path_buf(),
+        tensor: name.to_string(),
+        reason,
+    };
+    let TensorView::Factored(f) = ckpt.get(name)? else {
+        return Err(fail("not factored in the checkpoint".into()));
+    };
+    let ([m, n], r) = (f.matrix_shape, f.rank);
+    let (u, s, vt) = f
+        .values_f64()
+        .map_err(|what| fail(format!("cannot decode {what}")))?;
+    let get = |suffix: &str, len: usize| -> Result<Vec<f64>> {
+        let key = format!("{name}.{suffix}");
+        match adapter.tensors.get(&key) {
+            Some(v) if v.len() == len => Ok(v.iter().map(|&x| f64::from(x)).collect()),
+            _ => Err(fail(format!("the adapter lacks {key} of {len} values"))),
+        }
+    };
+    let info = &adapter.layers[name];
+    // U·M for an r×q matrix M (row-major).
+    let u_times = |mm: &[f64], q: usize| -> Vec<f64> {
+        let mut out = vec![0f64; m * q];
+        for i in 0..m {
+            for j in 0..r {
+                let c = u[i * r + j];
+                let row = &mm[j * q..(j + 1) * q];
+                out[i * q..(i + 1) * q]
+                    .iter_mut()
+                    .zip(row)
+                    .for_each(|(o, v)| *o += c * v);
+            }
+        }
+        out
+    };
+    Ok(match info.mode {
+        Mode::Frozen => return Err(fail("the adapter layer is frozen".into())),
+        Mode::Scale => {
+            let s2 = get("adapter_s", r)?;
+            let mut d = vec![0f64; r * r];
+            for i in 0..r {
+                d[i * r + i] = s2[i] - s[i];
+            }
+            (u_times(&d, r), vt, r, "scale")
+        }
+        Mode::Core { k } => {
+            let (a, b) = (get("adapter_a", r * k)?, get("adapter_b", k * r)?);
+            // Bᵀ [r, k] and Aᵀ·Vᵀ [k, n].
+            let mut bt = vec![0f64; r * k];
+            for p in 0..k {
+                for j in 0..r {
+                    bt[j * k + p] = b[p * r + j];
+                }
+            }
+            let mut at_vt = vec![0f64; k * n];
+            for j in 0..r {
+                for p in 0..k {
+                    let c = a[j * k + p];
+                    at_vt[p * n..(p + 1) * n]
+                        .iter_mut()
+                        .zip(&vt[j * n..(j + 1) * n])
+                        .for_each(|(o, v)| *o += c * v);
+                }
+            }
+            (u_times(&bt, k), at_vt, k, "core")
+        }
+        Mode::Cersa { trainable: t } => {
+            let c = get("adapter_c", t * t)?;
+            // (C − diag σ_t) in the first t rows of an r×t matrix, so U·M = U_t·(C − diag σ_t).
+            let mut mm = vec![0f64; r * t];
+            for i in 0..t {
+                for j in 0..t {
+                    mm[i * t + j] = c[i * t + j] - if i == j { s[i] } else { 0.0 };
+                }
+            }
+            (u_times(&mm, t), vt[..t * n].to_vec(), t, "cersa")
+        }
+        Mode::Factors => {
+            let (left, right) = (get("adapter_left", m * r)?, get("adapter_right", r * n)?);
+            let mut b = vec![0f64; m * 2 * r];
+            for i in 0..m {
+                for j in 0..r {
+                    b[i * 2 * r + j] = left[i * r + j];
+                    b[i * 2 * r + r + j] = -u[i * r + j] * s[j];
+                }
+            }
+            let mut a = right;
+            a.extend_from_slice(&vt);
+            (b, a, 2 * r, "factors")
+        }
+    })
+}
+
+/// Writes the PEFT LoRA directory of `adapter_path` (trained on the checkpoint at `dir`)
+/// to `out`, which must not exist or be empty.
+pub fn export_peft(dir: &Path, adapter_path: &Path, out: &Path) -> Result<PeftReport> {
+    let ckpt = Checkpoint::open(dir)?;
+    let adapter = Adapter::read(adapter_path)?;
+    adapter.check_base(&ckpt)?;
+    let mut modules = Vec::new();
+    let mut entries = Vec::new();
+    let mut data: Vec<u8> = Vec::new();
+    for (name, info) in &adapter.layers {
+        if info.mode == Mode::Frozen {
+            continue;
+        }
+        let module = name
+            .strip_suffix(".weight")
+            .ok_or_else(|| ConvertError::Tensor {
+                path: adapter_path.to_path_buf(),
+                tensor: name.clone(),
+                reason: "a PEFT module's weight must be named MODULE.weight".into(),
+            })?;
+        let (b, a, q, mode) = low_rank_update(&ckpt, &adapter, name)?;
+        let [m, n] = info.matrix_shape;
+        for (suffix, values, shape) in [("lora_A", a, [q, n]), ("lora_B", b, [m, q])] {
+            let bytes: Vec<u8> = values
+                .iter()
+                .flat_map(|&v| (v as f32).to_le_bytes())
+                .collect();
+            let key = format!("base_model.model.{module}.{suffix}.weight");
+            entries.push((key, Dtype::F32, shape.to_vec(), bytes.len()));
+            data.extend_from_slice(&bytes);
+        }
+        modules.push(PeftModule {
+            module: module.to_string(),
+            mode: mode.into(),
+            rank: q,
+        });
+    }
+    if modules.is_empty() {
+        return Err(ConvertError::Options(format!(
+            "{}: no trainable layer in the adapter: nothing to export",
+            adapter_path.display()
+        )));
+    }
+    let staging = crate::convert::prepare_output(out, false, false)?;
+    let tmp = &staging.partial;
+    let written = (|| -> Result<()> {
+        let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        let mut file = serialize_header(&metadata, &entries);
+        file.extend_from_slice(&data);
+        let path = tmp.join(PEFT_WEIGHTS_FILE);
+        std::fs::write(&path, &file).map_err(|e| ConvertError::io(&path, "write", e))?;
+        let path = tmp.join(PEFT_CONFIG_FILE);
+        let text = serde_json::to_vec_pretty(&peft_config(&modules)).expect("json serializes");
+        std::fs::write(&path, text).map_err(|e| ConvertError::io(&path, "write", e))?;
+        Ok(())
+    })();
+    match written.and_then(|()| crate::convert::commit(&staging, out)) {
+        Ok(()) => Ok(PeftReport {
+            report_version: super::EXPORT_REPORT_VERSION,
+            out_dir: out.to_path_buf(),
+            modules,
+        }),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(tmp);
+            Err(e)
+        }
+    }
+}
+
+/// `adapter_config.json`: LoRA with each module's own rank and `lora_alpha` = rank (scaling
+/// 1), so PEFT adds exactly lora_B·lora_A.
+fn peft_config(modules: &[PeftModule]) -> serde_json::Value {
+    let ranks: BTreeMap<&str, usize> = modules.iter().map(|m| (&*m.module, m.rank)).collect();
+    let r = modules.iter().map(|m| m.rank).max().unwrap_or(1);
+    serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": null,
+        "base_model_name_or_path": null,
+        "inference_mode": true,
+        "r": r,
+        "lora_alpha": r,
+        "rank_pattern": ranks,
+        "alpha_pattern": ranks,
+        "target_modules": ranks.keys().collect::<Vec<_>>(),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "use_rslora": false,
+        "init_lora_weights": true,
+        "modules_to_save": null,
+    })
+}
