@@ -185,3 +185,36 @@ fn an_edited_plan_is_applied_and_a_broken_one_refused() {
         assert!(!x.exists(), "no output for a refused plan");
     }
 }
+
+#[test]
+fn committed_plan_vector_applies_and_regenerates_its_ranks() {
+    let vector = fixture("minilm-excerpt/plan-q8_0-budget-0.3.json");
+    let committed: Plan = serde_json::from_slice(&std::fs::read(&vector).unwrap()).unwrap();
+    assert_eq!(committed.plan_version, cersa::plan::PLAN_VERSION);
+    let dir = tmp();
+    let src = fixture("minilm-excerpt/model.safetensors");
+    let out = dir.path().join("out");
+    cersa_ok(&["convert", s(&src), s(&out), "--plan", s(&vector), "-q"]);
+    let man = cersa_loader::read_manifest(&out).unwrap();
+    assert_eq!(man.totals.stored_bytes, committed.totals.stored_bytes);
+    for (name, e) in &committed.tensors {
+        assert_eq!(man.tensors[name].rank, e.rank, "{name}");
+    }
+    // Today's planner makes the same choices from the same source and options.
+    let fresh = dir.path().join("fresh.json");
+    cersa_ok(&[
+        "plan",
+        s(&src),
+        "--budget",
+        "0.3",
+        "--dtype",
+        "q8_0",
+        "-o",
+        s(&fresh),
+        "-q",
+    ]);
+    let fresh: Plan = serde_json::from_slice(&std::fs::read(&fresh).unwrap()).unwrap();
+    assert_eq!(fresh.source, committed.source);
+    let ranks = |p: &Plan| -> Vec<_> { p.tensors.values().map(|e| e.rank).collect() };
+    assert_eq!(ranks(&fresh), ranks(&committed));
+}
