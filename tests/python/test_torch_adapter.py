@@ -87,3 +87,63 @@ def test_adapter_round_trip_and_merge(family, mode, run_cersa, tmp_path):
         vt = stored[name + ".cersa_vt"].astype(np.float64)
         rel = np.linalg.norm(w - (u * ms) @ vt) / np.linalg.norm(w)
         assert abs(rel - info["rel_error"]) < 1e-4, (name, rel, info["rel_error"])
+
+
+@pytest.fixture(scope="session")
+def candle_apply_bin():
+    """The candle reference (loader/examples/candle_apply.rs): CERSA_CANDLE_APPLY_BIN, else
+    target/release/examples/candle_apply, built here when missing."""
+    import subprocess
+
+    path = os.environ.get("CERSA_CANDLE_APPLY_BIN",
+                          os.path.join(ROOT, "target", "release", "examples", "candle_apply"))
+    if not os.path.exists(path):
+        subprocess.run(["cargo", "build", "--release", "-p", "cersa-loader", "--features",
+                        "candle", "--example", "candle_apply"], cwd=ROOT, check=True)
+    return path
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+@pytest.mark.parametrize("mode", ["core", "scale", "factors", "cersa"])
+def test_candle_and_torch_agree_on_the_same_adapter(family, mode, run_cersa, candle_apply_bin,
+                                                     tmp_path):
+    import subprocess
+
+    config = tiny(family)
+    torch.manual_seed(0)
+    src = tmp_path / "src"
+    getattr(transformers, config.architectures[0])(config).save_pretrained(src)
+    base = tmp_path / "base"
+    run_cersa("convert", "-q", "--force-factor", "--energy", "0.8", src, base)
+    model = cersa_torch.load_hf(base, config=src, mode=mode, k=3, beta=0.5)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # stand-in for training
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * p.abs().mean().clamp(min=1e-3) * torch.randn(p.shape, generator=g))
+    adapter = tmp_path / "adapter.safetensors"
+    layers = cersa_torch.save_adapter(model, adapter)
+    by_name = {m.cersa_name: m for m in model.modules()
+               if isinstance(m, cersa_torch.CersaLinear)}
+    checked = 0
+    for name, info in layers.items():
+        layer = by_name[name]
+        m, n = info["matrix_shape"]
+        x = torch.randn(5, n, generator=g)
+        xp, yp = tmp_path / "x.f32", tmp_path / "y.f32"
+        x.numpy().astype("<f4").tofile(xp)
+        p = subprocess.run([candle_apply_bin, str(base), str(adapter), name, "5", str(xp),
+                            str(yp)], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        y_candle = np.fromfile(yp, dtype="<f4").reshape(5, m)
+        with torch.no_grad():
+            if layer.cersa_transposed:
+                # Conv1D: the checkpoint matrix is [in, out]; candle applies it as x·Wᵀ.
+                want = (x.double() @ layer.adapted_weight().double()).numpy()
+            else:
+                y = layer(x)
+                want = (y if layer.bias is None else y - layer.bias).double().numpy()
+        scale = np.abs(want).max()
+        assert np.abs(y_candle - want).max() <= 1e-5 * scale, (name, mode)
+        checked += 1
+    assert checked == len(layers) > 0
