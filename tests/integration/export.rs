@@ -8,28 +8,12 @@ use cersa_loader::{Checkpoint, Dtype, TensorView};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// Every file of `dir` with its bytes, in name order.
-fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut out: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| {
-            let e = e.unwrap();
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).unwrap(),
-            )
-        })
-        .collect();
-    out.sort();
-    out
-}
-
 /// (name → (dtype, shape)) of the safetensors files of an export, read by the safetensors
 /// crate (an independent parser), and their total data bytes.
 fn exported_sized(dir: &Path) -> (BTreeMap<String, (String, Vec<usize>)>, u64) {
     let mut total = 0;
     let mut out = BTreeMap::new();
-    for (name, bytes) in files(dir) {
+    for (name, bytes) in contents(dir) {
         if !name.ends_with(".safetensors") {
             continue;
         }
@@ -72,7 +56,7 @@ fn export_is_thread_independent_sharded_and_typed() {
         assert!(report.files.len() > 2, "{:?}", report.files);
         assert_eq!(report.files.last().unwrap().file, INDEX_FILE);
     }
-    assert_eq!(files(&one), files(&two), "bytes depend on --threads");
+    assert_eq!(contents(&one), contents(&two), "bytes depend on --threads");
     // The index lists every tensor once, in an existing shard, and the total size.
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(one.join(INDEX_FILE)).unwrap()).unwrap();

@@ -71,22 +71,6 @@ fn spawn(src: &Path, out: &Path, threads: &str, resume: bool) -> Child {
         .expect("spawn cersa")
 }
 
-/// All files of a directory, sorted by name, with their bytes.
-fn contents(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut v: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| {
-            let e = e.unwrap();
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).unwrap(),
-            )
-        })
-        .collect();
-    v.sort();
-    v
-}
-
 /// An OUT_DIR that exists must be a complete, checksummed checkpoint equal to the clean one.
 fn assert_complete_if_present(out: &Path, clean: &[(String, Vec<u8>)], what: &str) {
     if out.exists() {

