@@ -17,6 +17,7 @@
 //! (weight [out, in] = [m, n]), so models with transposed `Conv1D` weights (GPT-2) are not
 //! supported by this target.
 
+use super::product;
 use crate::error::{ConvertError, Result};
 use cersa_loader::adapter::{Adapter, Mode};
 use cersa_loader::safetensors::serialize_header;
@@ -79,49 +80,25 @@ fn low_rank_update(
     };
     let info = &adapter.layers[name];
     // U·M for an r×q matrix M (row-major).
-    let u_times = |mm: &[f64], q: usize| -> Vec<f64> {
-        let mut out = vec![0f64; m * q];
-        for i in 0..m {
-            for j in 0..r {
-                let c = u[i * r + j];
-                let row = &mm[j * q..(j + 1) * q];
-                out[i * q..(i + 1) * q]
-                    .iter_mut()
-                    .zip(row)
-                    .for_each(|(o, v)| *o += c * v);
-            }
-        }
-        out
-    };
+    let u_times = |mm: &[f64], q: usize| product(&u, mm, m, r, q);
     Ok(match info.mode {
         Mode::Frozen => return Err(fail("the adapter layer is frozen".into())),
         Mode::Scale => {
+            // U·diag(s' − σ): U's columns scaled.
             let s2 = get("adapter_s", r)?;
-            let mut d = vec![0f64; r * r];
-            for i in 0..r {
-                d[i * r + i] = s2[i] - s[i];
+            let mut b = u.clone();
+            for row in b.chunks_exact_mut(r) {
+                row.iter_mut()
+                    .zip(s2.iter().zip(&s))
+                    .for_each(|(x, (a, o))| *x *= a - o);
             }
-            (u_times(&d, r), vt, r, "scale")
+            (b, vt, r, "scale")
         }
         Mode::Core { k } => {
             let (a, b) = (get("adapter_a", r * k)?, get("adapter_b", k * r)?);
-            // Bᵀ [r, k] and Aᵀ·Vᵀ [k, n].
-            let mut bt = vec![0f64; r * k];
-            for p in 0..k {
-                for j in 0..r {
-                    bt[j * k + p] = b[p * r + j];
-                }
-            }
-            let mut at_vt = vec![0f64; k * n];
-            for j in 0..r {
-                for p in 0..k {
-                    let c = a[j * k + p];
-                    at_vt[p * n..(p + 1) * n]
-                        .iter_mut()
-                        .zip(&vt[j * n..(j + 1) * n])
-                        .for_each(|(o, v)| *o += c * v);
-                }
-            }
+            // Bᵀ [r, k] and Aᵀ [k, r], so ΔW = (U·Bᵀ)·(Aᵀ·Vᵀ).
+            let (bt, at) = (transpose(&b, k, r), transpose(&a, r, k));
+            let at_vt = product(&at, &vt, k, r, n);
             (u_times(&bt, k), at_vt, k, "core")
         }
         Mode::Cersa { trainable: t } => {
@@ -149,6 +126,17 @@ fn low_rank_update(
             (b, a, 2 * r, "factors")
         }
     })
+}
+
+/// The transpose of a row-major [rows, cols] matrix.
+fn transpose(x: &[f64], rows: usize, cols: usize) -> Vec<f64> {
+    let mut t = vec![0f64; x.len()];
+    for i in 0..rows {
+        for j in 0..cols {
+            t[j * rows + i] = x[i * cols + j];
+        }
+    }
+    t
 }
 
 /// Writes the PEFT LoRA directory of `adapter_path` (trained on the checkpoint at `dir`)
