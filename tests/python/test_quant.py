@@ -25,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, os.path.join(ROOT, "python"))
 import cersa_torch  # noqa: E402
 from cersa_torch._quant import BLOCK_BYTES, dequantize_numpy, dequantize_torch  # noqa: E402
+from helpers import perturb_trainable, stored_tensors  # noqa: E402
 
 VECTORS = os.path.join(ROOT, "formats", "vectors")
 EXCERPT = os.path.join(ROOT, "fixtures", "minilm-excerpt", "model.safetensors")
@@ -268,14 +269,6 @@ def quant_bin(cersa_bin):
     return cersa_bin
 
 
-def stored_tensors(out):
-    manifest = json.load(open(os.path.join(out, "cersa.json")))
-    stored = {}
-    for shard in manifest["shards"]:
-        stored.update(load_file(os.path.join(out, shard["file"])))
-    return manifest, stored
-
-
 @pytest.mark.parametrize("quant", list(QUANTS))
 def test_convert_quantized_is_gguf_of_f32_factors(quant, quant_bin, run_cersa, tmp_path):
     f32, qd = tmp_path / "f32", tmp_path / quant
@@ -374,10 +367,7 @@ def test_adapter_on_quantized_base_round_trips_and_merges(quant_bin, run_cersa, 
     run_cersa("convert", "-q", "--force-factor", "--energy", "0.8", "--dtype", "q8_0", src, base)
     model = cersa_torch.load_hf(base, config=src, mode="core", k=3)
     g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * p.abs().mean().clamp(min=1e-3) * torch.randn(p.shape, generator=g))
+    perturb_trainable(model, g)
     ids = torch.randint(0, config.vocab_size, (2, 10), generator=g)
     with torch.no_grad():
         trained = model(input_ids=ids).last_hidden_state.numpy()

@@ -16,6 +16,7 @@ from safetensors.numpy import load_file  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "python"))
 import cersa_torch  # noqa: E402
+from helpers import perturb_trainable  # noqa: E402
 
 
 def tiny(family):
@@ -35,9 +36,9 @@ def run(model, ids):
             else out.last_hidden_state).numpy()
 
 
-@pytest.mark.parametrize("family", ["gpt2", "bert"])
-@pytest.mark.parametrize("mode", ["core", "scale", "factors", "cersa"])
-def test_adapter_round_trip_and_merge(family, mode, run_cersa, tmp_path):
+def trained_tiny(family, mode, run_cersa, tmp_path, seed):
+    """A tiny `family` model converted (forced factors, τ = 0.8), loaded in `mode` and moved
+    as training would: (config, source dir, cersa dir, model, generator)."""
     config = tiny(family)
     torch.manual_seed(0)
     src = tmp_path / "src"
@@ -45,12 +46,15 @@ def test_adapter_round_trip_and_merge(family, mode, run_cersa, tmp_path):
     base = tmp_path / "base"
     run_cersa("convert", "-q", "--force-factor", "--energy", "0.8", src, base)
     model = cersa_torch.load_hf(base, config=src, mode=mode, k=3, beta=0.5)
-    # Stand-in for training: move every trainable tensor.
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * p.abs().mean().clamp(min=1e-3) * torch.randn(p.shape, generator=g))
+    g = torch.Generator().manual_seed(seed)
+    perturb_trainable(model, g)
+    return config, src, base, model, g
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+@pytest.mark.parametrize("mode", ["core", "scale", "factors", "cersa"])
+def test_adapter_round_trip_and_merge(family, mode, run_cersa, tmp_path):
+    config, src, base, model, g = trained_tiny(family, mode, run_cersa, tmp_path, seed=2)
     ids = torch.randint(0, config.vocab_size, (2, 10), generator=g)
     trained = run(model, ids)
     adapter = tmp_path / "adapter.safetensors"
@@ -109,18 +113,7 @@ def test_candle_and_torch_agree_on_the_same_adapter(family, mode, run_cersa, can
                                                      tmp_path):
     import subprocess
 
-    config = tiny(family)
-    torch.manual_seed(0)
-    src = tmp_path / "src"
-    getattr(transformers, config.architectures[0])(config).save_pretrained(src)
-    base = tmp_path / "base"
-    run_cersa("convert", "-q", "--force-factor", "--energy", "0.8", src, base)
-    model = cersa_torch.load_hf(base, config=src, mode=mode, k=3, beta=0.5)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():  # stand-in for training
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * p.abs().mean().clamp(min=1e-3) * torch.randn(p.shape, generator=g))
+    config, src, base, model, g = trained_tiny(family, mode, run_cersa, tmp_path, seed=5)
     adapter = tmp_path / "adapter.safetensors"
     layers = cersa_torch.save_adapter(model, adapter)
     by_name = {m.cersa_name: m for m in model.modules()

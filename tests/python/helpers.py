@@ -1,0 +1,26 @@
+"""Helpers shared by the Python tests (plain functions; fixtures are in conftest.py)."""
+import json
+import os
+
+
+def stored_tensors(cersa_dir):
+    """(manifest, every stored tensor of the shards as `safetensors.numpy` reads them)."""
+    from safetensors.numpy import load_file
+
+    manifest = json.load(open(os.path.join(cersa_dir, "cersa.json")))
+    stored = {}
+    for shard in manifest["shards"]:
+        stored.update(load_file(os.path.join(cersa_dir, shard["file"])))
+    return manifest, stored
+
+
+def perturb_trainable(model, generator):
+    """A stand-in for training: moves every trainable tensor of `model` by 5 % of its mean
+    magnitude (at least 5e-5) in a random direction drawn from `generator`."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                scale = 0.05 * p.abs().mean().clamp(min=1e-3)
+                p.add_(scale * torch.randn(p.shape, generator=generator))
