@@ -334,17 +334,8 @@ fn write_error_keeps_partial_output_for_resume() {
     let clean_dir = dir.path().join("clean");
     cersa_ok(&["convert", s(&src), s(&clean_dir), "-q"]);
     let out = dir.path().join("out");
-    // SIGXFSZ ignored (inherited through exec) so the write fails with EFBIG instead;
-    // `ulimit -f` counts 512-byte blocks: files stop at 16 KiB.
-    let script = format!(
-        "trap '' XFSZ; ulimit -f 32; exec '{}' convert '{}' '{}' -q",
-        bin(),
-        s(&src),
-        s(&out)
-    );
-    let output = Command::new("sh").args(["-c", &script]).output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    let (code, stderr) = convert_with_16k_file_cap(&src, &out, "");
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(stderr.contains("File too large"), "{stderr}");
     assert!(stderr.contains("partial output kept in"), "{stderr}");

@@ -229,15 +229,8 @@ fn resume_gives_the_side_files_of_a_clean_run() {
     cersa_ok(&args);
     assert!(std::fs::metadata(clean.join("cersa.json")).unwrap().len() > 16 << 10);
     let out = dir.path().join("out");
-    let script = format!(
-        "trap '' XFSZ; ulimit -f 32; exec '{}' convert '{}' '{}' -q --max-shard-size 4KB",
-        bin(),
-        s(&src),
-        s(&out)
-    );
-    let output = Command::new("sh").args(["-c", &script]).output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    let (code, stderr) = convert_with_16k_file_cap(&src, &out, "--max-shard-size 4KB");
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("partial output kept in"), "{stderr}");
     let mut args = vec!["convert", s(&src), s(&out), "-q", "--resume"];
     args.extend(shard);

@@ -177,3 +177,18 @@ pub fn contents(dir: &Path) -> Vec<(String, Vec<u8>)> {
     v.sort();
     v
 }
+
+/// Runs `cersa convert SRC OUT -q EXTRA…` with files capped at 16 KiB (`ulimit -f 32`
+/// counts 512-byte blocks) and SIGXFSZ ignored (inherited through exec), so a write past the
+/// cap fails with EFBIG; returns the exit code and stderr.
+pub fn convert_with_16k_file_cap(src: &Path, out: &Path, extra: &str) -> (Option<i32>, String) {
+    let script = format!(
+        "trap '' XFSZ; ulimit -f 32; exec '{}' convert '{}' '{}' -q {extra}",
+        bin(),
+        s(src),
+        s(out)
+    );
+    let output = Command::new("sh").args(["-c", &script]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output.status.code(), stderr)
+}
