@@ -252,6 +252,7 @@ mod tests {
                             quant: None,
                             reason: Some(cersa_loader::DenseReason::NotAMatrix),
                             rule: None,
+                            whitening: None,
                         },
                     )
                 })

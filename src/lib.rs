@@ -13,6 +13,7 @@
 #![deny(unsafe_code)]
 
 mod budget;
+pub mod calibration;
 pub mod cli;
 pub mod convert;
 pub mod decompose;

@@ -10,8 +10,9 @@ pub const FORMAT_NAME: &str = "cersa";
 /// The format version this crate reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
 /// The highest format revision (`format_minor`) this crate reads: 1 adds quantized
-/// factors.
-pub const FORMAT_MINOR: u32 = 1;
+/// factors, 2 whitened (output-metric) factors whose `cersa_vt` or `cersa_u` is not
+/// orthonormal.
+pub const FORMAT_MINOR: u32 = 2;
 /// File name of the manifest inside a CERSA directory.
 pub const MANIFEST_FILE: &str = "cersa.json";
 /// Suffix of the left factor `U_r` ([m, r]).
@@ -28,8 +29,9 @@ pub struct Manifest {
     pub format: String,
     /// Always 1 for this version.
     pub format_version: u32,
-    /// Format revision within version 1: 0 (absent) or 1 (the checkpoint has quantized
-    /// factors). Readers refuse revisions above [`FORMAT_MINOR`].
+    /// Format revision within version 1: 0 (absent), 1 (the checkpoint has quantized
+    /// factors or planned dense tensors) or 2 (whitened factors). Readers refuse revisions
+    /// above [`FORMAT_MINOR`].
     #[serde(default, skip_serializing_if = "is_zero")]
     pub format_minor: u32,
     /// The program that wrote the checkpoint.
@@ -86,6 +88,38 @@ pub struct ConvertConfig {
     /// `--rank GLOB=N`); absent when none were given.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<String>,
+    /// The calibration statistics of a whitened conversion (`--calibration`; format
+    /// revision 1.2); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<CalibrationConfig>,
+}
+
+/// The calibration statistics a whitened conversion used (docs/calibration.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CalibrationConfig {
+    /// Lowercase hex sha256 of the whole calibration file.
+    pub sha256: String,
+    /// Relative damping δ: G + δ·trace(G)/dim(G)·I was factored.
+    pub damping: f64,
+    /// Weights the file has statistics for.
+    pub weights: usize,
+    /// The file's `model` document (identity of the model it was collected on).
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub model: serde_json::Value,
+    /// The file's `text` document (sequences, tokens, hash of the token ids).
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub text: serde_json::Value,
+}
+
+/// How a whitened factored entry was truncated (format revision 1.2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Whitening {
+    /// The weight's axis that meets the layer input: 1 for `[out, in]` (W·L was factored;
+    /// `cersa_vt` is not orthonormal), 0 for `[in, out]` (Lᵀ·W; `cersa_u` is not).
+    pub input_axis: u8,
+    /// ‖(W − Ŵ)·X‖_F / ‖W·X‖_F on the calibration inputs (undamped G), Ŵ from the factors
+    /// as stored.
+    pub output_rel_error: f64,
 }
 
 /// The converted source.
@@ -198,6 +232,10 @@ pub struct TensorInfo {
     /// absent: `config.energy` and the clamps).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
+    /// Present when the factors were truncated in the calibration's output metric; then
+    /// `energy` is the retained share of the (damped) output energy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub whitening: Option<Whitening>,
 }
 
 /// Sums over all tensors.
@@ -222,9 +260,12 @@ fn is_zero(v: &u32) -> bool {
 }
 
 impl Manifest {
-    /// The `format_minor` a manifest with these tensors needs: 1 when any is quantized or
-    /// kept dense by a plan.
+    /// The `format_minor` a manifest with these tensors needs: 2 when any is whitened, 1
+    /// when any is quantized or kept dense by a plan.
     pub fn required_minor(tensors: &BTreeMap<String, TensorInfo>) -> u32 {
+        if tensors.values().any(|t| t.whitening.is_some()) {
+            return 2;
+        }
         u32::from(
             tensors
                 .values()

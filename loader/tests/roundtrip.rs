@@ -31,6 +31,7 @@ fn manifest(tensors: BTreeMap<String, TensorInfo>) -> Manifest {
             exclude: vec![],
             max_shard_size: 0,
             rules: vec![],
+            calibration: None,
         },
         source: SourceInfo {
             format: "safetensors".into(),
@@ -58,6 +59,7 @@ fn dense_info(shape: Vec<usize>, dtype: Dtype) -> TensorInfo {
         quant: None,
         reason: Some(DenseReason::Excluded),
         rule: None,
+        whitening: None,
     }
 }
 

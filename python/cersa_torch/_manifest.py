@@ -19,8 +19,9 @@ DTYPE_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16"
               "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2,
               "U32": 4, "U64": 8}
 FACTOR_DTYPES = ("F64", "F32", "F16", "BF16")
-# The highest format revision (`format_minor`) this reader knows: 1 adds quantized factors.
-FORMAT_MINOR = 1
+# The highest format revision (`format_minor`) this reader knows: 1 adds quantized factors,
+# 2 whitened factors (one side not orthonormal; read and recomposed exactly as before).
+FORMAT_MINOR = 2
 
 
 class CersaFormatError(ValueError):

@@ -1,5 +1,6 @@
 //! Raw command-line flags (clap) and their validation into config structs, before any work.
 
+use crate::calibration::Calibration;
 use crate::convert::ConvertOptions;
 use crate::decompose::{RankRule, Route};
 use crate::inspect::InspectOptions;
@@ -52,7 +53,7 @@ impl Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Convert a checkpoint (safetensors file, index, directory, GGUF file or split GGUF part, or PyTorch .pt/.pth/.bin or its .bin.index.json) into a CERSA directory.
-    Convert(ConvertArgs),
+    Convert(Box<ConvertArgs>),
     /// Show ranks and energies of a source checkpoint or of a CERSA directory.
     Inspect(InspectArgs),
     /// Check a CERSA directory: shard sha256, tensors vs manifest, finite factors, and
@@ -270,6 +271,14 @@ pub struct ConvertArgs {
     /// With --budget: keep every matrix at retained energy ≥ TAU when the budget allows.
     #[arg(long, value_name = "TAU", requires = "budget")]
     pub energy_floor: Option<f64>,
+    /// Truncate in the layers' output metric, with the input statistics of
+    /// `cersa_torch.calibrate` (docs/calibration.md): the energy rule then keeps that share
+    /// of each layer's output energy on the calibration text.
+    #[arg(long, value_name = "CALIB_SAFETENSORS")]
+    pub calibration: Option<PathBuf>,
+    /// With --calibration: relative damping δ (λ = δ·trace(G)/d is added to G's diagonal).
+    #[arg(long, value_name = "DELTA", requires = "calibration", default_value_t = crate::calibration::DEFAULT_DAMPING)]
+    pub calibration_damping: f64,
     #[command(flatten)]
     pub select: SelectArgs,
     /// Dtype of the stored factors (and of quantized GGUF tensors kept dense).
@@ -491,6 +500,19 @@ impl ConvertArgs {
                 bail!("--max-rank {max} is below --min-rank {}", self.min_rank);
             }
         }
+        if !(self.calibration_damping.is_finite() && self.calibration_damping >= 0.0) {
+            bail!(
+                "--calibration-damping {} must be a finite number ≥ 0",
+                self.calibration_damping
+            );
+        }
+        let calibration = self
+            .calibration
+            .as_deref()
+            .map(|p| Calibration::open(p, self.calibration_damping))
+            .transpose()
+            .context("--calibration")?
+            .map(std::sync::Arc::new);
         Ok(ConvertOptions {
             rule: RankRule {
                 energy,
@@ -500,6 +522,7 @@ impl ConvertArgs {
             },
             rules,
             plan: None,
+            calibration,
             dtype: self.dtype,
             include: self.select.include.clone(),
             exclude: self.select.exclude.clone(),

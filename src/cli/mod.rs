@@ -54,7 +54,7 @@ fn emit_json(report: &impl serde::Serialize) -> Result<()> {
 /// Runs the parsed command line.
 pub fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<Status> {
     match cli.command {
-        Command::Convert(a) => run_convert(a, &cancel),
+        Command::Convert(a) => run_convert(*a, &cancel),
         Command::Inspect(a) => run_inspect(a, &cancel),
         Command::Verify(a) => run_verify(a, &cancel),
         Command::Report(a) => run_report(a, &cancel),

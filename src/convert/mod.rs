@@ -18,6 +18,7 @@ mod write;
 
 pub(crate) use out_dir::{commit, prepare_output};
 
+use crate::calibration::Calibration;
 use crate::decompose::{RankRule, Route};
 use crate::error::{ConvertError, Result};
 use crate::input::Source;
@@ -42,6 +43,9 @@ pub struct ConvertOptions {
     /// A budget plan (`--plan`, `--budget`): every selected matrix's rank, or `None` for
     /// dense; it replaces the rank rules and the saving test.
     pub plan: Option<BTreeMap<String, Option<usize>>>,
+    /// Calibration statistics (`--calibration`): weights they cover are truncated in the
+    /// output metric ([`crate::decompose::whiten`]); the damping δ is in their config.
+    pub calibration: Option<std::sync::Arc<Calibration>>,
     /// Factor dtype.
     pub dtype: FactorDtype,
     /// `--include` globs.
@@ -72,6 +76,7 @@ impl Default for ConvertOptions {
             rule: RankRule::default(),
             rules: Vec::new(),
             plan: None,
+            calibration: None,
             dtype: FactorDtype::Source,
             include: Vec::new(),
             exclude: Vec::new(),
@@ -133,6 +138,9 @@ pub fn convert(
     let decomposer = opts.algorithm.decomposer()?;
     let selection = Selection::new(&opts.include, &opts.exclude, src.default_excludes())?;
     check_names(src)?;
+    if let Some(cal) = &opts.calibration {
+        check_calibration(src, cal)?;
+    }
     let fingerprint = run_fingerprint(src, opts, decomposer.name())?;
     let staging = prepare_output(out, opts.resume, opts.overwrite)?;
     let tmp = staging.partial.clone();
@@ -185,6 +193,45 @@ pub fn convert(
         }
         ok => ok,
     }
+}
+
+/// A calibration file must be of this model: statistics for at least one of its tensors,
+/// and the same `config.json` when both know one.
+fn check_calibration(src: &dyn Source, cal: &Calibration) -> Result<()> {
+    let path = cal.path().to_path_buf();
+    let covered = src.tensors().iter().filter(|t| cal.has(&t.name)).count();
+    if covered == 0 {
+        let example = cal.weight_names().next().unwrap_or("(none)").to_string();
+        return Err(ConvertError::Source {
+            path,
+            reason: format!(
+                "its statistics name none of the source's tensors (e.g. `{example}`): it was \
+                 collected on another model, or on a model whose tensor names differ"
+            ),
+        });
+    }
+    let recorded = cal
+        .config
+        .model
+        .get("config_sha256")
+        .and_then(|v| v.as_str());
+    let config = crate::side_files::source_dir(src).map(|d| d.join("config.json"));
+    if let (Some(recorded), Some(config)) = (recorded, config.filter(|c| c.is_file())) {
+        use sha2::{Digest, Sha256};
+        let bytes = std::fs::read(&config).map_err(|e| ConvertError::io(&config, "read", e))?;
+        let ours = cersa_loader::writer::hex(&Sha256::digest(&bytes));
+        if ours != recorded {
+            return Err(ConvertError::Source {
+                path,
+                reason: format!(
+                    "it was collected on a model whose config.json has sha256 {recorded}, \
+                     but {} has {ours}: statistics of another model?",
+                    config.display()
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Source names ending in a factor suffix would collide with the stored factors.
@@ -265,6 +312,10 @@ fn run_fingerprint(
     if !opts.rules.is_empty() {
         // Only when given, so partial directories of runs without rules still resume.
         fingerprint["rules"] = opts.rules.iter().map(ModuleRule::text).collect();
+    }
+    if let Some(c) = &opts.calibration {
+        fingerprint["calibration"] =
+            serde_json::json!({"sha256": c.config.sha256, "damping": c.config.damping});
     }
     Ok(fingerprint)
 }

@@ -5,12 +5,14 @@
 use super::ConvertOptions;
 use crate::decompose::rank::{energy_at, saves};
 use crate::decompose::svd::{stored_residual_norm2, StoredFactors};
+use crate::decompose::whiten::Whitener;
 use crate::decompose::{Decomposer, Factorization};
 use crate::error::{ConvertError, Result};
 use crate::input::{FloatData, Source};
 use crate::matrix::{read_matrix, Matrix};
 use crate::rank_rules::{rule_for, ModuleRule, PLAN_RULE};
 use cersa_loader::dtype::{decode_f64, encode_f32, encode_f64};
+use cersa_loader::manifest::Whitening;
 use cersa_loader::{DenseReason, Dtype, FactorEncoding};
 
 /// What the writer stores for one tensor.
@@ -27,6 +29,8 @@ pub(super) enum Outcome {
         enc: FactorEncoding,
         /// The per-module rule that chose the rank (`None`: the global rule).
         rule: Option<String>,
+        /// How the factors were whitened (`None`: plain truncation).
+        whitening: Option<Whitening>,
         u: Vec<u8>,
         s: Vec<u8>,
         vt: Vec<u8>,
@@ -78,8 +82,13 @@ pub(super) fn process(
             (rule, by.map(ModuleRule::text))
         }
     };
+    // With calibration statistics the matrix factored is the whitened A (f64), not W.
+    let whitening = whitener(src, i, opts, m, n)?;
+    let whitened = whitening
+        .as_ref()
+        .map(|w| FloatData::F64(w.whiten(&data, m, n)));
     let f = decomposer
-        .factorize_named(&meta.name, &data, m, n, &rule)
+        .factorize_named(&meta.name, whitened.as_ref().unwrap_or(&data), m, n, &rule)
         .map_err(|source| ConvertError::Decompose {
             tensor: meta.name.clone(),
             source,
@@ -90,6 +99,10 @@ pub(super) fn process(
     if planned.is_none() && !opts.force_factor && !saves(r, m, n) {
         return Ok(Outcome::Dense(DenseReason::NoSaving));
     }
+    let f = match &whitening {
+        Some(w) => w.unwhiten(f, m, n),
+        None => f,
+    };
     let enc = opts.dtype.resolve(meta.dense_dtype);
     // Each factor is freed as soon as it is encoded (f32 → any factor dtype rounds once,
     // exactly as from the f64 widening; quantization takes the values rounded to f32).
@@ -136,6 +149,28 @@ pub(super) fn process(
         },
     };
     let res = stored_residual_norm2(&data, m, n, &stored);
+    let whitening = match (&whitening, &whitened) {
+        (Some(w), Some(FloatData::F64(a))) => {
+            let (u64s, vt64s) = match &dequantized {
+                Some((du, dvt)) => (decode_f64(Dtype::F32, du), decode_f64(Dtype::F32, dvt)),
+                None => (
+                    decode_f64(enc.stored_dtype(), &u),
+                    decode_f64(enc.stored_dtype(), &vt),
+                ),
+            };
+            let (u64s, vt64s) = (
+                u64s.expect("factor dtypes are float"),
+                vt64s.expect("factor dtypes are float"),
+            );
+            let out = w.output_rel_error(a, m, n, &u64s, &s_stored, &vt64s, res, norm2);
+            Some(Whitening {
+                input_axis: w.axis().number(),
+                output_rel_error: out,
+            })
+        }
+        _ => None,
+    };
+    drop(whitened);
     drop(dequantized);
     crate::trace::rss("convert: residual");
     drop(data);
@@ -147,8 +182,45 @@ pub(super) fn process(
         rel_error: (res / norm2).sqrt(),
         enc,
         rule: chosen_by,
+        whitening,
         u,
         s,
         vt,
     })
+}
+
+/// The whitening of tensor `i` when `opts.calibration` has statistics for it, checked
+/// against the matrix's shape.
+fn whitener(
+    src: &dyn Source,
+    i: usize,
+    opts: &ConvertOptions,
+    m: usize,
+    n: usize,
+) -> Result<Option<Whitener>> {
+    let meta = &src.tensors()[i];
+    let Some(cal) = &opts.calibration else {
+        return Ok(None);
+    };
+    let Some(stats) = cal.stats(&meta.name)? else {
+        return Ok(None);
+    };
+    let err = |reason: String| ConvertError::Tensor {
+        path: src.file_path(meta.file).to_path_buf(),
+        tensor: meta.name.clone(),
+        reason,
+    };
+    let want = Whitener::dim_for(stats.axis, m, n);
+    if stats.dim != want || meta.shape.len() != 2 {
+        return Err(err(format!(
+            "the calibration statistics are {d}×{d} on input axis {axis}, but the weight \
+             is {shape:?} (needs {want}×{want}): a calibration file of another model?",
+            d = stats.dim,
+            axis = stats.axis.number(),
+            shape = meta.shape,
+        )));
+    }
+    Whitener::new(&stats, cal.config.damping)
+        .map(Some)
+        .map_err(err)
 }

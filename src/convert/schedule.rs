@@ -12,7 +12,7 @@ use super::{write, ConvertOptions, Progress};
 use crate::budget::{default_budget, Admission};
 use crate::decompose::Decomposer;
 use crate::error::{ConvertError, Result};
-use crate::input::Source;
+use crate::input::{Precision, Source};
 use crate::journal::{Journal, Recovered};
 use crate::select::Selection;
 use cersa_loader::Manifest;
@@ -97,7 +97,17 @@ fn estimates(job: &Job, plan: &[Result<(), cersa_loader::DenseReason>]) -> Vec<u
                 let n = t.shape[1..]
                     .iter()
                     .fold(1usize, |a, &d| a.saturating_mul(d));
-                job.decomposer.footprint(m, n, precision)
+                match &job.opts.calibration {
+                    // Whitened: A = W·L in f64 is factored, beside W, G and L (d×d each).
+                    Some(cal) if cal.has(&t.name) => {
+                        let d = m.max(n) as u64;
+                        job.decomposer
+                            .footprint(m, n, Precision::F64)
+                            .saturating_add((m as u64).saturating_mul(n as u64).saturating_mul(8))
+                            .saturating_add(d.saturating_mul(d).saturating_mul(16))
+                    }
+                    _ => job.decomposer.footprint(m, n, precision),
+                }
             }
             _ => 0,
         })

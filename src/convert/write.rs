@@ -141,6 +141,7 @@ pub(super) fn write_all(
                     quant: None,
                     reason: Some(reason),
                     rule: None,
+                    whitening: None,
                 }
             }
             Outcome::Factored {
@@ -151,6 +152,7 @@ pub(super) fn write_all(
                 rel_error,
                 enc,
                 rule,
+                whitening,
                 u,
                 s,
                 vt,
@@ -179,6 +181,7 @@ pub(super) fn write_all(
                     quant: enc.quant(),
                     reason: None,
                     rule,
+                    whitening,
                 }
             }
         };
@@ -231,6 +234,7 @@ fn manifest(job: &Job, tensors: BTreeMap<String, TensorInfo>, totals: Totals) ->
                 Some(_) => vec![PLAN_RULE.to_string()],
                 None => opts.rules.iter().map(ModuleRule::text).collect(),
             },
+            calibration: opts.calibration.as_ref().map(|c| c.config.clone()),
         },
         source: SourceInfo {
             format: src.format().into(),

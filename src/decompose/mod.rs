@@ -18,6 +18,7 @@ pub mod rng;
 pub mod svd;
 #[cfg(test)]
 mod tests;
+pub mod whiten;
 
 use crate::input::{FloatData, Precision};
 pub use crate::linalg::Elem;

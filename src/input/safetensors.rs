@@ -116,6 +116,11 @@ impl SafetensorsSource {
         })
     }
 
+    /// The `__metadata__` map of the first file (empty when absent).
+    pub fn metadata(&self) -> &std::collections::BTreeMap<String, String> {
+        &self.files[0].header.metadata
+    }
+
     /// Multiplies FP8 values of tensor `i` by its 128×128 block scales.
     fn apply_block_scales(&self, i: usize, k: usize, values: &mut [f32]) -> Result<()> {
         let meta = &self.catalog.tensors[i];

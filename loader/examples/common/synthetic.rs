@@ -115,6 +115,7 @@ pub fn write_mlp(dir: &Path, layers: &[LayerSpec<'_>], seed: u64) -> cersa_loade
             quant: None,
             reason: Some(DenseReason::NotAMatrix),
             rule: None,
+            whitening: None,
         };
         tensors.insert(bias_name, base.clone());
         tensors.insert(
@@ -157,6 +158,7 @@ pub fn write_mlp(dir: &Path, layers: &[LayerSpec<'_>], seed: u64) -> cersa_loade
             exclude: vec![],
             max_shard_size: 1 << 30,
             rules: vec![],
+            calibration: None,
         },
         source: SourceInfo {
             format: "synthetic".into(),
