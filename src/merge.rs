@@ -209,6 +209,18 @@ fn write_merged(job: &MergeJob, tmp: &Path) -> Result<(Manifest, Vec<MergedLayer
             }
             (TensorView::Factored(f), true) => {
                 let [m, n] = f.matrix_shape;
+                if ckpt.manifest().tensors[name].whitening.is_some() {
+                    // Re-truncating W' needs the calibration statistics (the output metric);
+                    // a plain re-truncation would silently change what the rank means.
+                    return Err(ConvertError::Tensor {
+                        path: ckpt.dir().join(cersa_loader::MANIFEST_FILE),
+                        tensor: name.to_string(),
+                        reason: "its factors are whitened (convert --calibration): merge cannot \
+                                 re-truncate them yet; export the adapted model with `cersa \
+                                 export --adapter` and convert that again with --calibration"
+                            .into(),
+                    });
+                }
                 let (left, right, q) = adapter.adapted_product(ckpt, name)?;
                 // W' = left · right, f64, row-major [m, n].
                 let mut w = vec![0f64; m * n];

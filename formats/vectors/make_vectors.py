@@ -624,7 +624,12 @@ def invalid_cases():
 
     @case("format-minor-too-new", "unsupported-version", MANIFEST, make=quant_base)
     def _(m, sb):
+        m["format_minor"] = 3
+
+    @case("whitening-bad-axis", "whitening-invalid", MANIFEST, W)
+    def _(m, sb):
         m["format_minor"] = 2
+        m["tensors"][W]["whitening"] = {"input_axis": 2, "output_rel_error": 0.25}
 
     for name, fn, expected, rehash_after, make in cases:
         c = make()

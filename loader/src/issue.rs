@@ -85,6 +85,9 @@ pub enum IssueKind {
     /// A quantized factored entry (`quant` set) whose `stored_dtype` is not U8, or whose
     /// quantized factor rows would not fit in memory.
     QuantStoredDtype,
+    /// A whitened entry's `whitening` is malformed: `input_axis` not 0 or 1, or
+    /// `output_rel_error` negative or not finite (format revision 1.2).
+    WhiteningInvalid,
     // ---- manifest ↔ shards
     /// An entry names a shard that is not in `shards`.
     ShardNotListed,
@@ -165,6 +168,7 @@ impl IssueKind {
             | RankOutOfRange
             | FactorDtypeNotFloat
             | QuantStoredDtype
+            | WhiteningInvalid
             | ShardNotListed
             | ClaimedTwice => "was the manifest edited by hand?",
             TensorMissing | WrongShard | StoredInTwoShards | DtypeMismatch | ShapeMismatch

@@ -278,6 +278,18 @@ pub(crate) fn factored_dims(
             .expected_found("F16, BF16, F32 or F64", info.stored_dtype),
         );
     }
+    if let Some(w) = &info.whitening {
+        if w.input_axis > 1 || !(w.output_rel_error.is_finite() && w.output_rel_error >= 0.0) {
+            issues.push(rule(
+                IssueKind::WhiteningInvalid,
+                format!(
+                    "whitening: input_axis {} must be 0 or 1 and output_rel_error {} finite \
+                     and ≥ 0",
+                    w.input_axis, w.output_rel_error
+                ),
+            ));
+        }
+    }
     if issues.is_empty() {
         Ok((m, n, r))
     } else {

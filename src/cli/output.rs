@@ -68,6 +68,35 @@ pub fn convert_summary(r: &ConvertReport) -> String {
         human(t.stored_bytes),
         r.byte_ratio,
         rank_choice(&r.manifest.config),
+    ) + &whitening_summary(&r.manifest)
+}
+
+/// For a whitened conversion: how many tensors used the statistics, and their mean errors
+/// in both metrics (the output one is what the rank rule kept).
+fn whitening_summary(m: &cersa_loader::Manifest) -> String {
+    let Some(cal) = &m.config.calibration else {
+        return String::new();
+    };
+    let white: Vec<_> = m
+        .tensors
+        .values()
+        .filter_map(|t| Some((t.whitening.as_ref()?, t.rel_error?)))
+        .collect();
+    if white.is_empty() {
+        return format!(
+            "calibration {}…: no factored tensor used it\n",
+            &cal.sha256[..12]
+        );
+    }
+    let k = white.len() as f64;
+    let out = white.iter().map(|(w, _)| w.output_rel_error).sum::<f64>() / k;
+    let weight = white.iter().map(|(_, e)| e).sum::<f64>() / k;
+    format!(
+        "whitened: {} tensors (calibration {}…, damping δ = {}); mean rel. error: outputs \
+         {out:.4}, weights {weight:.4}\n",
+        white.len(),
+        &cal.sha256[..12],
+        cal.damping
     )
 }
 
