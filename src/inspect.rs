@@ -351,6 +351,11 @@ pub struct StoredTensor {
     /// factor dtype, or quantization): (rel_error² − truncation_error²) / rel_error²,
     /// at least 0 (factored; 0 when rel_error is 0).
     pub rounding_share: Option<f64>,
+    /// Whitened entries (`convert --calibration`): ‖(W − Ŵ)·X‖_F / ‖W·X‖_F on the
+    /// calibration inputs. Then `energy`, `truncation_error` and `rounding_share` are of
+    /// the output metric, `rel_error` still of the weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_rel_error: Option<f64>,
     /// Why dense (dense).
     pub reason: Option<DenseReason>,
     /// Elements in the source tensor.
@@ -394,7 +399,10 @@ pub fn inspect_checkpoint(ckpt: &Checkpoint) -> CheckpointReport {
             let stored = Stored::of(t);
             let (module_kind, layer) = kind_and_layer(name);
             let truncation_error = t.energy.map(|e| (1.0 - e).max(0.0).sqrt());
-            let rounding_share = t.rel_error.zip(truncation_error).map(|(rel, trunc)| {
+            let output_rel_error = t.whitening.as_ref().map(|w| w.output_rel_error);
+            // The storing's share of the error in the metric the truncation was made in.
+            let measured = output_rel_error.or(t.rel_error);
+            let rounding_share = measured.zip(truncation_error).map(|(rel, trunc)| {
                 if rel > 0.0 {
                     ((rel * rel - trunc * trunc) / (rel * rel)).max(0.0)
                 } else {
@@ -418,6 +426,7 @@ pub fn inspect_checkpoint(ckpt: &Checkpoint) -> CheckpointReport {
                 rel_error: t.rel_error,
                 truncation_error,
                 rounding_share,
+                output_rel_error,
                 reason: t.reason,
                 params,
                 stored_params: stored.params,

@@ -191,7 +191,10 @@ pub fn checkpoint_view(r: &CheckpointReport, by: GroupBy) -> String {
                         t.rel_error.map(|e| format!("{e:.4}")).unwrap_or_default(),
                         share(t.rounding_share),
                         bytes(t.stored_bytes),
-                        reason_text(t.reason),
+                        match t.output_rel_error {
+                            Some(e) => format!("whitened, output error {e:.4}"),
+                            None => reason_text(t.reason),
+                        },
                     ]
                 })
                 .collect();
