@@ -243,3 +243,79 @@ impl Whitener {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decompose::rank::RankRule;
+    use crate::decompose::{Decomposer, Route};
+
+    fn stats(axis: InputAxis, d: usize, t: usize) -> InputStats {
+        // G = XᵀX of a deterministic t×d "activation" matrix.
+        let x: Vec<f64> = (0..t * d)
+            .map(|k| ((k * 7919 % 101) as f64 / 50.0 - 1.0) * (1.0 + (k % d) as f64))
+            .collect();
+        let mut g = vec![0.0; d * d];
+        for row in x.chunks_exact(d) {
+            for i in 0..d {
+                for j in 0..d {
+                    g[i * d + j] += row[i] * row[j];
+                }
+            }
+        }
+        InputStats { g, dim: d, axis }
+    }
+
+    #[test]
+    fn full_rank_whitened_factors_recompose_w_on_both_axes() {
+        let (m, n) = (7, 5);
+        let w: Vec<f64> = (0..m * n).map(|k| ((k * 31 % 17) as f64) - 8.0).collect();
+        for (axis, d) in [(InputAxis::Columns, n), (InputAxis::Rows, m)] {
+            let wh = Whitener::new(&stats(axis, d, 40), 0.01).unwrap();
+            let a = wh.whiten(&FloatData::F64(w.clone()), m, n);
+            let rule = RankRule {
+                energy: 1.0,
+                ..RankRule::default()
+            };
+            let f = Route::Svd
+                .decomposer()
+                .unwrap()
+                .factorize(&FloatData::F64(a.clone()), m, n, &rule)
+                .unwrap();
+            let r = f.rank;
+            assert_eq!(r, n);
+            let f = wh.unwhiten(f, m, n);
+            let (u, vt) = (f.u.to_f64(), f.vt.to_f64());
+            for i in 0..m {
+                for j in 0..n {
+                    let x: f64 = (0..r).map(|k| u[i * r + k] * f.s[k] * vt[k * n + j]).sum();
+                    assert!((x - w[i * n + j]).abs() < 1e-9, "{axis:?} [{i}, {j}]");
+                }
+            }
+            // Exact factors have no output error.
+            let e = wh.output_rel_error(&a, m, n, &u, &f.s, &vt, 0.0, 1.0);
+            assert!(e < 1e-7, "{axis:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn unusable_statistics_are_refused_with_a_reason() {
+        let zero = InputStats {
+            g: vec![0.0; 9],
+            dim: 3,
+            axis: InputAxis::Columns,
+        };
+        assert!(Whitener::new(&zero, 0.01)
+            .err()
+            .unwrap()
+            .contains("all zero"));
+        // Rank-deficient G without damping is not positive definite.
+        let mut s = stats(InputAxis::Columns, 4, 2);
+        assert!(Whitener::new(&s, 0.0)
+            .err()
+            .unwrap()
+            .contains("positive definite"));
+        s.g[0] = -1.0;
+        assert!(Whitener::new(&s, 0.0).is_err());
+    }
+}

@@ -246,6 +246,13 @@ def test_gpt2_conv1d_whitens_from_the_left(tmp_path, run_cersa):
     checked = check_against_reference(str(out), load_file(os.path.join(src, "model.safetensors")),
                                       stats)
     assert checked == len(stats)
+    # Same bytes whatever the thread count.
+    again = tmp_path / "again"
+    run_cersa("convert", src, again, "--energy", TAU, "--calibration", calib, "-q",
+              "--force-factor", "--dtype", "f32", "--threads", 1)
+    shas = [[s["sha256"] for s in json.load(open(d / "cersa.json"))["shards"]]
+            for d in (out, again)]
+    assert shas[0] == shas[1]
 
 
 def test_a_calibration_of_another_model_is_refused(tmp_path, run_cersa):
