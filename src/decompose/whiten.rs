@@ -248,7 +248,7 @@ impl Whitener {
 mod tests {
     use super::*;
     use crate::decompose::rank::RankRule;
-    use crate::decompose::{Decomposer, Route};
+    use crate::decompose::Route;
 
     fn stats(axis: InputAxis, d: usize, t: usize) -> InputStats {
         // G = XᵀX of a deterministic t×d "activation" matrix.
