@@ -215,6 +215,9 @@ pub fn checkpoint_view(r: &CheckpointReport, by: GroupBy) -> String {
         bytes(t.stored_bytes),
         t.stored_bytes as f64 / t.source_bytes.max(1) as f64,
     );
+    for w in &r.warnings {
+        let _ = writeln!(out, "warning: {w}");
+    }
     out
 }
 
