@@ -410,8 +410,8 @@ pub fn function_warnings(man: &cersa_loader::Manifest) -> Vec<String> {
         out.push(format!(
             "{plain_low} matrices keep less than {PLAIN_ENERGY_THAT_WORKS} of their weight \
              energy with plain truncation: measured to break the model before any \
-             training (SmolLM2-135M at τ = 0.90: held-out perplexity PPL_PLAIN_90 vs \
-             PPL_DENSE dense; bench/quality.py). Convert with --calibration (whitened \
+             training (SmolLM2-135M at τ = 0.90: held-out perplexity 4.8 million vs \
+             18.7 dense; bench/quality.py). Convert with --calibration (whitened \
              truncation) to keep it working at fewer bytes."
         ));
     }
