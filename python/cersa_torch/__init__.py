@@ -9,7 +9,12 @@ inside their principal subspace.
   modules, in the ``frozen``, ``scale``, ``core`` and ``factors`` modes (``MODES``);
 - :func:`save_adapter`, :func:`load_adapter` — the trained part as a ``cersa-adapter`` file
   (the Rust crate's format: ``cersa merge`` folds it into a new checkpoint);
-- :func:`load_cersa` — a numpy reader (numpy + safetensors only, no torch).
+- :func:`load_cersa` — a numpy reader (numpy + safetensors only, no torch);
+- :func:`calibrate` — each linear layer's input statistics G = Σ x xᵀ from the dense model
+  run over calibration text, the file ``cersa convert --calibration`` reads
+  (``docs/calibration.md``; also ``python -m cersa_torch.calibrate``);
+- :func:`perplexity`, :func:`embedding_similarity` — the function a converted model keeps,
+  measured against the dense one (also ``python -m cersa_torch.evaluate``).
 
 The format is specified in ``formats/cersa-v1.md``; every size read from a file is checked
 against the manifest before use (:class:`CersaFormatError` names the file and tensor).
@@ -32,6 +37,9 @@ _LAZY = {
     "load_hf": ".hf",
     "save_adapter": ".adapter",
     "load_adapter": ".adapter",
+    "calibrate": ".calibrate",
+    "perplexity": ".evaluate",
+    "embedding_similarity": ".evaluate",
 }
 
 __all__ = ["MANIFEST_FILE", "SUFFIX_U", "SUFFIX_S", "SUFFIX_VT", "CersaFormatError", "MODES",
@@ -42,5 +50,9 @@ def __getattr__(name):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        # Importing the submodule .calibrate set the package attribute of that name to the
+        # module: the function replaces it.
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'cersa_torch' has no attribute {name!r}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Dict, Optional
+from typing import Dict, Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -66,13 +66,18 @@ def _model_class(config, auto_class):
     return transformers.AutoModel
 
 
-def _model_names(model, ckpt, cersa_dir: str) -> Dict[str, str]:
-    """Model state-dict name → checkpoint name, as ``from_pretrained`` would map them:
+def _model_names(model, checkpoint_names: Iterable[str], source: str,
+                 what: Optional[str] = "load_hf cannot build that from a CERSA checkpoint yet"
+                 ) -> Dict[str, str]:
+    """Model state-dict name → checkpoint name, for the tensor names ``checkpoint_names`` as
+    stored in the files of ``source`` (a CERSA manifest's tensors for :func:`load_hf`, a
+    safetensors model's for :func:`cersa_torch.calibrate`), as ``from_pretrained`` would map them:
     transformers' own key renamings for the architecture (transformers ≥ 5 renames, e.g.,
     ViT's ``encoder.layer.N.attention.attention.query`` to ``layers.N.attention.q_proj``) and
     the base model's prefix added or removed. Tensors that transformers would merge with
-    others on loading (fused or stacked weights) cannot be taken from factors: an error
-    names them."""
+    others on loading (fused or stacked weights) cannot be taken from factors (nor given one
+    statistic): an error names them, ending with ``what``; with ``what=None`` they are left
+    out of the mapping instead."""
     meta = model.state_dict()
     prefix = getattr(model, "base_model_prefix", "") or ""
     try:
@@ -96,12 +101,13 @@ def _model_names(model, ckpt, cersa_dir: str) -> Dict[str, str]:
                 return key[len(prefix) + 1:], None
             return key, None
     names: Dict[str, str] = {}
-    for key in ckpt.manifest["tensors"]:
+    for key in checkpoint_names:
         target, merged = rename(key)
         if merged is not None:
-            raise ValueError(f"{cersa_dir}: {key}: transformers merges it with other tensors "
-                             f"on loading ({merged}); load_hf cannot build that from a CERSA "
-                             "checkpoint yet")
+            if what is None:
+                continue
+            raise ValueError(f"{source}: {key}: transformers merges it with other tensors "
+                             f"on loading ({merged}); {what}")
         names[target] = key
     return names
 
@@ -137,7 +143,7 @@ def load_hf(cersa_dir, auto_class=None, mode: str = "frozen", k: Optional[int] =
     ckpt = open_checkpoint(cersa_dir, device=device, dtype=dtype)
     with _parameters_on_meta():
         model = cls.from_config(cfg) if hasattr(cls, "from_config") else cls(cfg)
-    names = _model_names(model, ckpt, cersa_dir)
+    names = _model_names(model, ckpt.manifest["tensors"], cersa_dir)
     conv1d = getattr(transformers.pytorch_utils, "Conv1D", ())
     for path, module in list(model.named_modules()):
         if not isinstance(module, (nn.Linear, conv1d)):
