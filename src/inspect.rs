@@ -123,6 +123,10 @@ pub struct SourceReport {
     pub by_kind: Vec<GroupRow>,
     /// Sums per layer index, tensors outside layers (`"-"`) last.
     pub by_layer: Vec<GroupRow>,
+    /// Thresholds known to break the model's function under plain truncation (see
+    /// [`source_warnings`]); absent when there are none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// Options of [`inspect_source`].
@@ -228,6 +232,7 @@ pub fn inspect_source(
         totals,
         by_kind,
         by_layer,
+        warnings: source_warnings(&opts.energies),
     })
 }
 
@@ -396,23 +401,63 @@ pub struct CheckpointReport {
 /// measured to break the model (`bench/quality.py`, README "Keeping the model working").
 pub const PLAIN_ENERGY_THAT_WORKS: f64 = 0.99;
 
+/// Whitened truncation that keeps less than this share of any matrix's output energy
+/// was measured to cost the model most of its function (SmolLM2-135M at τ = 0.95:
+/// perplexity 178 vs 18.7 dense; at 0.99: 28.7), README "Keeping the model working".
+pub const WHITENED_ENERGY_THAT_WORKS: f64 = 0.99;
+
+/// The measured figures the warnings cite (`bench/quality.py`).
+const PLAIN_MEASURED: &str = "SmolLM2-135M at τ = 0.90: held-out perplexity 4.8 million vs \
+                              18.7 dense; bench/quality.py";
+const WHITENED_MEASURED: &str = "SmolLM2-135M whitened at τ = 0.95: held-out perplexity 178 \
+                                 vs 18.7 dense, at 0.99: 28.7; bench/quality.py";
+
+/// What the measurements say about the thresholds a source is inspected at, in words.
+pub fn source_warnings(energies: &[f64]) -> Vec<String> {
+    let low: Vec<String> = energies
+        .iter()
+        .filter(|&&e| e < PLAIN_ENERGY_THAT_WORKS)
+        .map(|e| e.to_string())
+        .collect();
+    if low.is_empty() {
+        return Vec::new();
+    }
+    vec![format!(
+        "plain truncation at τ = {} (below {PLAIN_ENERGY_THAT_WORKS}) was measured to break \
+         the model before any training ({PLAIN_MEASURED}). These sizes are of plain \
+         truncation; convert with --calibration (whitened truncation, docs/calibration.md) \
+         to keep the model working at fewer bytes.",
+        low.join(", ")
+    )]
+}
+
 /// What the measurements say about a checkpoint's setting, in words.
 pub fn function_warnings(man: &cersa_loader::Manifest) -> Vec<String> {
-    let plain_low = man
-        .tensors
-        .values()
-        .filter(|t| t.whitening.is_none())
-        .filter_map(|t| t.energy)
-        .filter(|&e| e < PLAIN_ENERGY_THAT_WORKS)
-        .count();
+    let low = |whitened: bool, level: f64| {
+        man.tensors
+            .values()
+            .filter(|t| t.whitening.is_some() == whitened)
+            .filter_map(|t| t.energy)
+            .filter(|&e| e < level)
+            .count()
+    };
     let mut out = Vec::new();
+    let plain_low = low(false, PLAIN_ENERGY_THAT_WORKS);
     if plain_low > 0 {
         out.push(format!(
             "{plain_low} matrices keep less than {PLAIN_ENERGY_THAT_WORKS} of their weight \
              energy with plain truncation: measured to break the model before any \
-             training (SmolLM2-135M at τ = 0.90: held-out perplexity 4.8 million vs \
-             18.7 dense; bench/quality.py). Convert with --calibration (whitened \
-             truncation) to keep it working at fewer bytes."
+             training ({PLAIN_MEASURED}). Convert with --calibration (whitened truncation) \
+             to keep it working at fewer bytes."
+        ));
+    }
+    let white_low = low(true, WHITENED_ENERGY_THAT_WORKS);
+    if white_low > 0 {
+        out.push(format!(
+            "{white_low} whitened matrices keep less than {WHITENED_ENERGY_THAT_WORKS} of \
+             their output energy on the calibration text: measured to cost the model most \
+             of its function before training ({WHITENED_MEASURED}). Check it with \
+             `python -m cersa_torch.evaluate` before training on it."
         ));
     }
     out

@@ -403,6 +403,10 @@ pub struct VerifyArgs {
     /// The source checkpoint it was converted from (enables rel_error and dense-byte checks).
     #[arg(long)]
     pub source: Option<PathBuf>,
+    /// The calibration statistics a whitened checkpoint was converted with (with --source:
+    /// recomputes each whitened tensor's output-space error ‖(W−Ŵ)·X‖/‖W·X‖ from them).
+    #[arg(long, requires = "source")]
+    pub calibration: Option<PathBuf>,
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,

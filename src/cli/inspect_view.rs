@@ -142,6 +142,9 @@ pub fn source_view(r: &SourceReport, by: GroupBy) -> String {
             a.byte_ratio,
         );
     }
+    for w in &r.warnings {
+        let _ = writeln!(out, "warning: {w}");
+    }
     out
 }
 

@@ -271,6 +271,13 @@ fn run_verify(a: VerifyArgs, cancel: &AtomicBool) -> Result<Status> {
         .num_threads(threads)
         .build()
         .context("starting worker threads")?;
+    let calibration = match &a.calibration {
+        Some(p) => Some(
+            crate::calibration::Calibration::open(p, crate::calibration::DEFAULT_DAMPING)
+                .with_context(|| format!("opening calibration statistics {}", p.display()))?,
+        ),
+        None => None,
+    };
     let bar = progress_bar(a.quiet, 0);
     let source = a.source.as_deref().zip(src.as_deref());
     let report = pool
@@ -278,6 +285,7 @@ fn run_verify(a: VerifyArgs, cancel: &AtomicBool) -> Result<Status> {
             crate::verify::verify(
                 &a.out_dir,
                 source,
+                calibration.as_ref(),
                 &|done, total| {
                     bar.set_length(total as u64);
                     bar.set_position(done as u64)

@@ -137,8 +137,17 @@ pub fn verify_summary(r: &crate::verify::VerifyReport) -> String {
         c.tensors,
         if r.source.is_some() {
             format!(
-                ", {} rel_error(s) recomputed, {} dense tensor(s) compared with the source",
-                c.rel_errors_compared, c.dense_compared
+                ", {} rel_error(s) recomputed, {} dense tensor(s) compared with the source{}",
+                c.rel_errors_compared,
+                c.dense_compared,
+                if c.output_errors_compared > 0 {
+                    format!(
+                        ", {} output-space error(s) recomputed from the calibration",
+                        c.output_errors_compared
+                    )
+                } else {
+                    String::new()
+                }
             )
         } else {
             String::new()

@@ -67,6 +67,9 @@ pub struct ReportModel {
     pub table_header: Vec<String>,
     /// Per-tensor table rows.
     pub table_rows: Vec<TableRow>,
+    /// Settings known to break the model's function ([`crate::inspect::function_warnings`],
+    /// [`crate::inspect::source_warnings`]), shown above the plots.
+    pub warnings: Vec<String>,
 }
 
 /// The model of a source report (it must hold singular values).
@@ -156,6 +159,7 @@ pub fn model_from_source(title: &str, r: &SourceReport) -> ReportModel {
         stored_bytes: r.totals.at_energy.iter().map(|a| a.stored_bytes).collect(),
         table_header: header,
         table_rows,
+        warnings: r.warnings.clone(),
     }
 }
 
@@ -199,14 +203,21 @@ pub fn model_from_checkpoint(
             rank_fraction: t.rank_fraction.into_iter().collect(),
         });
     }
-    let header: Vec<String> = [
+    // Whitened checkpoints: their energy is of the layer outputs, and the output-space
+    // error is what the model feels.
+    let whitened = r.tensors.iter().any(|t| t.output_rel_error.is_some());
+    let mut header: Vec<String> = [
         "tensor",
         "kind",
         "layer",
         "shape",
         "stored",
         "rank",
-        "energy",
+        if whitened {
+            "energy (output if whitened)"
+        } else {
+            "energy"
+        },
         "rel_error",
         "storing adds",
         "dense",
@@ -214,28 +225,35 @@ pub fn model_from_checkpoint(
     ]
     .map(String::from)
     .into();
+    if whitened {
+        header.insert(8, "output rel_error".into());
+    }
     let table_rows = r
         .tensors
         .iter()
         .map(|t| TableRow {
-            cells: vec![
-                t.name.clone(),
-                t.module_kind.clone(),
-                t.layer.map(|l| l.to_string()).unwrap_or_default(),
-                format!("{:?}", t.shape),
-                format!("{:?} {}", t.kind, t.stored_dtype).to_lowercase(),
-                t.rank
-                    .zip(t.rank_fraction)
-                    .map(|(k, f)| format!("{k} ({:.0}%)", 100.0 * f))
-                    .unwrap_or_default(),
-                t.energy.map(|e| format!("{e:.4}")).unwrap_or_default(),
-                t.rel_error.map(|e| format!("{e:.4}")).unwrap_or_default(),
-                t.rounding_share
-                    .map(|v| format!("{:.1}% of err²", 100.0 * v))
-                    .unwrap_or_default(),
-                t.source_bytes.map(|b| b.to_string()).unwrap_or_default(),
-                t.stored_bytes.to_string(),
-            ],
+            cells: with_output_error(
+                whitened,
+                t,
+                vec![
+                    t.name.clone(),
+                    t.module_kind.clone(),
+                    t.layer.map(|l| l.to_string()).unwrap_or_default(),
+                    format!("{:?}", t.shape),
+                    format!("{:?} {}", t.kind, t.stored_dtype).to_lowercase(),
+                    t.rank
+                        .zip(t.rank_fraction)
+                        .map(|(k, f)| format!("{k} ({:.0}%)", 100.0 * f))
+                        .unwrap_or_default(),
+                    t.energy.map(|e| format!("{e:.4}")).unwrap_or_default(),
+                    t.rel_error.map(|e| format!("{e:.4}")).unwrap_or_default(),
+                    t.rounding_share
+                        .map(|v| format!("{:.1}% of err²", 100.0 * v))
+                        .unwrap_or_default(),
+                    t.source_bytes.map(|b| b.to_string()).unwrap_or_default(),
+                    t.stored_bytes.to_string(),
+                ],
+            ),
         })
         .collect();
     Ok(ReportModel {
@@ -248,7 +266,25 @@ pub fn model_from_checkpoint(
         stored_bytes: vec![r.totals.stored_bytes],
         table_header: header,
         table_rows,
+        warnings: r.warnings.clone(),
     })
+}
+
+/// The checkpoint table's cells with the output-error column (after rel_error) when the
+/// checkpoint has whitened entries.
+fn with_output_error(
+    whitened: bool,
+    t: &crate::inspect::StoredTensor,
+    mut cells: Vec<String>,
+) -> Vec<String> {
+    if whitened {
+        let cell = t
+            .output_rel_error
+            .map(|e| format!("{e:.4}"))
+            .unwrap_or_default();
+        cells.insert(8, cell);
+    }
+    cells
 }
 
 /// `n` with an SI prefix: `1.78{sep}M{unit}`, `41.7{sep}k{unit}`, `812{sep}{unit}`. One
@@ -285,6 +321,7 @@ h1{{font-size:1.4em}} h2{{font-size:1.15em;margin-top:1.6em}}
 table{{border-collapse:collapse;font-size:12px}} td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}
 td:first-child,th:first-child{{text-align:left}} th{{background:#f3f3f3;position:sticky;top:0}}
 .plots{{display:flex;flex-wrap:wrap;gap:12px}} .note{{color:#555;font-size:13px}}
+.warning{{background:#fff3cd;border:1px solid #e0b400;padding:6px 10px;font-size:14px}}
 </style></head><body>
 <h1>cersa report: {t}</h1>
 "#,
@@ -303,6 +340,9 @@ td:first-child,th:first-child{{text-align:left}} th{{background:#f3f3f3;position
             .join(", "),
         env!("CARGO_PKG_VERSION"),
     );
+    for w in &model.warnings {
+        let _ = writeln!(out, r#"<p class="warning">Warning: {}</p>"#, esc(w));
+    }
     out.push_str("<h2>Memory: dense vs CERSA</h2>\n<ul>");
     for (tau, stored) in model.energies.iter().zip(&model.stored_bytes) {
         let _ = write!(

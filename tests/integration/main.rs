@@ -19,3 +19,4 @@ mod report;
 mod resume;
 mod side_files;
 mod verify;
+mod whitened;

@@ -214,6 +214,6 @@ fn a_set_cancel_flag_stops_verify() {
     let dir = tmp();
     let (_src, out) = converted(dir.path());
     let cancel = std::sync::atomic::AtomicBool::new(true);
-    let r = cersa::verify::verify(&out, None, &|_, _| {}, &cancel);
+    let r = cersa::verify::verify(&out, None, None, &|_, _| {}, &cancel);
     assert!(matches!(r, Err(cersa::ConvertError::Interrupted)), "{r:?}");
 }

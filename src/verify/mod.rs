@@ -6,11 +6,18 @@
 //! that all factors are finite. With a source: the relative Frobenius error
 //! ‖W − Ŵ‖_F / ‖W‖_F of every factored tensor is recomputed in f64 from the source and
 //! compared with the manifest's `rel_error`, and dense tensors are compared byte for byte
-//! with the source.
+//! with the source. With calibration statistics as well (the file a whitened checkpoint
+//! was converted with), the output-space error ‖(W − Ŵ)·X‖_F / ‖W·X‖_F of every whitened
+//! entry is recomputed from G ([`output_error`]) and compared with the manifest's.
 //!
 //! Every failed check is listed (the run does not stop at the first one); errors that make
 //! checking impossible (unreadable manifest or source, Ctrl-C) are returned as `Err`.
 
+mod output_error;
+
+pub use output_error::output_relative_error;
+
+use crate::calibration::Calibration;
 use crate::error::{ConvertError, Result};
 use crate::input::{FloatData, Precision, Source};
 use cersa_loader::manifest::TensorInfo;
@@ -54,6 +61,11 @@ pub enum Check {
     RelError,
     /// A dense tensor's bytes differ from the source.
     DenseBytes,
+    /// The calibration file is not the one the checkpoint was converted with (or the
+    /// checkpoint was not whitened, or the file lacks a whitened tensor's statistics).
+    CalibrationMismatch,
+    /// The recomputed output-space error differs from the manifest's `output_rel_error`.
+    OutputError,
 }
 
 impl Check {
@@ -119,6 +131,9 @@ pub struct Counts {
     pub rel_errors_compared: usize,
     /// Dense tensors compared byte for byte with the source.
     pub dense_compared: usize,
+    /// Whitened tensors whose output-space error was recomputed (`--calibration`).
+    #[serde(default)]
+    pub output_errors_compared: usize,
 }
 
 /// `cersa verify --json`.
@@ -177,12 +192,14 @@ fn interrupted(cancel: &AtomicBool) -> Result<()> {
     Ok(())
 }
 
-/// Verifies `dir` (and, with `source`, against that checkpoint). `progress(done, total)`
-/// counts tensors compared with the source; setting `cancel` stops the run with
+/// Verifies `dir` (and, with `source`, against that checkpoint; with `calibration` as
+/// well, the output-space errors of whitened entries). `progress(done, total)` counts
+/// tensors compared with the source; setting `cancel` stops the run with
 /// [`ConvertError::Interrupted`].
 pub fn verify(
     dir: &Path,
     source: Option<(&Path, &dyn Source)>,
+    calibration: Option<&Calibration>,
     progress: &(dyn Fn(usize, usize) + Sync),
     cancel: &AtomicBool,
 ) -> Result<VerifyReport> {
@@ -235,7 +252,8 @@ pub fn verify(
             Ok(ckpt) => {
                 check_finite(&ckpt, &mut report, cancel)?;
                 if let Some((_, src)) = source {
-                    compare_source(&ckpt, src, &mut report, progress, cancel)?;
+                    let calib = matching_calibration(&ckpt, calibration, &mut report);
+                    compare_source(&ckpt, src, calib, &mut report, progress, cancel)?;
                 }
             }
             Err(e) => {
@@ -275,15 +293,89 @@ fn check_finite(ckpt: &Checkpoint, report: &mut VerifyReport, cancel: &AtomicBoo
     Ok(())
 }
 
+/// `calibration` when it is the file the checkpoint's whitened entries were made with; a
+/// failure (or a skipped note, without a file) otherwise.
+fn matching_calibration<'a>(
+    ckpt: &Checkpoint,
+    calibration: Option<&'a Calibration>,
+    report: &mut VerifyReport,
+) -> Option<&'a Calibration> {
+    let man = ckpt.manifest();
+    let whitened = man
+        .tensors
+        .values()
+        .filter(|t| t.whitening.is_some())
+        .count();
+    let recorded = man.config.calibration.as_ref();
+    let Some(calib) = calibration else {
+        if whitened > 0 {
+            report.skipped.push(format!(
+                "output-space errors of {whitened} whitened tensor(s) (give --calibration, \
+                 the statistics file it was converted with)"
+            ));
+        }
+        return None;
+    };
+    let Some(recorded) = recorded else {
+        report.failures.push(failure(
+            Check::CalibrationMismatch,
+            Some(MANIFEST_FILE),
+            None,
+            format!(
+                "--calibration {} given, but this checkpoint was converted without \
+                 calibration statistics",
+                calib.path().display()
+            ),
+        ));
+        return None;
+    };
+    if recorded.sha256 != calib.config.sha256 {
+        report.failures.push(expected_found(
+            failure(
+                Check::CalibrationMismatch,
+                Some(MANIFEST_FILE),
+                None,
+                format!(
+                    "{} is not the calibration file this checkpoint was converted with \
+                     (sha256 differs); output-space errors not compared",
+                    calib.path().display()
+                ),
+            ),
+            &recorded.sha256,
+            &calib.config.sha256,
+        ));
+        return None;
+    }
+    Some(calib)
+}
+
 /// Outcome of comparing one manifest entry with the source.
-enum Compared {
-    RelError,
-    Dense,
+struct Compared {
+    /// True for a dense entry (bytes compared), false for a factored one (rel_error).
+    dense: bool,
+    /// The rel_error (or the bytes) matched.
+    main_ok: bool,
+    /// The output-space error was recomputed too.
+    output: bool,
+    /// Failed checks.
+    failures: Vec<Failure>,
+}
+
+impl Compared {
+    fn failed(f: Failure) -> Self {
+        Compared {
+            dense: false,
+            main_ok: false,
+            output: false,
+            failures: vec![f],
+        }
+    }
 }
 
 fn compare_source(
     ckpt: &Checkpoint,
     src: &dyn Source,
+    calibration: Option<&Calibration>,
     report: &mut VerifyReport,
     progress: &(dyn Fn(usize, usize) + Sync),
     cancel: &AtomicBool,
@@ -312,7 +404,7 @@ fn compare_source(
         .par_iter()
         .map(|(name, info)| {
             interrupted(cancel)?;
-            let r = compare_one(ckpt, src, &by_name, name, info, cancel);
+            let r = compare_one(ckpt, src, calibration, &by_name, name, info, cancel);
             progress(
                 done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
                 total,
@@ -321,29 +413,33 @@ fn compare_source(
         })
         .collect::<Result<Vec<_>>>()?;
     for r in results {
-        match r {
-            Ok(Compared::RelError) => report.counts.rel_errors_compared += 1,
-            Ok(Compared::Dense) => report.counts.dense_compared += 1,
-            Err(f) => report.failures.push(f),
+        if r.main_ok {
+            if r.dense {
+                report.counts.dense_compared += 1;
+            } else {
+                report.counts.rel_errors_compared += 1;
+            }
         }
+        report.counts.output_errors_compared += usize::from(r.output);
+        report.failures.extend(r.failures);
     }
     src.check_unchanged()?;
     Ok(())
 }
 
-/// Compares one manifest entry with the source. Outer `Err`: reading the source failed;
-/// inner `Err`: a failed check.
+/// Compares one manifest entry with the source. `Err`: reading the source failed.
 fn compare_one(
     ckpt: &Checkpoint,
     src: &dyn Source,
+    calibration: Option<&Calibration>,
     by_name: &HashMap<&str, usize>,
     name: &str,
     info: &TensorInfo,
     cancel: &AtomicBool,
-) -> Result<std::result::Result<Compared, Failure>> {
+) -> Result<Compared> {
     let shard = Some(info.shard.as_str());
     let Some(&i) = by_name.get(name) else {
-        return Ok(Err(failure(
+        return Ok(Compared::failed(failure(
             Check::SourceMismatch,
             Some(MANIFEST_FILE),
             Some(name),
@@ -352,7 +448,7 @@ fn compare_one(
     };
     let meta = &src.tensors()[i];
     if meta.shape != info.shape {
-        return Ok(Err(expected_found(
+        return Ok(Compared::failed(expected_found(
             failure(
                 Check::SourceMismatch,
                 Some(MANIFEST_FILE),
@@ -384,7 +480,7 @@ fn compare_one(
                 Ok(())
             })?;
             if too_long || offset != raw.bytes.len() {
-                return Ok(Err(expected_found(
+                return Ok(Compared::failed(expected_found(
                     failure(
                         Check::DenseBytes,
                         shard,
@@ -396,18 +492,23 @@ fn compare_one(
                 )));
             }
             if let Some(k) = first_diff {
-                return Ok(Err(failure(
+                return Ok(Compared::failed(failure(
                     Check::DenseBytes,
                     shard,
                     Some(name),
                     format!("dense tensor bytes differ from the source (first at byte {k})"),
                 )));
             }
-            Ok(Ok(Compared::Dense))
+            Ok(Compared {
+                dense: true,
+                main_ok: true,
+                output: false,
+                failures: Vec::new(),
+            })
         }
         TensorView::Factored(f) => {
             let Some(stored_rel) = info.rel_error else {
-                return Ok(Err(failure(
+                return Ok(Compared::failed(failure(
                     Check::RelError,
                     Some(MANIFEST_FILE),
                     Some(name),
@@ -421,8 +522,20 @@ fn compare_one(
             let rel = relative_error_f64(&data, m, n, &u, &s, &vt);
             let precision = meta.float.unwrap_or(Precision::F32);
             let tol = rel_error_tolerance(info.stored_dtype, precision, stored_rel);
+            let mut out = Compared {
+                dense: false,
+                main_ok: false,
+                output: false,
+                failures: Vec::new(),
+            };
+            if let (Some(white), Some(calib)) = (&info.whitening, calibration) {
+                out.output = true;
+                if let Some(f) = compare_output(calib, name, white, &data, [m, n], (&u, &s, &vt))? {
+                    out.failures.push(f);
+                }
+            }
             if !(rel.is_finite() && (rel - stored_rel).abs() <= tol) {
-                return Ok(Err(expected_found(
+                out.failures.push(expected_found(
                     failure(
                         Check::RelError,
                         Some(MANIFEST_FILE),
@@ -431,11 +544,69 @@ fn compare_one(
                     ),
                     format!("{rel:.6e} (recomputed)"),
                     format!("{stored_rel:.6e} (manifest)"),
-                )));
+                ));
+            } else {
+                out.main_ok = true;
             }
-            Ok(Ok(Compared::RelError))
+            Ok(out)
         }
     }
+}
+
+/// Tolerance on |recomputed − manifest output_rel_error|: both are f64 sums over the same
+/// source values and stored factors, measured two ways (here from G itself, at convert time
+/// through the damped Cholesky factor less the damping's share, which cancels).
+pub fn output_error_tolerance(output_rel_error: f64) -> f64 {
+    1e-6 + 1e-4 * output_rel_error.abs()
+}
+
+/// The output-space check of one whitened entry: `Some(failure)` when it does not hold.
+fn compare_output(
+    calib: &Calibration,
+    name: &str,
+    white: &cersa_loader::manifest::Whitening,
+    data: &FloatData,
+    [m, n]: [usize; 2],
+    (u, s, vt): (&[f64], &[f64], &[f64]),
+) -> Result<Option<Failure>> {
+    let fail = |detail: String| failure(Check::CalibrationMismatch, None, Some(name), detail);
+    let Some(stats) = calib.stats(name)? else {
+        return Ok(Some(fail(format!(
+            "{} has no statistics for this whitened tensor",
+            calib.path().display()
+        ))));
+    };
+    if stats.axis.number() != white.input_axis {
+        return Ok(Some(expected_found(
+            fail("the statistics' input_axis differs from the manifest's".into()),
+            white.input_axis,
+            stats.axis.number(),
+        )));
+    }
+    let Some(got) = output_relative_error(data, m, n, u, s, vt, &stats) else {
+        return Ok(Some(expected_found(
+            fail("the statistics' size does not match the weight's input axis".into()),
+            format!("{}", if white.input_axis == 1 { n } else { m }),
+            stats.dim,
+        )));
+    };
+    let want = white.output_rel_error;
+    let tol = output_error_tolerance(want);
+    if got.is_finite() && (got - want).abs() <= tol {
+        return Ok(None);
+    }
+    Ok(Some(expected_found(
+        failure(
+            Check::OutputError,
+            Some(MANIFEST_FILE),
+            Some(name),
+            format!(
+                "recomputed ‖(W−Ŵ)·X‖_F/‖W·X‖_F differs from the manifest by more than {tol:.2e}"
+            ),
+        ),
+        format!("{got:.6e} (recomputed)"),
+        format!("{want:.6e} (manifest)"),
+    )))
 }
 
 /// ‖W − U·diag(s)·Vᵀ‖_F / ‖W‖_F in f64, row by row (W row-major m×n, U m×r, Vᵀ r×n).
