@@ -226,3 +226,47 @@ def test_embedding_similarity_pools_over_the_attention_mask(tmp_path):
     assert got["min"] == pytest.approx(np.min(want), abs=1e-5)
     same = cersa_torch.embedding_similarity(dense, dense, tok, texts)
     assert same["min"] == pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_calibrate_then_convert_verify_evaluate(family, model_dirs, tmp_path, run_cersa):
+    """The whole user path on the file calibrate wrote: convert --calibration, verify
+    --calibration, evaluate. Each manifest output error equals ‖(W − Ŵ)·X‖/‖W·X‖ in numpy
+    float64 on the activations captured here (not on calibrate's G)."""
+    from helpers import stored_tensors
+
+    src = model_dirs[family]
+    calib = tmp_path / "calib.safetensors"
+    cersa_torch.calibrate(src, TEXTS, calib, max_length=MAX_LENGTH, max_sequences=MAX_SEQUENCES)
+    out = tmp_path / "white"
+    run_cersa("convert", src, out, "--energy", 0.99, "--calibration", calib, "--force-factor",
+              "--dtype", "f32", "-q")
+    manifest, stored = stored_tensors(str(out))
+    acts, _ = reference_activations(src)
+    with safe_open(os.path.join(src, "model.safetensors"), "np") as f:
+        weights = {k: f.get_tensor(k).astype(np.float64) for k in acts}
+    whitened = 0
+    for name, (x, axis) in acts.items():
+        info = manifest["tensors"][name]
+        if info["kind"] != "factored":
+            continue
+        assert info["whitening"]["input_axis"] == axis, name
+        w = weights[name]
+        w_hat = (stored[name + ".cersa_u"].astype(np.float64) * stored[name + ".cersa_s"]) \
+            @ stored[name + ".cersa_vt"].astype(np.float64)
+        y, y_hat = (x @ w.T, x @ w_hat.T) if axis == 1 else (x @ w, x @ w_hat)
+        want = np.linalg.norm(y - y_hat) / np.linalg.norm(y)
+        # G is stored in f32 by default: its rounding moves the error by ~1e-7 relative.
+        assert info["whitening"]["output_rel_error"] == pytest.approx(want, rel=1e-4, abs=1e-6)
+        whitened += 1
+    assert whitened == len(acts)
+    p = run_cersa("verify", out, "--source", src, "--calibration", calib, "--json", "-q")
+    report = json.loads(p.stdout)
+    assert report["ok"] and report["counts"]["output_errors_compared"] == whitened, report
+    # Kept output energy ≥ 0.99 at every layer: the model's own perplexity barely moves.
+    from cersa_torch.evaluate import evaluate
+
+    r = evaluate(out, src, "\n".join(TEXTS), max_length=MAX_LENGTH,
+                             max_sequences=MAX_SEQUENCES)
+    assert r["metric"] == "perplexity"
+    assert r["cersa"] == pytest.approx(r["dense"], rel=0.01), r
