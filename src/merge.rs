@@ -4,12 +4,16 @@
 //! in f64 and re-decomposed by the route the user chose (default: the one recorded in the
 //! base manifest's `config.algorithm`), truncated by the base checkpoint's own rank rule
 //! (the per-module rule recorded for the tensor, else `config.energy`, clamps, multiple),
-//! stored as the base factors are (dtype or quantization). Every other
-//! tensor is copied byte for byte. The output is written into a temporary sibling and
+//! stored as the base factors are (dtype or quantization). Whitened entries (`convert
+//! --calibration`) are re-truncated in the same output metric, which needs the statistics
+//! the base was converted with (`MergeOptions::calibration`; the same file, by sha256).
+//! Every other tensor is copied byte for byte. The output is written into a temporary sibling and
 //! renamed into place, exactly as `convert` does.
 
+use crate::calibration::Calibration;
 use crate::decompose::rank::{energy_at, RankRule};
 use crate::decompose::svd::residual_norm2;
+use crate::decompose::whiten::Whitener;
 use crate::decompose::{Decomposer, Factorization, Route};
 use crate::error::{ConvertError, Result};
 use crate::input::FloatData;
@@ -41,6 +45,10 @@ pub struct MergedLayer {
     pub energy: f64,
     /// ‖W' − Ŵ'‖_F / ‖W'‖_F with the stored (rounded) factors.
     pub rel_error: f64,
+    /// Whitened layers: ‖(W' − Ŵ')·X‖_F / ‖W'·X‖_F on the calibration inputs (then
+    /// `energy` is of the outputs too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_rel_error: Option<f64>,
 }
 
 /// The result of a merge, as printed by `cersa merge --json`.
@@ -65,6 +73,9 @@ pub struct MergeOptions {
     pub algorithm: Option<Route>,
     /// Replace a CERSA directory at the output path once the merged one is complete.
     pub overwrite: bool,
+    /// The calibration statistics the base was converted with: needed when an adapted
+    /// layer is whitened.
+    pub calibration: Option<PathBuf>,
 }
 
 /// Factors encoded as `enc` stores them (bytes of U [m, r] and Vᵀ [r, n]) and their values
@@ -136,6 +147,7 @@ pub fn merge(
         max_rank: cfg.max_rank,
         rank_multiple: cfg.rank_multiple,
     };
+    let calibration = merge_calibration(&ckpt, &adapter, opts.calibration.as_deref())?;
     let staging = crate::convert::prepare_output(out, false, opts.overwrite)?;
     let tmp = &staging.partial;
     let job = MergeJob {
@@ -144,6 +156,7 @@ pub fn merge(
         adapter_path,
         rule: &rule,
         decomposer: decomposer.as_ref(),
+        calibration: calibration.as_ref(),
         cancel,
     };
     match write_merged(&job, tmp) {
@@ -171,7 +184,102 @@ struct MergeJob<'a> {
     adapter_path: &'a Path,
     rule: &'a RankRule,
     decomposer: &'a dyn Decomposer,
+    calibration: Option<&'a Calibration>,
     cancel: &'a AtomicBool,
+}
+
+/// The statistics whitened adapted layers are re-truncated with: the file given, checked
+/// to be the one the base recorded; an error before any work when one is needed and
+/// missing, or does not match.
+fn merge_calibration(
+    ckpt: &Checkpoint,
+    adapter: &Adapter,
+    path: Option<&Path>,
+) -> Result<Option<Calibration>> {
+    let man = ckpt.manifest();
+    let whitened = adapter.layers.keys().find(|name| {
+        man.tensors
+            .get(*name)
+            .is_some_and(|t| t.whitening.is_some())
+    });
+    let manifest_path = ckpt.dir().join(cersa_loader::MANIFEST_FILE);
+    let Some(path) = path else {
+        return match whitened {
+            None => Ok(None),
+            Some(name) => Err(ConvertError::Tensor {
+                path: manifest_path,
+                tensor: name.clone(),
+                reason: "its factors are whitened (convert --calibration): give merge \
+                         --calibration, the statistics file the base was converted with, \
+                         so the merged layer is re-truncated in the same output metric"
+                    .into(),
+            }),
+        };
+    };
+    let Some(recorded) = man.config.calibration.as_ref() else {
+        return Err(ConvertError::Options(format!(
+            "--calibration {}: the base checkpoint {} was converted without calibration \
+             statistics",
+            path.display(),
+            ckpt.dir().display()
+        )));
+    };
+    let calib = Calibration::open(path, recorded.damping)?;
+    if calib.config.sha256 != recorded.sha256 {
+        return Err(ConvertError::Source {
+            path: path.to_path_buf(),
+            reason: format!(
+                "not the calibration file the base was converted with (sha256 {}, the \
+                 manifest records {})",
+                calib.config.sha256, recorded.sha256
+            ),
+        });
+    }
+    Ok(Some(calib))
+}
+
+/// The whitener of adapted layer `name` when it is whitened.
+fn layer_whitener(
+    ckpt: &Checkpoint,
+    calibration: Option<&Calibration>,
+    name: &str,
+    [m, n]: [usize; 2],
+) -> Result<Option<Whitener>> {
+    let man = ckpt.manifest();
+    let Some(white) = man.tensors.get(name).and_then(|t| t.whitening.as_ref()) else {
+        return Ok(None);
+    };
+    let fail = |path: &Path, reason: String| ConvertError::Tensor {
+        path: path.to_path_buf(),
+        tensor: name.to_string(),
+        reason,
+    };
+    // Checked before any work: a whitened adapted layer has statistics.
+    let calib = calibration
+        .ok_or_else(|| fail(ckpt.dir(), "whitened, but no calibration statistics".into()))?;
+    let stats = calib.stats(name)?.ok_or_else(|| {
+        fail(
+            calib.path(),
+            "whitened in the base, but the calibration file has no statistics for it".into(),
+        )
+    })?;
+    let want = Whitener::dim_for(stats.axis, m, n);
+    if stats.axis.number() != white.input_axis || stats.dim != want {
+        return Err(fail(
+            calib.path(),
+            format!(
+                "statistics of size {} on input axis {}, the base's whitening needs {want} \
+                 on axis {}",
+                stats.dim,
+                stats.axis.number(),
+                white.input_axis
+            ),
+        ));
+    }
+    let damping = man.config.calibration.as_ref().map_or(0.0, |c| c.damping);
+    Whitener::new(&stats, damping)
+        .map(Some)
+        .map_err(|reason| fail(calib.path(), reason))
 }
 
 fn write_merged(job: &MergeJob, tmp: &Path) -> Result<(Manifest, Vec<MergedLayer>)> {
@@ -181,6 +289,7 @@ fn write_merged(job: &MergeJob, tmp: &Path) -> Result<(Manifest, Vec<MergedLayer
         adapter_path,
         rule,
         decomposer,
+        calibration,
         cancel,
     } = *job;
     let mut manifest = ckpt.manifest().clone();
@@ -209,18 +318,9 @@ fn write_merged(job: &MergeJob, tmp: &Path) -> Result<(Manifest, Vec<MergedLayer
             }
             (TensorView::Factored(f), true) => {
                 let [m, n] = f.matrix_shape;
-                if ckpt.manifest().tensors[name].whitening.is_some() {
-                    // Re-truncating W' needs the calibration statistics (the output metric);
-                    // a plain re-truncation would silently change what the rank means.
-                    return Err(ConvertError::Tensor {
-                        path: ckpt.dir().join(cersa_loader::MANIFEST_FILE),
-                        tensor: name.to_string(),
-                        reason: "its factors are whitened (convert --calibration): merge cannot \
-                                 re-truncate them yet; export the adapted model with `cersa \
-                                 export --adapter` and convert that again with --calibration"
-                            .into(),
-                    });
-                }
+                // A whitened layer is re-truncated in its output metric: a plain
+                // re-truncation would silently change what the rank means.
+                let whitener = layer_whitener(ckpt, calibration, name, [m, n])?;
                 let (left, right, q) = adapter.adapted_product(ckpt, name)?;
                 // W' = left · right, f64, row-major [m, n].
                 let mut w = vec![0f64; m * n];
@@ -245,14 +345,22 @@ fn write_merged(job: &MergeJob, tmp: &Path) -> Result<(Manifest, Vec<MergedLayer
                     Some(text) => ModuleRule::from_text(text)?.apply(rule),
                     None => rule.clone(),
                 };
-                let fact: Factorization =
-                    decomposer
-                        .factorize(&data, m, n, &tensor_rule)
-                        .map_err(|reason| ConvertError::Tensor {
-                            path: adapter_path.to_path_buf(),
-                            tensor: name.clone(),
-                            reason: reason.to_string(),
-                        })?;
+                let whitened = whitener
+                    .as_ref()
+                    .map(|w| FloatData::F64(w.whiten(&data, m, n)));
+                let fact: Factorization = decomposer
+                    .factorize(whitened.as_ref().unwrap_or(&data), m, n, &tensor_rule)
+                    .map_err(|reason| ConvertError::Tensor {
+                        path: adapter_path.to_path_buf(),
+                        tensor: name.clone(),
+                        reason: reason.to_string(),
+                    })?;
+                // Rank and energy are of the metric truncated in; the factors W's.
+                let energy = energy_at(&fact.sigma, fact.norm2, fact.rank);
+                let fact = match &whitener {
+                    Some(w) => w.unwhiten(fact, m, n),
+                    None => fact,
+                };
                 // Merged factors are stored as the base's were (dtype or quantization).
                 let enc = f.encoding;
                 let r = fact.rank;
@@ -260,12 +368,21 @@ fn write_merged(job: &MergeJob, tmp: &Path) -> Result<(Manifest, Vec<MergedLayer
                 let s32: Vec<f32> = fact.s.iter().map(|&v| v as f32).collect();
                 let s_back: Vec<f64> = s32.iter().map(|&v| f64::from(v)).collect();
                 let s_bytes: Vec<u8> = s32.iter().flat_map(|v| v.to_le_bytes()).collect();
-                let rel = if fact.norm2 > 0.0 {
-                    (residual_norm2(&data, m, n, &u_back, &s_back, &vt_back) / fact.norm2).sqrt()
+                let w_norm2: f64 = data.to_f64().iter().map(|x| x * x).sum();
+                let res2 = residual_norm2(&data, m, n, &u_back, &s_back, &vt_back);
+                let rel = if w_norm2 > 0.0 {
+                    (res2 / w_norm2).sqrt()
                 } else {
                     0.0
                 };
-                let energy = energy_at(&fact.sigma, fact.norm2, r);
+                let whitening = match (&whitener, &whitened) {
+                    (Some(w), Some(FloatData::F64(a))) => Some(cersa_loader::manifest::Whitening {
+                        input_axis: w.axis().number(),
+                        output_rel_error: w
+                            .output_rel_error(a, m, n, &u_back, &s_back, &vt_back, res2, w_norm2),
+                    }),
+                    _ => None,
+                };
                 let total = (u_bytes.len() + s_bytes.len() + vt_bytes.len()) as u64;
                 writer.begin_group(name, total)?;
                 let (un, sn, vn) = cersa_loader::factor_names(name);
@@ -279,6 +396,7 @@ fn write_merged(job: &MergeJob, tmp: &Path) -> Result<(Manifest, Vec<MergedLayer
                     info.rank = Some(r);
                     info.energy = Some(energy);
                     info.rel_error = Some(rel);
+                    info.whitening = whitening.clone();
                 }
                 merged.push(MergedLayer {
                     name: name.clone(),
@@ -286,6 +404,7 @@ fn write_merged(job: &MergeJob, tmp: &Path) -> Result<(Manifest, Vec<MergedLayer
                     new_rank: r,
                     energy,
                     rel_error: rel,
+                    output_rel_error: whitening.map(|w| w.output_rel_error),
                 });
             }
         }

@@ -162,6 +162,10 @@ pub struct MergeArgs {
     /// Replace OUT_DIR if it is a CERSA directory, once the new one is complete.
     #[arg(long)]
     pub overwrite: bool,
+    /// The calibration statistics the base was converted with (needed when an adapted
+    /// layer is whitened: it is re-truncated in the same output metric).
+    #[arg(long)]
+    pub calibration: Option<PathBuf>,
     /// Print the result as JSON on stdout (`report_version` 1).
     #[arg(long)]
     pub json: bool,

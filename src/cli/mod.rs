@@ -335,6 +335,7 @@ fn run_merge(a: MergeArgs, cancel: &AtomicBool) -> Result<Status> {
     let opts = crate::merge::MergeOptions {
         algorithm: a.algorithm,
         overwrite: a.overwrite,
+        calibration: a.calibration.clone(),
     };
     let report = crate::merge::merge(&a.cersa_dir, &a.adapter, &a.out_dir, &opts, cancel)
         .with_context(|| {

@@ -395,3 +395,133 @@ fn inspect_and_report_warn_where_the_setting_breaks_the_model() {
     let html = std::fs::read_to_string(&html_path).unwrap();
     assert!(html.contains(r#"<p class="warning">Warning: plain truncation at τ = 0.9"#));
 }
+
+/// A `scale` adapter of `layer` in `base` (σ scaled by 1.0, 0.9, 0.8, …: the spectrum's
+/// shape changes, so the re-truncated rank can too).
+fn scale_adapter(base: &Path, layer: &str, path: &Path) {
+    use cersa_loader::adapter::{manifest_sha256, Adapter, LayerInfo, Mode};
+    let ckpt = Checkpoint::open(base).unwrap();
+    let TensorView::Factored(f) = ckpt.get(layer).unwrap() else {
+        panic!("{layer} is factored");
+    };
+    let sigma = f.s.to_f32().unwrap();
+    let adapter = Adapter {
+        manifest_sha256: manifest_sha256(base).unwrap(),
+        layers: BTreeMap::from([(
+            layer.to_string(),
+            LayerInfo {
+                mode: Mode::Scale,
+                rank: f.rank,
+                matrix_shape: f.matrix_shape,
+            },
+        )]),
+        tensors: BTreeMap::from([(
+            format!("{layer}.adapter_s"),
+            sigma
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v * (1.0 - 0.1 * i as f32))
+                .collect(),
+        )]),
+    };
+    adapter.write(path).unwrap();
+}
+
+#[test]
+fn merge_re_truncates_whitened_layers_in_the_output_metric() {
+    let dir = tmp();
+    let (_src, calib, base) = whitened(dir.path(), "0.9");
+    let adapter = dir.path().join("adapter.safetensors");
+    for (layer, x, axis) in [
+        ("layer.0.proj.weight", inputs(1, 40), 1u8),
+        ("layer.0.conv.weight", inputs(2, 40), 0),
+    ] {
+        scale_adapter(&base, layer, &adapter);
+        // W' = U·diag(adapter_s)·Vᵀ of the base, in f64.
+        let ckpt = Checkpoint::open(&base).unwrap();
+        let TensorView::Factored(f) = ckpt.get(layer).unwrap() else {
+            unreachable!()
+        };
+        let [m, n] = f.matrix_shape;
+        let (u, sig, vt) = f.values_f64().unwrap();
+        let r = sig.len();
+        let s2: Vec<f64> = sig
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| f64::from(v as f32 * (1.0 - 0.1 * i as f32)))
+            .collect();
+        let w_adapted: Vec<f32> = (0..m * n)
+            .map(|k| {
+                let v: f64 = (0..r)
+                    .map(|c| u[(k / n) * r + c] * s2[c] * vt[c * n + k % n])
+                    .sum();
+                v as f32
+            })
+            .collect();
+        drop(ckpt);
+
+        // Without the statistics: refused before any output, naming the layer.
+        let out = dir.path().join(format!("merged-{axis}"));
+        let err = cersa_fails(&["merge", s(&base), s(&adapter), s(&out)], 2);
+        assert!(
+            err.contains(layer) && err.contains("--calibration"),
+            "{err}"
+        );
+        assert!(!out.exists());
+        // Another statistics file: refused (sha256).
+        let other = dir.path().join("other.safetensors");
+        calibration(&other, &inputs(3, 40), &inputs(4, 40));
+        let err = cersa_fails(
+            &[
+                "merge",
+                s(&base),
+                s(&adapter),
+                s(&out),
+                "--calibration",
+                s(&other),
+            ],
+            2,
+        );
+        assert!(err.contains("not the calibration file"), "{err}");
+
+        let text = cersa_ok(&[
+            "merge",
+            "--json",
+            s(&base),
+            s(&adapter),
+            s(&out),
+            "--calibration",
+            s(&calib),
+        ]);
+        let report: cersa::merge::MergeReport = serde_json::from_str(&text).unwrap();
+        let merged = Checkpoint::open(&out).unwrap();
+        let info = &merged.manifest().tensors[layer];
+        let white = info.whitening.as_ref().expect("still whitened");
+        assert_eq!(white.input_axis, axis);
+        assert!(info.energy.unwrap() >= 0.9, "{info:?}");
+        assert_eq!(
+            report.layers[0].output_rel_error,
+            Some(white.output_rel_error)
+        );
+        // The recorded output error is the definition's on the explicit inputs, for W'.
+        let TensorView::Factored(g) = merged.get(layer).unwrap() else {
+            panic!("{layer} is factored after merging");
+        };
+        let (u, s, vt) = g.values_f64().unwrap();
+        let r = s.len();
+        let what: Vec<f64> = (0..m * n)
+            .map(|k| {
+                (0..r)
+                    .map(|c| u[(k / n) * r + c] * s[c] * vt[c * n + k % n])
+                    .sum()
+            })
+            .collect();
+        let want = output_error_by_definition(&w_adapted, &what, m, n, &x, axis);
+        // W' was rounded to f32 here; the merge used it in f64.
+        assert!(
+            (white.output_rel_error - want).abs() < 1e-4 * want.max(1e-2),
+            "{layer}: manifest {} vs definition {want}",
+            white.output_rel_error
+        );
+    }
+}
