@@ -3,6 +3,7 @@
 //! (docs/calibration.md). This module reads and checks the file; the whitened
 //! truncation that uses G lives in [`crate::decompose::whiten`].
 
+use crate::decompose::whiten::Whitener;
 use crate::error::{ConvertError, Result};
 use crate::input::safetensors::SafetensorsSource;
 use crate::input::Source;
@@ -190,6 +191,78 @@ impl Calibration {
     /// Names of the weights with statistics.
     pub fn weight_names(&self) -> impl Iterator<Item = &str> {
         self.weights.keys().map(String::as_str)
+    }
+
+    /// A calibration file must be of this model: statistics for at least one of its tensors,
+    /// and the same `config.json` when both know one.
+    pub fn check_source(&self, src: &dyn Source) -> Result<()> {
+        let path = self.path().to_path_buf();
+        let covered = src.tensors().iter().filter(|t| self.has(&t.name)).count();
+        if covered == 0 {
+            let example = self.weight_names().next().unwrap_or("(none)").to_string();
+            return Err(ConvertError::Source {
+                path,
+                reason: format!(
+                    "its statistics name none of the source's tensors (e.g. `{example}`): it was \
+                     collected on another model, or on a model whose tensor names differ"
+                ),
+            });
+        }
+        let recorded = self
+            .config
+            .model
+            .get("config_sha256")
+            .and_then(|v| v.as_str());
+        let config = crate::side_files::source_dir(src).map(|d| d.join("config.json"));
+        if let (Some(recorded), Some(config)) = (recorded, config.filter(|c| c.is_file())) {
+            use sha2::{Digest, Sha256};
+            let bytes = std::fs::read(&config).map_err(|e| ConvertError::io(&config, "read", e))?;
+            let ours = cersa_loader::writer::hex(&Sha256::digest(&bytes));
+            if ours != recorded {
+                return Err(ConvertError::Source {
+                    path,
+                    reason: format!(
+                        "it was collected on a model whose config.json has sha256 {recorded}, \
+                         but {} has {ours}: statistics of another model?",
+                        config.display()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The whitening of source tensor `i` (an m×n matrix view) when this file has
+    /// statistics for it, checked against the matrix's shape.
+    pub fn whitener(
+        &self,
+        src: &dyn Source,
+        i: usize,
+        m: usize,
+        n: usize,
+    ) -> Result<Option<Whitener>> {
+        let meta = &src.tensors()[i];
+        let Some(stats) = self.stats(&meta.name)? else {
+            return Ok(None);
+        };
+        let err = |reason: String| ConvertError::Tensor {
+            path: src.file_path(meta.file).to_path_buf(),
+            tensor: meta.name.clone(),
+            reason,
+        };
+        let want = Whitener::dim_for(stats.axis, m, n);
+        if stats.dim != want || meta.shape.len() != 2 {
+            return Err(err(format!(
+                "the calibration statistics are {d}×{d} on input axis {axis}, but the weight \
+                 is {shape:?} (needs {want}×{want}): a calibration file of another model?",
+                d = stats.dim,
+                axis = stats.axis.number(),
+                shape = meta.shape,
+            )));
+        }
+        Whitener::new(&stats, self.config.damping)
+            .map(Some)
+            .map_err(err)
     }
 
     /// Reads the statistics of weight `name` (`None`: the file has none for it), checking

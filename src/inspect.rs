@@ -72,6 +72,10 @@ pub struct TensorSpectrum {
     /// (always kept in memory for `cersa report`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub singular_values: Vec<f64>,
+    /// Analysed in the output metric (`--calibration` had statistics for it): the
+    /// spectrum, metrics, ranks and energies are of the whitened matrix W·L (or Lᵀ·W).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub whitened: bool,
 }
 
 /// Totals at one threshold.
@@ -127,6 +131,10 @@ pub struct SourceReport {
     /// [`source_warnings`]); absent when there are none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// The calibration statistics the spectra were whitened with (`--calibration`): then
+    /// the matrices with statistics (`TensorSpectrum.whitened`) report output energy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<cersa_loader::manifest::CalibrationConfig>,
 }
 
 /// Options of [`inspect_source`].
@@ -140,6 +148,10 @@ pub struct InspectOptions {
     pub exclude: Vec<String>,
     /// Keep every singular value in the report (`--singular-values`, `cersa report`).
     pub keep_singular_values: bool,
+    /// Calibration statistics (`--calibration`): matrices with statistics are analysed in
+    /// their output metric, the spectrum of W·L (or Lᵀ·W) that `convert --calibration`
+    /// truncates, so ranks and energies are of output energy.
+    pub calibration: Option<std::sync::Arc<crate::calibration::Calibration>>,
 }
 
 /// Singular values of every selected matrix of `src` (in parallel over tensors), and the
@@ -153,6 +165,9 @@ pub fn inspect_source(
     cancel: &AtomicBool,
 ) -> Result<SourceReport> {
     let selection = Selection::new(&opts.include, &opts.exclude, src.default_excludes())?;
+    if let Some(cal) = &opts.calibration {
+        cal.check_source(src)?;
+    }
     let metas = src.tensors();
     let done = AtomicUsize::new(0);
     let total = metas.len();
@@ -178,6 +193,7 @@ pub fn inspect_source(
                 metrics: None,
                 ranks: Vec::new(),
                 singular_values: Vec::new(),
+                whitened: false,
             };
             if spec.reason.is_none() {
                 analyse(src, i, opts, decomposer, &mut spec)?;
@@ -232,7 +248,8 @@ pub fn inspect_source(
         totals,
         by_kind,
         by_layer,
-        warnings: source_warnings(&opts.energies),
+        warnings: source_warnings(&opts.energies, opts.calibration.is_some()),
+        calibration: opts.calibration.as_ref().map(|c| c.config.clone()),
     })
 }
 
@@ -279,10 +296,27 @@ fn analyse(
     spec: &mut TensorSpectrum,
 ) -> Result<()> {
     let t = &src.tensors()[i];
-    let Some(Matrix { data, m, n, norm2 }) = read_matrix(src, i)? else {
+    let Some(Matrix {
+        mut data,
+        m,
+        n,
+        mut norm2,
+    }) = read_matrix(src, i)?
+    else {
         spec.reason = Some(DenseReason::Zero);
         return Ok(());
     };
+    // The output metric: the matrix convert --calibration truncates.
+    let whitener = match &opts.calibration {
+        Some(cal) => cal.whitener(src, i, m, n)?,
+        None => None,
+    };
+    if let Some(w) = &whitener {
+        let a = w.whiten(&data, m, n);
+        norm2 = a.iter().map(|x| x * x).sum();
+        data = crate::input::FloatData::F64(a);
+        spec.whitened = true;
+    }
     let sigma =
         decomposer
             .singular_values(&data, m, n)
@@ -412,15 +446,28 @@ const PLAIN_MEASURED: &str = "SmolLM2-135M at τ = 0.90: held-out perplexity 4.8
 const WHITENED_MEASURED: &str = "SmolLM2-135M whitened at τ = 0.95: held-out perplexity 178 \
                                  vs 18.7 dense, at 0.99: 28.7; bench/quality.py";
 
-/// What the measurements say about the thresholds a source is inspected at, in words.
-pub fn source_warnings(energies: &[f64]) -> Vec<String> {
+/// What the measurements say about the thresholds a source is inspected at (`whitened`:
+/// with calibration statistics), in words.
+pub fn source_warnings(energies: &[f64], whitened: bool) -> Vec<String> {
+    let level = if whitened {
+        WHITENED_ENERGY_THAT_WORKS
+    } else {
+        PLAIN_ENERGY_THAT_WORKS
+    };
     let low: Vec<String> = energies
         .iter()
-        .filter(|&&e| e < PLAIN_ENERGY_THAT_WORKS)
+        .filter(|&&e| e < level)
         .map(|e| e.to_string())
         .collect();
     if low.is_empty() {
         return Vec::new();
+    }
+    if whitened {
+        return vec![format!(
+            "whitened truncation at τ = {} (below {level} of output energy) was measured \
+             to cost the model most of its function before training ({WHITENED_MEASURED}).",
+            low.join(", ")
+        )];
     }
     vec![format!(
         "plain truncation at τ = {} (below {PLAIN_ENERGY_THAT_WORKS}) was measured to break \

@@ -208,6 +208,8 @@ pub struct PlanArgs {
     /// Route of the singular values.
     #[arg(long, value_enum, default_value_t = Route::Auto)]
     pub algorithm: Route,
+    #[command(flatten)]
+    pub calibration: CalibrationArgs,
     /// No progress bar.
     #[arg(long, short)]
     pub quiet: bool,
@@ -241,6 +243,7 @@ impl PlanArgs {
             energy_floor: self.energy_floor.map(check_energy).transpose()?,
             include: self.select.include.clone(),
             exclude: self.select.exclude.clone(),
+            calibration: self.calibration.open()?,
         })
     }
 }
@@ -275,14 +278,8 @@ pub struct ConvertArgs {
     /// With --budget: keep every matrix at retained energy ≥ TAU when the budget allows.
     #[arg(long, value_name = "TAU", requires = "budget")]
     pub energy_floor: Option<f64>,
-    /// Truncate in the layers' output metric, with the input statistics of
-    /// `cersa_torch.calibrate` (docs/calibration.md): the energy rule then keeps that share
-    /// of each layer's output energy on the calibration text.
-    #[arg(long, value_name = "CALIB_SAFETENSORS")]
-    pub calibration: Option<PathBuf>,
-    /// With --calibration: relative damping δ (λ = δ·trace(G)/d is added to G's diagonal).
-    #[arg(long, value_name = "DELTA", requires = "calibration", default_value_t = crate::calibration::DEFAULT_DAMPING)]
-    pub calibration_damping: f64,
+    #[command(flatten)]
+    pub calibration: CalibrationArgs,
     #[command(flatten)]
     pub select: SelectArgs,
     /// Dtype of the stored factors (and of quantized GGUF tensors kept dense).
@@ -350,6 +347,41 @@ pub struct SpectraArgs {
     /// eigenvalues, the cheapest exact route).
     #[arg(long, value_enum, default_value_t = Route::Auto)]
     pub algorithm: Route,
+    #[command(flatten)]
+    pub calibration: CalibrationArgs,
+}
+
+/// Calibration statistics for the output metric.
+#[derive(Debug, Args)]
+pub struct CalibrationArgs {
+    /// Input statistics from `cersa_torch.calibrate` (docs/calibration.md): matrices with
+    /// statistics are truncated (convert, plan) or analysed (inspect, report) in their
+    /// layers' output metric, so τ is a share of each layer's output energy on the
+    /// calibration text.
+    #[arg(long, value_name = "CALIB_SAFETENSORS")]
+    pub calibration: Option<PathBuf>,
+    /// With --calibration: relative damping δ (λ = δ·trace(G)/d is added to G's diagonal).
+    #[arg(long, value_name = "DELTA", requires = "calibration", default_value_t = crate::calibration::DEFAULT_DAMPING)]
+    pub calibration_damping: f64,
+}
+
+impl CalibrationArgs {
+    /// The opened, checked statistics file, if any.
+    pub fn open(&self) -> Result<Option<std::sync::Arc<Calibration>>> {
+        if !(self.calibration_damping.is_finite() && self.calibration_damping >= 0.0) {
+            bail!(
+                "--calibration-damping {} must be a finite number ≥ 0",
+                self.calibration_damping
+            );
+        }
+        Ok(self
+            .calibration
+            .as_deref()
+            .map(|p| Calibration::open(p, self.calibration_damping))
+            .transpose()
+            .context("--calibration")?
+            .map(std::sync::Arc::new))
+    }
 }
 
 impl SpectraArgs {
@@ -360,6 +392,7 @@ impl SpectraArgs {
             include: self.select.include.clone(),
             exclude: self.select.exclude.clone(),
             keep_singular_values,
+            calibration: self.calibration.open()?,
         })
     }
 }
@@ -508,19 +541,7 @@ impl ConvertArgs {
                 bail!("--max-rank {max} is below --min-rank {}", self.min_rank);
             }
         }
-        if !(self.calibration_damping.is_finite() && self.calibration_damping >= 0.0) {
-            bail!(
-                "--calibration-damping {} must be a finite number ≥ 0",
-                self.calibration_damping
-            );
-        }
-        let calibration = self
-            .calibration
-            .as_deref()
-            .map(|p| Calibration::open(p, self.calibration_damping))
-            .transpose()
-            .context("--calibration")?
-            .map(std::sync::Arc::new);
+        let calibration = self.calibration.open()?;
         Ok(ConvertOptions {
             rule: RankRule {
                 energy,

@@ -142,6 +142,16 @@ pub fn source_view(r: &SourceReport, by: GroupBy) -> String {
             a.byte_ratio,
         );
     }
+    if let Some(c) = &r.calibration {
+        let whitened = r.tensors.iter().filter(|t| t.whitened).count();
+        let _ = writeln!(
+            out,
+            "{whitened} matrices analysed in their output metric (calibration sha256 {}…, \
+             damping {}): their τ is a share of output energy",
+            c.sha256.get(..12).unwrap_or(&c.sha256),
+            c.damping
+        );
+    }
     for w in &r.warnings {
         let _ = writeln!(out, "warning: {w}");
     }

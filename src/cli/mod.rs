@@ -125,6 +125,7 @@ fn convert_plan(
             let plan: crate::plan::Plan = serde_json::from_slice(&text)
                 .with_context(|| format!("{} is not a cersa plan", path.display()))?;
             plan.check_source(src)
+                .and_then(|()| plan.check_calibration(opts.calibration.as_deref()))
                 .with_context(|| format!("applying the plan {}", path.display()))?;
             plan
         }
@@ -135,6 +136,7 @@ fn convert_plan(
                 energy_floor: a.energy_floor.map(args::check_energy).transpose()?,
                 include: opts.include.clone(),
                 exclude: opts.exclude.clone(),
+                calibration: opts.calibration.clone(),
             };
             plan_source(src, &popts, opts.algorithm, opts.threads, a.quiet, cancel)
                 .context("planning under --budget")?

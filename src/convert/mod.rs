@@ -139,7 +139,7 @@ pub fn convert(
     let selection = Selection::new(&opts.include, &opts.exclude, src.default_excludes())?;
     check_names(src)?;
     if let Some(cal) = &opts.calibration {
-        check_calibration(src, cal)?;
+        cal.check_source(src)?;
     }
     let fingerprint = run_fingerprint(src, opts, decomposer.name())?;
     let staging = prepare_output(out, opts.resume, opts.overwrite)?;
@@ -193,45 +193,6 @@ pub fn convert(
         }
         ok => ok,
     }
-}
-
-/// A calibration file must be of this model: statistics for at least one of its tensors,
-/// and the same `config.json` when both know one.
-fn check_calibration(src: &dyn Source, cal: &Calibration) -> Result<()> {
-    let path = cal.path().to_path_buf();
-    let covered = src.tensors().iter().filter(|t| cal.has(&t.name)).count();
-    if covered == 0 {
-        let example = cal.weight_names().next().unwrap_or("(none)").to_string();
-        return Err(ConvertError::Source {
-            path,
-            reason: format!(
-                "its statistics name none of the source's tensors (e.g. `{example}`): it was \
-                 collected on another model, or on a model whose tensor names differ"
-            ),
-        });
-    }
-    let recorded = cal
-        .config
-        .model
-        .get("config_sha256")
-        .and_then(|v| v.as_str());
-    let config = crate::side_files::source_dir(src).map(|d| d.join("config.json"));
-    if let (Some(recorded), Some(config)) = (recorded, config.filter(|c| c.is_file())) {
-        use sha2::{Digest, Sha256};
-        let bytes = std::fs::read(&config).map_err(|e| ConvertError::io(&config, "read", e))?;
-        let ours = cersa_loader::writer::hex(&Sha256::digest(&bytes));
-        if ours != recorded {
-            return Err(ConvertError::Source {
-                path,
-                reason: format!(
-                    "it was collected on a model whose config.json has sha256 {recorded}, \
-                     but {} has {ours}: statistics of another model?",
-                    config.display()
-                ),
-            });
-        }
-    }
-    Ok(())
 }
 
 /// Source names ending in a factor suffix would collide with the stored factors.

@@ -5,7 +5,6 @@
 use super::ConvertOptions;
 use crate::decompose::rank::{energy_at, saves};
 use crate::decompose::svd::{stored_residual_norm2, StoredFactors};
-use crate::decompose::whiten::Whitener;
 use crate::decompose::{Decomposer, Factorization};
 use crate::error::{ConvertError, Result};
 use crate::input::{FloatData, Source};
@@ -83,7 +82,10 @@ pub(super) fn process(
         }
     };
     // With calibration statistics the matrix factored is the whitened A (f64), not W.
-    let whitening = whitener(src, i, opts, m, n)?;
+    let whitening = match &opts.calibration {
+        Some(cal) => cal.whitener(src, i, m, n)?,
+        None => None,
+    };
     let whitened = whitening
         .as_ref()
         .map(|w| FloatData::F64(w.whiten(&data, m, n)));
@@ -187,40 +189,4 @@ pub(super) fn process(
         s,
         vt,
     })
-}
-
-/// The whitening of tensor `i` when `opts.calibration` has statistics for it, checked
-/// against the matrix's shape.
-fn whitener(
-    src: &dyn Source,
-    i: usize,
-    opts: &ConvertOptions,
-    m: usize,
-    n: usize,
-) -> Result<Option<Whitener>> {
-    let meta = &src.tensors()[i];
-    let Some(cal) = &opts.calibration else {
-        return Ok(None);
-    };
-    let Some(stats) = cal.stats(&meta.name)? else {
-        return Ok(None);
-    };
-    let err = |reason: String| ConvertError::Tensor {
-        path: src.file_path(meta.file).to_path_buf(),
-        tensor: meta.name.clone(),
-        reason,
-    };
-    let want = Whitener::dim_for(stats.axis, m, n);
-    if stats.dim != want || meta.shape.len() != 2 {
-        return Err(err(format!(
-            "the calibration statistics are {d}×{d} on input axis {axis}, but the weight \
-             is {shape:?} (needs {want}×{want}): a calibration file of another model?",
-            d = stats.dim,
-            axis = stats.axis.number(),
-            shape = meta.shape,
-        )));
-    }
-    Whitener::new(&stats, cal.config.damping)
-        .map(Some)
-        .map_err(err)
 }

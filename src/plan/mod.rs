@@ -51,6 +51,9 @@ pub struct PlanOptions {
     pub include: Vec<String>,
     /// `--exclude` globs.
     pub exclude: Vec<String>,
+    /// Calibration statistics (`--calibration`): matrices with statistics are planned in
+    /// their output metric, as `convert --calibration` truncates them.
+    pub calibration: Option<std::sync::Arc<crate::calibration::Calibration>>,
 }
 
 /// One selected matrix of the plan.
@@ -117,6 +120,11 @@ pub struct Plan {
     pub include: Vec<String>,
     /// `--exclude` globs the selection used.
     pub exclude: Vec<String>,
+    /// The calibration statistics the plan was made with (`--calibration`): its energies
+    /// are then output energies of the matrices with statistics, and `convert --plan` must
+    /// be given the same file and damping.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<cersa_loader::manifest::CalibrationConfig>,
     /// Per selected matrix.
     pub tensors: BTreeMap<String, PlanEntry>,
     /// Sums.
@@ -150,6 +158,7 @@ pub fn make_plan(
         include: opts.include.clone(),
         exclude: opts.exclude.clone(),
         keep_singular_values: true,
+        calibration: opts.calibration.clone(),
     };
     let report = inspect_source(src, &inspect, decomposer, progress, cancel)?;
     let metas = src.tensors();
@@ -249,6 +258,7 @@ pub fn make_plan(
         energy_floor: opts.energy_floor,
         include: opts.include.clone(),
         exclude: opts.exclude.clone(),
+        calibration: report.calibration.clone(),
         totals: PlanTotals {
             budget_bytes: budget,
             stored_bytes: stored,
@@ -264,6 +274,33 @@ pub fn make_plan(
 }
 
 impl Plan {
+    /// Checks that the plan is applied with the calibration statistics it was made with
+    /// (the same file, by sha256, and damping), or with none when it was made with none.
+    pub fn check_calibration(&self, given: Option<&crate::calibration::Calibration>) -> Result<()> {
+        let given = given.map(|c| &c.config);
+        let same = match (&self.calibration, given) {
+            (None, None) => true,
+            (Some(a), Some(b)) => a.sha256 == b.sha256 && a.damping == b.damping,
+            _ => false,
+        };
+        if same {
+            return Ok(());
+        }
+        let describe = |c: Option<&cersa_loader::manifest::CalibrationConfig>| match c {
+            Some(c) => format!(
+                "statistics with sha256 {} at damping {}",
+                c.sha256, c.damping
+            ),
+            None => "no calibration statistics".to_string(),
+        };
+        Err(ConvertError::Options(format!(
+            "the plan was made with {}, but convert was given {}: its ranks are of another \
+             metric (pass the plan's --calibration and --calibration-damping, or re-plan)",
+            describe(self.calibration.as_ref()),
+            describe(given)
+        )))
+    }
+
     /// Checks that the plan was made for `src` with this selection.
     pub fn check_source(&self, src: &dyn Source) -> Result<()> {
         if self.plan_version != PLAN_VERSION {

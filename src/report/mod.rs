@@ -97,6 +97,11 @@ pub fn model_from_source(title: &str, r: &SourceReport) -> ReportModel {
     ]
     .map(String::from)
     .into();
+    // With calibration statistics the ranks of whitened matrices are of output energy.
+    let calibrated = r.calibration.is_some();
+    if calibrated {
+        header.push("metric".into());
+    }
     for e in &r.energies {
         header.push(format!("rank@{e}"));
     }
@@ -122,6 +127,14 @@ pub fn model_from_source(title: &str, r: &SourceReport) -> ReportModel {
                 m.map(|m| format!("{:.1}", m.effective_rank))
                     .unwrap_or_default(),
             ];
+            if calibrated {
+                let metric = match (&t.metrics, t.whitened) {
+                    (None, _) => "",
+                    (Some(_), true) => "output",
+                    (Some(_), false) => "weight",
+                };
+                cells.push(metric.into());
+            }
             for k in 0..r.energies.len() {
                 cells.push(
                     t.ranks

@@ -156,6 +156,7 @@ fn a_set_cancel_flag_stops_inspect_and_report_before_any_tensor() {
         include: vec![],
         exclude: vec![],
         keep_singular_values: false,
+        calibration: None,
     };
     let route = cersa::decompose::Route::Auto.decomposer().unwrap();
     let cancelled = AtomicBool::new(true);

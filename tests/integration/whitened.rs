@@ -525,3 +525,149 @@ fn merge_re_truncates_whitened_layers_in_the_output_metric() {
         );
     }
 }
+
+fn spectra(args: &[&str]) -> cersa::inspect::SourceReport {
+    serde_json::from_str(&cersa_ok(args)).expect("inspect --json parses into SourceReport")
+}
+
+#[test]
+fn inspect_and_plan_with_calibration_work_in_the_output_metric_convert_truncates_in() {
+    let dir = tmp();
+    let (src, calib, white) = whitened(dir.path(), "0.95");
+    let manifest = Checkpoint::open(&white).unwrap().manifest().clone();
+    let recorded = manifest.config.calibration.clone().expect("whitened");
+    let names = ["layer.0.proj.weight", "layer.0.conv.weight"];
+
+    // inspect --calibration: the rank and energy convert --calibration chose, per matrix.
+    let r = spectra(&[
+        "inspect",
+        s(&src),
+        "--energy",
+        "0.95",
+        "--calibration",
+        s(&calib),
+        "--json",
+    ]);
+    assert_eq!(
+        r.calibration.as_ref().map(|c| &c.sha256),
+        Some(&recorded.sha256)
+    );
+    let plain = spectra(&["inspect", s(&src), "--energy", "0.95", "--json"]);
+    for name in names {
+        let t = r.tensors.iter().find(|t| t.name == name).unwrap();
+        let info = &manifest.tensors[name];
+        assert!(t.whitened, "{name}");
+        assert_eq!(Some(t.ranks[0].rank), info.rank, "{name}");
+        let e = info.energy.unwrap();
+        assert!((t.ranks[0].energy - e).abs() < 1e-9, "{name}: {t:?} vs {e}");
+        // The plain spectrum is another one (the inputs' scales differ per feature).
+        let p = plain.tensors.iter().find(|t| t.name == name).unwrap();
+        assert!(!p.whitened);
+        assert_ne!(p.metrics, t.metrics, "{name}");
+    }
+    assert!(
+        r.warnings[0].contains("whitened truncation at τ = 0.95"),
+        "{:?}",
+        r.warnings
+    );
+    let text = cersa_ok(&[
+        "inspect",
+        s(&src),
+        "--energy",
+        "0.99",
+        "--calibration",
+        s(&calib),
+    ]);
+    assert!(
+        text.contains("2 matrices analysed in their output metric"),
+        "{text}"
+    );
+
+    // plan --calibration records the statistics; convert --plan applies its ranks with them
+    // and the energies it reaches are the plan's (output energies).
+    let plan_path = dir.path().join("plan.json");
+    cersa_ok(&[
+        "plan",
+        s(&src),
+        "--budget",
+        "0.6x",
+        "--calibration",
+        s(&calib),
+        "-o",
+        s(&plan_path),
+        "-q",
+    ]);
+    let plan: cersa::plan::Plan =
+        serde_json::from_slice(&std::fs::read(&plan_path).unwrap()).unwrap();
+    assert_eq!(
+        plan.calibration.as_ref().map(|c| &c.sha256),
+        Some(&recorded.sha256)
+    );
+    let out = dir.path().join("planned");
+    let err = cersa_fails(
+        &["convert", s(&src), s(&out), "--plan", s(&plan_path), "-q"],
+        2,
+    );
+    assert!(err.contains("the plan was made with statistics"), "{err}");
+    assert!(!out.exists());
+    let plain_plan = dir.path().join("plain-plan.json");
+    cersa_ok(&[
+        "plan",
+        s(&src),
+        "--budget",
+        "0.6x",
+        "-o",
+        s(&plain_plan),
+        "-q",
+    ]);
+    let err = cersa_fails(
+        &[
+            "convert",
+            s(&src),
+            s(&out),
+            "--plan",
+            s(&plain_plan),
+            "--calibration",
+            s(&calib),
+            "-q",
+        ],
+        2,
+    );
+    assert!(
+        err.contains("the plan was made with no calibration"),
+        "{err}"
+    );
+    cersa_ok(&[
+        "convert",
+        s(&src),
+        s(&out),
+        "--plan",
+        s(&plan_path),
+        "--calibration",
+        s(&calib),
+        "-q",
+    ]);
+    let budgeted = dir.path().join("budgeted");
+    cersa_ok(&[
+        "convert",
+        s(&src),
+        s(&budgeted),
+        "--budget",
+        "0.6x",
+        "--calibration",
+        s(&calib),
+        "-q",
+    ]);
+    for dir in [&out, &budgeted] {
+        let m = Checkpoint::open(dir).unwrap().manifest().clone();
+        for name in names {
+            let (e, info) = (&plan.tensors[name], &m.tensors[name]);
+            assert!(info.whitening.is_some(), "{name}");
+            assert_eq!(e.rank, info.rank, "{name}");
+            if e.rank.is_some() {
+                assert!((e.energy - info.energy.unwrap()).abs() < 1e-9, "{name}");
+            }
+        }
+        assert!(m.totals.stored_bytes <= plan.totals.budget_bytes);
+    }
+}
