@@ -2,7 +2,8 @@
 transformers on real models and held-out text.
 
     python3 bench/quality.py target/release/cersa WORKDIR [--models smollm2,minilm]
-                             [--taus 0.90,0.95,0.99] [--calib-tokens 16384]
+                             [--taus 0.90,0.95,0.99] [--budgets 0.91]
+                             [--calib-tokens 16384]
 
 - SmolLM2-135M-Instruct (the Q4_1 GGUF of bench/fetch_smollm2.py, loaded by transformers'
   GGUF reader and saved once as a dense f32 HF directory in WORKDIR): held-out perplexity,
@@ -16,7 +17,9 @@ calibration, odd-numbered ones held out, so the two never share a sentence.
 
 For each τ it converts plain (`--energy τ`) and whitened (`--energy τ --calibration`),
 with statistics G = Σ xxᵀ of every linear layer's inputs collected on the calibration
-text by forward pre-hooks and written in the layout of docs/calibration.md. Prints a
+text by forward pre-hooks and written in the layout of docs/calibration.md. For each
+budget (a ratio of the source's bytes) it converts whitened under the budget planner
+(`--budget B --calibration`: ranks chosen globally for the most output energy). Prints a
 markdown table (quality vs stored bytes) and writes WORKDIR/quality.json.
 """
 import argparse
@@ -120,9 +123,10 @@ def checkpoint_names(model_dir):
     return names
 
 
-def convert(cersa, src, out, tau, calib=None):
+def convert(cersa, src, out, tau, calib=None, budget=None):
     if not os.path.exists(os.path.join(out, "cersa.json")):
-        cmd = [cersa, "convert", src, out, "--energy", str(tau), "--overwrite", "-q"]
+        rule = ["--budget", f"{budget}x"] if budget else ["--energy", str(tau)]
+        cmd = [cersa, "convert", src, out, *rule, "--overwrite", "-q"]
         if calib:
             cmd += ["--calibration", calib]
         subprocess.run(cmd, check=True, capture_output=True)
@@ -237,6 +241,13 @@ def run_model(kind, args, calib_text, held_text):
             rows.append({"model": kind, "method": method, "tau": tau, **info,
                          **quality(model)})
             print(json.dumps(rows[-1]), flush=True)
+    for budget in args.budgets:
+        out = os.path.join(work, f"{kind}-planned-{budget}")
+        info = convert(args.cersa, src, out, None, calib, budget)
+        model = cersa_torch.load_hf(out, auto_class=auto)
+        rows.append({"model": kind, "method": "whitened, planned", "tau": None,
+                     "budget": budget, **info, **quality(model)})
+        print(json.dumps(rows[-1]), flush=True)
     return {"rows": rows, "calibration_tokens": tokens, "calibration_seconds": calib_s}
 
 
@@ -246,11 +257,14 @@ def main():
     p.add_argument("work")
     p.add_argument("--models", default="smollm2,minilm")
     p.add_argument("--taus", default="0.90,0.95,0.99")
+    p.add_argument("--budgets", default="0.91",
+                   help="byte budgets (ratios) for whitened planned rows; '' for none")
     p.add_argument("--calib-tokens", type=int, default=16384)
     p.add_argument("--eval-tokens", type=int, default=20480)
     p.add_argument("--eval-sentences", type=int, default=500)
     args = p.parse_args()
-    args.taus = [float(t) for t in args.taus.split(",")]
+    args.taus = [float(t) for t in args.taus.split(",") if t]
+    args.budgets = [float(b) for b in args.budgets.split(",") if b]
     os.makedirs(args.work, exist_ok=True)
     torch.manual_seed(0)
     calib_text, held_text = texts()
@@ -263,6 +277,9 @@ def main():
             q = (f"perplexity {row['perplexity']:.4g}" if "perplexity" in row else
                  f"cosine {row['cosine_mean']:.3f} (min {row['cosine_min']:.3f})")
             tau = "" if row["tau"] is None else row["tau"]
+            if row.get("budget"):
+                tau = f"budget {row['budget']}×"
+
             print(f"| {m} | {row['method']} | {tau} | {row['byte_ratio']:.3f}× | {q} |")
         print(f"\n{m}: calibration on {r['calibration_tokens']} tokens "
               f"({r['calibration_seconds']:.0f} s)")
