@@ -336,6 +336,42 @@ fn offset_beyond_map() {
     );
 }
 
+/// Two 4×4 F32 tensors `a` at offset 0 and `b` at `b_offset`, data for both plus 64 bytes.
+fn two_tensors(b_offset: u64) -> Vec<u8> {
+    let mut v = head(3, 2, 0);
+    v.extend(tinfo("a", &[4, 4], 0, 0));
+    v.extend(tinfo("b", &[4, 4], 0, b_offset));
+    while v.len() % 32 != 0 {
+        v.push(0);
+    }
+    v.extend([0x3f; 192]);
+    v
+}
+
+#[test]
+fn tensors_must_lie_where_gguf_readers_put_them() {
+    // Both tensors on the same bytes: refused (llama.cpp's reader refuses it too).
+    rejects(
+        &two_tensors(0),
+        &[
+            "tensor `b`: data offset 0",
+            "puts it at 64",
+            "would overlap the tensor before it",
+        ],
+    );
+    // Half-overlapping, and a gap: refused as well.
+    rejects(&two_tensors(32), &["tensor `b`: data offset 32", "overlap"]);
+    rejects(
+        &two_tensors(128),
+        &["tensor `b`: data offset 128", "a gap before it"],
+    );
+    // At the running sum it converts.
+    let dir = tmp();
+    let src = dir.path().join("ok.gguf");
+    std::fs::write(&src, two_tensors(64)).unwrap();
+    cersa_ok(&["inspect", s(&src), "-q"]);
+}
+
 #[test]
 fn unknown_type() {
     let b = one_tensor(tinfo("blk.0.attn_q.weight", &[256, 1], 41, 0));

@@ -170,6 +170,17 @@ pub enum GgufError {
     /// Two tensors with one name.
     #[error("tensor `{0}` is listed twice")]
     DuplicateTensor(String),
+    /// A tensor not at the running sum of the padded sizes before it, which llama.cpp's
+    /// reader requires (so no two tensors share bytes).
+    #[error("tensor `{tensor}`: data offset {offset}, but the layout GGUF readers require puts it at {expected} (the sizes of the tensors listed before it, each padded to the alignment): {}", if .offset < .expected { "its bytes would overlap the tensor before it" } else { "a gap before it" })]
+    OffsetNotSequential {
+        /// Tensor name.
+        tensor: String,
+        /// Offset relative to the data section.
+        offset: u64,
+        /// The running sum of the padded sizes before it.
+        expected: u64,
+    },
 }
 
 /// One tensor of a GGUF file.
@@ -489,6 +500,9 @@ pub fn parse(b: &[u8]) -> R<GgufHeader> {
     let data_start = (c.pos as u64).next_multiple_of(alignment);
     let mut tensors = Vec::with_capacity(raw.len());
     let mut seen = std::collections::HashSet::new();
+    // Where the next tensor must start (llama.cpp's gguf reader: offsets are the running
+    // sum of the sizes before, each padded to the alignment).
+    let mut expected = 0u64;
     for (tname, ne, type_id, offset) in raw {
         if !seen.insert(tname.clone()) {
             return Err(GgufError::DuplicateTensor(tname));
@@ -516,6 +530,15 @@ pub fn parse(b: &[u8]) -> R<GgufHeader> {
                 data_start,
                 file_len: b.len(),
             })?;
+        if offset != expected {
+            return Err(GgufError::OffsetNotSequential {
+                tensor: tname,
+                offset,
+                expected,
+            });
+        }
+        // Within the file (checked above), so the padded end cannot overflow.
+        expected = (offset + bytes).next_multiple_of(alignment);
         tensors.push(GgufTensor {
             name: tname,
             ne,
