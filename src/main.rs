@@ -41,7 +41,7 @@ fn main() -> ExitCode {
         Ok(cersa::cli::Status::Ok) => ExitCode::SUCCESS,
         Ok(cersa::cli::Status::CheckFailed) => ExitCode::from(1),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", cersa::cli::error_chain(&e));
             ExitCode::from(2)
         }
     }

@@ -120,7 +120,7 @@ fn convert_plan(
 ) -> Result<()> {
     let plan = match (&a.plan, &a.budget) {
         (Some(path), _) => {
-            let text = std::fs::read(path)
+            let text = cersa_loader::regular::read_regular(path)
                 .with_context(|| format!("reading the plan {}", path.display()))?;
             let plan: crate::plan::Plan = serde_json::from_slice(&text)
                 .with_context(|| format!("{} is not a cersa plan", path.display()))?;
@@ -408,4 +408,32 @@ fn run_export(a: ExportArgs, cancel: &AtomicBool) -> Result<Status> {
         emit(&output::export_summary(&report))?;
     }
     Ok(Status::Ok)
+}
+
+/// The whole chain of `e`, joined by ": ", leaving out a cause whose text the message before
+/// it already ends with (library errors show their OS error in their own message too).
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+#[cfg(test)]
+mod chain_tests {
+    #[test]
+    fn a_cause_already_in_the_message_is_printed_once() {
+        let io = std::io::Error::other("disk on fire");
+        let e = crate::error::ConvertError::io(std::path::Path::new("/x"), "read", io);
+        let e = anyhow::Error::from(e).context("opening /x");
+        assert_eq!(super::error_chain(&e), "opening /x: /x: read: disk on fire");
+    }
 }
