@@ -101,11 +101,8 @@ impl Calibration {
             path: path.to_path_buf(),
             reason,
         };
-        if !path.is_file() {
-            return Err(bad(
-                "a calibration file must be a regular file (made by cersa_torch.calibrate)".into(),
-            ));
-        }
+        cersa_loader::regular::check_regular(path)
+            .map_err(|e| bad(format!("{e} (a calibration file of cersa_torch.calibrate)")))?;
         let source = SafetensorsSource::open(path)?;
         let meta = source.metadata();
         if meta.get("format").map(String::as_str) != Some(CALIBRATION_FORMAT) {
@@ -216,7 +213,8 @@ impl Calibration {
         let config = crate::side_files::source_dir(src).map(|d| d.join("config.json"));
         if let (Some(recorded), Some(config)) = (recorded, config.filter(|c| c.is_file())) {
             use sha2::{Digest, Sha256};
-            let bytes = std::fs::read(&config).map_err(|e| ConvertError::io(&config, "read", e))?;
+            let bytes = cersa_loader::regular::read_regular(&config)
+                .map_err(|e| ConvertError::io(&config, "read", e))?;
             let ours = cersa_loader::writer::hex(&Sha256::digest(&bytes));
             if ours != recorded {
                 return Err(ConvertError::Source {
@@ -311,7 +309,8 @@ impl Calibration {
 fn file_sha256(path: &Path) -> Result<String> {
     use sha2::{Digest, Sha256};
     use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| ConvertError::io(path, "open", e))?;
+    let mut f =
+        cersa_loader::regular::open_regular(path).map_err(|e| ConvertError::io(path, "open", e))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {

@@ -150,7 +150,8 @@ pub fn recover(
     tensor_count: usize,
 ) -> Result<(Journal, Recovered)> {
     let path = dir.join(JOURNAL_FILE);
-    let file = File::open(&path).map_err(|e| ConvertError::io(&path, "open", e))?;
+    let file = cersa_loader::regular::open_regular(&path)
+        .map_err(|e| ConvertError::io(&path, "open", e))?;
     let mut lines = BufReader::new(file).lines();
     let header: Option<JournalHeader> = lines
         .next()

@@ -417,8 +417,8 @@ fn write_merged(job: &MergeJob, tmp: &Path) -> Result<(Manifest, Vec<MergedLayer
         .fold((0, 0), |(p, b), s| (p + s.params, b + s.bytes));
     manifest.totals.stored_params = stored_params;
     manifest.totals.stored_bytes = stored_bytes;
-    let adapter_bytes =
-        std::fs::read(adapter_path).map_err(|e| ConvertError::io(adapter_path, "read", e))?;
+    let adapter_bytes = cersa_loader::regular::read_regular(adapter_path)
+        .map_err(|e| ConvertError::io(adapter_path, "read", e))?;
     let details = &mut manifest.source.details;
     details.insert(
         "merged_base_manifest_sha256".into(),

@@ -118,7 +118,7 @@ pub struct Adapter {
 /// The identity an adapter records: sha256 of the checkpoint's `cersa.json` bytes.
 pub fn manifest_sha256(dir: &Path) -> Result<String> {
     let path = dir.join(MANIFEST_FILE);
-    let text = std::fs::read(&path).map_err(|e| Error::io(&path, "read", e))?;
+    let text = crate::regular::read_regular(&path).map_err(|e| Error::io(&path, "read", e))?;
     Ok(hex(&Sha256::digest(&text)))
 }
 
@@ -256,7 +256,7 @@ impl Adapter {
                 format!("{len} bytes exceeds the adapter size cap"),
             ));
         }
-        let file = std::fs::read(path).map_err(|e| Error::io(path, "read", e))?;
+        let file = crate::regular::read_regular(path).map_err(|e| Error::io(path, "read", e))?;
         let header = safetensors::parse(&file).map_err(|kind| Error::Safetensors {
             path: path.to_path_buf(),
             kind,

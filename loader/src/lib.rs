@@ -14,6 +14,7 @@ pub mod manifest;
 pub mod memory;
 pub mod mmap;
 pub mod quant;
+pub mod regular;
 pub mod safetensors;
 pub mod validate;
 pub mod writer;

@@ -3,7 +3,6 @@
 
 use crate::error::{Error, Result};
 use memmap2::{Mmap, UncheckedAdvice};
-use std::fs::File;
 use std::path::Path;
 
 /// A read-only memory map of a whole file.
@@ -22,7 +21,7 @@ impl MappedFile {
     /// never modified in place; converters compare size and mtime of sources before and
     /// after use.
     pub unsafe fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io(path, "open", e))?;
+        let file = crate::regular::open_regular(path).map_err(|e| Error::io(path, "open", e))?;
         let len = file
             .metadata()
             .map_err(|e| Error::io(path, "stat", e))?

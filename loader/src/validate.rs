@@ -161,7 +161,9 @@ pub(crate) fn load_manifest(dir: &Path) -> Result<Manifest, Box<Issue>> {
     let rule = |kind, detail, expected: String, found: String| {
         Box::new(Issue::new(kind, MANIFEST_FILE, detail).expected_found(expected, found))
     };
-    let len = std::fs::metadata(&path).map_err(unreadable)?.len();
+    let len = crate::regular::check_regular(&path)
+        .map_err(unreadable)?
+        .len();
     if len > MAX_MANIFEST_SIZE {
         return Err(rule(
             IssueKind::ManifestTooLarge,
@@ -170,7 +172,7 @@ pub(crate) fn load_manifest(dir: &Path) -> Result<Manifest, Box<Issue>> {
             format!("{len} bytes"),
         ));
     }
-    let text = std::fs::read(&path).map_err(unreadable)?;
+    let text = crate::regular::read_regular(&path).map_err(unreadable)?;
     let manifest: Manifest = serde_json::from_slice(&text).map_err(|e| {
         let kind = match e.classify() {
             serde_json::error::Category::Data => IssueKind::ManifestInvalid,
@@ -560,7 +562,8 @@ impl Run<'_> {
                 format!("cannot read the shard: {e}"),
             )
         };
-        let len = match std::fs::metadata(&path) {
+        // A FIFO or device under the name is reported, never opened.
+        let len = match crate::regular::check_regular(&path) {
             Ok(meta) => meta.len(),
             Err(e) => {
                 self.push(missing(e.to_string()))?;

@@ -450,7 +450,7 @@ pub fn header_base_bound() -> u64 {
 /// Size and lowercase hex sha256 of the file at `path` (how shards are checksummed, and
 /// re-verified by the converter's journal and `cersa verify`).
 pub fn sha256_file(path: &Path) -> std::io::Result<(u64, String)> {
-    let mut f = File::open(path)?;
+    let mut f = crate::regular::open_regular(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 8 << 20];
     let mut total = 0u64;

@@ -51,7 +51,7 @@ fn check_replaceable(out: &Path) -> Result<()> {
         return Err(refuse("it is not a directory"));
     }
     let manifest = out.join(cersa_loader::MANIFEST_FILE);
-    let text = std::fs::read(&manifest)
+    let text = cersa_loader::regular::read_regular(&manifest)
         .map_err(|_| refuse("it holds no readable cersa.json (not a CERSA directory)"))?;
     let format = serde_json::from_slice::<serde_json::Value>(&text)
         .ok()

@@ -20,7 +20,8 @@ pub(crate) fn read_index(index: &Path) -> Result<BTreeMap<String, String>> {
             reason: format!("index is {len} bytes, over the {MAX_INDEX_SIZE}-byte cap"),
         });
     }
-    let text = std::fs::read(index).map_err(|e| ConvertError::io(index, "read", e))?;
+    let text = cersa_loader::regular::read_regular(index)
+        .map_err(|e| ConvertError::io(index, "read", e))?;
     #[derive(serde::Deserialize)]
     struct Index {
         weight_map: BTreeMap<String, String>,

@@ -258,7 +258,7 @@ pub fn detect_format(path: &Path) -> Result<&'static str> {
         return Ok("safetensors");
     }
     let mut magic = [0u8; 4];
-    let read = std::fs::File::open(path)
+    let read = cersa_loader::regular::open_regular(path)
         .and_then(|mut f| std::io::Read::read(&mut f, &mut magic))
         .map_err(|e| ConvertError::io(path, "read", e))?;
     // A `.gguf` name with a wrong magic is read as GGUF too, so its error says why.

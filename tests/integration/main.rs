@@ -18,5 +18,6 @@ mod quant;
 mod report;
 mod resume;
 mod side_files;
+mod special_files;
 mod verify;
 mod whitened;
