@@ -671,3 +671,74 @@ fn inspect_and_plan_with_calibration_work_in_the_output_metric_convert_truncates
         assert!(m.totals.stored_bytes <= plan.totals.budget_bytes);
     }
 }
+
+/// Whitened truncation with block-quantized factors: the manifest's output error is that of
+/// the factors as stored (dequantized), recomputed from the explicit inputs, and `verify
+/// --calibration` agrees; quantization adds error on top of truncation, never removes it.
+#[test]
+fn whitened_q8_0_factors_record_the_output_error_as_stored() {
+    let dir = tmp();
+    let (src, calib, f32_out) = whitened(dir.path(), "0.9");
+    let out = dir.path().join("white-q8");
+    cersa_ok(&[
+        "convert",
+        s(&src),
+        s(&out),
+        "--energy",
+        "0.9",
+        "--calibration",
+        s(&calib),
+        "--dtype",
+        "q8_0",
+        "-q",
+    ]);
+    let (ckpt, plain) = (
+        Checkpoint::open(&out).unwrap(),
+        Checkpoint::open(&f32_out).unwrap(),
+    );
+    let x = inputs(1, 40);
+    let name = "layer.0.proj.weight";
+    let (info, f32_info) = (
+        &ckpt.manifest().tensors[name],
+        &plain.manifest().tensors[name],
+    );
+    assert_eq!(
+        info.rank, f32_info.rank,
+        "quantization does not change the rank"
+    );
+    let TensorView::Factored(f) = ckpt.get(name).unwrap() else {
+        panic!("{name} is factored");
+    };
+    let (u, sv, vt) = f.values_f64().unwrap();
+    let (m, n, r) = (48, 40, sv.len());
+    let what: Vec<f64> = (0..m * n)
+        .map(|k| {
+            (0..r)
+                .map(|c| u[(k / n) * r + c] * sv[c] * vt[c * n + k % n])
+                .sum()
+        })
+        .collect();
+    let want = output_error_by_definition(&matrix(10, m, n), &what, m, n, &x, 1);
+    let got = info.whitening.as_ref().unwrap().output_rel_error;
+    assert!(
+        (got - want).abs() < 1e-5 * want.max(1.0),
+        "manifest {got} vs {want}"
+    );
+    let unquantized = f32_info.whitening.as_ref().unwrap().output_rel_error;
+    assert!(got >= unquantized * (1.0 - 1e-9), "{got} < {unquantized}");
+    drop((ckpt, plain));
+    let r = report(
+        &[
+            "verify",
+            s(&out),
+            "--source",
+            s(&src),
+            "--calibration",
+            s(&calib),
+            "--json",
+            "-q",
+        ],
+        0,
+    );
+    assert!(r.ok && r.counts.output_errors_compared == 2, "{r:?}");
+}
