@@ -76,6 +76,17 @@ pub enum ConvertError {
         "{0}: output directory already exists and is not empty (remove it, choose another path, or pass --overwrite to replace a CERSA directory)"
     )]
     OutputExists(PathBuf),
+    /// Another run holds the output's lock (it is converting, resuming, merging or exporting
+    /// into the same path right now).
+    #[error(
+        "{out}: another cersa run is writing this output right now (it holds the lock {lock}); wait for it to finish, or stop it and rerun with --resume"
+    )]
+    OutputLocked {
+        /// The output path.
+        out: PathBuf,
+        /// The lock file beside it.
+        lock: PathBuf,
+    },
     /// `--overwrite` found something other than a CERSA directory at the output path.
     #[error("{path}: refusing to replace it with --overwrite: {reason}; only a CERSA directory (holding a cersa.json of format `cersa`) is replaced, anything else is left untouched")]
     NotReplaceable {

@@ -4,9 +4,92 @@
 //! after it, so at every moment one complete output exists (a crash in between leaves both
 //! hidden siblings; the next successful run removes the stale one).
 
+//!
+//! Two runs into the same `OUT` at once are refused: each holds an exclusive `flock` on the
+//! sibling `.OUT.cersa-lock` from before it touches the partial directory until it has
+//! renamed it into place (the kernel drops the lock of a killed run, so `--resume` after a
+//! crash is never locked out).
+
 use crate::error::{ConvertError, Result};
 use crate::journal;
+use std::fs::{File, TryLockError};
 use std::path::{Path, PathBuf};
+
+/// The exclusive lock of one output path, released (and its file removed) on drop.
+#[derive(Debug)]
+struct OutputLock {
+    path: PathBuf,
+    // Held open: closing the descriptor releases the flock.
+    _file: Option<File>,
+}
+
+impl OutputLock {
+    fn acquire(out: &Path) -> Result<Self> {
+        let (_, path) = sibling(out, "lock")?;
+        let locked = || ConvertError::OutputLocked {
+            out: out.to_path_buf(),
+            lock: path.clone(),
+        };
+        // A run that removed the file after we opened it but before we locked it leaves us
+        // holding a lock on an unlinked inode while a third run locks a new file: recheck
+        // that the path is still our file, and retry if not.
+        for _ in 0..8 {
+            let file = File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(|e| ConvertError::io(&path, "create lock file", e))?;
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(TryLockError::WouldBlock) => return Err(locked()),
+                // Filesystems without flock: proceed unlocked, as before locks existed.
+                Err(TryLockError::Error(e)) if lock_unsupported(&e) => {
+                    return Ok(OutputLock { path, _file: None })
+                }
+                Err(TryLockError::Error(e)) => {
+                    return Err(ConvertError::io(&path, "lock", e));
+                }
+            }
+            if same_file(&file, &path) {
+                return Ok(OutputLock {
+                    path,
+                    _file: Some(file),
+                });
+            }
+        }
+        Err(locked())
+    }
+}
+
+fn lock_unsupported(e: &std::io::Error) -> bool {
+    // As some network filesystems answer.
+    e.kind() == std::io::ErrorKind::Unsupported
+        || matches!(e.raw_os_error(), Some(libc::ENOLCK | libc::EOPNOTSUPP))
+}
+
+#[cfg(unix)]
+fn same_file(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn same_file(_file: &File, _path: &Path) -> bool {
+    true
+}
+
+impl Drop for OutputLock {
+    fn drop(&mut self) {
+        // Removed while still held, so a waiting run's recheck sees the change.
+        if self._file.is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
 
 /// Where a run writes before its output appears.
 #[derive(Debug)]
@@ -17,6 +100,8 @@ pub(crate) struct Staging {
     pub resumable: bool,
     /// An existing CERSA directory at the output path is replaced on commit.
     replace: bool,
+    /// Held for the whole run (dropped with the staging).
+    _lock: OutputLock,
 }
 
 /// `.NAME.cersa-SUFFIX` beside `out`, and the parent directory (created if missing).
@@ -66,6 +151,10 @@ fn check_replaceable(out: &Path) -> Result<()> {
 /// output is written into. A non-empty `out` is an error unless `overwrite` and it is a
 /// CERSA directory.
 pub(crate) fn prepare_output(out: &Path, resume: bool, overwrite: bool) -> Result<Staging> {
+    let (parent, tmp) = sibling(out, "partial")?;
+    std::fs::create_dir_all(&parent)
+        .map_err(|e| ConvertError::io(&parent, "create directory", e))?;
+    let lock = OutputLock::acquire(out)?;
     let replace = !is_free(out);
     if replace {
         if !overwrite {
@@ -73,23 +162,21 @@ pub(crate) fn prepare_output(out: &Path, resume: bool, overwrite: bool) -> Resul
         }
         check_replaceable(out)?;
     }
-    let (parent, tmp) = sibling(out, "partial")?;
-    std::fs::create_dir_all(&parent)
-        .map_err(|e| ConvertError::io(&parent, "create directory", e))?;
-    let staging = |resumable| Staging {
+    let staging = |resumable, lock| Staging {
         partial: tmp.clone(),
         resumable,
         replace,
+        _lock: lock,
     };
     if resume && tmp.join(journal::JOURNAL_FILE).is_file() {
-        return Ok(staging(true));
+        return Ok(staging(true, lock));
     }
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)
             .map_err(|e| ConvertError::io(&tmp, "remove stale partial output", e))?;
     }
     std::fs::create_dir(&tmp).map_err(|e| ConvertError::io(&tmp, "create directory", e))?;
-    Ok(staging(false))
+    Ok(staging(false, lock))
 }
 
 /// Renames the complete partial directory to `out`, replacing what `prepare_output`

@@ -373,3 +373,104 @@ fn source_changed_mid_run_stops_with_an_error() {
     assert!(!out.exists());
     assert!(!partial_dir(&out).exists());
 }
+
+fn lock_file(out: &Path) -> PathBuf {
+    let name = out.file_name().unwrap().to_string_lossy();
+    out.with_file_name(format!(".{name}.cersa-lock"))
+}
+
+/// While another process holds the output's lock, convert (fresh, `--resume`, `--overwrite`)
+/// and merge into that path stop with a clear error and touch nothing; once it is released
+/// the same command runs and removes the lock file.
+#[test]
+fn a_held_output_lock_refuses_every_writer_and_touches_nothing() {
+    let dir = tmp();
+    let src = make_source(dir.path());
+    let out = dir.path().join("out");
+    // A partial run to resume, then the lock held by this (test) process.
+    std::fs::create_dir_all(partial_dir(&out)).unwrap();
+    std::fs::write(partial_dir(&out).join("journal.jsonl"), "{}\n").unwrap();
+    let lock = std::fs::File::create(lock_file(&out)).unwrap();
+    lock.lock().unwrap();
+    let before = listing(dir.path());
+    for extra in [&[][..], &["--resume"], &["--overwrite"]] {
+        let mut args = vec!["convert", s(&src), s(&out), "-q"];
+        args.extend_from_slice(extra);
+        let err = cersa_fails(&args, 2);
+        assert!(
+            err.contains("another cersa run is writing this output")
+                && err.contains(".out.cersa-lock"),
+            "{extra:?}: {err}"
+        );
+        assert_eq!(listing(dir.path()), before, "{extra:?} touched files");
+    }
+    drop(lock);
+    std::fs::remove_dir_all(partial_dir(&out)).unwrap();
+    cersa_ok(&["convert", s(&src), s(&out), "-q"]);
+    assert!(Checkpoint::open(&out).is_ok());
+    assert!(
+        !lock_file(&out).exists(),
+        "the lock file is removed after the run"
+    );
+}
+
+/// Two real runs: the second starts while the first is stopped (SIGSTOP) mid-conversion;
+/// it is refused, and the first then completes with the bytes of a clean run.
+#[test]
+fn a_second_convert_into_a_running_output_is_refused() {
+    let dir = tmp();
+    let src = make_source(dir.path());
+    let clean_dir = dir.path().join("clean");
+    cersa_ok(&[
+        "convert",
+        s(&src),
+        s(&clean_dir),
+        "-q",
+        "--max-shard-size",
+        SHARD_SIZE,
+    ]);
+    let out = dir.path().join("out");
+    let child = spawn(&src, &out, "1", false);
+    let pid = child.id().to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while journal_lines(&out) < 1 && !out.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    let _ = Command::new("kill").args(["-STOP", &pid]).status();
+    let running = !out.exists();
+    if running {
+        for extra in [&[][..], &["--resume"]] {
+            let mut args = vec!["convert", s(&src), s(&out), "-q"];
+            args.extend_from_slice(extra);
+            let err = cersa_fails(&args, 2);
+            assert!(err.contains("another cersa run"), "{extra:?}: {err}");
+        }
+    } else {
+        eprintln!("lock: the first run finished before it could be stopped; nothing raced");
+    }
+    let _ = Command::new("kill").args(["-CONT", &pid]).status();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(contents(&out) == contents(&clean_dir));
+}
+
+fn listing(dir: &Path) -> Vec<(PathBuf, u64)> {
+    let mut all = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p.clone());
+            }
+            let len = std::fs::metadata(&p).unwrap().len();
+            all.push((p, len));
+        }
+    }
+    all.sort();
+    all
+}
