@@ -23,6 +23,9 @@ fn return_large_buffers_to_os() {}
 
 fn main() -> ExitCode {
     return_large_buffers_to_os();
+    cersa_loader::mmap::report_sigbus_as_error(
+        "; cersa stopped (exit 2) without trusting what it read: restore the file and rerun (convert keeps its finished shards for --resume)",
+    );
     let cli = cersa::cli::args::Cli::parse_args(std::env::args_os()).unwrap_or_else(|e| e.exit());
     let cancel = Arc::new(AtomicBool::new(false));
     let flag = cancel.clone();

@@ -5,6 +5,7 @@ mod util;
 mod convert;
 mod cuda_route;
 mod export;
+mod faults;
 mod gguf;
 mod gguf_split;
 mod lapack;

@@ -380,8 +380,8 @@ fn lock_file(out: &Path) -> PathBuf {
 }
 
 /// While another process holds the output's lock, convert (fresh, `--resume`, `--overwrite`)
-/// and merge into that path stop with a clear error and touch nothing; once it is released
-/// the same command runs and removes the lock file.
+/// into that path stops with a clear error and touches nothing; once it is released the
+/// same command runs and removes the lock file.
 #[test]
 fn a_held_output_lock_refuses_every_writer_and_touches_nothing() {
     let dir = tmp();
