@@ -249,6 +249,8 @@ mod tests {
         cersa_dir(&dir.path().join(".out.cersa-replaced"), "cersa");
         commit(&staging, &out).unwrap();
         assert!(out.join("new").is_file() && !out.join("old").exists());
+        // Releasing the lock removes its file.
+        drop(staging);
         let mut left: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -181,7 +181,7 @@ fn upload_scaled<T: Copy + Into<f64>>(
     // frobenius2's order: sums of 4096-entry blocks, added in sequence (STAGING is a multiple
     // of 4096, so the blocks are the same).
     const BLOCK: usize = 4096;
-    const _: () = assert!(STAGING % BLOCK == 0);
+    const _: () = assert!(STAGING.is_multiple_of(BLOCK));
     let st = g.stream.clone();
     let mut d_a = st
         .alloc_zeros::<f64>(w.len())

@@ -197,7 +197,7 @@ fn tinfo(name: &str, ne: &[u64], ty: u32, offset: u64) -> Vec<u8> {
 fn one_tensor(info: Vec<u8>) -> Vec<u8> {
     let mut v = head(3, 1, 0);
     v.extend(info);
-    while v.len() % 32 != 0 {
+    while !v.len().is_multiple_of(32) {
         v.push(0);
     }
     v.extend([0x3f; 64]);
@@ -341,7 +341,7 @@ fn two_tensors(b_offset: u64) -> Vec<u8> {
     let mut v = head(3, 2, 0);
     v.extend(tinfo("a", &[4, 4], 0, 0));
     v.extend(tinfo("b", &[4, 4], 0, b_offset));
-    while v.len() % 32 != 0 {
+    while !v.len().is_multiple_of(32) {
         v.push(0);
     }
     v.extend([0x3f; 192]);

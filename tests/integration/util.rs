@@ -134,7 +134,7 @@ pub fn gguf_bytes(kvs: &[Kv], tensors: &[(&str, Vec<u64>, Vec<f32>)]) -> Vec<u8>
         offset += (values.len() as u64 * 4).next_multiple_of(32);
     }
     for (_, _, values) in tensors {
-        while v.len() % 32 != 0 {
+        while !v.len().is_multiple_of(32) {
             v.push(0);
         }
         values.iter().for_each(|x| v.extend(x.to_le_bytes()));
