@@ -294,7 +294,7 @@ fn write_merged(job: &MergeJob, tmp: &Path) -> Result<(Manifest, Vec<MergedLayer
     } = *job;
     let mut manifest = ckpt.manifest().clone();
     // The base's side files (config.json, tokenizer files) travel with it.
-    manifest.side_files = crate::side_files::carry_side_files(ckpt, tmp)?;
+    manifest.side_files = crate::side_files::carry_side_files(ckpt, tmp, true)?;
     let mut writer = CheckpointWriter::new(tmp, manifest.config.max_shard_size);
     let mut merged = Vec::new();
     let names: Vec<String> = ckpt.names().map(str::to_string).collect();

@@ -34,6 +34,11 @@ pub const SIDE_FILES: &[&str] = &[
     "vocab.txt",
 ];
 
+/// The side file `convert` writes itself for a GGUF source: the source's metadata pairs
+/// in a GGUF file with no tensors ([`crate::input::Source::gguf_metadata`]). Carried by
+/// `merge`, read by `export --to gguf`; never copied from a source directory.
+pub const SOURCE_METADATA: &str = "source-metadata.gguf";
+
 /// Largest side file copied (64 MiB); a larger one is an error naming it.
 pub const MAX_SIDE_FILE_BYTES: u64 = 64 << 20;
 
@@ -169,15 +174,49 @@ fn copy_one(src: &Path, dest: &Path, name: &str) -> Result<Option<SideFile>> {
     }))
 }
 
+/// Writes the generated side file `name` into `to` and lists it.
+pub fn write_generated(to: &Path, name: &str, bytes: &[u8]) -> Result<SideFile> {
+    let dest = to.join(name);
+    let mut f = File::create(&dest).map_err(|e| ConvertError::io(&dest, "create", e))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| ConvertError::io(&dest, "write", e))?;
+    Ok(SideFile {
+        file: name.to_string(),
+        bytes: bytes.len() as u64,
+        sha256: hex(&Sha256::digest(bytes)),
+    })
+}
+
+/// Inserts `file` into the name-ordered list `files` (replacing one of the same name).
+pub fn insert_side_file(files: &mut Vec<SideFile>, file: SideFile) {
+    files.retain(|f| f.file != file.file);
+    let at = files.partition_point(|f| f.file < file.file);
+    files.insert(at, file);
+}
+
 /// Copies a CERSA checkpoint's side files into `to` (`merge`, `export`), checking that
-/// every one its manifest lists is still there.
-pub fn carry_side_files(ckpt: &cersa_loader::Checkpoint, to: &Path) -> Result<Vec<SideFile>> {
-    let copied = copy_side_files(ckpt.dir(), to)?;
+/// every one its manifest lists is still there. `generated`: also [`SOURCE_METADATA`]
+/// (a CERSA directory keeps it, a Hugging Face export does not need it).
+pub fn carry_side_files(
+    ckpt: &cersa_loader::Checkpoint,
+    to: &Path,
+    generated: bool,
+) -> Result<Vec<SideFile>> {
+    let mut copied = copy_side_files(ckpt.dir(), to)?;
+    let listed = |name: &str| ckpt.manifest().side_files.iter().any(|f| f.file == name);
+    if generated && listed(SOURCE_METADATA) {
+        let (from, dest) = (ckpt.dir().join(SOURCE_METADATA), to.join(SOURCE_METADATA));
+        if let Some(file) = copy_one(&from, &dest, SOURCE_METADATA)? {
+            insert_side_file(&mut copied, file);
+        }
+    }
+    let skipped = |name: &str| !generated && name == SOURCE_METADATA;
     if let Some(lost) = ckpt
         .manifest()
         .side_files
         .iter()
-        .find(|listed| !copied.iter().any(|f| f.file == listed.file))
+        .find(|listed| !skipped(&listed.file) && !copied.iter().any(|f| f.file == listed.file))
     {
         return Err(ConvertError::Source {
             path: ckpt.dir().join(&lost.file),

@@ -81,6 +81,9 @@ pub enum ExportTarget {
     /// A PEFT LoRA adapter directory of `--adapter` (ΔW exactly as lora_B·lora_A) for the
     /// `--to safetensors` export of the same checkpoint without the adapter.
     Peft,
+    /// One GGUF file for llama.cpp, `OUT_DIR/model.gguf`, with every metadata key of the
+    /// GGUF source the checkpoint was converted from.
+    Gguf,
 }
 
 /// Output dtype of `cersa export`.
@@ -94,6 +97,15 @@ pub enum ExportDtype {
     F16,
     /// bfloat16.
     Bf16,
+    /// GGML Q8_0 blocks (`--to gguf` only).
+    #[value(name = "q8_0")]
+    Q8_0,
+    /// GGML Q5_0 blocks (`--to gguf` only).
+    #[value(name = "q5_0")]
+    Q5_0,
+    /// GGML Q4_0 blocks (`--to gguf` only).
+    #[value(name = "q4_0")]
+    Q4_0,
 }
 
 /// `cersa export`.
@@ -110,8 +122,10 @@ pub struct ExportArgs {
     /// `--to safetensors`, exported on its own with `--to peft` (required there).
     #[arg(long, required_if_eq("target", "peft"))]
     pub adapter: Option<PathBuf>,
-    /// Dtype of the float tensors written.
-    #[arg(long, value_enum, default_value_t = ExportDtype::Source)]
+    /// Dtype of the float tensors written. With `--to gguf`, an explicit type applies to
+    /// tensors of two or more dimensions (one-dimensional ones stay F32, rows that are not
+    /// whole 32-value blocks fall back to F16, as llama.cpp's converter does).
+    #[arg(long, alias = "type", value_enum, default_value_t = ExportDtype::Source)]
     pub dtype: ExportDtype,
     /// Largest shard (e.g. 5GB, 500MiB, bytes); more shards get an index file.
     #[arg(long, default_value = "5GB")]
@@ -135,10 +149,39 @@ impl ExportArgs {
             ExportDtype::F32 => Some(cersa_loader::Dtype::F32),
             ExportDtype::F16 => Some(cersa_loader::Dtype::F16),
             ExportDtype::Bf16 => Some(cersa_loader::Dtype::BF16),
+            ExportDtype::Q8_0 | ExportDtype::Q5_0 | ExportDtype::Q4_0 => {
+                bail!(
+                    "--dtype {:?} (a GGML block type) needs --to gguf",
+                    self.dtype
+                )
+            }
         };
         Ok(crate::export::ExportOptions {
             dtype,
             max_shard_size: parse_size(&self.max_shard_size).context("--max-shard-size")?,
+            threads: threads(self.threads)?,
+            adapter: self.adapter.clone(),
+        })
+    }
+}
+
+impl ExportArgs {
+    /// The library options of `--to gguf`.
+    pub fn to_gguf_options(&self) -> Result<crate::export::gguf::GgufOptions> {
+        use crate::export::gguf::GgufTarget;
+        use cersa_loader::quant::Quant;
+        use cersa_loader::Dtype;
+        let target = match self.dtype {
+            ExportDtype::Source => GgufTarget::Source,
+            ExportDtype::F32 => GgufTarget::Float(Dtype::F32),
+            ExportDtype::F16 => GgufTarget::Float(Dtype::F16),
+            ExportDtype::Bf16 => GgufTarget::Float(Dtype::BF16),
+            ExportDtype::Q8_0 => GgufTarget::Quant(Quant::Q8_0),
+            ExportDtype::Q5_0 => GgufTarget::Quant(Quant::Q5_0),
+            ExportDtype::Q4_0 => GgufTarget::Quant(Quant::Q4_0),
+        };
+        Ok(crate::export::gguf::GgufOptions {
+            target,
             threads: threads(self.threads)?,
             adapter: self.adapter.clone(),
         })

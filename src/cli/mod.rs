@@ -356,6 +356,9 @@ fn run_merge(a: MergeArgs, cancel: &AtomicBool) -> Result<Status> {
 }
 
 fn run_export(a: ExportArgs, cancel: &AtomicBool) -> Result<Status> {
+    if a.target == args::ExportTarget::Gguf {
+        return run_export_gguf(a, cancel);
+    }
     let opts = a.to_options()?;
     if a.target == args::ExportTarget::Peft {
         let adapter = a.adapter.as_deref().context("--to peft needs --adapter")?;
@@ -406,6 +409,35 @@ fn run_export(a: ExportArgs, cancel: &AtomicBool) -> Result<Status> {
         emit_json(&report)?;
     } else {
         emit(&output::export_summary(&report))?;
+    }
+    Ok(Status::Ok)
+}
+
+fn run_export_gguf(a: ExportArgs, cancel: &AtomicBool) -> Result<Status> {
+    let opts = a.to_gguf_options()?;
+    let bar = progress_bar(a.quiet, 0);
+    let report = crate::export::gguf::export_gguf(
+        &a.cersa_dir,
+        &a.out_dir,
+        &opts,
+        &|done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+        cancel,
+    )
+    .with_context(|| {
+        format!(
+            "exporting {} to GGUF {}",
+            a.cersa_dir.display(),
+            a.out_dir.display()
+        )
+    })?;
+    bar.finish_and_clear();
+    if a.json {
+        emit_json(&report)?;
+    } else {
+        emit(&output::gguf_export_summary(&report))?;
     }
     Ok(Status::Ok)
 }

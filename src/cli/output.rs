@@ -193,3 +193,29 @@ pub fn export_summary(r: &crate::export::ExportReport) -> String {
     }
     out
 }
+
+/// `cersa export --to gguf` without `--json`.
+pub fn gguf_export_summary(r: &crate::export::gguf::GgufReport) -> String {
+    let types: Vec<String> = r.types.iter().map(|(t, n)| format!("{n} {t}")).collect();
+    let mut out = format!(
+        "wrote {}: {} tensors ({} recomposed from factors{}; {}), {} metadata keys, {}\n",
+        r.file.display(),
+        r.tensors,
+        r.recomposed,
+        match r.adapted {
+            0 => String::new(),
+            n => format!(", {n} with the adapter folded in"),
+        },
+        types.join(", "),
+        r.metadata_keys,
+        human(r.bytes),
+    );
+    if !r.fallbacks.is_empty() {
+        out += &format!(
+            "{} tensor(s) written as F16 (rows not whole 32-value blocks): {}\n",
+            r.fallbacks.len(),
+            r.fallbacks.join(", ")
+        );
+    }
+    out
+}

@@ -162,6 +162,14 @@ pub fn convert(
         Some(dir) => crate::side_files::copy_side_files(&dir, &tmp),
         None => Ok(Vec::new()),
     };
+    let result = result.and_then(|mut files| {
+        if let Some(bytes) = src.gguf_metadata() {
+            let name = crate::side_files::SOURCE_METADATA;
+            let file = crate::side_files::write_generated(&tmp, name, &bytes)?;
+            crate::side_files::insert_side_file(&mut files, file);
+        }
+        Ok(files)
+    });
     let result = result.and_then(|side_files| {
         let job = schedule::Job {
             src,

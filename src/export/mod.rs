@@ -11,6 +11,7 @@
 //! a hidden sibling directory renamed into place at the end, as `convert` does.
 //! [`peft`] writes the adapter alone as a PEFT LoRA directory.
 
+pub mod gguf;
 pub mod peft;
 
 use crate::error::{ConvertError, Result};
@@ -136,22 +137,45 @@ fn product(left: &[f64], right: &[f64], m: usize, q: usize, n: usize) -> Vec<f64
     w
 }
 
-/// The bytes of one output tensor.
-fn tensor_bytes(ckpt: &Checkpoint, adapter: Option<&Adapter>, p: &Planned) -> Result<Vec<u8>> {
-    let fail = |reason: String| ConvertError::Tensor {
+/// One tensor's content before it is written.
+enum Values<'a> {
+    /// A dense tensor's stored bytes.
+    Stored(Dtype, &'a [u8]),
+    /// Values in f64, row-major (a recomposed W, or a dense tensor to be cast).
+    F64(Vec<f64>),
+}
+
+/// An error about tensor `name` of the checkpoint.
+fn tensor_error(ckpt: &Checkpoint, name: &str, reason: String) -> ConvertError {
+    ConvertError::Tensor {
         path: ckpt.dir().to_path_buf(),
-        tensor: p.name.clone(),
+        tensor: name.to_string(),
         reason,
-    };
-    let values = match ckpt.get(&p.name)? {
-        TensorView::Dense(t) if t.dtype == p.dtype => return Ok(t.bytes.to_vec()),
-        TensorView::Dense(t) => decode_f64(t.dtype, t.bytes)
-            .ok_or_else(|| fail(format!("cannot read {} values", t.dtype)))?,
-        TensorView::Factored(f) => {
+    }
+}
+
+/// Tensor `name` as stored (dense), or recomposed in f64 (factored, with the adapter's
+/// update when it adapts this tensor); `as_f64` also decodes a dense tensor.
+fn tensor_values<'a>(
+    ckpt: &'a Checkpoint,
+    adapter: Option<&Adapter>,
+    name: &str,
+    keep: Option<Dtype>,
+) -> Result<Values<'a>> {
+    let fail = |reason: String| tensor_error(ckpt, name, reason);
+    Ok(match ckpt.get(name)? {
+        TensorView::Dense(t) if Some(t.dtype) == keep || !t.dtype.is_factor_float() => {
+            Values::Stored(t.dtype, t.bytes)
+        }
+        TensorView::Dense(t) => Values::F64(
+            decode_f64(t.dtype, t.bytes)
+                .ok_or_else(|| fail(format!("cannot read {} values", t.dtype)))?,
+        ),
+        TensorView::Factored(f) => Values::F64({
             let [m, n] = f.matrix_shape;
-            match adapter.filter(|a| a.layers.contains_key(&p.name)) {
+            match adapter.filter(|a| a.layers.contains_key(name)) {
                 Some(a) => {
-                    let (left, right, q) = a.adapted_product(ckpt, &p.name)?;
+                    let (left, right, q) = a.adapted_product(ckpt, name)?;
                     product(&left, &right, m, q, n)
                 }
                 None => {
@@ -165,9 +189,22 @@ fn tensor_bytes(ckpt: &Checkpoint, adapter: Option<&Adapter>, p: &Planned) -> Re
                     product(&u, &vt, m, r, n)
                 }
             }
-        }
-    };
-    encode_f64(p.dtype, &values).ok_or_else(|| fail(format!("cannot write it as {}", p.dtype)))
+        }),
+    })
+}
+
+/// The bytes of one output tensor.
+fn tensor_bytes(ckpt: &Checkpoint, adapter: Option<&Adapter>, p: &Planned) -> Result<Vec<u8>> {
+    match tensor_values(ckpt, adapter, &p.name, Some(p.dtype))? {
+        Values::Stored(dtype, bytes) if dtype == p.dtype => Ok(bytes.to_vec()),
+        Values::Stored(dtype, _) => Err(tensor_error(
+            ckpt,
+            &p.name,
+            format!("cannot write {dtype} values as {}", p.dtype),
+        )),
+        Values::F64(values) => encode_f64(p.dtype, &values)
+            .ok_or_else(|| tensor_error(ckpt, &p.name, format!("cannot write it as {}", p.dtype))),
+    }
 }
 
 /// Exports the checkpoint at `dir` to a Hugging Face safetensors directory `out` (which
@@ -302,7 +339,7 @@ fn write_all(job: &Job, tmp: &Path) -> Result<ExportReport> {
             bytes: text.len() as u64,
         });
     }
-    let side = crate::side_files::carry_side_files(job.ckpt, tmp)?;
+    let side = crate::side_files::carry_side_files(job.ckpt, tmp, false)?;
     let adapted = job.adapter.map_or(0, |a| {
         job.planned
             .iter()

@@ -146,6 +146,13 @@ pub trait Source: Send + Sync {
     fn details(&self) -> BTreeMap<String, serde_json::Value> {
         BTreeMap::new()
     }
+    /// For a GGUF source: a GGUF file with no tensors holding every metadata pair of the
+    /// source (architecture, tokenizer, chat template, …; the `split.*` keys of a split
+    /// model left out), byte for byte — kept in the CERSA directory so `export --to gguf`
+    /// works after the source is gone.
+    fn gguf_metadata(&self) -> Option<Vec<u8>> {
+        None
+    }
     /// Globs excluded from factoring by default in this format, on top of the common ones.
     fn default_excludes(&self) -> &'static [&'static str] {
         &[]

@@ -113,6 +113,60 @@ fn quantized_gguf_sources_export_bf16_factored_tensors() {
     assert!(factored > 0);
 }
 
+/// `--to gguf` from a GGUF checkpoint: the JSON report parses into `GgufReport`, the file
+/// reads back through cersa's own GGUF reader with every tensor of the checkpoint in its
+/// shape, the bytes do not depend on `--threads`, and the manifest lists the metadata file.
+#[test]
+fn gguf_export_reads_back_and_is_thread_independent() {
+    use cersa::export::gguf::GgufReport;
+    let dir = tmp();
+    let base = dir.path().join("base");
+    cersa_ok(&["convert", s(&fixture("gguf/kquants.gguf")), s(&base), "-q"]);
+    let man = cersa_loader::read_manifest(&base).unwrap();
+    let mut files = Vec::new();
+    for threads in ["1", "2"] {
+        let out = dir.path().join(format!("out{threads}"));
+        let json = cersa_ok(&[
+            "export",
+            s(&base),
+            s(&out),
+            "--to",
+            "gguf",
+            "--dtype",
+            "q8_0",
+            "--threads",
+            threads,
+            "--json",
+            "-q",
+        ]);
+        let r: GgufReport = serde_json::from_str(&json).unwrap();
+        assert_eq!(r.report_version, EXPORT_REPORT_VERSION);
+        assert_eq!(r.tensors, man.tensors.len());
+        assert_eq!(r.types.values().sum::<usize>(), r.tensors);
+        assert!(r.metadata_keys > 0);
+        let src = cersa::input::open(&r.file).unwrap();
+        let got: BTreeMap<_, _> = src
+            .tensors()
+            .iter()
+            .map(|t| (t.name.clone(), t.shape.clone()))
+            .collect();
+        let want: BTreeMap<_, _> = man
+            .tensors
+            .iter()
+            .map(|(n, i)| (n.clone(), i.shape.clone()))
+            .collect();
+        assert_eq!(got, want);
+        files.push(std::fs::read(&r.file).unwrap());
+    }
+    assert!(files[0] == files[1], "bytes depend on --threads");
+    let listed = |m: &cersa_loader::Manifest| {
+        m.side_files
+            .iter()
+            .any(|f| f.file == cersa::side_files::SOURCE_METADATA)
+    };
+    assert!(listed(&man));
+}
+
 #[test]
 fn bad_exports_fail_by_name_and_leave_nothing() {
     let dir = tmp();

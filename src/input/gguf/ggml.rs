@@ -52,6 +52,61 @@ pub enum GgmlType {
     I64,
 }
 
+/// GGML type ids of the types this crate reads.
+const IDS: [(u32, GgmlType); 32] = {
+    use GgmlType::*;
+    [
+        (0, F32),
+        (1, F16),
+        (2, Q4_0),
+        (3, Q4_1),
+        (6, Q5_0),
+        (7, Q5_1),
+        (8, Q8_0),
+        (10, Q2_K),
+        (11, Q3_K),
+        (12, Q4_K),
+        (13, Q5_K),
+        (14, Q6_K),
+        (15, Q8_K),
+        (16, IQ2_XXS),
+        (17, IQ2_XS),
+        (18, IQ3_XXS),
+        (19, IQ1_S),
+        (20, IQ4_NL),
+        (21, IQ3_S),
+        (22, IQ2_S),
+        (23, IQ4_XS),
+        (29, IQ1_M),
+        (34, TQ1_0),
+        (35, TQ2_0),
+        (39, MXFP4),
+        (40, NVFP4),
+        (24, I8),
+        (25, I16),
+        (26, I32),
+        (27, I64),
+        (28, F64),
+        (30, BF16),
+    ]
+};
+
+/// The GGML types that hold one plain value per element, and their dtypes.
+const PLAIN: [(GgmlType, cersa_loader::Dtype); 8] = {
+    use cersa_loader::Dtype as D;
+    use GgmlType::*;
+    [
+        (F32, D::F32),
+        (F16, D::F16),
+        (BF16, D::BF16),
+        (F64, D::F64),
+        (I8, D::I8),
+        (I16, D::I16),
+        (I32, D::I32),
+        (I64, D::I64),
+    ]
+};
+
 /// The float and quantized types that decode to f32, for error messages.
 pub const SUPPORTED: &str =
     "F32, F16, BF16, F64, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K, \
@@ -61,42 +116,15 @@ pub const SUPPORTED: &str =
 impl GgmlType {
     /// The type with GGML id `id`, if this crate reads it.
     pub fn from_id(id: u32) -> Option<Self> {
-        use GgmlType::*;
-        Some(match id {
-            0 => F32,
-            1 => F16,
-            2 => Q4_0,
-            3 => Q4_1,
-            6 => Q5_0,
-            7 => Q5_1,
-            8 => Q8_0,
-            10 => Q2_K,
-            11 => Q3_K,
-            12 => Q4_K,
-            13 => Q5_K,
-            14 => Q6_K,
-            15 => Q8_K,
-            16 => IQ2_XXS,
-            17 => IQ2_XS,
-            18 => IQ3_XXS,
-            19 => IQ1_S,
-            20 => IQ4_NL,
-            21 => IQ3_S,
-            22 => IQ2_S,
-            23 => IQ4_XS,
-            29 => IQ1_M,
-            34 => TQ1_0,
-            35 => TQ2_0,
-            39 => MXFP4,
-            40 => NVFP4,
-            24 => I8,
-            25 => I16,
-            26 => I32,
-            27 => I64,
-            28 => F64,
-            30 => BF16,
-            _ => return None,
-        })
+        IDS.iter().find(|(i, _)| *i == id).map(|(_, t)| *t)
+    }
+
+    /// The GGML type id (`ggml_type` in ggml.h, `GGMLQuantizationType` in gguf-py).
+    pub fn id(self) -> u32 {
+        IDS.iter()
+            .find(|(_, t)| *t == self)
+            .map(|(i, _)| *i)
+            .expect("every type has an id")
     }
 
     /// GGML name (`Q4_K`, ...), as gguf-py spells it.
@@ -176,6 +204,16 @@ impl GgmlType {
     /// True for the block-quantized types (dense copies are re-encoded, not copied).
     pub fn is_quantized(self) -> bool {
         self.block().0 > 1
+    }
+
+    /// The type stored for `dtype`, for the plain (non-block) dtypes GGML has.
+    pub fn of_dtype(dtype: cersa_loader::Dtype) -> Option<Self> {
+        PLAIN.iter().find(|(_, d)| *d == dtype).map(|(t, _)| *t)
+    }
+
+    /// The dtype of a plain (non-block) type, the inverse of [`GgmlType::of_dtype`].
+    pub fn plain_dtype(self) -> Option<cersa_loader::Dtype> {
+        PLAIN.iter().find(|(t, _)| *t == self).map(|(_, d)| *d)
     }
 
     /// True for the types that decode to floats.

@@ -209,6 +209,9 @@ pub struct GgufHeader {
     pub name: Option<String>,
     /// Number of metadata pairs.
     pub kv_count: u64,
+    /// Every metadata pair's key and the byte range of the whole pair (key, type, value)
+    /// in the file, in file order: what `export --to gguf` copies verbatim.
+    pub metadata: Vec<(String, std::ops::Range<usize>)>,
     /// The `split.*` keys of one part of a split model (llama.cpp `gguf-split`, gguf-py's
     /// `split_max_tensors`/`split_max_size`), when present.
     pub split: Option<SplitKeys>,
@@ -415,10 +418,13 @@ pub fn parse(b: &[u8]) -> R<GgufHeader> {
     let mut alignment = DEFAULT_ALIGNMENT;
     let (mut architecture, mut name) = (None, None);
     let (mut split_no, mut split_count, mut split_tensors) = (None, None, None);
+    let mut metadata = Vec::with_capacity(n_kv as usize);
     for i in 0..n_kv {
+        let pair_start = c.pos;
         let key = c.utf8(MAX_NAME_LEN, &|| format!("metadata key #{i}"))?;
         let t = c.u32(|| format!("value type of metadata `{key}`"))?;
         let v = value(&mut c, &key, t, 0)?;
+        metadata.push((key.clone(), pair_start..c.pos));
         match (key.as_str(), v) {
             ("general.alignment", Kept::Uint(a)) => {
                 if a == 0 || !a.is_power_of_two() || a > MAX_ALIGNMENT {
@@ -553,6 +559,7 @@ pub fn parse(b: &[u8]) -> R<GgufHeader> {
         architecture,
         name,
         kv_count: n_kv,
+        metadata,
         split,
         tensors,
         data_start,

@@ -120,7 +120,9 @@ fn open_split(first: Part) -> Result<Vec<Part>> {
         .map(Path::to_path_buf)
         .unwrap_or_default();
     let mut given = Some(first);
-    let mut parts = Vec::with_capacity(keys.count as usize);
+    // split.count is the file's word (the name only has to agree with it, and
+    // `m-00001-of-18446744073709551615.gguf` does): grown part by part, never reserved.
+    let mut parts = Vec::new();
     for i in 0..keys.count {
         let part = if i == keys.no {
             given.take().expect("one given part")
@@ -244,6 +246,28 @@ impl Source for GgufSource {
         &self.catalog
     }
 
+    fn gguf_metadata(&self) -> Option<Vec<u8>> {
+        // The model's keys live in the first part of a split model.
+        let part = &self.parts[0];
+        let kept: Vec<_> = part
+            .header
+            .metadata
+            .iter()
+            .filter(|(key, _)| !key.starts_with("split."))
+            .collect();
+        let bytes = part.file.bytes();
+        let mut out = Vec::new();
+        out.extend_from_slice(b"GGUF");
+        out.extend_from_slice(&part.header.version.to_le_bytes());
+        out.extend_from_slice(&0u64.to_le_bytes());
+        out.extend_from_slice(&(kept.len() as u64).to_le_bytes());
+        for (_, range) in kept {
+            // Ranges come from the parser and lie inside the mapped file.
+            out.extend_from_slice(bytes.get(range.clone())?);
+        }
+        Some(out)
+    }
+
     fn details(&self) -> BTreeMap<String, serde_json::Value> {
         let headers = || self.parts.iter().map(|p| &p.header);
         let all = || headers().flat_map(|h| h.tensors.iter());
@@ -338,7 +362,34 @@ impl Source for GgufSource {
 
 #[cfg(test)]
 mod tests {
-    use super::split_name;
+    use super::{split_name, GgufSource};
+
+    /// fuzz/regressions/gguf_header/split-count-u64-max.gguf: part 1 of a model split in
+    /// 2^64 − 1 (split.count), named to match; opening it reserved room for 2^64 − 1 parts
+    /// (`capacity overflow` panic; "memory allocation failed" abort for counts like 10^11).
+    #[test]
+    fn hostile_split_count_is_an_error() {
+        let b = include_bytes!("../../../fuzz/regressions/gguf_header/split-count-u64-max.gguf");
+        let dir = tempfile::tempdir().unwrap();
+        for count in [u64::MAX, 99_999_999_999] {
+            let path = dir.path().join(format!("m-00001-of-{count:05}.gguf"));
+            let mut bytes = b.to_vec();
+            if count != u64::MAX {
+                // The split.count value (the file's last metadata value, a u64).
+                let at = bytes
+                    .windows(8)
+                    .position(|w| w == u64::MAX.to_le_bytes())
+                    .unwrap();
+                bytes[at..at + 8].copy_from_slice(&count.to_le_bytes());
+            }
+            std::fs::write(&path, bytes).unwrap();
+            let e = GgufSource::open(&path).err().unwrap().to_string();
+            assert!(
+                e.contains(&format!("part 2 of {count} of the split model is missing")),
+                "{e}"
+            );
+        }
+    }
 
     #[test]
     fn split_names_follow_llama_cpp() {

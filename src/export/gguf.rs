@@ -1,0 +1,381 @@
+//! `cersa export --to gguf`: a CERSA checkpoint converted from a GGUF file back to one GGUF
+//! file llama.cpp loads, `OUT_DIR/model.gguf`.
+//!
+//! The metadata pairs (architecture, hyperparameters, tokenizer, chat template) are copied
+//! byte for byte from the side file `source-metadata.gguf` that `convert` wrote from the
+//! source, so a checkpoint whose source is gone still exports. Tensors keep their GGUF
+//! names; the row-major CERSA shape is written as GGUF's innermost-first dimensions. Types:
+//! the source's float type by default (BF16 where the source was quantized), or one
+//! `--dtype` for every float tensor with two or more dimensions — F32/F16/BF16, or Q8_0 /
+//! Q5_0 / Q4_0 blocks along each row, bit-equal to `gguf.quants.quantize`. As llama.cpp's
+//! own converter does, one-dimensional tensors (norms, biases) stay F32 under an explicit
+//! type, and a row that is not a whole number of 32-value blocks falls back to F16 (listed
+//! in the report). The header is laid out before any data: each tensor's offset is the
+//! running sum of the padded sizes before it, the layout llama.cpp's reader requires.
+
+use super::{tensor_values, Values};
+use crate::error::{ConvertError, Result};
+use crate::input::gguf::ggml::GgmlType;
+use crate::input::gguf::header::{parse, GgufHeader};
+use cersa_loader::adapter::Adapter;
+use cersa_loader::dtype::{decode_f64, encode_f64};
+use cersa_loader::quant::{Quant, BLOCK};
+use cersa_loader::{Checkpoint, Dtype};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// The file written into the output directory.
+pub const GGUF_FILE: &str = "model.gguf";
+
+/// The GGUF version written (gguf-py and llama.cpp write 3).
+const VERSION: u32 = 3;
+
+/// What the float tensors are written as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufTarget {
+    /// Each tensor's source float type (BF16 where the source was quantized).
+    Source,
+    /// One plain float type (F32, F16 or BF16).
+    Float(Dtype),
+    /// One block type.
+    Quant(Quant),
+}
+
+/// Options of [`export_gguf`].
+#[derive(Debug, Clone)]
+pub struct GgufOptions {
+    /// Tensor types.
+    pub target: GgufTarget,
+    /// Tensors recomposed at once.
+    pub threads: usize,
+    /// A trained adapter to fold in.
+    pub adapter: Option<PathBuf>,
+}
+
+/// The result, as printed by `cersa export --to gguf --json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GgufReport {
+    /// [`super::EXPORT_REPORT_VERSION`].
+    pub report_version: u32,
+    /// The GGUF file written.
+    pub file: PathBuf,
+    /// Its size in bytes.
+    pub bytes: u64,
+    /// Tensors written.
+    pub tensors: usize,
+    /// Of them, recomposed from factors.
+    pub recomposed: usize,
+    /// Of them, with the adapter's update folded in.
+    pub adapted: usize,
+    /// Metadata pairs copied from the source.
+    pub metadata_keys: usize,
+    /// Tensors per GGML type written.
+    pub types: BTreeMap<String, usize>,
+    /// Tensors written as F16 because their rows are not whole blocks of the type asked for.
+    pub fallbacks: Vec<String>,
+}
+
+/// One output tensor.
+struct Planned {
+    name: String,
+    /// GGUF dimensions, innermost first.
+    ne: Vec<u64>,
+    ty: GgmlType,
+    bytes: usize,
+}
+
+/// The type of a tensor with source dtype `source`, stored as `stored`, of GGUF dimensions
+/// `ne`; `true` when it fell back to F16.
+fn tensor_type(
+    target: GgufTarget,
+    source: &str,
+    stored: Dtype,
+    factored: bool,
+    ne: &[u64],
+) -> Option<(GgmlType, bool)> {
+    let float = factored || stored.is_factor_float() || stored == Dtype::F64;
+    if !float {
+        return GgmlType::of_dtype(stored).map(|t| (t, false));
+    }
+    let source_type = || {
+        Dtype::parse(source)
+            .filter(|d| d.is_factor_float() || *d == Dtype::F64)
+            .and_then(GgmlType::of_dtype)
+            .unwrap_or(GgmlType::BF16)
+    };
+    let vector = ne.len() < 2;
+    Some(match target {
+        GgufTarget::Source => (source_type(), false),
+        _ if vector => (GgmlType::F32, false),
+        GgufTarget::Float(d) => (GgmlType::of_dtype(d)?, false),
+        GgufTarget::Quant(_) if !ne[0].is_multiple_of(BLOCK as u64) => (GgmlType::F16, true),
+        GgufTarget::Quant(Quant::Q8_0) => (GgmlType::Q8_0, false),
+        GgufTarget::Quant(Quant::Q5_0) => (GgmlType::Q5_0, false),
+        GgufTarget::Quant(Quant::Q4_0) => (GgmlType::Q4_0, false),
+    })
+}
+
+/// The metadata the checkpoint recorded from its GGUF source: the parsed header and the
+/// file's bytes.
+fn source_metadata(ckpt: &Checkpoint) -> Result<(GgufHeader, Vec<u8>)> {
+    let name = crate::side_files::SOURCE_METADATA;
+    let path = ckpt.dir().join(name);
+    let listed = ckpt.manifest().side_files.iter().any(|f| f.file == name);
+    if !listed {
+        let format = &ckpt.manifest().source.format;
+        return Err(ConvertError::Source {
+            path: ckpt.dir().to_path_buf(),
+            reason: if format == "gguf" {
+                format!(
+                    "this checkpoint was converted from GGUF before cersa kept the source's \
+                     metadata ({name}); convert the GGUF file again to export it as GGUF"
+                )
+            } else {
+                format!(
+                    "--to gguf needs the metadata of a GGUF source (side file {name}); this \
+                     checkpoint was converted from {format}, and mapping its names and config \
+                     to llama.cpp's is not implemented — export --to safetensors and use \
+                     llama.cpp's convert_hf_to_gguf.py"
+                )
+            },
+        });
+    }
+    let bytes = cersa_loader::regular::read_regular(&path)
+        .map_err(|e| ConvertError::io(&path, "read", e))?;
+    let header = parse(&bytes).map_err(|e| ConvertError::Source {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    Ok((header, bytes))
+}
+
+fn plan(ckpt: &Checkpoint, target: GgufTarget) -> Result<Vec<Planned>> {
+    let mut out = Vec::new();
+    for (name, info) in &ckpt.manifest().tensors {
+        let fail = |reason: String| super::tensor_error(ckpt, name, reason);
+        let ne: Vec<u64> = match info.shape.as_slice() {
+            [] => vec![1],
+            s => s.iter().rev().map(|&d| d as u64).collect(),
+        };
+        let factored = info.rank.is_some();
+        let (ty, _) = tensor_type(target, &info.source_dtype, info.stored_dtype, factored, &ne)
+            .ok_or_else(|| fail(format!("GGUF has no type for {}", info.stored_dtype)))?;
+        let (per_block, block_bytes) = ty.block();
+        let numel = ne.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
+        let bytes = numel
+            .and_then(|n| (n / per_block as u64).checked_mul(block_bytes as u64))
+            .and_then(|b| usize::try_from(b).ok())
+            .ok_or_else(|| fail(format!("shape {:?} overflows", info.shape)))?;
+        out.push(Planned {
+            name: name.clone(),
+            ne,
+            ty,
+            bytes,
+        });
+    }
+    Ok(out)
+}
+
+/// The GGUF header: counts, the copied metadata pairs and the tensor table, padded to
+/// `alignment`.
+fn header_bytes(meta: &GgufHeader, meta_bytes: &[u8], planned: &[Planned]) -> Vec<u8> {
+    let mut h = Vec::new();
+    h.extend_from_slice(b"GGUF");
+    h.extend_from_slice(&VERSION.to_le_bytes());
+    h.extend_from_slice(&(planned.len() as u64).to_le_bytes());
+    h.extend_from_slice(&(meta.metadata.len() as u64).to_le_bytes());
+    for (_, range) in &meta.metadata {
+        h.extend_from_slice(&meta_bytes[range.clone()]);
+    }
+    let mut offset = 0u64;
+    for p in planned {
+        h.extend_from_slice(&(p.name.len() as u64).to_le_bytes());
+        h.extend_from_slice(p.name.as_bytes());
+        h.extend_from_slice(&(p.ne.len() as u32).to_le_bytes());
+        p.ne.iter()
+            .for_each(|d| h.extend_from_slice(&d.to_le_bytes()));
+        h.extend_from_slice(&p.ty.id().to_le_bytes());
+        h.extend_from_slice(&offset.to_le_bytes());
+        offset = (offset + p.bytes as u64).next_multiple_of(meta.alignment);
+    }
+    h.resize(
+        (h.len() as u64).next_multiple_of(meta.alignment) as usize,
+        0,
+    );
+    h
+}
+
+/// The data of one tensor, `p.bytes` long.
+fn data(ckpt: &Checkpoint, adapter: Option<&Adapter>, p: &Planned) -> Result<Vec<u8>> {
+    let fail = |reason: String| super::tensor_error(ckpt, &p.name, reason);
+    let quant = match p.ty {
+        GgmlType::Q8_0 => Some(Quant::Q8_0),
+        GgmlType::Q5_0 => Some(Quant::Q5_0),
+        GgmlType::Q4_0 => Some(Quant::Q4_0),
+        _ => None,
+    };
+    let plain = p.ty.plain_dtype();
+    let values = match tensor_values(ckpt, adapter, &p.name, plain)? {
+        Values::Stored(d, bytes) if Some(d) == plain => return Ok(bytes.to_vec()),
+        Values::Stored(d, bytes) => decode_f64(d, bytes)
+            .filter(|_| d.is_factor_float() || d == Dtype::F64)
+            .ok_or_else(|| fail(format!("cannot write {d} values as {}", p.ty.name())))?,
+        Values::F64(v) => v,
+    };
+    match (quant, plain) {
+        (Some(q), _) => {
+            let row = p.ne[0] as usize;
+            let mut out = Vec::with_capacity(p.bytes);
+            let mut buf = Vec::with_capacity(row);
+            for chunk in values.chunks_exact(row.max(1)) {
+                buf.clear();
+                // gguf-py quantizes f32 values: round once to f32, then to blocks.
+                buf.extend(chunk.iter().map(|&v| v as f32));
+                q.quantize_row(&buf, &mut out);
+            }
+            Ok(out)
+        }
+        (None, Some(d)) => {
+            encode_f64(d, &values).ok_or_else(|| fail(format!("cannot write it as {d}")))
+        }
+        (None, None) => Err(fail(format!("cannot write type {}", p.ty.name()))),
+    }
+}
+
+/// Exports the checkpoint at `dir` (converted from a GGUF file) to `out/model.gguf`; `out`
+/// must not exist or be empty. `progress(done, total)` is called after each tensor; once
+/// `cancel` is set no further tensor starts and nothing is left at `out`.
+pub fn export_gguf(
+    dir: &Path,
+    out: &Path,
+    opts: &GgufOptions,
+    progress: &(dyn Fn(usize, usize) + Sync),
+    cancel: &AtomicBool,
+) -> Result<GgufReport> {
+    let ckpt = Checkpoint::open(dir)?;
+    let (meta, meta_bytes) = source_metadata(&ckpt)?;
+    let adapter = match &opts.adapter {
+        Some(path) => {
+            let a = Adapter::read(path)?;
+            a.check_base(&ckpt)?;
+            Some(a)
+        }
+        None => None,
+    };
+    let planned = plan(&ckpt, opts.target)?;
+    let job = Job {
+        ckpt: &ckpt,
+        adapter: adapter.as_ref(),
+        planned: &planned,
+        header: header_bytes(&meta, &meta_bytes, &planned),
+        alignment: meta.alignment,
+        threads: opts.threads.max(1),
+        progress,
+        cancel,
+    };
+    let staging = crate::convert::prepare_output(out, false, false)?;
+    let tmp = &staging.partial;
+    let written = write_file(&job, &tmp.join(GGUF_FILE))
+        .and_then(|bytes| crate::convert::commit(&staging, out).map(|()| bytes));
+    let bytes = match written {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(tmp);
+            return Err(e);
+        }
+    };
+    let mut types = BTreeMap::new();
+    let mut fallbacks = Vec::new();
+    for (p, info) in planned.iter().zip(ckpt.manifest().tensors.values()) {
+        *types.entry(p.ty.name().to_string()).or_default() += 1;
+        let factored = info.rank.is_some();
+        let target = opts.target;
+        if tensor_type(
+            target,
+            &info.source_dtype,
+            info.stored_dtype,
+            factored,
+            &p.ne,
+        )
+        .is_some_and(|(_, fell_back)| fell_back)
+        {
+            fallbacks.push(p.name.clone());
+        }
+    }
+    let manifest = ckpt.manifest();
+    Ok(GgufReport {
+        report_version: super::EXPORT_REPORT_VERSION,
+        file: out.join(GGUF_FILE),
+        bytes,
+        tensors: planned.len(),
+        recomposed: manifest
+            .tensors
+            .values()
+            .filter(|t| t.rank.is_some())
+            .count(),
+        adapted: adapter.as_ref().map_or(0, |a| {
+            (planned.iter())
+                .filter(|p| a.layers.contains_key(&p.name))
+                .count()
+        }),
+        metadata_keys: meta.metadata.len(),
+        types,
+        fallbacks,
+    })
+}
+
+/// What [`write_file`] reads.
+struct Job<'a> {
+    ckpt: &'a Checkpoint,
+    adapter: Option<&'a Adapter>,
+    planned: &'a [Planned],
+    header: Vec<u8>,
+    alignment: u64,
+    threads: usize,
+    progress: &'a (dyn Fn(usize, usize) + Sync),
+    cancel: &'a AtomicBool,
+}
+
+/// Writes the header, then the tensors `threads` at a time (in order, so the bytes do not
+/// depend on the thread count), each padded to the alignment; returns the file's size.
+fn write_file(job: &Job, path: &Path) -> Result<u64> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(job.threads)
+        .build()
+        .map_err(|e| ConvertError::Options(format!("cannot start the thread pool: {e}")))?;
+    let io = |e| ConvertError::io(path, "write", e);
+    let mut w = BufWriter::new(File::create(path).map_err(io)?);
+    w.write_all(&job.header).map_err(io)?;
+    let mut written = job.header.len() as u64;
+    let (mut done, total) = (0, job.planned.len());
+    for window in job.planned.chunks(job.threads) {
+        if job.cancel.load(Ordering::Relaxed) {
+            return Err(ConvertError::Interrupted);
+        }
+        let datas: Vec<Result<Vec<u8>>> = pool.install(|| {
+            window
+                .par_iter()
+                .map(|p| data(job.ckpt, job.adapter, p))
+                .collect()
+        });
+        for (p, bytes) in window.iter().zip(datas) {
+            let bytes = bytes?;
+            debug_assert_eq!(bytes.len(), p.bytes);
+            let padded = (bytes.len() as u64).next_multiple_of(job.alignment);
+            w.write_all(&bytes).map_err(io)?;
+            w.write_all(&vec![0u8; (padded - bytes.len() as u64) as usize])
+                .map_err(io)?;
+            written += padded;
+            done += 1;
+            (job.progress)(done, total);
+        }
+    }
+    let f = w.into_inner().map_err(|e| io(e.into_error()))?;
+    f.sync_all().map_err(io)?;
+    Ok(written)
+}
