@@ -20,6 +20,8 @@ The format is specified in ``formats/cersa-v1.md``; every size read from a file 
 against the manifest before use (:class:`CersaFormatError` names the file and tensor).
 Quantized factors (format revision 1.1: ``quant`` Q8_0, Q5_0 or Q4_0, U8 rows of GGML
 blocks) are dequantized on read, so both readers hand out float U [m, r] and Vᵀ [r, n].
+Both readers refuse a directory with the first issue the Rust loader reports (sha256 and
+non-finite factors included unless ``verify_checksums=False``).
 Names are imported on first use, so ``load_cersa`` works without torch installed.
 """
 from ._manifest import MANIFEST_FILE, SUFFIX_S, SUFFIX_U, SUFFIX_VT, CersaFormatError

@@ -1,6 +1,8 @@
 """The numpy reader: a CERSA directory read into memory as numpy arrays.
 
-Needs only ``numpy`` and ``safetensors``. :meth:`CersaCheckpoint.apply` computes
+Needs only ``numpy`` and ``safetensors``. :func:`load_cersa` checks the directory as the Rust
+loader does (``_manifest``) and verifies every shard's sha256 on the way (one read in
+chunks, which also checks the factors for NaN/±Inf). :meth:`CersaCheckpoint.apply` computes
 ``y = x · Wᵀ`` through the factors without forming ``W``; it is the reference the torch
 modules and the Rust loader are compared with in the tests.
 """
@@ -10,8 +12,29 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-from ._manifest import SUFFIX_S, SUFFIX_U, SUFFIX_VT, ManifestEntries, index, read_manifest
-from ._quant import dequantize_numpy
+from ._manifest import (SUFFIX_S, SUFFIX_U, SUFFIX_VT, CersaFormatError, ManifestEntries,
+                        nonfinite_error, open_shards, read_manifest)
+from ._quant import BLOCK_BYTES, BLOCK_VALUES, dequantize_numpy
+
+# Exponent bits of each factor dtype: all set means NaN or ±Inf.
+_EXPONENT = {"F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80), "F32": ("<u4", 0x7F800000),
+             "F64": ("<u8", 0x7FF0000000000000)}
+
+
+def count_nonfinite(chunk, dtype: str, quant=None, length: int = 0) -> int:
+    """NaN/±Inf values in ``chunk`` (bytes of whole ``dtype`` elements; with ``quant``,
+    whole quantized rows of ``length`` values: a block with a non-finite scale makes its
+    values non-finite, the row's padding not counted)."""
+    if quant is None:
+        kind, mask = _EXPONENT[dtype]
+        bits = np.frombuffer(chunk, dtype=kind)
+        return int(np.count_nonzero((bits & mask) == mask))
+    nb = -(-length // BLOCK_VALUES)
+    blocks = np.frombuffer(chunk, dtype=np.uint8).reshape(-1, nb, BLOCK_BYTES[quant])
+    d = blocks[..., 0].astype(np.uint16) | (blocks[..., 1].astype(np.uint16) << 8)
+    values = np.full(nb, BLOCK_VALUES, dtype=np.int64)
+    values[-1] = length - BLOCK_VALUES * (nb - 1)
+    return int((((d & 0x7C00) == 0x7C00) * values).sum())
 
 
 def _bf16_to_f32(raw: bytes, shape) -> np.ndarray:
@@ -21,20 +44,23 @@ def _bf16_to_f32(raw: bytes, shape) -> np.ndarray:
 
 
 def _read_shard(path: str, header: dict, data_start: int) -> Dict[str, np.ndarray]:
-    """All tensors of one shard, checked by ``index`` (its ``header``); BF16 decoded to f32."""
+    """All tensors of one shard, checked by ``open_shards`` (its ``header``); BF16 decoded to f32."""
     from safetensors import safe_open
 
     bf16 = {k for k, v in header.items() if v["dtype"] == "BF16"}
     out: Dict[str, np.ndarray] = {}
-    with safe_open(path, framework="numpy") as st:
-        for key in st.keys():
-            if key not in bf16:
-                out[key] = st.get_tensor(key)
-    with open(path, "rb") as f:
-        for key in sorted(bf16):
-            begin, end = header[key]["data_offsets"]
-            f.seek(data_start + begin)
-            out[key] = _bf16_to_f32(f.read(end - begin), header[key]["shape"])
+    try:
+        with safe_open(path, framework="numpy") as st:
+            for key in st.keys():
+                if key not in bf16:
+                    out[key] = st.get_tensor(key)
+        with open(path, "rb") as f:
+            for key in sorted(bf16):
+                begin, end = header[key]["data_offsets"]
+                f.seek(data_start + begin)
+                out[key] = _bf16_to_f32(f.read(end - begin), header[key]["shape"])
+    except Exception as e:  # checked by open_shards(); a file changed since, or a safetensors quirk
+        raise CersaFormatError(f"{path}: cannot read the shard: {e}", path=path) from None
     return out
 
 
@@ -55,7 +81,7 @@ class CersaCheckpoint(ManifestEntries):
                     self.stored[name + SUFFIX_VT])
         info = self.info(name)
         quant = info.get("quant")
-        if quant is not None:  # checked by index(): a known type, U8 rows of the right shape
+        if quant is not None:  # checked by open_shards(): U8 rows of the right shape
             m, n = info["matrix_shape"]
             u = np.ascontiguousarray(dequantize_numpy(u, quant, m).T)
             vt = dequantize_numpy(vt, quant, n)
@@ -91,11 +117,34 @@ class CersaCheckpoint(ManifestEntries):
         return (x @ w.T).astype(np.float32)
 
 
-def load_cersa(directory: str) -> CersaCheckpoint:
-    """Reads ``cersa.json`` and its shards; checks format, sizes, names, dtypes and shapes."""
+def load_cersa(directory: str, verify_checksums: bool = True) -> CersaCheckpoint:
+    """Reads ``cersa.json`` and its shards into memory.
+
+    Checks what the Rust loader's ``Checkpoint::open`` checks, in its order (manifest, each
+    shard's name, size, sha256 and safetensors layout, every entry against its shard, stray
+    tensors), and that no factor holds NaN or ±Inf; raises :class:`CersaFormatError` with the
+    first issue, naming the file and the tensor. ``verify_checksums=False`` skips the sha256
+    of the shards (the factors are still checked once loaded)."""
+    directory = str(directory)
     manifest = read_manifest(directory)
-    _, headers = index(directory, manifest)
+    shards = open_shards(directory, manifest, verify_checksums, count_nonfinite)
     stored: Dict[str, np.ndarray] = {}
-    for path, (header, data_start) in sorted(headers.items()):
+    for path, (header, data_start) in sorted(shards.headers.items()):
         stored.update(_read_shard(path, header, data_start))
-    return CersaCheckpoint(directory, manifest, stored)
+    ckpt = CersaCheckpoint(directory, manifest, stored)
+    if not shards.values_checked:  # the values are in memory: check them there
+        with np.errstate(invalid="ignore", over="ignore"):
+            _check_finite(ckpt)
+    return ckpt
+
+
+def _check_finite(ckpt: CersaCheckpoint) -> None:
+    """Raises for the first factor (entries by name; U, σ, Vᵀ) holding NaN or ±Inf."""
+    for name in ckpt.names():
+        if not ckpt.is_factored(name):
+            continue
+        for suffix, values in zip((SUFFIX_U, SUFFIX_S, SUFFIX_VT), ckpt.factors(name)):
+            bad = values.size - int(np.count_nonzero(np.isfinite(values)))
+            if bad:
+                raise nonfinite_error(ckpt.dir, ckpt.info(name)["shard"], name + suffix, bad,
+                                      values.size)

@@ -123,7 +123,8 @@ def _set_tensor(model, name: str, value: torch.Tensor, trainable: bool) -> None:
 
 def load_hf(cersa_dir, auto_class=None, mode: str = "frozen", k: Optional[int] = 8,
             device="cpu", dtype: torch.dtype = torch.float32, config=None,
-            train_dense: bool = False, beta: Optional[float] = None):
+            train_dense: bool = False, beta: Optional[float] = None,
+            verify_checksums: bool = True):
     """A transformers model whose factored linear layers are :class:`CersaLinear` s.
 
     ``auto_class``: e.g. ``transformers.AutoModelForCausalLM`` (default: the class named in
@@ -134,13 +135,16 @@ def load_hf(cersa_dir, auto_class=None, mode: str = "frozen", k: Optional[int] =
     ``core``, ``factors``, ``cersa``; with ``cersa``, ``beta`` < τ trains only each core's
     leading components up to cumulative energy β). Dense parameters are frozen unless ``train_dense``. Raises
     ``ValueError`` naming every model parameter the checkpoint does not provide.
+    ``verify_checksums``: see :func:`open_checkpoint` (default: every shard's sha256 is
+    checked, one read of each shard).
     """
     import transformers
 
     cersa_dir = os.fspath(cersa_dir)
     cfg = _config(cersa_dir, config)
     cls = _model_class(cfg, auto_class)
-    ckpt = open_checkpoint(cersa_dir, device=device, dtype=dtype)
+    ckpt = open_checkpoint(cersa_dir, device=device, dtype=dtype,
+                           verify_checksums=verify_checksums)
     with _parameters_on_meta():
         model = cls.from_config(cfg) if hasattr(cls, "from_config") else cls(cfg)
     names = _model_names(model, ckpt.manifest["tensors"], cersa_dir)
