@@ -386,17 +386,9 @@ fn run_export(a: ExportArgs, cancel: &AtomicBool) -> Result<Status> {
         }
         return Ok(Status::Ok);
     }
-    let bar = progress_bar(a.quiet, 0);
-    let report = crate::export::export_safetensors(
-        &a.cersa_dir,
-        &a.out_dir,
-        &opts,
-        &|done, total| {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-        },
-        cancel,
-    )
+    let report = with_counting_bar(a.quiet, |progress| {
+        crate::export::export_safetensors(&a.cersa_dir, &a.out_dir, &opts, progress, cancel)
+    })
     .with_context(|| {
         format!(
             "exporting {} to {}",
@@ -404,7 +396,6 @@ fn run_export(a: ExportArgs, cancel: &AtomicBool) -> Result<Status> {
             a.out_dir.display()
         )
     })?;
-    bar.finish_and_clear();
     if a.json {
         emit_json(&report)?;
     } else {
@@ -413,19 +404,22 @@ fn run_export(a: ExportArgs, cancel: &AtomicBool) -> Result<Status> {
     Ok(Status::Ok)
 }
 
+/// Runs `work` with a bar that counts `(done, total)` progress calls, cleared at the end.
+fn with_counting_bar<R>(quiet: bool, work: impl FnOnce(&(dyn Fn(usize, usize) + Sync)) -> R) -> R {
+    let bar = progress_bar(quiet, 0);
+    let out = work(&|done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    });
+    bar.finish_and_clear();
+    out
+}
+
 fn run_export_gguf(a: ExportArgs, cancel: &AtomicBool) -> Result<Status> {
     let opts = a.to_gguf_options()?;
-    let bar = progress_bar(a.quiet, 0);
-    let report = crate::export::gguf::export_gguf(
-        &a.cersa_dir,
-        &a.out_dir,
-        &opts,
-        &|done, total| {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-        },
-        cancel,
-    )
+    let report = with_counting_bar(a.quiet, |progress| {
+        crate::export::gguf::export_gguf(&a.cersa_dir, &a.out_dir, &opts, progress, cancel)
+    })
     .with_context(|| {
         format!(
             "exporting {} to GGUF {}",
@@ -433,7 +427,6 @@ fn run_export_gguf(a: ExportArgs, cancel: &AtomicBool) -> Result<Status> {
             a.out_dir.display()
         )
     })?;
-    bar.finish_and_clear();
     if a.json {
         emit_json(&report)?;
     } else {

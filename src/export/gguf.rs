@@ -21,13 +21,12 @@ use cersa_loader::adapter::Adapter;
 use cersa_loader::dtype::{decode_f64, encode_f64};
 use cersa_loader::quant::{Quant, BLOCK};
 use cersa_loader::{Checkpoint, Dtype};
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 /// The file written into the output directory.
 pub const GGUF_FILE: &str = "model.gguf";
@@ -259,14 +258,7 @@ pub fn export_gguf(
 ) -> Result<GgufReport> {
     let ckpt = Checkpoint::open(dir)?;
     let (meta, meta_bytes) = source_metadata(&ckpt)?;
-    let adapter = match &opts.adapter {
-        Some(path) => {
-            let a = Adapter::read(path)?;
-            a.check_base(&ckpt)?;
-            Some(a)
-        }
-        None => None,
-    };
+    let adapter = super::read_adapter(opts.adapter.as_deref(), &ckpt)?;
     let planned = plan(&ckpt, opts.target)?;
     let job = Job {
         ckpt: &ckpt,
@@ -344,27 +336,17 @@ struct Job<'a> {
 /// Writes the header, then the tensors `threads` at a time (in order, so the bytes do not
 /// depend on the thread count), each padded to the alignment; returns the file's size.
 fn write_file(job: &Job, path: &Path) -> Result<u64> {
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(job.threads)
-        .build()
-        .map_err(|e| ConvertError::Options(format!("cannot start the thread pool: {e}")))?;
     let io = |e| ConvertError::io(path, "write", e);
     let mut w = BufWriter::new(File::create(path).map_err(io)?);
     w.write_all(&job.header).map_err(io)?;
     let mut written = job.header.len() as u64;
     let (mut done, total) = (0, job.planned.len());
-    for window in job.planned.chunks(job.threads) {
-        if job.cancel.load(Ordering::Relaxed) {
-            return Err(ConvertError::Interrupted);
-        }
-        let datas: Vec<Result<Vec<u8>>> = pool.install(|| {
-            window
-                .par_iter()
-                .map(|p| data(job.ckpt, job.adapter, p))
-                .collect()
-        });
-        for (p, bytes) in window.iter().zip(datas) {
-            let bytes = bytes?;
+    super::in_windows(
+        job.planned,
+        job.threads,
+        job.cancel,
+        &|p| data(job.ckpt, job.adapter, p),
+        &mut |p, bytes| {
             debug_assert_eq!(bytes.len(), p.bytes);
             let padded = (bytes.len() as u64).next_multiple_of(job.alignment);
             w.write_all(&bytes).map_err(io)?;
@@ -373,8 +355,9 @@ fn write_file(job: &Job, path: &Path) -> Result<u64> {
             written += padded;
             done += 1;
             (job.progress)(done, total);
-        }
-    }
+            Ok(())
+        },
+    )?;
     let f = w.into_inner().map_err(|e| io(e.into_error()))?;
     f.sync_all().map_err(io)?;
     Ok(written)

@@ -207,6 +207,42 @@ fn tensor_bytes(ckpt: &Checkpoint, adapter: Option<&Adapter>, p: &Planned) -> Re
     }
 }
 
+/// The adapter at `path`, checked against `ckpt`.
+fn read_adapter(path: Option<&Path>, ckpt: &Checkpoint) -> Result<Option<Adapter>> {
+    let Some(path) = path else { return Ok(None) };
+    let a = Adapter::read(path)?;
+    a.check_base(ckpt)?;
+    Ok(Some(a))
+}
+
+/// Computes `compute` of `items` `threads` at a time on a pool of that many threads, and
+/// hands each result to `sink` in order (so the output does not depend on the thread
+/// count); stops at the first error, or before a window once `cancel` is set.
+fn in_windows<T: Sync>(
+    items: &[T],
+    threads: usize,
+    cancel: &AtomicBool,
+    compute: &(dyn Fn(&T) -> Result<Vec<u8>> + Sync),
+    sink: &mut dyn FnMut(&T, Vec<u8>) -> Result<()>,
+) -> Result<()> {
+    let threads = threads.max(1);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| ConvertError::Options(format!("cannot start the thread pool: {e}")))?;
+    for window in items.chunks(threads) {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(ConvertError::Interrupted);
+        }
+        let results: Vec<Result<Vec<u8>>> =
+            pool.install(|| window.par_iter().map(compute).collect());
+        for (item, bytes) in window.iter().zip(results) {
+            sink(item, bytes?)?;
+        }
+    }
+    Ok(())
+}
+
 /// Exports the checkpoint at `dir` to a Hugging Face safetensors directory `out` (which
 /// must not exist or be empty). `progress(done, total)` is called after each tensor; once
 /// `cancel` is set no further tensor starts and nothing is left at `out`.
@@ -218,14 +254,7 @@ pub fn export_safetensors(
     cancel: &AtomicBool,
 ) -> Result<ExportReport> {
     let ckpt = Checkpoint::open(dir)?;
-    let adapter = match &opts.adapter {
-        Some(path) => {
-            let a = Adapter::read(path)?;
-            a.check_base(&ckpt)?;
-            Some(a)
-        }
-        None => None,
-    };
+    let adapter = read_adapter(opts.adapter.as_deref(), &ckpt)?;
     let mut planned = Vec::new();
     for (name, info) in &ckpt.manifest().tensors {
         let factored = info.rank.is_some();
@@ -280,10 +309,6 @@ struct Job<'a> {
 }
 
 fn write_all(job: &Job, tmp: &Path) -> Result<ExportReport> {
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(job.opts.threads.max(1))
-        .build()
-        .map_err(|e| ConvertError::Options(format!("cannot start the thread pool: {e}")))?;
     let layout = shard_layout(job.planned, job.opts.max_shard_size.max(1));
     let mut files = Vec::new();
     let mut weight_map = BTreeMap::new();
@@ -301,25 +326,20 @@ fn write_all(job: &Job, tmp: &Path) -> Result<ExportReport> {
         let io = |e| ConvertError::io(&path, "write", e);
         let mut w = BufWriter::new(File::create(&path).map_err(io)?);
         w.write_all(&header).map_err(io)?;
-        for window in shard.chunks(job.opts.threads.max(1)) {
-            if job.cancel.load(Ordering::Relaxed) {
-                return Err(ConvertError::Interrupted);
-            }
-            let bytes: Vec<Result<Vec<u8>>> = pool.install(|| {
-                window
-                    .par_iter()
-                    .map(|p| tensor_bytes(job.ckpt, job.adapter, p))
-                    .collect()
-            });
-            for (p, b) in window.iter().zip(bytes) {
-                let b = b?;
+        in_windows(
+            shard,
+            job.opts.threads,
+            job.cancel,
+            &|p| tensor_bytes(job.ckpt, job.adapter, p),
+            &mut |p, b| {
                 debug_assert_eq!(b.len(), p.bytes);
                 w.write_all(&b).map_err(io)?;
                 weight_map.insert(p.name.clone(), file.clone());
                 done += 1;
                 (job.progress)(done, total);
-            }
-        }
+                Ok(())
+            },
+        )?;
         let f = w.into_inner().map_err(|e| io(e.into_error()))?;
         f.sync_all().map_err(io)?;
         let bytes = f.metadata().map_err(io)?.len();

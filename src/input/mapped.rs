@@ -95,11 +95,33 @@ impl Mapped {
         let mut start = range.start;
         while start < range.end {
             let end = (start + COPY_CHUNK).min(range.end);
-            sink(self.tensor_bytes(start..end, tensor)?)?;
+            sink(self.tensor_bytes(start..end, tensor)?).map_err(|e| self.shrank(e, tensor))?;
             self.release(start..end);
             start = end;
         }
         Ok(())
+    }
+
+    /// A write straight from the map's pages fails with EFAULT, not SIGBUS, when the file
+    /// was truncated under the map: that is this file's fault, not the output's.
+    fn shrank(&self, e: ConvertError, tensor: &str) -> ConvertError {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        let mut efault = false;
+        while let Some(c) = cause {
+            let io = c.downcast_ref::<std::io::Error>();
+            efault |= io.is_some_and(|io| io.raw_os_error() == Some(libc::EFAULT));
+            cause = c.source();
+        }
+        match efault {
+            true => self.tensor_error(
+                tensor,
+                format!(
+                    "the file shrank while it was being read through a memory map ({e}): \
+                         it was truncated or rewritten by another process"
+                ),
+            ),
+            false => e,
+        }
     }
 
     /// Fails when the file's size or mtime differs from when it was mapped.

@@ -8,17 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// 48 matrices 512×512 f32 (48 MiB): seconds of work on one thread.
-fn slow_source(dir: &Path) -> PathBuf {
-    let path = dir.join("model.safetensors");
-    let names: Vec<String> = (0..48).map(|l| format!("layer.{l:02}.weight")).collect();
-    let tensors: Vec<_> = (names.iter().zip(1..))
-        .map(|(name, seed)| (name.as_str(), vec![512, 512], noise(seed, 512 * 512)))
-        .collect();
-    write_f32(&path, &tensors);
-    path
-}
-
 fn spawn(args: &[&str]) -> Child {
     Command::new(bin())
         .args(args)

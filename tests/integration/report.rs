@@ -98,18 +98,6 @@ fn inspect_groups_csv_and_checkpoint_totals() {
     assert!(csv.starts_with("name,module_kind,layer,kind,"));
 }
 
-/// A source of 48 matrices 512×512 (seconds of work on one thread, so a Ctrl-C at 300 ms
-/// lands even on a fast idle machine).
-fn slow_source(dir: &std::path::Path) -> std::path::PathBuf {
-    let path = dir.join("model.safetensors");
-    let names: Vec<String> = (0..48).map(|l| format!("layer.{l:02}.weight")).collect();
-    let tensors: Vec<_> = (names.iter().zip(1..))
-        .map(|(name, seed)| (name.as_str(), vec![512, 512], noise(seed, 512 * 512)))
-        .collect();
-    write_f32(&path, &tensors);
-    path
-}
-
 #[test]
 fn ctrl_c_stops_inspect_and_report_with_an_error_and_no_file() {
     use std::process::{Command, Stdio};

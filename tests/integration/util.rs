@@ -192,3 +192,15 @@ pub fn convert_with_16k_file_cap(src: &Path, out: &Path, extra: &str) -> (Option
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     (output.status.code(), stderr)
 }
+
+/// A source of 48 matrices 512×512 f32 (48 MiB): seconds of work on one thread, so a
+/// signal sent a few hundred milliseconds in lands mid-run even on a fast idle machine.
+pub fn slow_source(dir: &Path) -> PathBuf {
+    let path = dir.join("model.safetensors");
+    let names: Vec<String> = (0..48).map(|l| format!("layer.{l:02}.weight")).collect();
+    let tensors: Vec<_> = (names.iter().zip(1..))
+        .map(|(name, seed)| (name.as_str(), vec![512, 512], noise(seed, 512 * 512)))
+        .collect();
+    write_f32(&path, &tensors);
+    path
+}

@@ -276,7 +276,7 @@ fn set_items(dict: &Value, items: Vec<Value>) -> Result<(), String> {
     let Value::Dict(d) = dict else {
         return Err(format!("SETITEM(S) on a {}", dict.kind()));
     };
-    if items.len() % 2 != 0 {
+    if !items.len().is_multiple_of(2) {
         return Err("SETITEMS with an odd number of values".into());
     }
     let mut d = d.borrow_mut();
