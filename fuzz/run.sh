@@ -13,7 +13,8 @@ cd "$(dirname "$0")"
 secs=${1:-60}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -eq 0 ] && targets=(safetensors_header cersa_checkpoint)
+[ ${#targets[@]} -eq 0 ] && targets=(safetensors_header cersa_checkpoint gguf_header ggml_dequant
+    pytorch_pickle pytorch_zip pytorch_legacy index_json manifest plan)
 rss_mb=${FUZZ_RSS_MB:-2048}
 jobs_flags=(-max_total_time="$secs" -rss_limit_mb="$rss_mb" -timeout=10 -print_final_stats=1)
 

@@ -38,7 +38,9 @@ fuzz_target!(|data: &[u8]| {
         Ok(mut v) => {
             if let Some(shards) = v.get_mut("shards").and_then(|s| s.as_array_mut()) {
                 for s in shards {
-                    let k = SHARDS.iter().position(|n| s.get("file") == Some(&(*n).into()));
+                    let k = SHARDS
+                        .iter()
+                        .position(|n| s.get("file") == Some(&(*n).into()));
                     if let (Some(k), Some(obj)) = (k, s.as_object_mut()) {
                         let len = parts.get(k + 1).map_or(0, |p| p.len());
                         obj.insert("bytes".into(), len.into());

@@ -157,23 +157,37 @@ pub(crate) fn load_manifest(dir: &Path) -> Result<Manifest, Box<Issue>> {
         let detail = format!("cannot read the manifest: {e}");
         issue(IssueKind::ManifestUnreadable, detail)
     };
-    // A rule on a field's value: the issue with what the rule wants and what was found.
-    let rule = |kind, detail, expected: String, found: String| {
-        Box::new(Issue::new(kind, MANIFEST_FILE, detail).expected_found(expected, found))
-    };
     let len = crate::regular::check_regular(&path)
         .map_err(unreadable)?
         .len();
     if len > MAX_MANIFEST_SIZE {
-        return Err(rule(
-            IssueKind::ManifestTooLarge,
-            "invalid CERSA manifest: larger than the cap".into(),
-            format!("≤ {MAX_MANIFEST_SIZE} bytes"),
-            format!("{len} bytes"),
+        return Err(Box::new(
+            Issue::new(
+                IssueKind::ManifestTooLarge,
+                MANIFEST_FILE,
+                "invalid CERSA manifest: larger than the cap",
+            )
+            .expected_found(
+                format!("≤ {MAX_MANIFEST_SIZE} bytes"),
+                format!("{len} bytes"),
+            ),
         ));
     }
     let text = crate::regular::read_regular(&path).map_err(unreadable)?;
-    let manifest: Manifest = serde_json::from_slice(&text).map_err(|e| {
+    parse_manifest(&text)
+}
+
+/// Parses the text of a `cersa.json` and checks its format, version and revision (what
+/// [`crate::read_manifest`] does after reading the file); the issue says why it is unusable.
+/// Public (hidden) for the in-process fuzz targets.
+#[doc(hidden)]
+pub fn parse_manifest(text: &[u8]) -> Result<Manifest, Box<Issue>> {
+    let issue = |kind, detail: String| Box::new(Issue::new(kind, MANIFEST_FILE, detail));
+    // A rule on a field's value: the issue with what the rule wants and what was found.
+    let rule = |kind, detail, expected: String, found: String| {
+        Box::new(Issue::new(kind, MANIFEST_FILE, detail).expected_found(expected, found))
+    };
+    let manifest: Manifest = serde_json::from_slice(text).map_err(|e| {
         let kind = match e.classify() {
             serde_json::error::Category::Data => IssueKind::ManifestInvalid,
             _ => IssueKind::ManifestNotJson,
@@ -215,11 +229,9 @@ pub(crate) fn load_manifest(dir: &Path) -> Result<Manifest, Box<Issue>> {
 }
 
 /// (m, n, r) of factored entry `name`, or every rule of a factored entry it breaks
-/// (never empty).
-pub(crate) fn factored_dims(
-    name: &str,
-    info: &TensorInfo,
-) -> Result<(usize, usize, usize), Vec<Issue>> {
+/// (never empty). Public (hidden) for the in-process fuzz targets.
+#[doc(hidden)]
+pub fn factored_dims(name: &str, info: &TensorInfo) -> Result<(usize, usize, usize), Vec<Issue>> {
     let rule = |kind, detail: String| Issue::new(kind, MANIFEST_FILE, detail).tensor(name);
     let mut issues = Vec::new();
     if info.matrix_shape.is_none() {

@@ -9,7 +9,9 @@ use super::views::{storage_refs, Storages};
 /// The magic number that opens a legacy checkpoint (`0x1950a86a20f9469cfc6c`), LE bytes.
 const LEGACY_MAGIC: [u8; 10] = [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
 
-pub(super) fn read_legacy(bytes: &[u8]) -> std::result::Result<(Value, Storages), String> {
+/// The state-dict pickle's value and the byte range of each storage of the legacy
+/// checkpoint `bytes`.
+pub fn read_legacy(bytes: &[u8]) -> std::result::Result<(Value, Storages), String> {
     let magic = pickle::unpickle(bytes).map_err(|e| format!("legacy magic number: {e}"))?;
     match &magic.value {
         pickle::Value::BigInt(b) if **b == LEGACY_MAGIC => {}

@@ -9,11 +9,14 @@
 //! with dotted names: every tensor anywhere under dicts/lists is listed, in pickle order.
 //! Non-tensor leaves (epochs, hyper-parameters) are skipped and counted in the details.
 
-mod legacy;
+// `legacy` and `zip` are public (hidden) only for the in-process fuzz targets (fuzz/).
+#[doc(hidden)]
+pub mod legacy;
 pub mod pickle;
 pub mod sharded;
 mod views;
-mod zip;
+#[doc(hidden)]
+pub mod zip;
 
 use super::mapped::{decode_float, Mapped};
 use super::{Catalog, FloatData, Precision, Source, TensorMeta};
@@ -190,6 +193,43 @@ mod tests {
             .join("fixtures/pytorch")
             .join(name);
         std::fs::read(p).expect("fixture")
+    }
+
+    /// fuzz/regressions/pytorch_zip/shared-tuples-2pow31-paths.pt: data.pkl is `0` then
+    /// 31 × (DUP, TUPLE2), 67 bytes whose value has 2^31 paths; flattening walked every
+    /// one (a timeout of the pytorch_zip target; minutes of CPU for `cersa inspect`).
+    #[test]
+    fn shared_containers_are_flattened_within_a_budget() {
+        let b =
+            include_bytes!("../../../fuzz/regressions/pytorch_zip/shared-tuples-2pow31-paths.pt");
+        let (root, _) = read_zip(b).unwrap();
+        let start = std::time::Instant::now();
+        let e = storage_refs(&root).err().unwrap();
+        assert!(e.contains("reach more than"), "{e}");
+        assert!(start.elapsed().as_secs() < 30);
+    }
+
+    /// fuzz/regressions/pytorch_zip/empty-view-stride-overflow.pt: a view of size
+    /// (0, 2^32, 2^32), stride (1, 2^32, 1) passes check_view (it addresses nothing), and
+    /// the contiguity test multiplied 2^32 · 2^32 (an overflow panic with overflow checks).
+    #[test]
+    fn empty_view_with_huge_dims_reads_as_empty() {
+        use crate::input::Source;
+        let b =
+            include_bytes!("../../../fuzz/regressions/pytorch_zip/empty-view-stride-overflow.pt");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.pt");
+        std::fs::write(&path, b).unwrap();
+        let src = super::PytorchSource::open(&path).unwrap();
+        assert_eq!(src.tensors()[0].shape, [0, 1 << 32, 1 << 32]);
+        assert_eq!(src.read_float(0).unwrap().len(), 0);
+        let mut copied = 0;
+        src.copy_dense(0, &mut |c| {
+            copied += c.len();
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(copied, 0);
     }
 
     #[test]

@@ -13,9 +13,13 @@ use std::ops::Range;
 const MAX_TENSORS: usize = 1 << 20;
 /// Deepest nesting of dicts/lists walked when flattening.
 const MAX_DEPTH: usize = 32;
+/// Most values visited when flattening. The memo lets a pickle share one container many
+/// times (a 70-byte pickle of 32 nested `(x, x)` tuples has 2^32 paths), so the walk is
+/// bounded by visits, not only by depth and tensor count.
+const MAX_VISITS: usize = 4 * MAX_TENSORS;
 
 /// Byte range in the file of each storage, by key.
-pub(super) type Storages = HashMap<String, Range<usize>>;
+pub type Storages = HashMap<String, Range<usize>>;
 
 /// A tensor of the checkpoint: its view and the file bytes of its whole storage.
 pub(super) struct StoredTensor {
@@ -33,7 +37,10 @@ impl StoredTensor {
             if *d > 1 && *s != expect {
                 return false;
             }
-            expect *= d;
+            // check_view bounded the element count, not the product of a suffix of the
+            // dimensions: an empty view ([0, 2^32, 2^32]) overflows it. Saturating is
+            // exact up to the element count, and an empty view reads nothing either way.
+            expect = expect.saturating_mul(*d);
         }
         true
     }
@@ -142,11 +149,30 @@ pub(super) fn flatten(
     out: &mut Vec<(String, TensorRef)>,
     skipped: &mut usize,
 ) -> std::result::Result<(), String> {
+    let mut visits = MAX_VISITS;
+    flatten_within(v, prefix, depth, out, skipped, &mut visits)
+}
+
+/// [`flatten`] visiting at most `visits` more values.
+fn flatten_within(
+    v: &Value,
+    prefix: String,
+    depth: usize,
+    out: &mut Vec<(String, TensorRef)>,
+    skipped: &mut usize,
+    visits: &mut usize,
+) -> std::result::Result<(), String> {
     if depth > MAX_DEPTH {
         return Err(format!(
             "containers nested deeper than {MAX_DEPTH} (or cyclic)"
         ));
     }
+    *visits = visits.checked_sub(1).ok_or_else(|| {
+        format!(
+            "the pickle's containers reach more than {MAX_VISITS} values (containers shared \
+             through the memo many times over)"
+        )
+    })?;
     let join = |k: &str| {
         if prefix.is_empty() {
             k.to_string()
@@ -171,17 +197,17 @@ pub(super) fn flatten(
                         continue;
                     }
                 };
-                flatten(v, join(&key), depth + 1, out, skipped)?;
+                flatten_within(v, join(&key), depth + 1, out, skipped, visits)?;
             }
         }
         Value::List(l) => {
             for (i, v) in l.borrow().iter().enumerate() {
-                flatten(v, join(&i.to_string()), depth + 1, out, skipped)?;
+                flatten_within(v, join(&i.to_string()), depth + 1, out, skipped, visits)?;
             }
         }
         Value::Tuple(t) => {
             for (i, v) in t.iter().enumerate() {
-                flatten(v, join(&i.to_string()), depth + 1, out, skipped)?;
+                flatten_within(v, join(&i.to_string()), depth + 1, out, skipped, visits)?;
             }
         }
         _ => *skipped += 1,

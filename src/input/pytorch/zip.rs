@@ -136,7 +136,9 @@ fn zip_entries(b: &[u8]) -> std::result::Result<Vec<ZipEntry>, String> {
     Ok(entries)
 }
 
-pub(super) fn read_zip(b: &[u8]) -> std::result::Result<(Value, Storages), String> {
+/// The state-dict pickle's value and the byte range of each storage (`<prefix>/data/<key>`)
+/// of the zip archive `b`.
+pub fn read_zip(b: &[u8]) -> std::result::Result<(Value, Storages), String> {
     let entries = zip_entries(b)?;
     let pkl = entries
         .iter()
