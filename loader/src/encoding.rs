@@ -88,7 +88,9 @@ impl FactorEncoding {
         let size = self.stored_dtype().size() as u64;
         let [a, b] = self.u_shape(m, r)?;
         let [c, d] = self.vt_shape(r, n)?;
-        let elems = (a as u64).checked_mul(b as u64)? + (c as u64).checked_mul(d as u64)?;
+        let elems = (a as u64)
+            .checked_mul(b as u64)?
+            .checked_add((c as u64).checked_mul(d as u64)?)?;
         elems.checked_mul(size)
     }
 
@@ -184,6 +186,23 @@ mod tests {
         }
         // Row 0 holds column 0: its largest value 0.75 is code 127.
         assert_eq!(bytes[2 + 2] as i8, 127);
+    }
+
+    /// fuzz/regressions/manifest/factor-bytes-overflow.json: a factored entry
+    /// [2^32, 2^32 − 1] at rank 2^32 − 1 passes `factored_dims`; each factor's element
+    /// count fits u64 but their sum did not (an add overflow, not the `None` documented).
+    #[test]
+    fn factor_bytes_overflow_is_none() {
+        let text = include_bytes!("../../fuzz/regressions/manifest/factor-bytes-overflow.json");
+        let m = crate::validate::parse_manifest(text).unwrap();
+        let (name, info) = m.tensors.iter().next().unwrap();
+        let (rows, cols, r) = crate::validate::factored_dims(name, info).unwrap();
+        assert_eq!(FactorEncoding::of(info).factor_bytes(rows, cols, r), None);
+        let f16 = FactorEncoding::Float(Dtype::F16);
+        assert_eq!(
+            f16.factor_bytes(1 << 32, (1 << 32) - 1, (1 << 32) - 1),
+            None
+        );
     }
 
     #[test]
