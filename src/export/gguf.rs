@@ -86,6 +86,8 @@ struct Planned {
     ne: Vec<u64>,
     ty: GgmlType,
     bytes: usize,
+    /// Written as F16 because its rows are not whole blocks of the type asked for.
+    fallback: bool,
 }
 
 /// The type of a tensor with source dtype `source`, stored as `stored`, of GGUF dimensions
@@ -162,8 +164,9 @@ fn plan(ckpt: &Checkpoint, target: GgufTarget) -> Result<Vec<Planned>> {
             s => s.iter().rev().map(|&d| d as u64).collect(),
         };
         let factored = info.rank.is_some();
-        let (ty, _) = tensor_type(target, &info.source_dtype, info.stored_dtype, factored, &ne)
-            .ok_or_else(|| fail(format!("GGUF has no type for {}", info.stored_dtype)))?;
+        let (ty, fallback) =
+            tensor_type(target, &info.source_dtype, info.stored_dtype, factored, &ne)
+                .ok_or_else(|| fail(format!("GGUF has no type for {}", info.stored_dtype)))?;
         let (per_block, block_bytes) = ty.block();
         let numel = ne.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
         let bytes = numel
@@ -175,6 +178,7 @@ fn plan(ckpt: &Checkpoint, target: GgufTarget) -> Result<Vec<Planned>> {
             ne,
             ty,
             bytes,
+            fallback,
         });
     }
     Ok(out)
@@ -270,35 +274,14 @@ pub fn export_gguf(
         progress,
         cancel,
     };
-    let staging = crate::convert::prepare_output(out, false, false)?;
-    let tmp = &staging.partial;
-    let written = write_file(&job, &tmp.join(GGUF_FILE))
-        .and_then(|bytes| crate::convert::commit(&staging, out).map(|()| bytes));
-    let bytes = match written {
-        Ok(bytes) => bytes,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(tmp);
-            return Err(e);
-        }
-    };
+    let bytes = super::write_staged(out, |tmp| write_file(&job, &tmp.join(GGUF_FILE)))?;
     let mut types = BTreeMap::new();
-    let mut fallbacks = Vec::new();
-    for (p, info) in planned.iter().zip(ckpt.manifest().tensors.values()) {
+    for p in &planned {
         *types.entry(p.ty.name().to_string()).or_default() += 1;
-        let factored = info.rank.is_some();
-        let target = opts.target;
-        if tensor_type(
-            target,
-            &info.source_dtype,
-            info.stored_dtype,
-            factored,
-            &p.ne,
-        )
-        .is_some_and(|(_, fell_back)| fell_back)
-        {
-            fallbacks.push(p.name.clone());
-        }
     }
+    let fallbacks = (planned.iter().filter(|p| p.fallback))
+        .map(|p| p.name.clone())
+        .collect();
     let manifest = ckpt.manifest();
     Ok(GgufReport {
         report_version: super::EXPORT_REPORT_VERSION,

@@ -275,8 +275,6 @@ pub fn export_safetensors(
             bytes,
         });
     }
-    let staging = crate::convert::prepare_output(out, false, false)?;
-    let tmp = &staging.partial;
     let job = Job {
         ckpt: &ckpt,
         adapter: adapter.as_ref(),
@@ -285,12 +283,18 @@ pub fn export_safetensors(
         progress,
         cancel,
     };
-    match write_all(&job, tmp) {
-        Ok(mut report) => {
-            crate::convert::commit(&staging, out)?;
-            report.out_dir = out.to_path_buf();
-            Ok(report)
-        }
+    let mut report = write_staged(out, |tmp| write_all(&job, tmp))?;
+    report.out_dir = out.to_path_buf();
+    Ok(report)
+}
+
+/// Runs `write` into the hidden partial sibling of `out` (locked, as `convert` does) and
+/// renames it into place; on any error nothing is left at `out`.
+pub(super) fn write_staged<R>(out: &Path, write: impl FnOnce(&Path) -> Result<R>) -> Result<R> {
+    let staging = crate::convert::prepare_output(out, false, false)?;
+    let tmp = &staging.partial;
+    match write(tmp).and_then(|r| crate::convert::commit(&staging, out).map(|()| r)) {
+        Ok(r) => Ok(r),
         Err(e) => {
             let _ = std::fs::remove_dir_all(tmp);
             Err(e)

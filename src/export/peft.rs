@@ -182,9 +182,7 @@ pub fn export_peft(dir: &Path, adapter_path: &Path, out: &Path) -> Result<PeftRe
             adapter_path.display()
         )));
     }
-    let staging = crate::convert::prepare_output(out, false, false)?;
-    let tmp = &staging.partial;
-    let written = (|| -> Result<()> {
+    super::write_staged(out, |tmp| {
         let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
         let mut file = serialize_header(&metadata, &entries);
         file.extend_from_slice(&data);
@@ -194,18 +192,12 @@ pub fn export_peft(dir: &Path, adapter_path: &Path, out: &Path) -> Result<PeftRe
         let text = serde_json::to_vec_pretty(&peft_config(&modules)).expect("json serializes");
         std::fs::write(&path, text).map_err(|e| ConvertError::io(&path, "write", e))?;
         Ok(())
-    })();
-    match written.and_then(|()| crate::convert::commit(&staging, out)) {
-        Ok(()) => Ok(PeftReport {
-            report_version: super::EXPORT_REPORT_VERSION,
-            out_dir: out.to_path_buf(),
-            modules,
-        }),
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(tmp);
-            Err(e)
-        }
-    }
+    })?;
+    Ok(PeftReport {
+        report_version: super::EXPORT_REPORT_VERSION,
+        out_dir: out.to_path_buf(),
+        modules,
+    })
 }
 
 /// `adapter_config.json`: LoRA with each module's own rank and `lora_alpha` = rank (scaling
