@@ -12,6 +12,7 @@
 //! `examples/bench_twostage.rs`) reach `linalg` through the cargo feature `bench-internals`.
 #![deny(unsafe_code)]
 
+pub mod assemble;
 mod budget;
 pub mod calibration;
 pub mod cli;

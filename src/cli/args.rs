@@ -1,6 +1,7 @@
 //! Raw command-line flags (clap) and their validation into config structs, before any work.
 
 use crate::calibration::Calibration;
+use crate::convert::part::PartSpec;
 use crate::convert::ConvertOptions;
 use crate::decompose::{RankRule, Route};
 use crate::inspect::InspectOptions;
@@ -70,6 +71,29 @@ pub enum Command {
     /// Export a CERSA directory (and optionally a trained adapter) to a plain Hugging Face
     /// safetensors model directory: factored tensors recomposed as U·diag(σ)·Vᵀ.
     Export(ExportArgs),
+    /// Join the part directories of `convert --part I/N` into one CERSA directory,
+    /// byte-identical to a one-machine convert with the same options (bytes are copied,
+    /// nothing is recomputed).
+    Assemble(AssembleArgs),
+}
+
+/// `cersa assemble`.
+#[derive(Debug, Args)]
+pub struct AssembleArgs {
+    /// Output directory (must not exist, or be empty; see --overwrite).
+    pub out_dir: PathBuf,
+    /// Every part directory of the conversion, in any order.
+    #[arg(required = true, num_args = 1..)]
+    pub parts: Vec<PathBuf>,
+    /// Replace OUT_DIR if it is a CERSA directory, once the new one is complete.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Print the result as JSON on stdout (the `convert --json` report).
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
 }
 
 /// Target format of `cersa export`.
@@ -370,6 +394,16 @@ pub struct ConvertArgs {
     /// once the new output is complete; anything else at OUT_DIR is refused and left alone.
     #[arg(long)]
     pub overwrite: bool,
+    /// Convert only part I of N (0-based, e.g. 2/8) of the tensors, balanced by estimated
+    /// work and the same on every node, into OUT_DIR as a part directory for `cersa
+    /// assemble`; `auto` takes I and N from a Slurm array (SLURM_ARRAY_TASK_ID/_MIN/_COUNT)
+    /// or a Kubernetes Indexed Job (JOB_COMPLETION_INDEX, with --parts N).
+    #[arg(long, value_name = "I/N|auto")]
+    pub part: Option<String>,
+    /// With --part auto: the number of parts (a Kubernetes Job's completions; with Slurm it
+    /// must equal the array's task count).
+    #[arg(long, value_name = "N", requires = "part")]
+    pub parts: Option<usize>,
 }
 
 /// What `inspect` and `report` both read: the source, the thresholds, the selection and the
@@ -585,6 +619,24 @@ impl ConvertArgs {
             }
         }
         let calibration = self.calibration.open()?;
+        let part = match self.part.as_deref() {
+            None => None,
+            Some("auto") => Some(
+                PartSpec::from_env(&|k| std::env::var(k).ok(), self.parts)
+                    .map_err(anyhow::Error::msg)
+                    .context("--part auto")?,
+            ),
+            Some(text) => {
+                if self.parts.is_some() {
+                    bail!("--parts goes with --part auto (--part I/N names the count)");
+                }
+                Some(
+                    PartSpec::parse(text)
+                        .map_err(anyhow::Error::msg)
+                        .context("--part")?,
+                )
+            }
+        };
         Ok(ConvertOptions {
             rule: RankRule {
                 energy,
@@ -610,6 +662,7 @@ impl ConvertArgs {
                 .map(parse_size)
                 .transpose()
                 .context("--max-memory")?,
+            part,
         })
     }
 }

@@ -9,7 +9,8 @@ use crate::convert::{convert, ConvertReport};
 use crate::inspect::{inspect_checkpoint, inspect_source};
 use anyhow::{Context, Result};
 use args::{
-    Cli, Command, ConvertArgs, ExportArgs, InspectArgs, MergeArgs, PlanArgs, ReportArgs, VerifyArgs,
+    AssembleArgs, Cli, Command, ConvertArgs, ExportArgs, InspectArgs, MergeArgs, PlanArgs,
+    ReportArgs, VerifyArgs,
 };
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::Write;
@@ -61,6 +62,7 @@ pub fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<Status> {
         Command::Merge(a) => run_merge(a, &cancel),
         Command::Plan(a) => run_plan(a, &cancel),
         Command::Export(a) => run_export(a, &cancel),
+        Command::Assemble(a) => run_assemble(a, &cancel),
     }
 }
 
@@ -190,15 +192,8 @@ fn run_convert(a: ConvertArgs, cancel: &AtomicBool) -> Result<Status> {
         )
     })?;
     bar.finish_and_clear();
-    let t = &manifest.totals;
-    let report = ConvertReport {
-        report_version: 1,
-        out_dir: a.out_dir.clone(),
-        seconds: start.elapsed().as_secs_f64(),
-        param_ratio: t.stored_params as f64 / t.source_params.max(1) as f64,
-        byte_ratio: t.stored_bytes as f64 / t.source_bytes.max(1) as f64,
-        manifest,
-    };
+    let mut report = ConvertReport::new(a.out_dir.clone(), start.elapsed().as_secs_f64(), manifest);
+    report.part = opts.part;
     if a.json {
         emit_json(&report)?;
     } else {
@@ -329,6 +324,35 @@ fn run_report(a: ReportArgs, cancel: &AtomicBool) -> Result<Status> {
         .with_context(|| format!("writing {}", a.output.display()))?;
     if !a.quiet {
         eprintln!("wrote {} ({} bytes)", a.output.display(), html.len());
+    }
+    Ok(Status::Ok)
+}
+
+fn run_assemble(a: AssembleArgs, cancel: &AtomicBool) -> Result<Status> {
+    let start = std::time::Instant::now();
+    let opts = crate::assemble::AssembleOptions {
+        overwrite: a.overwrite,
+    };
+    let bar = progress_bar(a.quiet, a.parts.len() as u64);
+    bar.set_message("checking the parts");
+    let manifest = crate::assemble::assemble(
+        &a.out_dir,
+        &a.parts,
+        &opts,
+        &mut |p| {
+            bar.set_length(p.bytes_total);
+            bar.set_position(p.bytes_done);
+            bar.set_message(p.name.to_string());
+        },
+        cancel,
+    )
+    .with_context(|| format!("assembling {}", a.out_dir.display()))?;
+    bar.finish_and_clear();
+    let report = ConvertReport::new(a.out_dir.clone(), start.elapsed().as_secs_f64(), manifest);
+    if a.json {
+        emit_json(&report)?;
+    } else {
+        emit(&output::convert_summary(&report))?;
     }
     Ok(Status::Ok)
 }

@@ -50,7 +50,14 @@ fn rank_choice(c: &cersa_loader::manifest::ConvertConfig) -> String {
 /// `cersa convert` summary.
 pub fn convert_summary(r: &ConvertReport) -> String {
     let t = &r.manifest.totals;
-    format!(
+    let part = match r.part {
+        Some(p) => format!(
+            "part {} of {}: its share of the tensors; `cersa assemble` joins the parts\n",
+            p.index, p.count
+        ),
+        None => String::new(),
+    };
+    part + &format!(
         "wrote {} ({} shard(s)) in {:.1}s\n\
          tensors: {} factored, {} dense\n\
          params:  {} → {} ({:.3}×)\n\

@@ -12,11 +12,13 @@
 //! The output bytes do not depend on the thread count or the memory budget.
 
 mod out_dir;
+pub mod part;
 mod process;
 mod schedule;
 mod write;
 
 pub(crate) use out_dir::{commit, prepare_output};
+pub(crate) use write::add_totals;
 
 use crate::calibration::Calibration;
 use crate::decompose::{RankRule, Route};
@@ -68,6 +70,9 @@ pub struct ConvertOptions {
     /// Memory budget in bytes for the tensors in flight (see [`crate::budget`]); `None`
     /// uses [`crate::budget::default_budget`]. Does not change the output.
     pub max_memory: Option<u64>,
+    /// Convert only this part's share of the tensors (`--part I/N`) into a part directory
+    /// for [`crate::assemble`].
+    pub part: Option<part::PartSpec>,
 }
 
 impl Default for ConvertOptions {
@@ -87,6 +92,7 @@ impl Default for ConvertOptions {
             resume: false,
             overwrite: false,
             max_memory: None,
+            part: None,
         }
     }
 }
@@ -119,8 +125,27 @@ pub struct ConvertReport {
     pub param_ratio: f64,
     /// Stored bytes / source bytes.
     pub byte_ratio: f64,
-    /// The manifest that was written.
+    /// The manifest that was written (of the part's tensors only, with `--part`).
     pub manifest: Manifest,
+    /// The part converted (`--part`); absent for a whole conversion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<part::PartSpec>,
+}
+
+impl ConvertReport {
+    /// The report of a conversion (or assembly) into `out_dir` that wrote `manifest`.
+    pub fn new(out_dir: PathBuf, seconds: f64, manifest: Manifest) -> Self {
+        let t = &manifest.totals;
+        ConvertReport {
+            report_version: 1,
+            out_dir,
+            seconds,
+            param_ratio: t.stored_params as f64 / t.source_params.max(1) as f64,
+            byte_ratio: t.stored_bytes as f64 / t.source_bytes.max(1) as f64,
+            manifest,
+            part: None,
+        }
+    }
 }
 
 /// Converts `src` into a CERSA directory at `out`. The directory appears only when
@@ -128,6 +153,9 @@ pub struct ConvertReport {
 /// a journal of the closed shards: after a cancellation or an I/O error (disk full) it is
 /// kept and the error says so, and `opts.resume` continues from it; after any other error
 /// it is removed.
+///
+/// With `opts.part`, only that part's share of the tensors is converted, and the directory
+/// also holds a `cersa-part.json` ([`part::PartRecord`]) for `cersa assemble`.
 pub fn convert(
     src: &dyn Source,
     out: &Path,
@@ -141,7 +169,35 @@ pub fn convert(
     if let Some(cal) = &opts.calibration {
         cal.check_source(src)?;
     }
-    let fingerprint = run_fingerprint(src, opts, decomposer.name())?;
+    let mut fingerprint = run_fingerprint(src, opts, decomposer.name())?;
+    // A part converts its share of the whole source, checked above as a whole.
+    let subset;
+    let (src, part_record): (&dyn Source, _) = match opts.part {
+        None => (src, None),
+        Some(spec) => {
+            let owner = part::assign(src, opts, &selection, spec.count);
+            let record = part::PartRecord {
+                format: part::PART_FORMAT.into(),
+                version: part::PART_VERSION,
+                part: spec.index,
+                parts: spec.count,
+                run_sha256: part::run_sha256(&fingerprint),
+                tensors: src
+                    .tensors()
+                    .iter()
+                    .zip(&owner)
+                    .map(|(t, &p)| part::PartTensor {
+                        name: t.name.clone(),
+                        source_bytes: t.source_bytes,
+                        part: p,
+                    })
+                    .collect(),
+            };
+            fingerprint["part"] = spec.to_string().into();
+            subset = part::Subset::new(src, &owner, spec.index);
+            (&subset, Some(record))
+        }
+    };
     let staging = prepare_output(out, opts.resume, opts.overwrite)?;
     let tmp = staging.partial.clone();
     let (mut journal, recovered) = if staging.resumable {
@@ -184,6 +240,9 @@ pub fn convert(
     });
     let result = result.and_then(|m| {
         src.check_unchanged()?;
+        if let Some(record) = &part_record {
+            record.write(&tmp)?;
+        }
         // The journal is not part of the checkpoint.
         let jpath = tmp.join(journal::JOURNAL_FILE);
         std::fs::remove_file(&jpath).map_err(|e| ConvertError::io(&jpath, "remove", e))?;

@@ -6,7 +6,6 @@ use super::process::Outcome;
 use super::schedule::{Job, Results};
 use super::Progress;
 use crate::error::{ConvertError, Result};
-use crate::input::TensorMeta;
 use crate::journal::{self, Journal, Recovered, ShardRecord};
 use crate::rank_rules::{ModuleRule, PLAN_RULE};
 use crate::storage::Stored;
@@ -92,7 +91,7 @@ pub(super) fn write_all(
                 reason: format!("journal lists it where the source has `{}`", meta.name),
             });
         }
-        add_totals(&mut totals, meta, info);
+        add_totals(&mut totals, meta.source_bytes, info);
         bytes_done += meta.source_bytes;
         tensors.insert(name.clone(), info.clone());
     }
@@ -186,7 +185,7 @@ pub(super) fn write_all(
             }
         };
         results.release(held);
-        add_totals(&mut totals, meta, &info);
+        add_totals(&mut totals, meta.source_bytes, &info);
         open_shard.tensors.push((meta.name.clone(), info.clone()));
         if tensors.insert(meta.name.clone(), info).is_some() {
             return Err(ConvertError::Tensor {
@@ -248,10 +247,10 @@ fn manifest(job: &Job, tensors: BTreeMap<String, TensorInfo>, totals: Totals) ->
     }
 }
 
-/// Adds tensor `meta`, stored as `info`, to the manifest totals.
-fn add_totals(totals: &mut Totals, meta: &TensorMeta, info: &TensorInfo) {
-    totals.source_params += meta.numel();
-    totals.source_bytes += meta.source_bytes;
+/// Adds a tensor of `source_bytes` in the source, stored as `info`, to the manifest totals.
+pub(crate) fn add_totals(totals: &mut Totals, source_bytes: u64, info: &TensorInfo) {
+    totals.source_params += info.shape.iter().map(|&d| d as u64).product::<u64>();
+    totals.source_bytes += source_bytes;
     let stored = Stored::of(info);
     totals.stored_params += stored.params;
     totals.stored_bytes += stored.bytes;

@@ -12,6 +12,7 @@ mod lapack;
 mod malformed;
 mod memory;
 mod merge;
+mod parts;
 mod plan;
 mod pytorch;
 mod pytorch_sharded;
