@@ -619,6 +619,14 @@ impl ConvertArgs {
             }
         }
         let calibration = self.calibration.open()?;
+        if self.part.is_some() && self.budget.is_some() {
+            // Every part would compute every matrix's spectrum to plan: the whole work.
+            bail!(
+                "--budget plans from the spectra of the whole source, so every part would \
+                 repeat that work: plan once with `cersa plan SRC --budget … -o plan.json` \
+                 and give every part --plan plan.json"
+            );
+        }
         let part = match self.part.as_deref() {
             None => None,
             Some("auto") => Some(

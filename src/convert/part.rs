@@ -203,6 +203,14 @@ impl PartRecord {
                 t.name, t.part, record.parts
             )));
         }
+        let mut seen = std::collections::HashSet::with_capacity(record.tensors.len());
+        if let Some(t) = record
+            .tensors
+            .iter()
+            .find(|t| !seen.insert(t.name.as_str()))
+        {
+            return Err(bad(format!("tensor `{}` is listed twice", t.name)));
+        }
         Ok(record)
     }
 
@@ -416,6 +424,56 @@ mod tests {
         // More parts than tensors: the rest are empty; one part takes everything.
         assert_eq!(deal(&[3, 3], 4), [0, 1]);
         assert_eq!(deal(&work, 1), [0; 6]);
+    }
+
+    #[test]
+    fn a_record_that_lies_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = PartRecord {
+            format: PART_FORMAT.into(),
+            version: PART_VERSION,
+            part: 1,
+            parts: 2,
+            run_sha256: "0".repeat(64),
+            tensors: vec![
+                PartTensor {
+                    name: "a".into(),
+                    source_bytes: 4,
+                    part: 0,
+                },
+                PartTensor {
+                    name: "b".into(),
+                    source_bytes: 4,
+                    part: 1,
+                },
+            ],
+        };
+        good.write(dir.path()).unwrap();
+        assert_eq!(PartRecord::read(dir.path()).unwrap(), good);
+        let mut cases: Vec<(PartRecord, &str)> = Vec::new();
+        let mut r = good.clone();
+        r.tensors[1].name = "a".into();
+        cases.push((r, "listed twice"));
+        let mut r = good.clone();
+        r.tensors[0].part = 2;
+        cases.push((r, "beyond the 2 parts"));
+        let mut r = good.clone();
+        r.part = 2;
+        cases.push((r, "not a valid part"));
+        let mut r = good.clone();
+        r.version = 2;
+        cases.push((r, "version 2"));
+        for (record, needle) in cases {
+            record.write(dir.path()).unwrap();
+            let err = PartRecord::read(dir.path()).unwrap_err().to_string();
+            assert!(
+                err.contains(needle) && err.contains(PART_FILE),
+                "{needle}: {err}"
+            );
+        }
+        std::fs::write(dir.path().join(PART_FILE), b"{\"format\": 1").unwrap();
+        let err = PartRecord::read(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("not a cersa part record"), "{err}");
     }
 
     #[test]

@@ -226,6 +226,11 @@ fn part_auto_reads_slurm_and_kubernetes_indices() {
         ),
         (&[][..], &["--parts", "3"][..], "no array job"),
         (
+            &[("JOB_COMPLETION_INDEX", "0")][..],
+            &["--parts", "2", "--budget", "0.5"][..],
+            "plan once with `cersa plan",
+        ),
+        (
             &[("JOB_COMPLETION_INDEX", "3")][..],
             &["--parts", "3"][..],
             "not below the number of parts",
