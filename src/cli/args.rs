@@ -400,8 +400,9 @@ pub struct ConvertArgs {
     /// or a Kubernetes Indexed Job (JOB_COMPLETION_INDEX, with --parts N).
     #[arg(long, value_name = "I/N|auto")]
     pub part: Option<String>,
-    /// With --part auto: the number of parts (a Kubernetes Job's completions; with Slurm it
-    /// must equal the array's task count).
+    /// With --part auto: the number of parts. Kubernetes: the Job's completions (needed).
+    /// Slurm: optional; with it the array task id is the part index, so some parts can be
+    /// rerun alone (`sbatch --array=2`); without it the whole array is the conversion.
     #[arg(long, value_name = "N", requires = "part")]
     pub parts: Option<usize>,
 }

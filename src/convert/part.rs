@@ -66,11 +66,17 @@ impl PartSpec {
         PartSpec::new(num(i, "part index")?, num(n, "number of parts")?)
     }
 
-    /// The part of an array job, from the environment `get` reads: Slurm's
-    /// `SLURM_ARRAY_TASK_ID`, `SLURM_ARRAY_TASK_MIN`, `SLURM_ARRAY_TASK_COUNT` (I = ID − MIN,
-    /// N = COUNT; the array must be contiguous with step 1), else Kubernetes'
-    /// `JOB_COMPLETION_INDEX` with `parts` (the Job's `completions`, which the pod is not
-    /// told). `parts`, when given with Slurm, must equal the array's task count.
+    /// The part of an array job, from the environment `get` reads.
+    ///
+    /// Slurm (`SLURM_ARRAY_TASK_ID` set): without `parts`, the whole array is the
+    /// conversion: I = ID − `SLURM_ARRAY_TASK_MIN`, N = `SLURM_ARRAY_TASK_COUNT` (the array
+    /// must be contiguous with step 1). With `parts`, task ids are part indices (I = ID,
+    /// N = `parts`), so some tasks can be rerun alone (`sbatch --array=2,5`): such a
+    /// submission is an array of its own whose count is not N. A one-task array that does
+    /// not start at 0 is refused without `parts`, as it is most likely such a rerun.
+    ///
+    /// Kubernetes: I = `JOB_COMPLETION_INDEX`, N = `parts` (the Job's `completions`, which
+    /// the pod is not told).
     pub fn from_env(
         get: &dyn Fn(&str) -> Option<String>,
         parts: Option<usize>,
@@ -86,6 +92,10 @@ impl PartSpec {
             }
         };
         if let Some(id) = num("SLURM_ARRAY_TASK_ID")? {
+            if let Some(count) = parts {
+                return PartSpec::new(id, count)
+                    .map_err(|e| format!("SLURM_ARRAY_TASK_ID {id} with --parts {count}: {e}"));
+            }
             let need = |key: &str| {
                 num(key)?.ok_or_else(|| format!("SLURM_ARRAY_TASK_ID is set but {key} is not"))
             };
@@ -98,14 +108,16 @@ impl PartSpec {
             if step != 1 || max.is_some_and(|max| max.checked_sub(min) != Some(count - 1)) {
                 return Err(format!(
                     "the Slurm array is not contiguous (min {min}, max {}, step {step}, {count} \
-                     tasks): submit it as --array=0-{} so task K converts part K",
+                     tasks): submit it as --array=0-{} so task K converts part K, or give \
+                     --parts N to use task ids as part indices",
                     max.map_or("?".into(), |m| m.to_string()),
                     count.saturating_sub(1)
                 ));
             }
-            if let Some(n) = parts.filter(|&n| n != count) {
+            if count == 1 && min != 0 {
                 return Err(format!(
-                    "--parts {n} disagrees with the Slurm array's {count} tasks"
+                    "a one-task Slurm array starting at {min} looks like a rerun of one part \
+                     of a larger array: give --parts N (task ids are then part indices)"
                 ));
             }
             let index = id.checked_sub(min).ok_or_else(|| {
@@ -386,9 +398,21 @@ mod tests {
             PartSpec::from_env(&env(&slurm), None),
             Ok(PartSpec { index: 2, count: 4 })
         );
-        assert!(PartSpec::from_env(&env(&slurm), Some(3))
+        // With --parts, task ids are part indices: a rerun of task 2 of 4 alone.
+        let rerun = [
+            ("SLURM_ARRAY_TASK_ID", "2"),
+            ("SLURM_ARRAY_TASK_MIN", "2"),
+            ("SLURM_ARRAY_TASK_MAX", "2"),
+            ("SLURM_ARRAY_TASK_COUNT", "1"),
+        ];
+        assert_eq!(
+            PartSpec::from_env(&env(&rerun), Some(4)),
+            Ok(PartSpec { index: 2, count: 4 })
+        );
+        assert!(PartSpec::from_env(&env(&rerun), None)
             .unwrap_err()
-            .contains("disagrees"));
+            .contains("--parts N"));
+        assert!(PartSpec::from_env(&env(&slurm), Some(4)).is_err());
         let gapped = [
             ("SLURM_ARRAY_TASK_ID", "4"),
             ("SLURM_ARRAY_TASK_MIN", "0"),
