@@ -44,7 +44,7 @@ fn part_error(dir: &Path, reason: String) -> ConvertError {
 /// whole run; returns them ordered by part index.
 fn open_parts(dirs: &[PathBuf], cancel: &AtomicBool) -> Result<Vec<Part>> {
     if dirs.is_empty() {
-        return Err(ConvertError::Options(
+        return Err(ConvertError::Parts(
             "give the part directories to assemble".into(),
         ));
     }
@@ -117,7 +117,7 @@ fn open_parts(dirs: &[PathBuf], cancel: &AtomicBool) -> Result<Vec<Part>> {
             .filter(|i| !parts.iter().any(|p| p.record.part == *i))
             .map(|i| i.to_string())
             .collect();
-        return Err(ConvertError::Options(format!(
+        return Err(ConvertError::Parts(format!(
             "the conversion has {count} parts but {} were given: part(s) {} missing \
              (indices are 0-based)",
             parts.len(),

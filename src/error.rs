@@ -118,6 +118,9 @@ pub enum ConvertError {
     /// Invalid options.
     #[error("invalid option: {0}")]
     Options(String),
+    /// The part directories given to `cersa assemble` do not make one whole conversion.
+    #[error("{0}")]
+    Parts(String),
 }
 
 /// `Result` with [`ConvertError`].

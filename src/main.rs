@@ -29,9 +29,9 @@ fn main() -> ExitCode {
     let cli = cersa::cli::args::Cli::parse_args(std::env::args_os()).unwrap_or_else(|e| e.exit());
     let cancel = Arc::new(AtomicBool::new(false));
     let flag = cancel.clone();
-    // First Ctrl-C: every command stops between tensors and exits 2 with an `interrupted`
-    // error, leaving nothing that looks complete (convert keeps its finished shards for
-    // --resume and says so). Second: exit at once.
+    // First Ctrl-C (or SIGTERM, as schedulers send): every command stops between tensors
+    // and exits 2 with an `interrupted` error, leaving nothing that looks complete (convert
+    // keeps its finished shards for --resume and says so). Second: exit at once.
     let _ = ctrlc::set_handler(move || {
         if flag.swap(true, Ordering::SeqCst) {
             std::process::exit(130);

@@ -198,6 +198,12 @@ pub fn convert(
             (&subset, Some(record))
         }
     };
+    if let Some(record) = &part_record {
+        if opts.resume && finished_part(out, record) {
+            // A requeued array task whose part is already complete: nothing to do.
+            return Ok(cersa_loader::checkpoint::read_manifest(out)?);
+        }
+    }
     let staging = prepare_output(out, opts.resume, opts.overwrite)?;
     let tmp = staging.partial.clone();
     let (mut journal, recovered) = if staging.resumable {
@@ -260,6 +266,12 @@ pub fn convert(
         }
         ok => ok,
     }
+}
+
+/// Whether `out` is the finished part directory of `record`'s run and part.
+fn finished_part(out: &Path, record: &part::PartRecord) -> bool {
+    out.join(cersa_loader::MANIFEST_FILE).is_file()
+        && part::PartRecord::read(out).is_ok_and(|found| found == *record)
 }
 
 /// Source names ending in a factor suffix would collide with the stored factors.

@@ -133,8 +133,8 @@ impl PartSpec {
             return PartSpec::new(index, count);
         }
         Err(
-            "--part auto found no array job in the environment (SLURM_ARRAY_TASK_ID, or \
-             JOB_COMPLETION_INDEX with --parts N); give --part I/N"
+            "no array job in the environment (SLURM_ARRAY_TASK_ID, or JOB_COMPLETION_INDEX \
+             with --parts N); give --part I/N"
                 .into(),
         )
     }

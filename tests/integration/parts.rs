@@ -246,6 +246,45 @@ fn part_auto_reads_slurm_and_kubernetes_indices() {
 }
 
 #[test]
+fn sigterm_stops_a_part_like_ctrl_c_and_keeps_it_resumable() {
+    let dir = tmp();
+    let src = slow_source(dir.path());
+    let part = dir.path().join("part-0");
+    let child = Command::new(bin())
+        .args([
+            "convert",
+            s(&src),
+            s(&part),
+            "-q",
+            "--part",
+            "0/2",
+            "--threads",
+            "1",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let partial = dir.path().join(".part-0.cersa-partial");
+    let start = std::time::Instant::now();
+    while !partial.join("journal.jsonl").exists() && start.elapsed().as_secs() < 30 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let pid = child.id().to_string();
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        eprintln!("the part finished before SIGTERM; nothing checked");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--resume"), "{err}");
+    assert!(partial.is_dir() && !part.exists());
+}
+
+#[test]
 fn a_killed_part_resumes_and_the_assembly_is_unchanged() {
     let dir = tmp();
     let src = slow_source(dir.path());
@@ -313,6 +352,19 @@ fn a_killed_part_resumes_and_the_assembly_is_unchanged() {
     } else {
         eprintln!("part 1 finished before the kill; resume not exercised");
     }
+    // A requeued task whose part is complete: --resume is a no-op, without it an error.
+    let before = contents(&parts[0]);
+    let again = ["convert", s(&src), s(&parts[0]), "-q", "--part", "0/3"];
+    let err = cersa_fails(&again, 2);
+    assert!(err.contains("already exists"), "{err}");
+    let mut resumed = again.to_vec();
+    resumed.extend(["--resume", extra[0], extra[1]]);
+    cersa_ok(&resumed);
+    assert!(contents(&parts[0]) == before);
+    // Another part's options do not count as complete.
+    resumed[5] = "0/2";
+    let err = cersa_fails(&resumed, 2);
+    assert!(err.contains("already exists"), "{err}");
     parts.reverse();
     let out = dir.path().join("out");
     let done = assemble(&out, &parts);
