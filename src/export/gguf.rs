@@ -1,10 +1,12 @@
-//! `cersa export --to gguf`: a CERSA checkpoint converted from a GGUF file back to one GGUF
-//! file llama.cpp loads, `OUT_DIR/model.gguf`.
+//! `cersa export --to gguf`: a CERSA checkpoint back to one GGUF file llama.cpp loads,
+//! `OUT_DIR/model.gguf`.
 //!
-//! The metadata pairs (architecture, hyperparameters, tokenizer, chat template) are copied
-//! byte for byte from the side file `source-metadata.gguf` that `convert` wrote from the
-//! source, so a checkpoint whose source is gone still exports. Tensors keep their GGUF
-//! names; the row-major CERSA shape is written as GGUF's innermost-first dimensions. Types:
+//! From a GGUF source, the metadata pairs (architecture, hyperparameters, tokenizer, chat
+//! template) are copied byte for byte from the side file `source-metadata.gguf` that
+//! `convert` wrote from the source, so a checkpoint whose source is gone still exports, and
+//! tensors keep their GGUF names. From a Hugging Face source of the Llama family, names,
+//! hyperparameters and tokenizer are mapped from its side files ([`super::gguf_hf`]). The
+//! row-major CERSA shape is written as GGUF's innermost-first dimensions. Types:
 //! the source's float type by default (BF16 where the source was quantized), or one
 //! `--dtype` for every float tensor with two or more dimensions — F32/F16/BF16, or Q8_0 /
 //! Q5_0 / Q4_0 blocks along each row, bit-equal to `gguf.quants.quantize`. As llama.cpp's
@@ -13,10 +15,11 @@
 //! in the report). The header is laid out before any data: each tensor's offset is the
 //! running sum of the padded sizes before it, the layout llama.cpp's reader requires.
 
+use super::gguf_hf::{hf_mapping, Mapped, RowPermutation};
 use super::{tensor_values, Values};
 use crate::error::{ConvertError, Result};
 use crate::input::gguf::ggml::GgmlType;
-use crate::input::gguf::header::{parse, GgufHeader};
+use crate::input::gguf::header::parse;
 use cersa_loader::adapter::Adapter;
 use cersa_loader::dtype::{decode_f64, encode_f64};
 use cersa_loader::quant::{Quant, BLOCK};
@@ -77,11 +80,20 @@ pub struct GgufReport {
     pub types: BTreeMap<String, usize>,
     /// Tensors written as F16 because their rows are not whole blocks of the type asked for.
     pub fallbacks: Vec<String>,
+    /// For a checkpoint of a Hugging Face source: what the mapping to llama.cpp's names,
+    /// hyperparameters and tokenizer could not carry over (absent for GGUF sources).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// One output tensor.
 struct Planned {
+    /// The checkpoint's name.
+    source: String,
+    /// The GGUF name.
     name: String,
+    /// Rows reordered on the way out (Q and K of a Hugging Face Llama).
+    permute: Option<RowPermutation>,
     /// GGUF dimensions, innermost first.
     ne: Vec<u64>,
     ty: GgmlType,
@@ -121,29 +133,40 @@ fn tensor_type(
     })
 }
 
-/// The metadata the checkpoint recorded from its GGUF source: the parsed header and the
-/// file's bytes.
-fn source_metadata(ckpt: &Checkpoint) -> Result<(GgufHeader, Vec<u8>)> {
+/// What the file's header carries besides the tensor table.
+struct Metadata {
+    /// Encoded pairs (key, type, value), written as they are.
+    kv: Vec<u8>,
+    kv_count: u64,
+    alignment: u64,
+    /// Checkpoint name → GGUF name (Hugging Face sources; GGUF sources keep their names).
+    names: Option<BTreeMap<String, Option<Mapped>>>,
+    notes: Vec<String>,
+}
+
+/// The metadata of the output: the pairs the checkpoint recorded from its GGUF source
+/// (copied verbatim), or for a Hugging Face source the Llama mapping of its side files.
+fn metadata(ckpt: &Checkpoint) -> Result<Metadata> {
     let name = crate::side_files::SOURCE_METADATA;
     let path = ckpt.dir().join(name);
     let listed = ckpt.manifest().side_files.iter().any(|f| f.file == name);
     if !listed {
-        let format = &ckpt.manifest().source.format;
-        return Err(ConvertError::Source {
-            path: ckpt.dir().to_path_buf(),
-            reason: if format == "gguf" {
-                format!(
+        if ckpt.manifest().source.format == "gguf" {
+            return Err(ConvertError::Source {
+                path: ckpt.dir().to_path_buf(),
+                reason: format!(
                     "this checkpoint was converted from GGUF before cersa kept the source's \
                      metadata ({name}); convert the GGUF file again to export it as GGUF"
-                )
-            } else {
-                format!(
-                    "--to gguf needs the metadata of a GGUF source (side file {name}); this \
-                     checkpoint was converted from {format}, and mapping its names and config \
-                     to llama.cpp's is not implemented — export --to safetensors and use \
-                     llama.cpp's convert_hf_to_gguf.py"
-                )
-            },
+                ),
+            });
+        }
+        let m = hf_mapping(ckpt)?;
+        return Ok(Metadata {
+            kv: m.kv,
+            kv_count: m.kv_count,
+            alignment: 32,
+            names: Some(m.names),
+            notes: m.notes,
         });
     }
     let bytes = cersa_loader::regular::read_regular(&path)
@@ -152,13 +175,42 @@ fn source_metadata(ckpt: &Checkpoint) -> Result<(GgufHeader, Vec<u8>)> {
         path: path.clone(),
         reason: e.to_string(),
     })?;
-    Ok((header, bytes))
+    let mut kv = Vec::new();
+    for (_, range) in &header.metadata {
+        kv.extend_from_slice(&bytes[range.clone()]);
+    }
+    Ok(Metadata {
+        kv,
+        kv_count: header.metadata.len() as u64,
+        alignment: header.alignment,
+        names: None,
+        notes: Vec::new(),
+    })
 }
 
-fn plan(ckpt: &Checkpoint, target: GgufTarget) -> Result<Vec<Planned>> {
+fn plan(ckpt: &Checkpoint, target: GgufTarget, meta: &Metadata) -> Result<Vec<Planned>> {
     let mut out = Vec::new();
     for (name, info) in &ckpt.manifest().tensors {
         let fail = |reason: String| super::tensor_error(ckpt, name, reason);
+        let (gguf_name, permute) = match &meta.names {
+            None => (name.clone(), None),
+            Some(names) => match names.get(name) {
+                Some(Some(m)) => (m.name.clone(), m.permute),
+                // Dropped (rotary buffers).
+                Some(None) => continue,
+                None => return Err(fail("has no llama.cpp name".into())),
+            },
+        };
+        if let Some(p) = permute {
+            let rows = info.shape.first().copied().unwrap_or(1);
+            if p.heads == 0 || rows % (2 * p.heads) != 0 {
+                return Err(fail(format!(
+                    "{rows} rows do not split into {} heads of pairs (config.json's head \
+                     counts do not match the weights)",
+                    p.heads
+                )));
+            }
+        }
         let ne: Vec<u64> = match info.shape.as_slice() {
             [] => vec![1],
             s => s.iter().rev().map(|&d| d as u64).collect(),
@@ -174,7 +226,9 @@ fn plan(ckpt: &Checkpoint, target: GgufTarget) -> Result<Vec<Planned>> {
             .and_then(|b| usize::try_from(b).ok())
             .ok_or_else(|| fail(format!("shape {:?} overflows", info.shape)))?;
         out.push(Planned {
-            name: name.clone(),
+            source: name.clone(),
+            name: gguf_name,
+            permute,
             ne,
             ty,
             bytes,
@@ -184,17 +238,15 @@ fn plan(ckpt: &Checkpoint, target: GgufTarget) -> Result<Vec<Planned>> {
     Ok(out)
 }
 
-/// The GGUF header: counts, the copied metadata pairs and the tensor table, padded to
+/// The GGUF header: counts, the metadata pairs and the tensor table, padded to
 /// `alignment`.
-fn header_bytes(meta: &GgufHeader, meta_bytes: &[u8], planned: &[Planned]) -> Vec<u8> {
+fn header_bytes(meta: &Metadata, planned: &[Planned]) -> Vec<u8> {
     let mut h = Vec::new();
     h.extend_from_slice(b"GGUF");
     h.extend_from_slice(&VERSION.to_le_bytes());
     h.extend_from_slice(&(planned.len() as u64).to_le_bytes());
-    h.extend_from_slice(&(meta.metadata.len() as u64).to_le_bytes());
-    for (_, range) in &meta.metadata {
-        h.extend_from_slice(&meta_bytes[range.clone()]);
-    }
+    h.extend_from_slice(&meta.kv_count.to_le_bytes());
+    h.extend_from_slice(&meta.kv);
     let mut offset = 0u64;
     for p in planned {
         h.extend_from_slice(&(p.name.len() as u64).to_le_bytes());
@@ -215,7 +267,7 @@ fn header_bytes(meta: &GgufHeader, meta_bytes: &[u8], planned: &[Planned]) -> Ve
 
 /// The data of one tensor, `p.bytes` long.
 fn data(ckpt: &Checkpoint, adapter: Option<&Adapter>, p: &Planned) -> Result<Vec<u8>> {
-    let fail = |reason: String| super::tensor_error(ckpt, &p.name, reason);
+    let fail = |reason: String| super::tensor_error(ckpt, &p.source, reason);
     let quant = match p.ty {
         GgmlType::Q8_0 => Some(Quant::Q8_0),
         GgmlType::Q5_0 => Some(Quant::Q5_0),
@@ -223,12 +275,27 @@ fn data(ckpt: &Checkpoint, adapter: Option<&Adapter>, p: &Planned) -> Result<Vec
         _ => None,
     };
     let plain = p.ty.plain_dtype();
-    let values = match tensor_values(ckpt, adapter, &p.name, plain)? {
-        Values::Stored(d, bytes) if Some(d) == plain => return Ok(bytes.to_vec()),
+    // GGUF's outermost dimension is the rows of the row-major tensor.
+    let rows = p.ne.last().copied().unwrap_or(1) as usize;
+    let values = match tensor_values(ckpt, adapter, &p.source, plain)? {
+        Values::Stored(d, bytes) if Some(d) == plain => {
+            return Ok(match p.permute {
+                None => bytes.to_vec(),
+                Some(perm) => {
+                    let width = d.size();
+                    let elems: Vec<&[u8]> = bytes.chunks_exact(width).collect();
+                    perm.apply(&elems, rows).concat()
+                }
+            })
+        }
         Values::Stored(d, bytes) => decode_f64(d, bytes)
             .filter(|_| d.is_factor_float() || d == Dtype::F64)
             .ok_or_else(|| fail(format!("cannot write {d} values as {}", p.ty.name())))?,
         Values::F64(v) => v,
+    };
+    let values = match p.permute {
+        Some(perm) => perm.apply(&values, rows),
+        None => values,
     };
     match (quant, plain) {
         (Some(q), _) => {
@@ -261,14 +328,14 @@ pub fn export_gguf(
     cancel: &AtomicBool,
 ) -> Result<GgufReport> {
     let ckpt = Checkpoint::open(dir)?;
-    let (meta, meta_bytes) = source_metadata(&ckpt)?;
+    let meta = metadata(&ckpt)?;
     let adapter = super::read_adapter(opts.adapter.as_deref(), &ckpt)?;
-    let planned = plan(&ckpt, opts.target)?;
+    let planned = plan(&ckpt, opts.target, &meta)?;
     let job = Job {
         ckpt: &ckpt,
         adapter: adapter.as_ref(),
         planned: &planned,
-        header: header_bytes(&meta, &meta_bytes, &planned),
+        header: header_bytes(&meta, &planned),
         alignment: meta.alignment,
         threads: opts.threads.max(1),
         progress,
@@ -295,12 +362,13 @@ pub fn export_gguf(
             .count(),
         adapted: adapter.as_ref().map_or(0, |a| {
             (planned.iter())
-                .filter(|p| a.layers.contains_key(&p.name))
+                .filter(|p| a.layers.contains_key(&p.source))
                 .count()
         }),
-        metadata_keys: meta.metadata.len(),
+        metadata_keys: meta.kv_count as usize,
         types,
         fallbacks,
+        notes: meta.notes,
     })
 }
 

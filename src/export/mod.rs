@@ -12,6 +12,7 @@
 //! [`peft`] writes the adapter alone as a PEFT LoRA directory.
 
 pub mod gguf;
+mod gguf_hf;
 pub mod peft;
 
 use crate::error::{ConvertError, Result};
