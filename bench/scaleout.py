@@ -116,10 +116,23 @@ def measured_parts(cersa, work, parts, llama):
 
 
 def fit(rows, cols):
+    """Least squares with non-negative coefficients (a negative cost per flop or byte is
+    unphysical): the best fit over the subsets of terms whose solution is non-negative."""
+    import itertools
     a = np.array([[f(*r[:2]) for f in cols] for r in rows], dtype=np.float64)
     y = np.array([r[2] for r in rows], dtype=np.float64)
-    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
-    return coef
+    best, best_res = np.zeros(len(cols)), np.inf
+    for k in range(1, len(cols) + 1):
+        for subset in itertools.combinations(range(len(cols)), k):
+            coef, *_ = np.linalg.lstsq(a[:, subset], y, rcond=None)
+            if (coef < 0).any():
+                continue
+            full = np.zeros(len(cols))
+            full[list(subset)] = coef
+            res = float(np.sum((a @ full - y) ** 2))
+            if res < best_res:
+                best, best_res = full, res
+    return best
 
 
 def time_terms():
@@ -160,7 +173,8 @@ def project(tfit, mfit, asm_bps, cores, read_gbs):
     gfit = fit(H100_CUDA, time_terms())
     t_of = lambda c, m, n: max(0.0, c[0] * m * n * min(m, n) + c[1] * float(min(m, n)) ** 3)  # noqa: E731
     print("## Projected from the fits above (not measured)\n")
-    print(f"CPU nodes: {cores} cores, one matrix per core; GPU nodes: one H100 running the `cuda` route "
+    print(f"CPU nodes: {cores} cores, one matrix per core (a node's time is its busiest core's, "
+          f"so the largest matrix bounds it); GPU nodes: one H100 running the `cuda` route "
           f"(its per-matrix times, bench/RESULTS.md 2026-11-27); every node reads its share of the BF16 "
           f"source at {read_gbs} GB/s; assembly at the {asm_bps / 1e6:.0f} MB/s measured here, on one machine.\n")
     print("| model | BF16 size | largest matrix | nodes | CPU convert | GPU convert | read per node | assemble | memory per CPU node |")
@@ -168,8 +182,8 @@ def project(tfit, mfit, asm_bps, cores, read_gbs):
     for name, (h, layers, ffn, vocab, kv) in MODELS.items():
         mats, params = model_matrices(h, layers, ffn, vocab, kv)
         src_bytes = 2 * params
-        cpu_total = sum(t_of(tfit, m, n) for m, n in mats)
-        gpu_total = sum(t_of(gfit, m, n) for m, n in mats)
+        cpu_times = [t_of(tfit, m, n) for m, n in mats]
+        gpu_times = [t_of(gfit, m, n) for m, n in mats]
         big = max(mats, key=lambda x: x[0] * x[1])
         rss = mfit[0] + mfit[1] * 4 * big[0] * big[1] + mfit[2] * 8 * min(big) ** 2
         mem = cores * rss
@@ -177,13 +191,30 @@ def project(tfit, mfit, asm_bps, cores, read_gbs):
         asm = 0.9 * src_bytes / asm_bps
         for nodes in (1, 8, 64):
             read = src_bytes / nodes / (read_gbs * 1e9)
-            cpu = cpu_total / (nodes * cores)
-            gpu = gpu_total / nodes
+            # As cersa deals them: heaviest first to the least-loaded node, then on a CPU
+            # node to the least-loaded core; a GPU node runs its matrices one at a time.
+            cpu = max(makespan(share, cores) for share in deal(cpu_times, nodes))
+            gpu = max(sum(share) for share in deal(gpu_times, nodes))
             print(f"| {name} | {src_bytes / 1e9:.0f} GB | {big[0]}×{big[1]} | {nodes} | {hours(cpu)} | "
                   f"{hours(gpu)} | {hours(read)} | {hours(asm)} | {mem / 2**30:.0f} GiB |")
     print()
     print(f"Fits: CPU t = {tfit[0]:.3e}·mnk + {tfit[1]:.3e}·k³ s; GPU t = {gfit[0]:.3e}·mnk + {gfit[1]:.3e}·k³ s; "
           f"RSS = {mfit[0] / 2**20:.0f} MiB + {mfit[1]:.2f}·(4mn) + {mfit[2]:.2f}·(8k²) bytes.")
+
+
+def deal(times, bins):
+    """Longest-processing-time-first dealing (cersa's --part rule): the times of each bin."""
+    load = [0.0] * bins
+    shares = [[] for _ in range(bins)]
+    for t in sorted(times, reverse=True):
+        k = min(range(bins), key=lambda i: (load[i], i))
+        load[k] += t
+        shares[k].append(t)
+    return shares
+
+
+def makespan(times, workers):
+    return max((sum(s) for s in deal(times, workers)), default=0.0)
 
 
 def hours(s):
