@@ -13,9 +13,11 @@
 //! | `cersa` | U_t·(C − diag σ_t) | V_tᵀ | t |
 //! | `factors` | [left, −U·diag σ] | [right; Vᵀ] | 2r |
 //!
-//! Module names are the tensor names without `.weight`; layers are taken as `nn.Linear`
-//! (weight [out, in] = [m, n]), so models with transposed `Conv1D` weights (GPT-2) are not
-//! supported by this target.
+//! Module names are the tensor names without `.weight`. Layers are `nn.Linear` (weight
+//! [out, in] = [m, n]: lora_B·lora_A = ΔW), except the `Conv1D` layers of GPT-2-style models
+//! (`config.json`'s `model_type` `gpt2` or `openai-gpt`; modules `c_attn`, `c_proj`, `c_fc`,
+//! `q_attn`), whose weight is [in, out]: PEFT adds (lora_B·lora_A)ᵀ to them
+//! (`fan_in_fan_out`), so their lora_B is the table's lora_Aᵀ and lora_A its lora_Bᵀ.
 
 use super::product;
 use crate::error::{ConvertError, Result};
@@ -40,6 +42,35 @@ pub struct PeftModule {
     pub mode: String,
     /// LoRA rank q.
     pub rank: usize,
+    /// A GPT-2-style `Conv1D` layer (weight [in, out]; PEFT's `fan_in_fan_out`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub conv1d: bool,
+}
+
+/// `model_type`s of transformers models whose projection layers are `Conv1D`.
+const CONV1D_MODEL_TYPES: &[&str] = &["gpt2", "openai-gpt"];
+
+/// Whether the checkpoint's model (its `config.json` side file) holds `module` as a
+/// transposed `Conv1D`.
+fn is_conv1d(model_type: Option<&str>, module: &str) -> bool {
+    let last = module.rsplit('.').next().unwrap_or(module);
+    model_type.is_some_and(|t| CONV1D_MODEL_TYPES.contains(&t))
+        && matches!(last, "c_attn" | "c_proj" | "c_fc" | "q_attn")
+}
+
+/// `model_type` from the checkpoint's `config.json` side file, if it has one.
+fn model_type(ckpt: &Checkpoint) -> Option<String> {
+    if !ckpt
+        .manifest()
+        .side_files
+        .iter()
+        .any(|f| f.file == "config.json")
+    {
+        return None;
+    }
+    let bytes = cersa_loader::regular::read_regular(&ckpt.dir().join("config.json")).ok()?;
+    let config: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    config.get("model_type")?.as_str().map(str::to_owned)
 }
 
 /// The result of `cersa export --to peft --json`.
@@ -145,6 +176,7 @@ pub fn export_peft(dir: &Path, adapter_path: &Path, out: &Path) -> Result<PeftRe
     let ckpt = Checkpoint::open(dir)?;
     let adapter = Adapter::read(adapter_path)?;
     adapter.check_base(&ckpt)?;
+    let model_type = model_type(&ckpt);
     let mut modules = Vec::new();
     let mut entries = Vec::new();
     let mut data: Vec<u8> = Vec::new();
@@ -161,7 +193,13 @@ pub fn export_peft(dir: &Path, adapter_path: &Path, out: &Path) -> Result<PeftRe
             })?;
         let (b, a, q, mode) = low_rank_update(&ckpt, &adapter, name)?;
         let [m, n] = info.matrix_shape;
-        for (suffix, values, shape) in [("lora_A", a, [q, n]), ("lora_B", b, [m, q])] {
+        let conv1d = is_conv1d(model_type.as_deref(), module);
+        let (a, b, a_shape, b_shape) = match conv1d {
+            // W [in, out] = [m, n] takes (lora_B·lora_A)ᵀ: lora_B = Aᵀ [n, q], lora_A = Bᵀ [q, m].
+            true => (transpose(&b, m, q), transpose(&a, q, n), [q, m], [n, q]),
+            false => (a, b, [q, n], [m, q]),
+        };
+        for (suffix, values, shape) in [("lora_A", a, a_shape), ("lora_B", b, b_shape)] {
             let bytes: Vec<u8> = values
                 .iter()
                 .flat_map(|&v| (v as f32).to_le_bytes())
@@ -174,6 +212,7 @@ pub fn export_peft(dir: &Path, adapter_path: &Path, out: &Path) -> Result<PeftRe
             module: module.to_string(),
             mode: mode.into(),
             rank: q,
+            conv1d,
         });
     }
     if modules.is_empty() {
@@ -217,7 +256,8 @@ fn peft_config(modules: &[PeftModule]) -> serde_json::Value {
         "target_modules": ranks.keys().collect::<Vec<_>>(),
         "lora_dropout": 0.0,
         "bias": "none",
-        "fan_in_fan_out": false,
+        // PEFT takes it per module type anyway; said here so it does not warn.
+        "fan_in_fan_out": modules.iter().any(|m| m.conv1d),
         "use_rslora": false,
         "init_lora_weights": true,
         "modules_to_save": null,

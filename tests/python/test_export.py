@@ -147,3 +147,35 @@ def test_peft_export_on_the_plain_export_equals_the_trained_model(mode, run_cers
     # merge_and_unload folds it into plain weights: the same function again.
     merged = output(peft_model.merge_and_unload().eval(), x)
     assert np.abs(merged - trained).max() <= 1e-5 * np.abs(trained).max(), mode
+
+
+@pytest.mark.parametrize("mode", ["core", "scale", "factors", "cersa"])
+def test_peft_export_of_gpt2_conv1d_layers(mode, run_cersa, tmp_path):
+    """GPT-2's projections are Conv1D (weight [in, out]): PEFT applies (lora_B·lora_A)ᵀ to
+    them, and the export of an adapter trained on them gives the trained model's outputs."""
+    peft = pytest.importorskip("peft")
+    config = transformers.GPT2Config(n_embd=48, n_layer=2, n_head=4, vocab_size=96,
+                                     n_positions=32, architectures=["GPT2LMHeadModel"])
+    torch.manual_seed(0)
+    src, base = tmp_path / "src", tmp_path / "base"
+    transformers.GPT2LMHeadModel(config).save_pretrained(src)
+    run_cersa("convert", "-q", "--force-factor", "--energy", "0.8", src, base)
+    model = cersa_torch.load_hf(base, mode=mode, k=3, beta=0.5)
+    g = torch.Generator().manual_seed(5)
+    perturb_trainable(model, g)
+    adapter = tmp_path / "adapter.safetensors"
+    cersa_torch.save_adapter(model, adapter)
+    x = {"input_ids": torch.randint(0, config.vocab_size, (2, 10), generator=g)}
+    trained = output(model.eval(), x)
+    plain, lora = tmp_path / "plain", tmp_path / "lora"
+    run_cersa("export", "-q", base, plain)
+    report = json.loads(run_cersa("export", "--to", "peft", "--adapter", adapter, "--json",
+                                  base, lora).stdout)
+    assert report["modules"] and all(m["conv1d"] for m in report["modules"])
+    assert json.load(open(lora / "adapter_config.json"))["fan_in_fan_out"] is True
+    peft_model = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(plain), str(lora)).eval()
+    got = output(peft_model, x)
+    frozen = output(transformers.AutoModelForCausalLM.from_pretrained(plain).eval(), x)
+    assert np.abs(frozen - trained).max() > 1e-4 * np.abs(trained).max()
+    assert np.abs(got - trained).max() <= 1e-5 * np.abs(trained).max(), mode
