@@ -1,16 +1,18 @@
 //! `export --to gguf` of a checkpoint converted from a Hugging Face directory: llama.cpp's
 //! tensor names, hyperparameters and tokenizer, made from the side files `convert` kept
 //! (`config.json`, `tokenizer.json`, `tokenizer_config.json`), as llama.cpp's
-//! `convert_hf_to_gguf.py` writes them for the Llama family (`LlamaForCausalLM`,
-//! `MistralForCausalLM`: architecture `llama`).
+//! `convert_hf_to_gguf.py` writes them for the Llama family: `LlamaForCausalLM` and
+//! `MistralForCausalLM` (architecture `llama`), `Qwen2ForCausalLM` (architecture `qwen2`:
+//! the same names, Q/K/V biases, no row permutation as llama.cpp runs it with NeoX rope).
 //!
 //! What it maps, and what it refuses with an error naming the cause:
 //! - names: `model.embed_tokens` → `token_embd`, `model.norm` → `output_norm`, `lm_head` →
 //!   `output`, and per layer the attention (`attn_q/k/v/output`), MLP (`ffn_gate/up/down`)
 //!   and norms (`attn_norm`, `ffn_norm`); `rotary_emb.inv_freq` buffers are dropped; any other
 //!   name is refused (listing it).
-//! - Q and K rows are permuted as `convert_hf_to_gguf.py`'s `LlamaModel.permute` does
-//!   (llama.cpp's rope pairs dimension i with i + d/2 per head; HF interleaves halves).
+//! - for `llama`, Q and K rows (weights and biases) are permuted as `convert_hf_to_gguf.py`'s
+//!   `LlamaModel.permute` does (llama.cpp's rope there pairs neighbouring dimensions per
+//!   head; transformers pairs dimension i with i + d/2).
 //! - hyperparameters from `config.json`; `rope_scaling` other than none or `linear` is
 //!   refused (llama.cpp needs extra tensors for `llama3`/`yarn`).
 //! - tokenizer: byte-level BPE `tokenizer.json` (tokenizer model `gpt2`: tokens, types,
@@ -114,31 +116,33 @@ pub(super) fn hf_mapping(ckpt: &Checkpoint) -> Result<HfMapping> {
         )
     })?;
     let hp = Hyper::from_config(&config, &config_path)?;
+    let arch = hp.arch;
+    let key = |k: &str| format!("{arch}.{k}");
     let mut kv = KvWriter::default();
-    kv.string("general.architecture", "llama");
+    kv.string("general.architecture", arch);
     kv.string("general.type", "model");
     if let Some(name) = config.get("_name_or_path").and_then(Value::as_str) {
         if !name.is_empty() {
             kv.string("general.name", name);
         }
     }
-    kv.u32("llama.vocab_size", hp.vocab as u32);
-    kv.u32("llama.context_length", hp.context as u32);
-    kv.u32("llama.embedding_length", hp.hidden as u32);
-    kv.u32("llama.block_count", hp.layers as u32);
-    kv.u32("llama.feed_forward_length", hp.ffn as u32);
-    kv.u32("llama.rope.dimension_count", hp.head_dim as u32);
-    kv.u32("llama.attention.head_count", hp.heads as u32);
-    kv.u32("llama.attention.head_count_kv", hp.kv_heads as u32);
+    kv.u32(&key("vocab_size"), hp.vocab as u32);
+    kv.u32(&key("context_length"), hp.context as u32);
+    kv.u32(&key("embedding_length"), hp.hidden as u32);
+    kv.u32(&key("block_count"), hp.layers as u32);
+    kv.u32(&key("feed_forward_length"), hp.ffn as u32);
+    kv.u32(&key("rope.dimension_count"), hp.head_dim as u32);
+    kv.u32(&key("attention.head_count"), hp.heads as u32);
+    kv.u32(&key("attention.head_count_kv"), hp.kv_heads as u32);
     if hp.head_dim * hp.heads != hp.hidden {
-        kv.u32("llama.attention.key_length", hp.head_dim as u32);
-        kv.u32("llama.attention.value_length", hp.head_dim as u32);
+        kv.u32(&key("attention.key_length"), hp.head_dim as u32);
+        kv.u32(&key("attention.value_length"), hp.head_dim as u32);
     }
-    kv.f32("llama.rope.freq_base", hp.rope_theta as f32);
-    kv.f32("llama.attention.layer_norm_rms_epsilon", hp.rms_eps as f32);
+    kv.f32(&key("rope.freq_base"), hp.rope_theta as f32);
+    kv.f32(&key("attention.layer_norm_rms_epsilon"), hp.rms_eps as f32);
     if let Some(factor) = hp.linear_rope_factor {
-        kv.string("llama.rope.scaling.type", "linear");
-        kv.f32("llama.rope.scaling.factor", factor as f32);
+        kv.string(&key("rope.scaling.type"), "linear");
+        kv.f32(&key("rope.scaling.factor"), factor as f32);
     }
     let mut notes = Vec::new();
     tokenizer(ckpt, &config, &hp, &mut kv, &mut notes)?;
@@ -179,6 +183,10 @@ pub(super) fn hf_mapping(ckpt: &Checkpoint) -> Result<HfMapping> {
 
 /// The hyperparameters the mapping needs.
 struct Hyper {
+    /// llama.cpp's architecture name (`llama`, `qwen2`).
+    arch: &'static str,
+    /// Q/K rows are permuted for llama.cpp's rope (`llama`).
+    permute_qk: bool,
     vocab: usize,
     context: usize,
     hidden: usize,
@@ -201,18 +209,23 @@ impl Hyper {
             .and_then(Value::as_str)
             .unwrap_or("");
         let model_type = c.get("model_type").and_then(Value::as_str).unwrap_or("");
-        if !matches!(arch, "LlamaForCausalLM" | "MistralForCausalLM")
-            && !matches!(model_type, "llama" | "mistral")
-        {
-            return Err(refuse(
-                path,
-                format!(
-                    "architecture {arch:?} (model_type {model_type:?}): --to gguf maps the Llama \
-                     family (LlamaForCausalLM, MistralForCausalLM) only; export --to \
-                     safetensors and use llama.cpp's convert_hf_to_gguf.py"
-                ),
-            ));
-        }
+        let (gguf_arch, permute_qk) = match (arch, model_type) {
+            ("LlamaForCausalLM" | "MistralForCausalLM", _) | ("", "llama" | "mistral") => {
+                ("llama", true)
+            }
+            ("Qwen2ForCausalLM", _) | ("", "qwen2") => ("qwen2", false),
+            _ => {
+                return Err(refuse(
+                    path,
+                    format!(
+                        "architecture {arch:?} (model_type {model_type:?}): --to gguf maps the \
+                         Llama family (LlamaForCausalLM, MistralForCausalLM, \
+                         Qwen2ForCausalLM) only; export --to safetensors and use llama.cpp's \
+                         convert_hf_to_gguf.py"
+                    ),
+                ))
+            }
+        };
         let int = |key: &str| -> Result<usize> {
             c.get(key)
                 .and_then(Value::as_u64)
@@ -295,6 +308,8 @@ impl Hyper {
             }
         };
         Ok(Hyper {
+            arch: gguf_arch,
+            permute_qk,
             vocab: int("vocab_size")?,
             context: int("max_position_embeddings")?,
             hidden,
@@ -337,8 +352,8 @@ fn map_name(name: &str, hp: &Hyper) -> Option<Option<Mapped>> {
     let (short, permute) = match module {
         "input_layernorm" => ("attn_norm", None),
         "post_attention_layernorm" => ("ffn_norm", None),
-        "self_attn.q_proj" => ("attn_q", Some(hp.heads)),
-        "self_attn.k_proj" => ("attn_k", Some(hp.kv_heads)),
+        "self_attn.q_proj" => ("attn_q", Some(hp.heads).filter(|_| hp.permute_qk)),
+        "self_attn.k_proj" => ("attn_k", Some(hp.kv_heads).filter(|_| hp.permute_qk)),
         "self_attn.v_proj" => ("attn_v", None),
         "self_attn.o_proj" => ("attn_output", None),
         "mlp.gate_proj" => ("ffn_gate", None),

@@ -33,17 +33,21 @@ def byte_level_tokenizer(vocab_size=300):
                                                 eos_token="</s>")
 
 
-def tiny_llama(path, **config):
-    """A random Llama with grouped-query attention (4 heads, 2 key/value heads) and its
-    tokenizer, saved as a Hugging Face directory."""
+def tiny_llama(path, family="llama", **config):
+    """A random Llama (or Qwen2: Q/K/V biases) with grouped-query attention (4 heads, 2
+    key/value heads) and its tokenizer, saved as a Hugging Face directory."""
     tok = byte_level_tokenizer()
-    cfg = transformers.LlamaConfig(
+    config_class, model_class = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[family]
+    cfg = config_class(
         vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
         rope_theta=5000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **config)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = model_class(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():  # larger weights than the init, so logits differ
             p.add_(torch.randn_like(p) * 0.05)
@@ -62,9 +66,10 @@ def logits(model, ids):
         return model(ids).logits
 
 
-def test_tiny_llama_gguf_export_equals_the_safetensors_export(run_cersa, tmp_path):
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_tiny_llama_gguf_export_equals_the_safetensors_export(family, run_cersa, tmp_path):
     src, ck = tmp_path / "hf", tmp_path / "ck"
-    tok = tiny_llama(src)
+    tok = tiny_llama(src, family)
     # Layer 1's attention stays dense: its Q/K rows are permuted from stored bytes, layer
     # 0's from recomposed factors.
     run_cersa("convert", src, ck, "--force-factor", "--energy", "0.9",
@@ -80,25 +85,27 @@ def test_tiny_llama_gguf_export_equals_the_safetensors_export(run_cersa, tmp_pat
 
     r = gguf.GGUFReader(str(gg / "model.gguf"))
     value = lambda k: r.fields[k].contents()  # noqa: E731
-    assert value("general.architecture") == "llama"
-    assert value("llama.attention.head_count") == 4
-    assert value("llama.attention.head_count_kv") == 2
-    assert value("llama.block_count") == 2
-    assert value("llama.rope.dimension_count") == 16
-    assert value("llama.rope.freq_base") == 5000.0
+    assert value("general.architecture") == family
+    assert value(f"{family}.attention.head_count") == 4
+    assert value(f"{family}.attention.head_count_kv") == 2
+    assert value(f"{family}.block_count") == 2
+    assert value(f"{family}.rope.dimension_count") == 16
+    assert value(f"{family}.rope.freq_base") == 5000.0
     assert value("tokenizer.ggml.model") == "gpt2"
     assert value("tokenizer.ggml.bos_token_id") == tok.bos_token_id
     names = {t.name for t in r.tensors}
     assert {"token_embd.weight", "output.weight", "output_norm.weight",
             "blk.1.attn_q.weight", "blk.1.ffn_down.weight"} <= names
+    assert ("blk.0.attn_k.bias" in names) == (family == "qwen2")
 
     ids = tok(TEXT, return_tensors="pt").input_ids
     exported = transformers.AutoModelForCausalLM.from_pretrained(st, dtype=torch.float32).eval()
     from_gguf = load_gguf(gg)
     a, b = logits(exported, ids), logits(from_gguf, ids)
     assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), float((a - b).abs().max())
-    # The stored Q/K rows are llama.cpp's order: convert_hf_to_gguf.py's LlamaModel.permute
-    # (numpy reshape/swapaxes) of the safetensors export's weights, K over the 2 KV heads.
+    # The stored Q/K rows are llama.cpp's order: for llama, convert_hf_to_gguf.py's
+    # LlamaModel.permute (numpy reshape/swapaxes) of the safetensors export's weights, K over
+    # the 2 KV heads; qwen2 keeps transformers' order (llama.cpp runs it with NeoX rope).
     from safetensors.numpy import load_file
     plain = load_file(str(st / "model.safetensors"))
 
@@ -110,8 +117,11 @@ def test_tiny_llama_gguf_export_equals_the_safetensors_export(run_cersa, tmp_pat
         for proj, short, heads in (("q_proj", "attn_q", 4), ("k_proj", "attn_k", 2)):
             w = plain[f"model.layers.{layer}.self_attn.{proj}.weight"]
             got = stored[f"blk.{layer}.{short}.weight"]
-            assert np.array_equal(got, permute(w, heads)), (layer, proj)
-            assert not np.array_equal(got, w)
+            if family == "llama":
+                assert np.array_equal(got, permute(w, heads)), (layer, proj)
+                assert not np.array_equal(got, w)
+            else:
+                assert np.array_equal(got, w), (layer, proj)
 
     gtok = transformers.AutoTokenizer.from_pretrained(str(gg), gguf_file="model.gguf")
     assert gtok(TEXT).input_ids == tok(TEXT).input_ids
