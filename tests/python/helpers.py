@@ -24,3 +24,12 @@ def perturb_trainable(model, generator):
             if p.requires_grad:
                 scale = 0.05 * p.abs().mean().clamp(min=1e-3)
                 p.add_(scale * torch.randn(p.shape, generator=generator))
+
+
+def smollm2():
+    """Path of the SmolLM2-135M GGUF (`CERSA_SMOLLM2`, else bench/fetch_smollm2.py's cache;
+    it may not exist: tests skip then)."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
+    from fetch_smollm2 import cached_path
+    return os.environ.get("CERSA_SMOLLM2", cached_path())

@@ -10,7 +10,7 @@ import os
 import gguf
 import numpy as np
 import pytest
-from helpers import stored_tensors
+from helpers import smollm2, stored_tensors
 
 TAU = "0.9"
 
@@ -153,11 +153,6 @@ def test_split_gguf_metadata_is_the_unsplit_models(run_cersa, tmp_path):
 
 
 # ------------------------------------------------------------------ SmolLM2 through transformers
-def smollm2():
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
-    from fetch_smollm2 import cached_path
-    return os.environ.get("CERSA_SMOLLM2", cached_path())
 
 
 @pytest.mark.skipif(not os.path.exists(smollm2()), reason="SmolLM2 GGUF not downloaded "

@@ -10,6 +10,7 @@ import os
 import gguf
 import numpy as np
 import pytest
+from helpers import smollm2
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -157,11 +158,6 @@ def test_gguf_export_refuses_what_it_does_not_map(run_cersa, tmp_path):
     assert p.returncode == 2 and "tokenizer.json" in p.stderr, p.stderr
 
 
-def smollm2():
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
-    from fetch_smollm2 import cached_path
-    return os.environ.get("CERSA_SMOLLM2", cached_path())
 
 
 @pytest.mark.skipif(not os.path.exists(smollm2()), reason="SmolLM2 GGUF not downloaded "
