@@ -158,8 +158,6 @@ def test_gguf_export_refuses_what_it_does_not_map(run_cersa, tmp_path):
     assert p.returncode == 2 and "tokenizer.json" in p.stderr, p.stderr
 
 
-
-
 @pytest.mark.skipif(not os.path.exists(smollm2()), reason="SmolLM2 GGUF not downloaded "
                     "(python3 bench/fetch_smollm2.py)")
 def test_smollm2_hf_directory_exports_to_gguf(run_cersa, tmp_path):
