@@ -180,6 +180,16 @@ pub fn assemble(
     cancel: &AtomicBool,
 ) -> Result<Manifest> {
     let parts = open_parts(dirs, cancel)?;
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if let Some(p) = parts.iter().find(|p| same(&p.dir, out)) {
+        return Err(ConvertError::Parts(format!(
+            "{}: the output is one of the parts; assemble into another directory",
+            p.dir.display()
+        )));
+    }
     let staging = prepare_output(out, false, opts.overwrite)?;
     let tmp = staging.partial.clone();
     let result = write_whole(&parts, &tmp, progress, cancel).and_then(|m| {

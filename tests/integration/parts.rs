@@ -153,6 +153,22 @@ fn assemble_refuses_parts_that_do_not_make_one_run() {
         assert!(!out.exists(), "{what}: output written");
     }
 
+    // The output may not be one of the parts, even with --overwrite.
+    let err = cersa_fails(
+        &[
+            "assemble",
+            s(&p0),
+            s(&p0),
+            s(&p1),
+            s(&p2),
+            "--overwrite",
+            "-q",
+        ],
+        2,
+    );
+    assert!(err.contains("the output is one of the parts"), "{err}");
+    assert!(p0.join("cersa-part.json").is_file());
+
     // A part whose shard changed after it was written fails its sha256 check.
     let shard = std::fs::read_dir(&p1)
         .unwrap()
