@@ -40,7 +40,7 @@ pub fn read_legacy(bytes: &[u8]) -> std::result::Result<(Value, Storages), Strin
     let keys = pickle::unpickle(rest(at)?).map_err(|e| format!("storage key list: {e}"))?;
     at += keys.end;
     let refs = storage_refs(&main.value)?;
-    let Value::List(keys) = keys.value else {
+    let Value::List(keys) = &keys.value else {
         return Err("storage key list is not a list".into());
     };
     let mut storages = Storages::new();

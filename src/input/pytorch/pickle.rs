@@ -6,6 +6,13 @@
 //!
 //! Every length read from the pickle is checked against the bytes that remain before
 //! anything is allocated; the stack, the memo, and the mark depth are capped.
+//!
+//! The memo lets a pickle share values, so a [`Value`] is a graph, not a tree. Two things
+//! keep hostile graphs harmless: a list or dict is never allowed to contain itself (an
+//! APPEND or SETITEM that would close a cycle is refused, so `Rc` reference counting frees
+//! everything), and nesting depth is unbounded but nothing here recurses on it: dropping a
+//! value is iterative and `Debug` prints only the first [`DEBUG_DEPTH`] levels. Callers
+//! that walk a value recursively must bound their own depth (as `views::flatten` does).
 
 use cersa_loader::Dtype;
 use std::cell::RefCell;
@@ -19,6 +26,15 @@ const MAX_MEMO: usize = 1 << 20;
 const MAX_MARKS: usize = 4096;
 /// Most dimensions of a tensor.
 pub const MAX_DIMS: usize = 64;
+/// Values examined, per byte of pickle (and at least [`MIN_CYCLE_STEPS`]), by the checks that
+/// no list or dict comes to contain itself. A tree-shaped pickle costs at most its size
+/// times its nesting depth; only containers shared many times through the memo and appended
+/// again and again come near this.
+const CYCLE_STEPS_PER_BYTE: usize = 64;
+/// Floor of the cycle-check budget, for short pickles.
+const MIN_CYCLE_STEPS: usize = 1 << 22;
+/// Levels of nesting that `Debug` prints before eliding (values may nest a million deep).
+pub const DEBUG_DEPTH: usize = 16;
 
 /// A list or dict shared between the stack and the memo, as in Python (a dict memoized
 /// before it is filled is seen filled when fetched from the memo again).
@@ -63,8 +79,9 @@ pub struct TensorRef {
     pub stride: Vec<u64>,
 }
 
-/// A value built by the unpickler.
-#[derive(Debug, Clone)]
+/// A value built by the unpickler: lists and dicts may be shared (through the memo), never
+/// cyclic; nesting may be arbitrarily deep (dropping is iterative).
+#[derive(Clone)]
 pub enum Value {
     /// `None`.
     None,
@@ -119,6 +136,101 @@ impl Value {
             Value::Bool(b) => Some(*b as i64),
             _ => None,
         }
+    }
+
+    /// Identity of a tuple, list or dict (the address of its shared allocation).
+    fn container_id(&self) -> Option<*const ()> {
+        match self {
+            Value::Tuple(t) => Some(Rc::as_ptr(t) as *const ()),
+            Value::List(l) => Some(Rc::as_ptr(l) as *const ()),
+            Value::Dict(d) => Some(Rc::as_ptr(d) as *const ()),
+            _ => None,
+        }
+    }
+
+    /// Moves out the children of a container this is the last owner of (leaving it empty),
+    /// pushing those that are containers themselves onto `out`.
+    fn take_children(&mut self, out: &mut Vec<Value>) {
+        let mut keep = |v: &mut Value| {
+            if v.container_id().is_some() {
+                out.push(std::mem::replace(v, Value::None));
+            }
+        };
+        match self {
+            Value::Tuple(t) => Rc::get_mut(t).into_iter().flatten().for_each(keep),
+            Value::List(l) => {
+                if let Some(l) = Rc::get_mut(l) {
+                    l.get_mut().iter_mut().for_each(keep);
+                }
+            }
+            Value::Dict(d) => {
+                if let Some(d) = Rc::get_mut(d) {
+                    for (k, v) in d.get_mut() {
+                        keep(k);
+                        keep(v);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Drops nested containers with a work list instead of the recursion of the derived drop
+/// glue: `)` followed by a million TUPLE1 opcodes is a 1 MB pickle a million levels deep.
+impl Drop for Value {
+    fn drop(&mut self) {
+        let mut work = Vec::new();
+        self.take_children(&mut work);
+        while let Some(mut v) = work.pop() {
+            v.take_children(&mut work);
+            // `v` is now shallow: its own drop finds nothing to take.
+        }
+    }
+}
+
+/// Leaves as the derived `Debug` would print them, containers as Python does (`(a,)`,
+/// `[a]`, `{k: v}`), and containers deeper than [`DEBUG_DEPTH`] as `…`.
+impl std::fmt::Debug for Value {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        fmt_within(self, DEBUG_DEPTH, f)
+    }
+}
+
+fn fmt_within(v: &Value, depth: usize, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+    struct Within<'a>(&'a Value, usize);
+    impl std::fmt::Debug for Within<'_> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            fmt_within(self.0, self.1, f)
+        }
+    }
+    if v.container_id().is_some() && depth == 0 {
+        return write!(f, "…");
+    }
+    let d = depth.saturating_sub(1);
+    match v {
+        Value::None => write!(f, "None"),
+        Value::Bool(b) => f.debug_tuple("Bool").field(b).finish(),
+        Value::Int(i) => f.debug_tuple("Int").field(i).finish(),
+        Value::BigInt(b) => f.debug_tuple("BigInt").field(b).finish(),
+        Value::Float(x) => f.debug_tuple("Float").field(x).finish(),
+        Value::Str(s) => f.debug_tuple("Str").field(s).finish(),
+        Value::Bytes(b) => f.debug_tuple("Bytes").field(b).finish(),
+        Value::Tuple(t) => t
+            .iter()
+            .fold(&mut f.debug_tuple(""), |b, x| b.field(&Within(x, d)))
+            .finish(),
+        Value::List(l) => f
+            .debug_list()
+            .entries(l.borrow().iter().map(|x| Within(x, d)))
+            .finish(),
+        Value::Dict(m) => f
+            .debug_map()
+            .entries(m.borrow().iter().map(|(k, x)| (Within(k, d), Within(x, d))))
+            .finish(),
+        Value::Global(g) => f.debug_tuple("Global").field(g).finish(),
+        Value::Storage(s) => f.debug_tuple("Storage").field(s).finish(),
+        Value::Tensor(t) => f.debug_tuple("Tensor").field(t).finish(),
     }
 }
 
@@ -223,9 +335,24 @@ struct Machine {
     stack: Vec<Value>,
     marks: Vec<usize>,
     memo: std::collections::HashMap<u32, Value>,
+    /// Lists and dicts that have been made an element of a container (by address; a
+    /// freed one's address reused only costs a needless walk). Only these can be inside
+    /// the values added to a list or dict, so only additions to these need a walk.
+    contained: std::collections::HashSet<*const ()>,
+    /// Values the cycle checks may still examine.
+    cycle_steps: usize,
 }
 
 impl Machine {
+    /// Pushes a tuple of `items` (noting the lists and dicts among them as contained).
+    fn push_tuple(&mut self, items: Vec<Value>) -> Result<(), String> {
+        for v in &items {
+            if let Value::List(_) | Value::Dict(_) = v {
+                self.contained.extend(v.container_id());
+            }
+        }
+        self.push(Value::Tuple(Rc::from(items)))
+    }
     fn push(&mut self, v: Value) -> Result<(), String> {
         if self.stack.len() >= MAX_STACK {
             return Err(format!("pickle stack over {MAX_STACK} values"));
@@ -272,18 +399,103 @@ impl Machine {
     }
 }
 
-fn set_items(dict: &Value, items: Vec<Value>) -> Result<(), String> {
-    let Value::Dict(d) = dict else {
-        return Err(format!("SETITEM(S) on a {}", dict.kind()));
+/// Whether `target` is one of `items` or inside one of them, examining at most `steps`
+/// more values (shared containers once each).
+fn reaches(items: &[Value], target: *const (), steps: &mut usize) -> Result<bool, String> {
+    let mut seen = std::collections::HashSet::new();
+    let mut work: Vec<Value> = Vec::new();
+    let mut visit = |v: &Value, work: &mut Vec<Value>| -> Result<bool, String> {
+        *steps = steps.checked_sub(1).ok_or(
+            "pickle: checking that no list or dict contains itself took too long (containers \
+             shared through the memo and added again many times over)",
+        )?;
+        match v.container_id() {
+            Some(id) if id == target => return Ok(true),
+            Some(id) if seen.insert(id) => work.push(v.clone()),
+            _ => {}
+        }
+        Ok(false)
     };
-    if !items.len().is_multiple_of(2) {
-        return Err("SETITEMS with an odd number of values".into());
+    for v in items {
+        if visit(v, &mut work)? {
+            return Ok(true);
+        }
     }
-    let mut d = d.borrow_mut();
-    let mut it = items.into_iter();
-    while let (Some(k), Some(v)) = (it.next(), it.next()) {
-        d.push((k, v));
+    while let Some(c) = work.pop() {
+        match &c {
+            Value::Tuple(t) => {
+                for x in t.iter() {
+                    if visit(x, &mut work)? {
+                        return Ok(true);
+                    }
+                }
+            }
+            Value::List(l) => {
+                for x in l.borrow().iter() {
+                    if visit(x, &mut work)? {
+                        return Ok(true);
+                    }
+                }
+            }
+            Value::Dict(d) => {
+                for (k, x) in d.borrow().iter() {
+                    if visit(k, &mut work)? || visit(x, &mut work)? {
+                        return Ok(true);
+                    }
+                }
+            }
+            _ => {}
+        }
     }
+    Ok(false)
+}
+
+/// APPEND(S) (`dict` false) or SETITEM(S) (`dict` true) of `items` to the list or dict on
+/// top of the stack; refused when it would contain itself afterwards.
+fn add_to_top(m: &mut Machine, items: Vec<Value>, dict: bool, at: usize) -> Result<(), String> {
+    let top = m.stack.last().ok_or("pickle stack empty")?;
+    let (contained, steps) = (&m.contained, &mut m.cycle_steps);
+    let no_cycle = |target: *const (), steps: &mut usize| {
+        let cyclic = if contained.contains(&target) {
+            reaches(&items, target, steps)?
+        } else {
+            items.iter().any(|v| v.container_id() == Some(target))
+        };
+        if cyclic {
+            return Err(format!(
+                "{} at offset {at} would make a {} contain itself (a cyclic pickle is not a \
+                 state dict)",
+                if dict { "SETITEM" } else { "APPEND" },
+                top.kind()
+            ));
+        }
+        Ok(())
+    };
+    let lists_and_dicts: Vec<_> = items
+        .iter()
+        .filter(|v| matches!(v, Value::List(_) | Value::Dict(_)))
+        .filter_map(Value::container_id)
+        .collect();
+    match (top, dict) {
+        (Value::List(l), false) => {
+            no_cycle(Rc::as_ptr(l) as *const (), steps)?;
+            l.borrow_mut().extend(items);
+        }
+        (Value::Dict(d), true) => {
+            if !items.len().is_multiple_of(2) {
+                return Err("SETITEMS with an odd number of values".into());
+            }
+            no_cycle(Rc::as_ptr(d) as *const (), steps)?;
+            let mut d = d.borrow_mut();
+            let mut it = items.into_iter();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                d.push((k, v));
+            }
+        }
+        (other, false) => return Err(format!("APPEND(S) on a {}", other.kind())),
+        (other, true) => return Err(format!("SETITEM(S) on a {}", other.kind())),
+    }
+    m.contained.extend(lists_and_dicts);
     Ok(())
 }
 
@@ -304,7 +516,7 @@ fn int_tuple(v: &Value, what: &str) -> Result<Vec<u64>, String> {
 }
 
 fn call(f: Global, args: Value) -> Result<Value, String> {
-    let Value::Tuple(args) = args else {
+    let Value::Tuple(args) = &args else {
         return Err(format!("REDUCE arguments are a {}", args.kind()));
     };
     match f {
@@ -401,6 +613,11 @@ pub fn unpickle(data: &[u8]) -> Result<Unpickled, String> {
         stack: Vec::new(),
         marks: Vec::new(),
         memo: std::collections::HashMap::new(),
+        contained: std::collections::HashSet::new(),
+        cycle_steps: data
+            .len()
+            .saturating_mul(CYCLE_STEPS_PER_BYTE)
+            .max(MIN_CYCLE_STEPS),
     };
     loop {
         let at = r.pos;
@@ -473,20 +690,20 @@ pub fn unpickle(data: &[u8]) -> Result<Unpickled, String> {
                     return Err(format!("TUPLE{n} at offset {at}: stack underflow"));
                 }
                 let items = m.stack.split_off(m.stack.len() - n);
-                m.push(Value::Tuple(Rc::from(items)))?;
+                m.push_tuple(items)?;
             }
             b't' => {
                 let items = m.pop_mark()?;
-                m.push(Value::Tuple(Rc::from(items)))?;
+                m.push_tuple(items)?;
             }
             b's' => {
                 let v = m.pop()?;
                 let k = m.pop()?;
-                set_items(m.top()?, vec![k, v])?;
+                add_to_top(&mut m, vec![k, v], true, at)?;
             }
             b'u' => {
                 let items = m.pop_mark()?;
-                set_items(m.top()?, items)?;
+                add_to_top(&mut m, items, true, at)?;
             }
             b'a' | b'e' => {
                 let items = if op == b'a' {
@@ -494,10 +711,7 @@ pub fn unpickle(data: &[u8]) -> Result<Unpickled, String> {
                 } else {
                     m.pop_mark()?
                 };
-                match m.top()? {
-                    Value::List(l) => l.borrow_mut().extend(items),
-                    other => return Err(format!("APPEND(S) on a {}", other.kind())),
-                }
+                add_to_top(&mut m, items, false, at)?;
             }
             b'q' => {
                 let k = r.u8()? as u32;
@@ -622,7 +836,7 @@ mod tests {
         p.extend(b"K\x00K\x02K\x02\x86K\x02K\x01\x86\x89ccollections\nOrderedDict\n)Rt");
         p.extend(b"R\x88ccollections\nOrderedDict\n)RtR.");
         let v = unpickle(&p).unwrap().value;
-        let Value::Tensor(t) = v else {
+        let Value::Tensor(t) = &v else {
             panic!("expected a tensor, got {}", v.kind())
         };
         assert_eq!(t.shape, vec![2, 2]);
@@ -634,9 +848,141 @@ mod tests {
         // d = {}; memo[0] = d; d["a"] = 1; return (memo[0],)
         let p = b"}q\x00X\x01\x00\x00\x00aK\x01sh\x00\x85.";
         let v = unpickle(p).unwrap().value;
-        let Value::Tuple(t) = v else { panic!() };
+        let Value::Tuple(t) = &v else { panic!() };
         let Value::Dict(d) = &t[0] else { panic!() };
         assert_eq!(d.borrow().len(), 1);
+    }
+
+    /// fuzz/regressions/pytorch_pickle/list-contains-itself.pkl: `]q\0 h\0 a .`, a list
+    /// appended to itself through the memo. The `Rc` cycle was never freed: each such input
+    /// leaked its list (2 million runs of this one: 700 MB RSS), and a derived `Debug` of it
+    /// never ended. Refused now, with every other way of closing a cycle.
+    #[test]
+    fn a_list_or_dict_containing_itself_is_refused() {
+        let b = include_bytes!("../../../fuzz/regressions/pytorch_pickle/list-contains-itself.pkl");
+        let e = unpickle(b).err().unwrap();
+        assert!(
+            e.contains("APPEND at offset 5 would make a list contain itself"),
+            "{e}"
+        );
+        for (p, what) in [
+            (&b"]2a."[..], "APPEND at offset 2 would make a list"),
+            (b"](q\x00h\x00e.", "APPEND at offset 6 would make a list"),
+            (
+                b"}q\x00K\x01h\x00s.",
+                "SETITEM at offset 7 would make a dict",
+            ),
+            (b"}q\x00h\x00\x85K\x01s.", "SETITEM"),
+            (b"}q\x00(K\x01]h\x00au.", "SETITEM"),
+            (b"]q\x00]h\x00aa.", "APPEND at offset 7"),
+            (b"]q\x00h\x00\x85\x85a.", "APPEND"),
+        ] {
+            let e = unpickle(p).err().unwrap();
+            assert!(
+                e.contains(what) && e.contains("contain itself"),
+                "{p:?}: {e}"
+            );
+        }
+        // Sharing without a cycle is Python's (and kept): the same list twice in another.
+        let v = unpickle(b"]q\x00K\x01a]h\x00h\x00\x86a.").unwrap().value;
+        let Value::List(outer) = &v else { panic!() };
+        let Value::Tuple(pair) = &outer.borrow()[0] else {
+            panic!()
+        };
+        let (Value::List(a), Value::List(b)) = (&pair[0], &pair[1]) else {
+            panic!()
+        };
+        assert!(Rc::ptr_eq(a, b) && a.borrow().len() == 1);
+    }
+
+    /// The cycle checks have a budget: a list that is inside a container (so additions to
+    /// it are walked) receiving a big shared list again and again (quadratic work) is
+    /// refused rather than spun on.
+    #[test]
+    fn cycle_checks_are_bounded() {
+        // memo[0] = [[], [], ...] (4096 lists); c = [] inside a tuple; 4096 × c.append(memo[0]).
+        let mut p = b"](".to_vec();
+        p.extend(b"]".repeat(4096));
+        p.extend(b"eq\x000]q\x01\x850h\x01");
+        p.extend(b"h\x00a".repeat(4096));
+        p.push(b'.');
+        let e = unpickle(&p).err().unwrap();
+        assert!(e.contains("took too long"), "{e}");
+        // The same additions to a list inside nothing need no walk.
+        p.retain(|&b| b != 0x85);
+        assert!(unpickle(&p).is_ok());
+    }
+
+    /// Runs `f` on a thread with a `kib` KiB stack (test threads have 2 MiB).
+    fn on_small_stack(kib: usize, f: impl FnOnce() + Send + 'static) {
+        std::thread::Builder::new()
+            .stack_size(kib << 10)
+            .spawn(f)
+            .unwrap()
+            .join()
+            .expect("no stack overflow");
+    }
+
+    /// fuzz/regressions/pytorch_pickle/tuples-nested-2000-deep.pkl: `)` and 2000 TUPLE1.
+    /// The derived drop glue and `Debug` recursed once per level: this one needed more than
+    /// 256 KiB (drop) and 512 KiB (`Debug`) of stack in a debug build, and `)` + a million
+    /// TUPLE1 (a 1 MB pickle) overflowed the 8 MiB main stack of the release binary. Drop
+    /// is a work list now and `Debug` stops at DEBUG_DEPTH levels; depth itself is allowed
+    /// (callers that recurse bound their own depth).
+    #[test]
+    fn deep_nesting_drops_and_prints_without_recursion() {
+        on_small_stack(64, || {
+            let b = include_bytes!(
+                "../../../fuzz/regressions/pytorch_pickle/tuples-nested-2000-deep.pkl"
+            );
+            let v = unpickle(b).unwrap().value;
+            let text = format!("{v:?}");
+            assert_eq!(
+                text,
+                "(".repeat(DEBUG_DEPTH) + "…" + &",)".repeat(DEBUG_DEPTH)
+            );
+            drop(v);
+        });
+        // A million levels of tuples, and of lists (pushed, then appended inward).
+        let mut tuples = b"\x80\x02)".to_vec();
+        tuples.extend(std::iter::repeat_n(0x85, 1_000_000));
+        tuples.push(b'.');
+        let mut lists = b"]".repeat(1_000_000);
+        lists.extend(b"a".repeat(999_999));
+        lists.push(b'.');
+        on_small_stack(64, move || {
+            for (p, open, close) in [(tuples, "(", ",)"), (lists, "[", "]")] {
+                let v = unpickle(&p).unwrap().value;
+                let text = format!("{v:?}");
+                assert_eq!(
+                    text,
+                    open.repeat(DEBUG_DEPTH) + "…" + &close.repeat(DEBUG_DEPTH)
+                );
+            }
+        });
+    }
+
+    /// fuzz/regressions/pytorch_pickle/oom-leak-found-by-fuzzer: the input the pytorch_pickle
+    /// target was running when its RSS passed the 2 GB limit. It is harmless (a mutated
+    /// MiniLM state dict: 22 tensors, a memo key reused); the memory was the leaked cycles
+    /// of earlier inputs (see `a_list_or_dict_containing_itself_is_refused`). It reads, and
+    /// dropping it frees everything.
+    #[test]
+    fn fuzzer_oom_input_reads_and_frees() {
+        let b = include_bytes!("../../../fuzz/regressions/pytorch_pickle/oom-leak-found-by-fuzzer");
+        let u = unpickle(b).unwrap();
+        assert_eq!(u.end, b.len());
+        let Value::Dict(d) = &u.value else {
+            panic!("a {}", u.value.kind())
+        };
+        assert_eq!(d.borrow().len(), 32);
+        assert!(d
+            .borrow()
+            .iter()
+            .all(|(_, t)| matches!(t, Value::Tensor(_))));
+        let weak = Rc::downgrade(d);
+        drop(u);
+        assert!(weak.upgrade().is_none());
     }
 
     #[test]
