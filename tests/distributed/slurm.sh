@@ -271,8 +271,9 @@ say "1. passed: 4 parts assembled, byte-identical to the one-machine output"
 # flaky: a part takes seconds (~5 matrices of up to ~0.9 s on one core, ~1 shard each)
 # and the cancel follows within ~0.1 s of the first closed shard (polled every 50 ms), so
 # the task is always mid-way; the checks below fail loudly (not silently pass) if it ever
-# finished first. scancel sends SIGTERM, which kills cersa outright, like a node lost or a
-# time limit: what must survive is the journal.
+# finished first. scancel sends SIGTERM, on which cersa stops after the tensors in
+# progress (exit 2), as on a time limit (Slurm sends SIGKILL after KillWait, like a node
+# lost): what must survive is the journal.
 K=1
 say "2. array 0-3 again, task $K cancelled after its first closed shard"
 export PARTS="$WORK/parts-b" OUT="$WORK/out-b"
