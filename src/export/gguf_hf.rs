@@ -121,8 +121,9 @@ pub(super) fn hf_mapping(ckpt: &Checkpoint) -> Result<HfMapping> {
     let mut kv = KvWriter::default();
     kv.string("general.architecture", arch);
     kv.string("general.type", "model");
+    // A hub id names the model; a local path would only leak the converting machine's layout.
     if let Some(name) = config.get("_name_or_path").and_then(Value::as_str) {
-        if !name.is_empty() {
+        if !name.is_empty() && !Path::new(name).is_absolute() && !name.starts_with('.') {
             kv.string("general.name", name);
         }
     }
@@ -444,7 +445,17 @@ fn tokenizer(
             ),
         );
     }
-    let size = hp.vocab.max(by_id.keys().next_back().map_or(0, |&k| k + 1));
+    if let Some((&id, (token, _))) = by_id.iter().next_back().filter(|(&id, _)| id >= hp.vocab) {
+        return Err(refuse(
+            &path,
+            format!(
+                "token {token:?} has id {id}, beyond config.json's vocab_size {} (the embedding \
+                 has no row for it)",
+                hp.vocab
+            ),
+        ));
+    }
+    let size = hp.vocab;
     let mut tokens = Vec::with_capacity(size);
     let mut types = Vec::with_capacity(size);
     let mut padded = 0usize;

@@ -147,6 +147,16 @@ def test_gguf_export_refuses_what_it_does_not_map(run_cersa, tmp_path):
     p = run_cersa("export", tmp_path / "ck2", tmp_path / "o2", "--to", "gguf", check=False)
     assert p.returncode == 2 and "GPT2LMHeadModel" in p.stderr and "Llama family" in p.stderr
 
+    # A tokenizer with ids beyond config.json's vocab_size (no embedding row for them).
+    small = tmp_path / "small"
+    tiny_llama(small)
+    cfg = json.load(open(small / "config.json"))
+    cfg["vocab_size"] -= 10
+    json.dump(cfg, open(small / "config.json", "w"))
+    run_cersa("convert", small, tmp_path / "ck4", "-q")
+    p = run_cersa("export", tmp_path / "ck4", tmp_path / "o4", "--to", "gguf", check=False)
+    assert p.returncode == 2 and "beyond config.json's vocab_size" in p.stderr, p.stderr
+
     # A Llama without its tokenizer.
     bare = tmp_path / "bare"
     tiny_llama(bare)
