@@ -4,7 +4,7 @@ seed, on SmolLM2-135M-Instruct through transformers, on CPU.
 
     python3 bench/finetune.py target/release/cersa WORKDIR [--steps 30] [--batch 4]
                               [--length 64] [--taus 0.90,0.95] [--train-tau 0.95]
-                              [--threads 1] [--full]
+                              [--threads 1] [--full] [--force-factor] [--only TEXT]
 
 Model: the SmolLM2-135M-Instruct Q4_1 GGUF (bench/fetch_smollm2.py) as a dense f32
 Hugging Face directory (bench/quality.py). Text: bench/quality.py's split of CPython's
@@ -17,7 +17,9 @@ Runs, each in its own process (so its peak RSS is its own):
   the same order for every run): CERSA at --train-tau in modes `core` (k = 8), `cersa`
   (the paper's trainable r×r core initialized to diag σ) and `scale`; PEFT LoRA r = 8
   (α = 16) on every attention and MLP projection of the dense model; with --full, full
-  fine-tuning of the dense model.
+  fine-tuning of the dense model; with --force-factor, `core` on a conversion at --train-tau
+  with `--force-factor` (every matrix factored, the other trainable path for the matrices
+  the rule keeps dense).
 Learning rates, fixed and not tuned: 1e-3 for core, scale and LoRA; 1e-4 for the paper's
 core and full fine-tuning (both move whole weight matrices).
 
@@ -123,6 +125,9 @@ def main():
     ap.add_argument("--train-tau", type=float, default=0.95)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--full", action="store_true")
+    ap.add_argument("--force-factor", action="store_true",
+                    help="also train core adapters on a --force-factor conversion")
+    ap.add_argument("--only", help="run only the runs whose name contains this text")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -146,10 +151,21 @@ def main():
     tt = args.train_tau
     specs += [{"name": f"cersa τ{tt:.2f} {m}", "kind": "cersa", "mode": m, "dir": dirs[tt][0],
                "bytes": dirs[tt][1]} for m in ("core", "cersa", "scale")]
+    if args.force_factor:
+        # The other trainable path for matrices the rule keeps dense: factor them anyway.
+        d = os.path.join(args.work, f"smollm2-{tt:.2f}-forced")
+        if not os.path.exists(os.path.join(d, "cersa.json")):
+            subprocess.run([args.cersa, "convert", dense_dir, d, "--energy", str(tt),
+                            "--force-factor", "--overwrite", "-q"], check=True)
+        t = json.load(open(os.path.join(d, "cersa.json")))["totals"]
+        specs.append({"name": f"cersa τ{tt:.2f} --force-factor core", "kind": "cersa",
+                      "mode": "core", "dir": d, "bytes": t["stored_bytes"] / t["source_bytes"]})
     specs.append({"name": "dense + LoRA r8", "kind": "dense", "mode": "lora", "bytes": 1.0})
     if args.full:
         specs.append({"name": "dense, full fine-tune", "kind": "dense", "mode": "full",
                       "bytes": 1.0})
+    if args.only:
+        specs = [sp for sp in specs if args.only in sp["name"]]
     passthrough = ["--steps", str(args.steps), "--batch", str(args.batch), "--length",
                    str(args.length), "--held-chunks", str(args.held_chunks), "--threads",
                    str(args.threads)]
