@@ -1,7 +1,8 @@
 """Black-box mutation fuzz of cersa's input readers through the CLI: mutates seed files
 (truncation, header bytes, extreme little-endian integers, digits in JSON headers, NaN/Inf in
 the data), runs `cersa inspect` and `cersa convert` on each, and reports panics, signals,
-timeouts (20 s) and exit codes other than 0/1/2; failing inputs are copied to /tmp/x/.
+timeouts (20 s) and exit codes other than 0/1/2; failing inputs are copied to /tmp/x/, and
+the exit status is 1 when there was any.
 
     cargo build --release --bin cersa
     cd fixtures && python3 ../fuzz/mutate_cli.py gguf/kquants.gguf,mixed/model.safetensors,pytorch/pnet.pt 300 [SEED]
@@ -82,5 +83,9 @@ for it in range(n):
             keep(kept, it)
             print("BAD", cmd[1], p.returncode, seed, err[-600:])
         elif p.returncode == 0 and cmd[1] == "convert" and not os.path.exists(os.path.join(out, "cersa.json")):
+            bad += 1
+            keep(kept, it)
             print("NO OUTPUT but rc 0", seed)
+shutil.rmtree(work, ignore_errors=True)
 print("done", n, "bad", bad)
+sys.exit(1 if bad else 0)
