@@ -123,10 +123,9 @@ def test_export_with_adapter_equals_the_trained_model(mode, run_cersa, tmp_path)
     assert np.abs(frozen - trained).max() > 1e-4 * np.abs(trained).max()
 
 
-@pytest.mark.parametrize("mode", ["core", "scale", "factors", "cersa"])
-def test_peft_export_on_the_plain_export_equals_the_trained_model(mode, run_cersa, tmp_path):
-    peft = pytest.importorskip("peft")
-    config, base, model, g = trained_llama(mode, run_cersa, tmp_path, seed=3)
+def export_trained(model, config, base, g, run_cersa, tmp_path):
+    """Saves `model`'s adapter, runs it on random ids, and exports the checkpoint plain and the
+    adapter as PEFT: (adapter layers, inputs, trained outputs, plain dir, lora dir, report)."""
     adapter = tmp_path / "adapter.safetensors"
     layers = cersa_torch.save_adapter(model, adapter)
     x = {"input_ids": torch.randint(0, config.vocab_size, (2, 10), generator=g)}
@@ -135,6 +134,15 @@ def test_peft_export_on_the_plain_export_equals_the_trained_model(mode, run_cers
     run_cersa("export", "-q", base, plain)
     report = json.loads(run_cersa("export", "--to", "peft", "--adapter", adapter, "--json",
                                   base, lora).stdout)
+    return layers, x, trained, plain, lora, report
+
+
+@pytest.mark.parametrize("mode", ["core", "scale", "factors", "cersa"])
+def test_peft_export_on_the_plain_export_equals_the_trained_model(mode, run_cersa, tmp_path):
+    peft = pytest.importorskip("peft")
+    config, base, model, g = trained_llama(mode, run_cersa, tmp_path, seed=3)
+    layers, x, trained, plain, lora, report = export_trained(model, config, base, g, run_cersa,
+                                                             tmp_path)
     # The exact low-rank form of each mode's update.
     want_rank = {"core": lambda l: 3, "scale": lambda l: l["rank"],
                  "factors": lambda l: 2 * l["rank"], "cersa": lambda l: l["trainable"]}[mode]
@@ -163,14 +171,8 @@ def test_peft_export_of_gpt2_conv1d_layers(mode, run_cersa, tmp_path):
     model = cersa_torch.load_hf(base, mode=mode, k=3, beta=0.5)
     g = torch.Generator().manual_seed(5)
     perturb_trainable(model, g)
-    adapter = tmp_path / "adapter.safetensors"
-    cersa_torch.save_adapter(model, adapter)
-    x = {"input_ids": torch.randint(0, config.vocab_size, (2, 10), generator=g)}
-    trained = output(model.eval(), x)
-    plain, lora = tmp_path / "plain", tmp_path / "lora"
-    run_cersa("export", "-q", base, plain)
-    report = json.loads(run_cersa("export", "--to", "peft", "--adapter", adapter, "--json",
-                                  base, lora).stdout)
+    _, x, trained, plain, lora, report = export_trained(model, config, base, g, run_cersa,
+                                                        tmp_path)
     assert report["modules"] and all(m["conv1d"] for m in report["modules"])
     assert json.load(open(lora / "adapter_config.json"))["fan_in_fan_out"] is True
     peft_model = peft.PeftModel.from_pretrained(
