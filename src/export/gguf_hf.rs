@@ -87,8 +87,8 @@ fn refuse(path: &Path, reason: String) -> ConvertError {
     }
 }
 
-/// Reads a side file the checkpoint lists, as JSON.
-fn side_json(ckpt: &Checkpoint, name: &str) -> Result<Option<Value>> {
+/// Reads a side file the checkpoint lists, as JSON (`None` when it lists none of that name).
+pub(super) fn side_json(ckpt: &Checkpoint, name: &str) -> Result<Option<Value>> {
     if !ckpt.manifest().side_files.iter().any(|f| f.file == name) {
         return Ok(None);
     }

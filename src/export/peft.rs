@@ -58,19 +58,11 @@ fn is_conv1d(model_type: Option<&str>, module: &str) -> bool {
         && matches!(last, "c_attn" | "c_proj" | "c_fc" | "q_attn")
 }
 
-/// `model_type` from the checkpoint's `config.json` side file, if it has one.
-fn model_type(ckpt: &Checkpoint) -> Option<String> {
-    if !ckpt
-        .manifest()
-        .side_files
-        .iter()
-        .any(|f| f.file == "config.json")
-    {
-        return None;
-    }
-    let bytes = cersa_loader::regular::read_regular(&ckpt.dir().join("config.json")).ok()?;
-    let config: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    config.get("model_type")?.as_str().map(str::to_owned)
+/// `model_type` from the checkpoint's `config.json` side file, if it lists one (an unreadable
+/// one is an error: guessing `nn.Linear` would write GPT-2's factors transposed).
+fn model_type(ckpt: &Checkpoint) -> Result<Option<String>> {
+    let config = super::gguf_hf::side_json(ckpt, "config.json")?;
+    Ok(config.and_then(|c| c.get("model_type")?.as_str().map(str::to_owned)))
 }
 
 /// The result of `cersa export --to peft --json`.
@@ -176,7 +168,7 @@ pub fn export_peft(dir: &Path, adapter_path: &Path, out: &Path) -> Result<PeftRe
     let ckpt = Checkpoint::open(dir)?;
     let adapter = Adapter::read(adapter_path)?;
     adapter.check_base(&ckpt)?;
-    let model_type = model_type(&ckpt);
+    let model_type = model_type(&ckpt)?;
     let mut modules = Vec::new();
     let mut entries = Vec::new();
     let mut data: Vec<u8> = Vec::new();
