@@ -4,7 +4,9 @@ The model is built with its parameters on the ``meta`` device (no memory), every
 layer whose weight is factored in the checkpoint (``nn.Linear``, and GPT-2-style ``Conv1D``,
 whose weight is stored transposed) becomes a :class:`CersaLinear` holding U_r, σ_r, V_rᵀ,
 and only the checkpoint's dense tensors (embeddings, norms, biases, unfactored matrices)
-are loaded. The dense W of a factored layer is never allocated.
+are loaded. The dense W of a factored layer is never allocated. A layer kept dense for lack
+of saving (``no-saving``, ``planned``) gets, in the trainable modes, a frozen W plus an
+adapter in its own top-r subspace (:mod:`cersa_torch.dense`).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import open_checkpoint
+from .dense import DENSE_MODES, DENSE_REASONS, DenseSubspaceLinear, top_subspace
 from .modules import CersaLinear, trainable_rank
 
 
@@ -124,7 +127,7 @@ def _set_tensor(model, name: str, value: torch.Tensor, trainable: bool) -> None:
 def load_hf(cersa_dir, auto_class=None, mode: str = "frozen", k: Optional[int] = 8,
             device="cpu", dtype: torch.dtype = torch.float32, config=None,
             train_dense: bool = False, beta: Optional[float] = None,
-            verify_checksums: bool = True):
+            verify_checksums: bool = True, dense_subspace: bool = True):
     """A transformers model whose factored linear layers are :class:`CersaLinear` s.
 
     ``auto_class``: e.g. ``transformers.AutoModelForCausalLM`` (default: the class named in
@@ -137,6 +140,12 @@ def load_hf(cersa_dir, auto_class=None, mode: str = "frozen", k: Optional[int] =
     ``ValueError`` naming every model parameter the checkpoint does not provide.
     ``verify_checksums``: see :func:`open_checkpoint` (default: every shard's sha256 is
     checked, one read of each shard).
+    ``dense_subspace`` (default on; measured better, README "Training"): in the ``scale``,
+    ``core`` and ``cersa`` modes, every linear layer the converter kept dense because its
+    factors would not be smaller (reason ``no-saving``, or ``planned`` by a budget) becomes
+    a :class:`~cersa_torch.dense.DenseSubspaceLinear`: its exact W frozen, plus the mode's
+    adaptation in W's own top-r subspace, computed here (a float64 SVD per layer; r by the
+    checkpoint's rank rule). ``False`` keeps those layers dense and frozen.
     """
     import transformers
 
@@ -153,15 +162,28 @@ def load_hf(cersa_dir, auto_class=None, mode: str = "frozen", k: Optional[int] =
         if not isinstance(module, (nn.Linear, conv1d)):
             continue
         name = names.get(f"{path}.weight")
-        if name is None or not ckpt.is_factored(name):
+        if name is None:
             continue
-        u, s, vt = ckpt.factors(name)
+        base = "factored" if ckpt.is_factored(name) else "dense"
+        if base == "dense" and not (dense_subspace and mode in DENSE_MODES and ckpt.info(
+                name).get("reason") in DENSE_REASONS):
+            continue
+        weight = None
+        if base == "factored":
+            u, s, vt = ckpt.factors(name)
+            energy = ckpt.info(name)["energy"]
+        else:
+            # Checkpoint orientation [m, n], as stored; the basis from its exact values.
+            weight = ckpt.dense(name)
+            u, s, vt, energy = top_subspace(ckpt.dense(name, torch.float64),
+                                            ckpt.manifest["config"], name)
         if isinstance(module, nn.Linear):
             want = (module.out_features, module.in_features)
         else:
             # Conv1D computes x·W with W [in, out]: y = x·U·diag σ·Vᵀ, i.e. a linear layer
             # whose weight Wᵀ has the factors (V, σ, U) in CersaLinear's orientation.
             u, vt = vt.T, u.T
+            weight = None if weight is None else weight.T
             want = (module.nf, module.weight.shape[0])
         if (u.shape[0], vt.shape[1]) != want:
             raise ValueError(f"{cersa_dir}: {name} is {u.shape[0]}×{vt.shape[1]} (out×in), "
@@ -174,8 +196,13 @@ def load_hf(cersa_dir, auto_class=None, mode: str = "frozen", k: Optional[int] =
             bias = ckpt.dense(bias_name)
         t = None
         if mode == "cersa" and beta is not None:
-            t = trainable_rank(s, ckpt.info(name)["energy"], beta)
-        layer = CersaLinear(u, s, vt, bias, mode, k, dtype=dtype, device=device, trainable=t)
+            t = trainable_rank(s, energy, beta)
+        if base == "factored":
+            layer = CersaLinear(u, s, vt, bias, mode, k, dtype=dtype, device=device,
+                                trainable=t)
+        else:
+            layer = DenseSubspaceLinear(weight, u, s, vt, bias, mode, k, dtype=dtype,
+                                        device=device, trainable=t)
         # For adapter files: the checkpoint's name and whether the layer holds W transposed.
         layer.cersa_name, layer.cersa_transposed = name, not isinstance(module, nn.Linear)
         parent_path, _, child = path.rpartition(".")
