@@ -7,6 +7,9 @@
 //! stored as the base factors are (dtype or quantization). Whitened entries (`convert
 //! --calibration`) are re-truncated in the same output metric, which needs the statistics
 //! the base was converted with (`MergeOptions::calibration`; the same file, by sha256).
+//! A dense-base layer of the adapter (a matrix the base keeps dense, adapted in its own
+//! top-r subspace whose basis the adapter carries) is folded into the dense tensor: W' =
+//! W + U·(M − diag σ)·Vᵀ in f64, rounded once to the tensor's dtype, no SVD.
 //! Every other tensor is copied byte for byte. The output is written into a temporary sibling and
 //! renamed into place, exactly as `convert` does.
 
@@ -20,7 +23,7 @@ use crate::input::FloatData;
 use crate::rank_rules::{ModuleRule, PLAN_RULE};
 use crate::storage::Stored;
 use cersa_loader::adapter::{manifest_sha256, Adapter};
-use cersa_loader::dtype::decode_f64;
+use cersa_loader::dtype::{decode_f64, encode_f64};
 use cersa_loader::manifest::Totals;
 use cersa_loader::writer::hex;
 use cersa_loader::{Checkpoint, CheckpointWriter, Dtype, FactorEncoding, Manifest, TensorView};
@@ -49,6 +52,11 @@ pub struct MergedLayer {
     /// `energy` is of the outputs too).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_rel_error: Option<f64>,
+    /// A dense-base layer, folded into its dense tensor: `old_rank` and `new_rank` are the
+    /// adapter's subspace rank, `energy` 1, `rel_error` the rounding's ‖W' − round(W')‖_F /
+    /// ‖W'‖_F in the tensor's dtype.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dense: bool,
 }
 
 /// The result of a merge, as printed by `cersa merge --json`.
@@ -282,6 +290,63 @@ fn layer_whitener(
         .map_err(|reason| fail(calib.path(), reason))
 }
 
+/// The bytes of dense tensor `name` (`dtype`, `bytes` as stored) with dense-base layer
+/// `name` of the adapter folded in: W + left·right in f64, rounded once to `dtype`.
+fn fold_dense(
+    adapter: &Adapter,
+    adapter_path: &Path,
+    name: &str,
+    dtype: Dtype,
+    bytes: &[u8],
+) -> Result<(Vec<u8>, MergedLayer)> {
+    let fail = |reason: String| ConvertError::Tensor {
+        path: adapter_path.to_path_buf(),
+        tensor: name.to_string(),
+        reason,
+    };
+    let info = &adapter.layers[name];
+    let [m, n] = info.matrix_shape;
+    // check_base made sure the base is a dense float [m, n] matrix.
+    let mut w = decode_f64(dtype, bytes)
+        .filter(|w| w.len() == m * n)
+        .ok_or_else(|| {
+            fail(format!(
+                "the base stores it as {dtype}, not a float [{m}, {n}]"
+            ))
+        })?;
+    let (left, right, q) = adapter.dense_update(name)?;
+    for i in 0..m {
+        let row = &mut w[i * n..(i + 1) * n];
+        for p in 0..q {
+            let c = left[i * q + p];
+            row.iter_mut()
+                .zip(&right[p * n..(p + 1) * n])
+                .for_each(|(o, v)| *o += c * v);
+        }
+    }
+    if let Some(v) = w.iter().find(|v| !v.is_finite()) {
+        return Err(fail(format!("the adapted matrix holds {v}")));
+    }
+    let out = encode_f64(dtype, &w).ok_or_else(|| fail(format!("cannot store it as {dtype}")))?;
+    let back = decode_f64(dtype, &out).expect("just encoded");
+    let norm2: f64 = w.iter().map(|x| x * x).sum();
+    let err2: f64 = w.iter().zip(&back).map(|(a, b)| (a - b) * (a - b)).sum();
+    let layer = MergedLayer {
+        name: name.to_string(),
+        old_rank: info.rank,
+        new_rank: info.rank,
+        energy: 1.0,
+        rel_error: if norm2 > 0.0 {
+            (err2 / norm2).sqrt()
+        } else {
+            0.0
+        },
+        output_rel_error: None,
+        dense: true,
+    };
+    Ok((out, layer))
+}
+
 fn write_merged(job: &MergeJob, tmp: &Path) -> Result<(Manifest, Vec<MergedLayer>)> {
     let MergeJob {
         ckpt,
@@ -304,7 +369,13 @@ fn write_merged(job: &MergeJob, tmp: &Path) -> Result<(Manifest, Vec<MergedLayer
         }
         let view = ckpt.get(name)?;
         match (view, adapter.layers.contains_key(name)) {
-            (TensorView::Dense(t), _) => {
+            (TensorView::Dense(t), true) => {
+                let (bytes, layer) = fold_dense(adapter, adapter_path, name, t.dtype, t.bytes)?;
+                writer.begin_group(name, bytes.len() as u64)?;
+                writer.write_tensor(name, t.dtype, t.shape, &bytes)?;
+                merged.push(layer);
+            }
+            (TensorView::Dense(t), false) => {
                 writer.begin_group(name, t.bytes.len() as u64)?;
                 writer.write_tensor(name, t.dtype, t.shape, t.bytes)?;
             }
@@ -405,6 +476,7 @@ fn write_merged(job: &MergeJob, tmp: &Path) -> Result<(Manifest, Vec<MergedLayer
                     energy,
                     rel_error: rel,
                     output_rel_error: whitening.map(|w| w.output_rel_error),
+                    dense: false,
                 });
             }
         }

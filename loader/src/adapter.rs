@@ -16,6 +16,26 @@
 //! `U·diag(s')·Vᵀ`, `U·(diag σ + A·B)ᵀ·Vᵀ` (the layer computes y = x·V·(diag σ + A·B)·Uᵀ),
 //! `left·right`, or `U·C·Vᵀ` (the layer computes y = x·V·Cᵀ·Uᵀ) with C = the trained block
 //! `adapter_c` in its leading t×t corner and diag(σ_{t+1..r}) after it.
+//!
+//! **Dense-base layers** (version 2). A layer the base checkpoint stores dense (reason
+//! `no-saving` or `planned`) can be adapted in its own top-r subspace, computed by the
+//! trainer when it loads the model (`cersa_torch.load_hf`). Its metadata entry has
+//! `"base": "dense"` (absent means `"factored"`), its mode is `scale`, `core` or `cersa`,
+//! and it stores the basis it was trained in beside the mode's tensors, since SVDs differ
+//! across libraries and thread counts:
+//!
+//! | tensor | shape | |
+//! |---|---|---|
+//! | `NAME.adapter_u` | [m, r] | U_r of the dense W |
+//! | `NAME.adapter_sigma` | [r] | σ_r, the diagonal the mode's core starts from |
+//! | `NAME.adapter_vt` | [r, n] | V_rᵀ |
+//!
+//! The adapted matrix is `W + U·(M − diag σ)·Vᵀ`, M the mode's r×r core as above (so
+//! `U·diag(s' − σ)·Vᵀ`, `U·(A·B)ᵀ·Vᵀ`, or `U_t·(C − diag σ_t)·V_tᵀ` is added to the
+//! exact W); `cersa merge` and `cersa export` fold it into the dense tensor without
+//! recomputing any SVD. A file with a dense-base layer carries `"adapter_version": "2"`,
+//! so that a reader of version 1 refuses it instead of silently dropping the layer; a file
+//! without one is written as version 1 exactly as before, and both are read.
 //! This module reads and writes the files without any tensor library; the `candle`
 //! feature and `cersa merge` build on it.
 
@@ -32,8 +52,10 @@ use std::path::Path;
 
 /// `__metadata__["format"]` of adapter files.
 pub const ADAPTER_FORMAT: &str = "cersa-adapter";
-/// `__metadata__["adapter_version"]` this crate reads and writes.
+/// `__metadata__["adapter_version"]` of files whose layers are all factored in the base.
 pub const ADAPTER_VERSION: &str = "1";
+/// `__metadata__["adapter_version"]` of files with a dense-base layer ([`Base::Dense`]).
+pub const ADAPTER_VERSION_DENSE: &str = "2";
 /// Adapter files above this size are rejected (an adapter never exceeds its base's factors).
 pub const MAX_ADAPTER_SIZE: u64 = 64 << 30;
 
@@ -92,16 +114,52 @@ impl Mode {
     }
 }
 
+/// What an adapted layer's base tensor is in the checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Base {
+    /// Factored: the adapter acts on the stored U_r, σ_r, V_r.
+    #[default]
+    Factored,
+    /// Stored dense: the adapter carries its own basis (`adapter_u`, `adapter_sigma`,
+    /// `adapter_vt`) and adds U·(M − diag σ)·Vᵀ to W.
+    Dense,
+}
+
+impl Base {
+    fn is_factored(&self) -> bool {
+        *self == Base::Factored
+    }
+}
+
 /// One adapted layer's description in the metadata.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerInfo {
     /// Adaptation mode (and k for `core`).
     #[serde(flatten)]
     pub mode: Mode,
-    /// Rank r of the base factors.
+    /// Rank r of the base factors (of the stored basis, for a dense base).
     pub rank: usize,
     /// Matrix shape [m, n] of the base tensor.
     pub matrix_shape: [usize; 2],
+    /// The base tensor's kind (absent in the file: factored).
+    #[serde(default, skip_serializing_if = "Base::is_factored")]
+    pub base: Base,
+}
+
+impl LayerInfo {
+    /// Every stored tensor of layer `name` (suffix, shape): the mode's, and for a dense
+    /// base the basis.
+    pub fn tensors(&self, name: &str) -> Vec<(String, Vec<usize>)> {
+        let (r, [m, n]) = (self.rank, self.matrix_shape);
+        let mut list = self.mode.tensors(name, r, [m, n]);
+        if self.base == Base::Dense {
+            list.push((format!("{name}.adapter_u"), vec![m, r]));
+            list.push((format!("{name}.adapter_sigma"), vec![r]));
+            list.push((format!("{name}.adapter_vt"), vec![r, n]));
+        }
+        list
+    }
 }
 
 /// A whole adapter: base identity, layers and their F32 tensors (row-major).
@@ -156,7 +214,22 @@ impl Adapter {
                 }
                 _ => {}
             }
-            for (t, shape) in info.mode.tensors(name, info.rank, info.matrix_shape) {
+            if info.base == Base::Dense
+                && !matches!(
+                    info.mode,
+                    Mode::Scale | Mode::Core { .. } | Mode::Cersa { .. }
+                )
+            {
+                return Err(bad(
+                    path,
+                    name,
+                    format!(
+                        "mode {} cannot adapt a dense base layer (scale, core or cersa)",
+                        info.mode.name()
+                    ),
+                ));
+            }
+            for (t, shape) in info.tensors(name) {
                 expected.insert(t, shape);
             }
         }
@@ -184,7 +257,8 @@ impl Adapter {
     }
 
     /// Checks the adapter belongs to `ckpt`: same manifest identity, every layer factored
-    /// there with the same rank and matrix shape.
+    /// there with the same rank and matrix shape, or, for a dense-base layer, stored dense
+    /// there as a float matrix whose manifest `shape` has that matrix shape.
     pub fn check_base(&self, ckpt: &Checkpoint) -> Result<()> {
         let mpath = ckpt.dir().join(MANIFEST_FILE);
         let sha = manifest_sha256(ckpt.dir())?;
@@ -197,9 +271,31 @@ impl Adapter {
             });
         }
         for (name, info) in &self.layers {
-            match ckpt.get(name)? {
-                TensorView::Factored(f)
+            match (info.base, ckpt.get(name)?) {
+                (Base::Factored, TensorView::Factored(f))
                     if f.rank == info.rank && f.matrix_shape == info.matrix_shape => {}
+                (Base::Dense, TensorView::Dense(t)) => {
+                    let shape = dense_matrix_shape(t.shape);
+                    if shape != Some(info.matrix_shape) || !t.dtype.is_factor_float() {
+                        return Err(bad(
+                            &mpath,
+                            name,
+                            format!(
+                                "the adapter expects a dense float {:?} matrix, the \
+                                 checkpoint stores {} {:?}",
+                                info.matrix_shape, t.dtype, t.shape
+                            ),
+                        ));
+                    }
+                }
+                (Base::Dense, TensorView::Factored(_)) => {
+                    return Err(bad(
+                        &mpath,
+                        name,
+                        "the adapter was trained on a dense layer, the checkpoint stores it \
+                         factored",
+                    ))
+                }
                 _ => {
                     return Err(bad(
                         &mpath,
@@ -222,15 +318,19 @@ impl Adapter {
             tensor: String::new(),
             reason: e.to_string(),
         })?;
+        let version = match self.layers.values().any(|l| l.base == Base::Dense) {
+            true => ADAPTER_VERSION_DENSE,
+            false => ADAPTER_VERSION,
+        };
         let metadata = BTreeMap::from([
             ("format".to_string(), ADAPTER_FORMAT.to_string()),
-            ("adapter_version".to_string(), ADAPTER_VERSION.to_string()),
+            ("adapter_version".to_string(), version.to_string()),
             ("manifest_sha256".to_string(), self.manifest_sha256.clone()),
             ("layers".to_string(), layers),
         ]);
         let mut list = Vec::with_capacity(self.tensors.len());
         for (name, info) in &self.layers {
-            for (t, shape) in info.mode.tensors(name, info.rank, info.matrix_shape) {
+            for (t, shape) in info.tensors(name) {
                 let bytes = self.tensors[&t]
                     .iter()
                     .flat_map(|v| v.to_le_bytes())
@@ -267,15 +367,32 @@ impl Adapter {
                 .get(key)
                 .ok_or_else(|| bad(path, "__metadata__", format!("no {key:?} entry")))
         };
-        if meta("format")? != ADAPTER_FORMAT || meta("adapter_version")? != ADAPTER_VERSION {
+        let version = meta("adapter_version")?;
+        if meta("format")? != ADAPTER_FORMAT
+            || (version != ADAPTER_VERSION && version != ADAPTER_VERSION_DENSE)
+        {
             return Err(bad(
                 path,
                 "__metadata__",
-                format!("not a {ADAPTER_FORMAT} v{ADAPTER_VERSION} file"),
+                format!(
+                    "not a {ADAPTER_FORMAT} v{ADAPTER_VERSION} or v{ADAPTER_VERSION_DENSE} file"
+                ),
             ));
         }
         let layers: BTreeMap<String, LayerInfo> = serde_json::from_str(meta("layers")?)
             .map_err(|e| bad(path, "__metadata__", format!("layers: {e}")))?;
+        if version == ADAPTER_VERSION {
+            if let Some((name, _)) = layers.iter().find(|(_, l)| l.base == Base::Dense) {
+                return Err(bad(
+                    path,
+                    name,
+                    format!(
+                        "a dense-base layer in a v{ADAPTER_VERSION} file (needs \
+                         v{ADAPTER_VERSION_DENSE})"
+                    ),
+                ));
+            }
+        }
         let mut tensors = BTreeMap::new();
         for e in &header.tensors {
             if e.dtype != Dtype::F32 {
@@ -314,6 +431,13 @@ impl Adapter {
             .layers
             .get(name)
             .ok_or_else(|| Error::UnknownTensor(name.to_string()))?;
+        if info.base == Base::Dense {
+            return Err(bad(
+                ckpt.dir(),
+                name,
+                "a dense-base layer: its update is Adapter::dense_update",
+            ));
+        }
         let TensorView::Factored(f) = ckpt.get(name)? else {
             return Err(bad(ckpt.dir(), name, "not factored in the base checkpoint"));
         };
@@ -372,6 +496,100 @@ impl Adapter {
     }
 }
 
+impl Adapter {
+    /// The update ΔW = U·(M − diag σ)·Vᵀ of dense-base layer `name` (see the module doc)
+    /// as a product `left [m, q] · right [q, n]` (f64, row-major): q = r for `scale`, k for
+    /// `core` (U·Bᵀ and Aᵀ·Vᵀ), t for `cersa`. Only the adapter's tensors are read; the
+    /// adapted matrix is the dense W plus this.
+    pub fn dense_update(&self, name: &str) -> Result<(Vec<f64>, Vec<f64>, usize)> {
+        let info = self
+            .layers
+            .get(name)
+            .ok_or_else(|| Error::UnknownTensor(name.to_string()))?;
+        let here = Path::new("<adapter>");
+        if info.base != Base::Dense {
+            return Err(bad(here, name, "not a dense-base layer"));
+        }
+        let ([m, n], r) = (info.matrix_shape, info.rank);
+        let get = |suffix: &str| -> Result<Vec<f64>> {
+            let t = format!("{name}.{suffix}");
+            let values = self
+                .tensors
+                .get(&t)
+                .ok_or_else(|| bad(here, &t, "missing from the adapter"))?;
+            Ok(values.iter().map(|&v| f64::from(v)).collect())
+        };
+        let (u, sigma, vt) = (get("adapter_u")?, get("adapter_sigma")?, get("adapter_vt")?);
+        // U [m, r] times an r×q matrix `core` (row-major), over its first `rows` rows.
+        let u_times = |core: &[f64], rows: usize, q: usize| -> Vec<f64> {
+            let mut out = vec![0f64; m * q];
+            for i in 0..m {
+                for p in 0..rows {
+                    let c = u[i * r + p];
+                    let row = &core[p * q..(p + 1) * q];
+                    out[i * q..(i + 1) * q]
+                        .iter_mut()
+                        .zip(row)
+                        .for_each(|(o, v)| *o += c * v);
+                }
+            }
+            out
+        };
+        Ok(match info.mode {
+            Mode::Scale => {
+                let s2 = get("adapter_s")?;
+                let mut d = vec![0f64; r * r];
+                for i in 0..r {
+                    d[i * r + i] = s2[i] - sigma[i];
+                }
+                (u_times(&d, r, r), vt, r)
+            }
+            Mode::Core { k } => {
+                // (A·B)ᵀ = Bᵀ·Aᵀ: left = U·Bᵀ [m, k], right = Aᵀ·Vᵀ [k, n].
+                let (a, b) = (get("adapter_a")?, get("adapter_b")?);
+                let mut bt = vec![0f64; r * k];
+                for p in 0..k {
+                    for i in 0..r {
+                        bt[i * k + p] = b[p * r + i];
+                    }
+                }
+                let mut right = vec![0f64; k * n];
+                for p in 0..k {
+                    for i in 0..r {
+                        let c = a[i * k + p];
+                        right[p * n..(p + 1) * n]
+                            .iter_mut()
+                            .zip(&vt[i * n..(i + 1) * n])
+                            .for_each(|(o, v)| *o += c * v);
+                    }
+                }
+                (u_times(&bt, r, k), right, k)
+            }
+            Mode::Cersa { trainable: t } => {
+                // U_t·(C − diag σ_t), V_tᵀ: the rows of the core past t are zero.
+                let mut d = get("adapter_c")?;
+                for i in 0..t {
+                    d[i * t + i] -= sigma[i];
+                }
+                (u_times(&d, t, t), vt[..t * n].to_vec(), t)
+            }
+            Mode::Frozen | Mode::Factors => {
+                return Err(bad(here, name, "mode cannot adapt a dense base layer"))
+            }
+        })
+    }
+}
+
+/// The matrix view [d0, d1·d2·…] of a dense tensor's shape (spec §4 rule 1); `None` below
+/// two dimensions or on overflow.
+pub fn dense_matrix_shape(shape: &[usize]) -> Option<[usize; 2]> {
+    let (&m, rest) = shape.split_first()?;
+    if rest.is_empty() {
+        return None;
+    }
+    Some([m, rest.iter().try_fold(1usize, |a, &d| a.checked_mul(d))?])
+}
+
 fn diag(s: &[f64]) -> Vec<f64> {
     let r = s.len();
     let mut d = vec![0f64; r * r];
@@ -379,4 +597,196 @@ fn diag(s: &[f64]) -> Vec<f64> {
         d[i * r + i] = *v;
     }
     d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1).
+    fn values(seed: u64, len: usize) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    const NAME: &str = "layer.weight";
+    const M: usize = 5;
+    const N: usize = 4;
+    const R: usize = 3;
+
+    fn dense_adapter(mode: Mode) -> Adapter {
+        let mut tensors = BTreeMap::new();
+        let info = LayerInfo {
+            mode,
+            rank: R,
+            matrix_shape: [M, N],
+            base: Base::Dense,
+        };
+        for (i, (t, shape)) in info.tensors(NAME).into_iter().enumerate() {
+            tensors.insert(t, values(i as u64 + 1, shape.iter().product()));
+        }
+        Adapter {
+            manifest_sha256: "0".repeat(64),
+            layers: BTreeMap::from([(NAME.to_string(), info)]),
+            tensors,
+        }
+    }
+
+    /// U·(M − diag σ)·Vᵀ, [m, n], spelled out from the module doc's definition.
+    fn reference_update(a: &Adapter) -> Vec<f64> {
+        let info = a.layers[NAME];
+        let t = |s: &str| -> Vec<f64> {
+            a.tensors[&format!("{NAME}.{s}")]
+                .iter()
+                .map(|&v| f64::from(v))
+                .collect()
+        };
+        let (u, sigma, vt) = (t("adapter_u"), t("adapter_sigma"), t("adapter_vt"));
+        // The mode's r×r core M (row-major) as the layer's W' = U·M·Vᵀ.
+        let mut core = vec![0f64; R * R];
+        for i in 0..R {
+            core[i * R + i] = sigma[i];
+        }
+        match info.mode {
+            Mode::Scale => {
+                let s = t("adapter_s");
+                for i in 0..R {
+                    core[i * R + i] = s[i];
+                }
+            }
+            Mode::Core { k } => {
+                let (aa, bb) = (t("adapter_a"), t("adapter_b"));
+                for i in 0..R {
+                    for j in 0..R {
+                        // M = diag σ + (A·B)ᵀ
+                        core[i * R + j] +=
+                            (0..k).map(|p| aa[j * k + p] * bb[p * R + i]).sum::<f64>();
+                    }
+                }
+            }
+            Mode::Cersa { trainable } => {
+                let c = t("adapter_c");
+                for i in 0..trainable {
+                    for j in 0..trainable {
+                        core[i * R + j] = c[i * trainable + j];
+                    }
+                }
+            }
+            _ => unreachable!(),
+        }
+        for i in 0..R {
+            core[i * R + i] -= sigma[i];
+        }
+        let mut out = vec![0f64; M * N];
+        for i in 0..M {
+            for j in 0..N {
+                out[i * N + j] = (0..R)
+                    .flat_map(|p| (0..R).map(move |q| (p, q)))
+                    .map(|(p, q)| u[i * R + p] * core[p * R + q] * vt[q * N + j])
+                    .sum();
+            }
+        }
+        out
+    }
+
+    const DENSE_MODES: [Mode; 4] = [
+        Mode::Scale,
+        Mode::Core { k: 2 },
+        Mode::Cersa { trainable: 2 },
+        Mode::Cersa { trainable: 3 },
+    ];
+
+    #[test]
+    fn dense_update_is_the_basis_times_the_core_change() {
+        for mode in DENSE_MODES {
+            let a = dense_adapter(mode);
+            let (left, right, q) = a.dense_update(NAME).unwrap();
+            let want = reference_update(&a);
+            assert!(
+                want.iter().any(|v| v.abs() > 1e-3),
+                "{mode:?}: a real update"
+            );
+            for i in 0..M {
+                for j in 0..N {
+                    let got: f64 = (0..q).map(|p| left[i * q + p] * right[p * N + j]).sum();
+                    assert!((got - want[i * N + j]).abs() < 1e-12, "{mode:?} [{i}, {j}]");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn dense_base_files_are_version_2_and_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        for mode in DENSE_MODES {
+            let a = dense_adapter(mode);
+            let path = dir.path().join("a.safetensors");
+            a.write(&path).unwrap();
+            let bytes = std::fs::read(&path).unwrap();
+            let header = safetensors::parse(&bytes).unwrap();
+            assert_eq!(header.metadata["adapter_version"], ADAPTER_VERSION_DENSE);
+            assert!(header.metadata["layers"].contains(r#""base":"dense""#));
+            assert_eq!(Adapter::read(&path).unwrap(), a);
+        }
+    }
+
+    #[test]
+    fn factored_layers_keep_the_version_1_layout() {
+        let text = r#"{"mode":"scale","rank":2,"matrix_shape":[3,4]}"#;
+        let info: LayerInfo = serde_json::from_str(text).unwrap();
+        assert_eq!(info.base, Base::Factored, "no base field: factored");
+        assert_eq!(serde_json::to_string(&info).unwrap(), text);
+    }
+
+    #[test]
+    fn a_dense_base_layer_in_a_version_1_file_is_refused() {
+        let a = dense_adapter(Mode::Scale);
+        let layers = serde_json::to_string(&a.layers).unwrap();
+        let metadata = BTreeMap::from([
+            ("format".to_string(), ADAPTER_FORMAT.to_string()),
+            ("adapter_version".to_string(), ADAPTER_VERSION.to_string()),
+            ("manifest_sha256".to_string(), a.manifest_sha256.clone()),
+            ("layers".to_string(), layers),
+        ]);
+        let list: Vec<_> = a.layers[NAME]
+            .tensors(NAME)
+            .into_iter()
+            .map(|(t, shape)| {
+                let bytes = a.tensors[&t].iter().flat_map(|v| v.to_le_bytes()).collect();
+                (t, Dtype::F32, shape, bytes)
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.safetensors");
+        safetensors::write_file(&path, &metadata, &list).unwrap();
+        let err = Adapter::read(&path).unwrap_err().to_string();
+        assert!(err.contains("dense-base layer in a v1 file"), "{err}");
+    }
+
+    #[test]
+    fn dense_base_layers_refuse_modes_without_a_dense_form() {
+        for mode in [Mode::Factors, Mode::Frozen] {
+            let mut a = dense_adapter(Mode::Scale);
+            a.layers.get_mut(NAME).unwrap().mode = mode;
+            a.tensors = a.layers[NAME]
+                .tensors(NAME)
+                .into_iter()
+                .map(|(t, shape)| (t, values(9, shape.iter().product())))
+                .collect();
+            let err = a.validate(Path::new("x")).unwrap_err().to_string();
+            assert!(err.contains("cannot adapt a dense base layer"), "{err}");
+            // A missing basis tensor is named.
+            let mut b = dense_adapter(Mode::Scale);
+            b.tensors.remove(&format!("{NAME}.adapter_vt"));
+            let err = b.validate(Path::new("x")).unwrap_err().to_string();
+            assert!(err.contains("adapter_vt"), "{err}");
+        }
+    }
 }

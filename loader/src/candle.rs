@@ -11,7 +11,7 @@
 //! - [`adapter_from_varmap`] / [`load_adapter_into`] save and restore the trained part
 //!   as an adapter file (see [`crate::adapter`]).
 
-use crate::adapter::{manifest_sha256, Adapter, LayerInfo, Mode};
+use crate::adapter::{manifest_sha256, Adapter, Base, LayerInfo, Mode};
 use crate::checkpoint::{Checkpoint, RawTensor, TensorView};
 use crate::dtype::Dtype;
 use candle_core::{DType, Device, Result, Tensor, Var};
@@ -324,6 +324,7 @@ impl CersaLinear {
             mode: self.mode,
             rank: self.rank,
             matrix_shape: self.matrix_shape,
+            base: Base::Factored,
         }
     }
 

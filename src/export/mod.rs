@@ -164,7 +164,20 @@ fn tensor_values<'a>(
     keep: Option<Dtype>,
 ) -> Result<Values<'a>> {
     let fail = |reason: String| tensor_error(ckpt, name, reason);
+    let adapted = adapter.filter(|a| a.layers.contains_key(name));
     Ok(match ckpt.get(name)? {
+        // A dense-base layer (checked by check_base: a dense float matrix): W + ΔW.
+        TensorView::Dense(t) if adapted.is_some() => Values::F64({
+            let a = adapted.expect("matched");
+            let [m, n] = a.layers[name].matrix_shape;
+            let mut w = decode_f64(t.dtype, t.bytes)
+                .filter(|w| w.len() == m * n)
+                .ok_or_else(|| fail(format!("cannot read {} values as [{m}, {n}]", t.dtype)))?;
+            let (left, right, q) = a.dense_update(name)?;
+            let delta = product(&left, &right, m, q, n);
+            w.iter_mut().zip(&delta).for_each(|(x, d)| *x += d);
+            w
+        }),
         TensorView::Dense(t) if Some(t.dtype) == keep || !t.dtype.is_factor_float() => {
             Values::Stored(t.dtype, t.bytes)
         }
@@ -174,7 +187,7 @@ fn tensor_values<'a>(
         ),
         TensorView::Factored(f) => Values::F64({
             let [m, n] = f.matrix_shape;
-            match adapter.filter(|a| a.layers.contains_key(name)) {
+            match adapted {
                 Some(a) => {
                     let (left, right, q) = a.adapted_product(ckpt, name)?;
                     product(&left, &right, m, q, n)

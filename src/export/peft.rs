@@ -21,7 +21,7 @@
 
 use super::product;
 use crate::error::{ConvertError, Result};
-use cersa_loader::adapter::{Adapter, Mode};
+use cersa_loader::adapter::{Adapter, Base, Mode};
 use cersa_loader::safetensors::serialize_header;
 use cersa_loader::{Checkpoint, Dtype, TensorView};
 use serde::{Deserialize, Serialize};
@@ -87,6 +87,12 @@ fn low_rank_update(
         tensor: name.to_string(),
         reason,
     };
+    let info = &adapter.layers[name];
+    if info.base == Base::Dense {
+        // ΔW is already the product of the adapter's basis and trained core.
+        let (b, a, q) = adapter.dense_update(name)?;
+        return Ok((b, a, q, info.mode.name()));
+    }
     let TensorView::Factored(f) = ckpt.get(name)? else {
         return Err(fail("not factored in the checkpoint".into()));
     };
@@ -101,7 +107,6 @@ fn low_rank_update(
             _ => Err(fail(format!("the adapter lacks {key} of {len} values"))),
         }
     };
-    let info = &adapter.layers[name];
     // U·M for an r×q matrix M (row-major).
     let u_times = |mm: &[f64], q: usize| product(&u, mm, m, r, q);
     Ok(match info.mode {

@@ -3,7 +3,7 @@
 
 use crate::util::*;
 use cersa::export::{ExportReport, EXPORT_REPORT_VERSION, INDEX_FILE};
-use cersa_loader::adapter::{manifest_sha256, Adapter, LayerInfo, Mode};
+use cersa_loader::adapter::{manifest_sha256, Adapter, Base, LayerInfo, Mode};
 use cersa_loader::{Checkpoint, Dtype, TensorView};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -195,6 +195,7 @@ fn bad_exports_fail_by_name_and_leave_nothing() {
                 mode: Mode::Scale,
                 rank: f.rank,
                 matrix_shape: f.matrix_shape,
+                base: Base::Factored,
             },
         )]),
         tensors: BTreeMap::from([(format!("{name}.adapter_s"), f.s.to_f32().unwrap())]),

@@ -3,7 +3,7 @@
 
 use crate::util::*;
 use cersa::merge::{MergeOptions, MergeReport, MERGE_REPORT_VERSION};
-use cersa_loader::adapter::{manifest_sha256, Adapter, LayerInfo, Mode};
+use cersa_loader::adapter::{manifest_sha256, Adapter, Base, LayerInfo, Mode};
 use cersa_loader::{Checkpoint, TensorView};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -37,6 +37,7 @@ fn base_and_adapter(dir: &Path, extra: &[&str]) -> (std::path::PathBuf, std::pat
                 mode: Mode::Scale,
                 rank: f.rank,
                 matrix_shape: f.matrix_shape,
+                base: Base::Factored,
             },
         )]),
         tensors: BTreeMap::from([(format!("{LAYER}.adapter_s"), scaled)]),
@@ -124,4 +125,120 @@ fn interrupted_merge_leaves_no_output() {
         .filter(|n| n.contains("merged"))
         .collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// A `core` adapter (k = 2) of `LAYER` as a dense-base layer with an arbitrary rank-3
+/// basis, and the update U·(A·B)ᵀ·Vᵀ it defines, spelled out in f64.
+fn dense_core_adapter(base: &Path, shape: [usize; 2]) -> (Adapter, Vec<f64>) {
+    let ([m, n], r, k) = (shape, 3, 2);
+    let info = LayerInfo {
+        mode: Mode::Core { k },
+        rank: r,
+        matrix_shape: [m, n],
+        base: Base::Dense,
+    };
+    let tensors: BTreeMap<String, Vec<f32>> = info
+        .tensors(LAYER)
+        .into_iter()
+        .enumerate()
+        .map(|(i, (t, shape))| (t, noise(40 + i as u64, shape.iter().product())))
+        .collect();
+    let t = |s: &str| -> Vec<f64> {
+        tensors[&format!("{LAYER}.{s}")]
+            .iter()
+            .map(|&v| f64::from(v))
+            .collect()
+    };
+    let (u, vt, a, b) = (
+        t("adapter_u"),
+        t("adapter_vt"),
+        t("adapter_a"),
+        t("adapter_b"),
+    );
+    let mut update = vec![0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            for p in 0..r {
+                for q in 0..r {
+                    // ΔM[p, q] = (A·B)ᵀ[p, q] = Σ_l A[q, l]·B[l, p]
+                    let dm: f64 = (0..k).map(|l| a[q * k + l] * b[l * r + p]).sum();
+                    update[i * n + j] += u[i * r + p] * dm * vt[q * n + j];
+                }
+            }
+        }
+    }
+    let adapter = Adapter {
+        manifest_sha256: manifest_sha256(base).unwrap(),
+        layers: BTreeMap::from([(LAYER.to_string(), info)]),
+        tensors,
+    };
+    (adapter, update)
+}
+
+#[test]
+fn merge_folds_a_dense_base_adapter_into_the_dense_tensor() {
+    let dir = tmp();
+    let base = dir.path().join("base");
+    let src = fixture("minilm-excerpt/model.safetensors");
+    // At τ = 0.99 the query matrix saves nothing: stored dense (`no-saving`).
+    cersa_ok(&["convert", s(&src), s(&base), "-q", "--energy", "0.99"]);
+    let ckpt = Checkpoint::open(&base).unwrap();
+    let TensorView::Dense(t) = ckpt.get(LAYER).unwrap() else {
+        panic!("{LAYER} is dense at τ = 0.99");
+    };
+    let w: Vec<f64> = t.to_f32().unwrap().into_iter().map(f64::from).collect();
+    let (adapter, update) = dense_core_adapter(&base, [384, 384]);
+    let path = dir.path().join("adapter.safetensors");
+    adapter.write(&path).unwrap();
+
+    let out = dir.path().join("merged");
+    let text = cersa_ok(&["merge", "--json", s(&base), s(&path), s(&out)]);
+    let report: MergeReport = serde_json::from_str(&text).unwrap();
+    assert_eq!(report.layers.len(), 1);
+    assert!(report.layers[0].dense && report.layers[0].new_rank == 3);
+    let merged = Checkpoint::open(&out).unwrap();
+    let TensorView::Dense(got) = merged.get(LAYER).unwrap() else {
+        panic!("the merged {LAYER} stays dense");
+    };
+    assert_eq!((got.dtype, got.shape), (t.dtype, t.shape));
+    let got = got.to_f32().unwrap();
+    let scale = update.iter().fold(0f64, |a, v| a.max(v.abs()));
+    assert!(scale > 1e-3, "the update is not empty");
+    for (i, g) in got.iter().enumerate() {
+        let want = w[i] + update[i];
+        // One f32 rounding of W + ΔW.
+        assert!(
+            (f64::from(*g) - want).abs() <= 1e-7 * want.abs().max(1.0),
+            "{i}"
+        );
+    }
+    // Every other tensor is copied byte for byte.
+    for name in ckpt.names().filter(|n| *n != LAYER) {
+        if let (TensorView::Dense(a), TensorView::Dense(b)) =
+            (ckpt.get(name).unwrap(), merged.get(name).unwrap())
+        {
+            assert_eq!(a.bytes, b.bytes, "{name}");
+        }
+    }
+
+    // A basis of the wrong shape, or a dense-base adapter on a factored layer, is refused.
+    let (mut wrong, _) = dense_core_adapter(&base, [384, 383]);
+    wrong.manifest_sha256 = manifest_sha256(&base).unwrap();
+    let bad = dir.path().join("wrong.safetensors");
+    wrong.write(&bad).unwrap();
+    let err = cersa_fails(&["merge", s(&base), s(&bad), s(&dir.path().join("x"))], 2);
+    assert!(
+        err.contains("dense float [384, 383] matrix") && err.contains(LAYER),
+        "{err}"
+    );
+    let factored = dir.path().join("factored");
+    cersa_ok(&["convert", s(&src), s(&factored), "-q", "--energy", "0.5"]);
+    let (mut other, _) = dense_core_adapter(&factored, [384, 384]);
+    other.manifest_sha256 = manifest_sha256(&factored).unwrap();
+    other.write(&bad).unwrap();
+    let err = cersa_fails(
+        &["merge", s(&factored), s(&bad), s(&dir.path().join("y"))],
+        2,
+    );
+    assert!(err.contains("trained on a dense layer"), "{err}");
 }

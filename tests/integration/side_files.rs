@@ -3,7 +3,7 @@
 //! manifest's `side_files`; `merge` carries them over; the validator checks them.
 
 use crate::util::*;
-use cersa_loader::adapter::{manifest_sha256, Adapter, LayerInfo, Mode};
+use cersa_loader::adapter::{manifest_sha256, Adapter, Base, LayerInfo, Mode};
 use cersa_loader::{Checkpoint, IssueKind, TensorView};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -272,6 +272,7 @@ fn merge_carries_the_side_files_over() {
                 mode: Mode::Scale,
                 rank: f.rank,
                 matrix_shape: f.matrix_shape,
+                base: Base::Factored,
             },
         )]),
         tensors: BTreeMap::from([(format!("{layer}.adapter_s"), scaled)]),

@@ -399,7 +399,7 @@ fn inspect_and_report_warn_where_the_setting_breaks_the_model() {
 /// A `scale` adapter of `layer` in `base` (σ scaled by 1.0, 0.9, 0.8, …: the spectrum's
 /// shape changes, so the re-truncated rank can too).
 fn scale_adapter(base: &Path, layer: &str, path: &Path) {
-    use cersa_loader::adapter::{manifest_sha256, Adapter, LayerInfo, Mode};
+    use cersa_loader::adapter::{manifest_sha256, Adapter, Base, LayerInfo, Mode};
     let ckpt = Checkpoint::open(base).unwrap();
     let TensorView::Factored(f) = ckpt.get(layer).unwrap() else {
         panic!("{layer} is factored");
@@ -413,6 +413,7 @@ fn scale_adapter(base: &Path, layer: &str, path: &Path) {
                 mode: Mode::Scale,
                 rank: f.rank,
                 matrix_shape: f.matrix_shape,
+                base: Base::Factored,
             },
         )]),
         tensors: BTreeMap::from([(
