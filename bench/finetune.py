@@ -3,8 +3,9 @@
 seed, on SmolLM2-135M-Instruct through transformers, on CPU.
 
     python3 bench/finetune.py target/release/cersa WORKDIR [--steps 30] [--batch 4]
-                              [--length 64] [--taus 0.90,0.95] [--train-tau 0.95]
-                              [--threads 1] [--full] [--force-factor] [--only TEXT]
+                              [--length 64] [--taus 0.90,0.95] [--train-taus 0.90,0.95]
+                              [--modes core,cersa,scale] [--threads 1] [--full]
+                              [--frozen-dense] [--force-factor] [--only TEXT]
 
 Model: the SmolLM2-135M-Instruct Q4_1 GGUF (bench/fetch_smollm2.py) as a dense f32
 Hugging Face directory (bench/quality.py). Text: bench/quality.py's split of CPython's
@@ -14,16 +15,20 @@ Runs, each in its own process (so its peak RSS is its own):
 - `dense`: the model as it is; `cersa-τ-frozen` for each τ of --taus: `cersa convert
   --energy τ`, loaded by `cersa_torch.load_hf` (frozen) — held-out perplexity only;
 - trained for --steps steps of --batch chunks of --length tokens (AdamW, the same batches in
-  the same order for every run): CERSA at --train-tau in modes `core` (k = 8), `cersa`
-  (the paper's trainable r×r core initialized to diag σ) and `scale`; PEFT LoRA r = 8
-  (α = 16) on every attention and MLP projection of the dense model; with --full, full
-  fine-tuning of the dense model; with --force-factor, `core` on a conversion at --train-tau
-  with `--force-factor` (every matrix factored, the other trainable path for the matrices
-  the rule keeps dense).
+  the same order for every run): CERSA at each τ of --train-taus in the --modes `core`
+  (k = 8), `cersa` (the paper's trainable r×r core initialized to diag σ) and `scale`,
+  loaded by `load_hf`'s default: the matrices kept dense (`no-saving`) are frozen and exact
+  with the same adaptation in their own top-r subspace (`dense_subspace=True`, issue 16);
+  with --frozen-dense, the same modes with those matrices dense and frozen
+  (`dense_subspace=False`, the earlier default); PEFT LoRA r = 8 (α = 16) on every
+  attention and MLP projection of the dense model; with --full, full fine-tuning of the
+  dense model; with --force-factor, `core` on a conversion at each train τ with
+  `--force-factor` (every matrix factored: the third trainable path for those matrices).
 Learning rates, fixed and not tuned: 1e-3 for core, scale and LoRA; 1e-4 for the paper's
 core and full fine-tuning (both move whole weight matrices).
 
-Printed per run: trainable parameters, bytes of frozen weights held (parameters without
+Printed per run: trainable parameters, layers with a dense-base subspace adapter, bytes of
+frozen weights held (parameters without
 gradient and buffers), peak RSS, seconds per step (mean after the first), training loss at
 the first and last step, held-out perplexity before and after training. A markdown table
 goes to stdout and WORKDIR/finetune.json.
@@ -66,8 +71,11 @@ def child(spec, args):
     train, held = batches(tok, args)
     kind, mode = spec["kind"], spec.get("mode")
     if kind == "cersa":
+        t0 = time.perf_counter()
         model = cersa_torch.load_hf(spec["dir"], mode=mode, k=8,
-                                    auto_class=transformers.AutoModelForCausalLM)
+                                    auto_class=transformers.AutoModelForCausalLM,
+                                    dense_subspace=spec.get("dense_subspace", True))
+        load_s = time.perf_counter() - t0
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)
         if mode == "lora":
@@ -82,8 +90,12 @@ def child(spec, args):
     params = [p for p in model.parameters() if p.requires_grad]
     frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     frozen += sum(b.numel() * b.element_size() for b in model.buffers())
+    from cersa_torch.dense import DenseSubspaceLinear
     out = {"run": spec["name"], "trainable": sum(p.numel() for p in params),
+           "dense_adapted": sum(isinstance(m, DenseSubspaceLinear) for m in model.modules()),
            "frozen_bytes": frozen, "ppl_before": quality.perplexity(model.eval(), held)}
+    if kind == "cersa":
+        out["load_s"] = load_s
     if params:
         opt = torch.optim.AdamW(params, lr=LR[mode], weight_decay=0.0)
         model.train()
@@ -122,7 +134,10 @@ def main():
     ap.add_argument("--length", type=int, default=64)
     ap.add_argument("--held-chunks", type=int, default=24)
     ap.add_argument("--taus", default="0.90,0.95")
-    ap.add_argument("--train-tau", type=float, default=0.95)
+    ap.add_argument("--train-taus", default="0.90,0.95")
+    ap.add_argument("--modes", default="core,cersa,scale")
+    ap.add_argument("--frozen-dense", action="store_true",
+                    help="also train with the matrices kept dense frozen (dense_subspace=False)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--full", action="store_true")
     ap.add_argument("--force-factor", action="store_true",
@@ -138,7 +153,9 @@ def main():
 
     os.makedirs(args.work, exist_ok=True)
     dense_dir = quality.smollm2_dense(args.work)
-    taus = sorted({float(t) for t in args.taus.split(",")} | {args.train_tau})
+    train_taus = sorted(float(t) for t in args.train_taus.split(","))
+    modes = args.modes.split(",")
+    taus = sorted({float(t) for t in args.taus.split(",")} | set(train_taus))
     dirs = {}
     for tau in taus:
         d = os.path.join(args.work, f"smollm2-{tau:.2f}")
@@ -148,10 +165,14 @@ def main():
     specs += [{"name": f"cersa τ{t:.2f} frozen", "kind": "cersa", "mode": "frozen",
                "dir": dirs[t][0], "bytes": dirs[t][1]}
               for t in sorted(float(x) for x in args.taus.split(","))]
-    tt = args.train_tau
-    specs += [{"name": f"cersa τ{tt:.2f} {m}", "kind": "cersa", "mode": m, "dir": dirs[tt][0],
-               "bytes": dirs[tt][1]} for m in ("core", "cersa", "scale")]
-    if args.force_factor:
+    for tt in train_taus:
+        specs += [{"name": f"cersa τ{tt:.2f} {m}", "kind": "cersa", "mode": m,
+                   "dir": dirs[tt][0], "bytes": dirs[tt][1]} for m in modes]
+        if args.frozen_dense:
+            specs += [{"name": f"cersa τ{tt:.2f} {m}, dense frozen", "kind": "cersa",
+                       "mode": m, "dir": dirs[tt][0], "bytes": dirs[tt][1],
+                       "dense_subspace": False} for m in modes]
+    for tt in train_taus if args.force_factor else []:
         # The other trainable path for matrices the rule keeps dense: factor them anyway.
         d = os.path.join(args.work, f"smollm2-{tt:.2f}-forced")
         if not os.path.exists(os.path.join(d, "cersa.json")):
@@ -182,11 +203,12 @@ def main():
                                                        "w"), indent=1)
     print(f"SmolLM2-135M-Instruct, {args.steps} steps × {args.batch} × {args.length} tokens, "
           f"{args.threads} thread(s); held-out perplexity on {args.held_chunks} × {args.length} tokens\n")
-    print("| run | stored bytes | trainable | frozen weights held | peak RSS | s/step "
-          "| loss first → last | held-out ppl before → after |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| run | stored bytes | trainable | dense-base adapters | frozen weights held "
+          "| peak RSS | s/step | loss first → last | held-out ppl before → after |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         cells = [r["run"], f"{r['byte_ratio']:.3f}×", f"{r['trainable'] / 1e6:.2f} M",
+                 str(r.get("dense_adapted", 0)),
                  f"{r['frozen_bytes'] / 2**20:.0f} MiB", f"{r['peak_rss_mib']:.0f} MiB"]
         if "ppl_after" in r:
             cells += [f"{r['s_per_step']:.2f}", f"{r['loss_first']:.2f} → {r['loss_last']:.2f}",
