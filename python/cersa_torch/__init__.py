@@ -7,6 +7,9 @@ inside their principal subspace.
   from the memory-mapped shards;
 - :class:`CersaLinear`, :func:`patch_linears`, :func:`linear_from_checkpoint` — the
   modules, in the ``frozen``, ``scale``, ``core`` and ``factors`` modes (``MODES``);
+- :class:`DenseSubspaceLinear` — what ``load_hf`` makes of a matrix the converter kept
+  dense (``no-saving``, ``planned``) in a trainable mode: W frozen and exact plus the mode's
+  adaptation in W's own top-r subspace, computed at load (:mod:`cersa_torch.dense`);
 - :func:`save_adapter`, :func:`load_adapter` — the trained part as a ``cersa-adapter`` file
   (the Rust crate's format: ``cersa merge`` folds it into a new checkpoint);
 - :func:`load_cersa` — a numpy reader (numpy + safetensors only, no torch);
@@ -32,6 +35,7 @@ _LAZY = {
     "load_cersa": "._numpy",
     "CersaCheckpoint": "._numpy",
     "CersaLinear": ".modules",
+    "DenseSubspaceLinear": ".dense",
     "linear_from_checkpoint": ".modules",
     "patch_linears": ".modules",
     "open_checkpoint": ".checkpoint",

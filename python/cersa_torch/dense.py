@@ -20,7 +20,14 @@ trained factors replace W's, which would need W − U·diag σ·Vᵀ as a residu
 Entries with reason ``planned`` are included: a plan keeps a matrix dense because its
 factors were not worth their bytes, the same situation as ``no-saving``; a plan records no
 rank for them, so r comes from ``config.energy`` and the clamps (the default the plan
-replaced). Entries that are ``zero``, ``excluded`` or not matrices get nothing.
+replaced). Entries that are ``zero``, ``excluded`` or not matrices get nothing. In a
+whitened checkpoint (``convert --calibration``) the subspace is still the plain SVD of W at
+the recorded τ: the calibration statistics are not at hand when loading, and τ then meant
+output energy, so r comes out higher than the whitened rule would give.
+
+The SVD is computed on the CPU in float64 (``torch.linalg.svd``), then cast to the model's
+dtype; its last bits may depend on the LAPACK build and thread count, which is why the
+adapter file carries the basis.
 
 The basis is written into the adapter file (``NAME.adapter_u``, ``adapter_sigma``,
 ``adapter_vt``, layer ``"base": "dense"``), so ``load_adapter`` and ``cersa merge`` use the
