@@ -1,13 +1,14 @@
 //! `candle_apply DIR ADAPTER NAME ROWS X_F32 Y_F32`: y = CersaLinear(x) in candle on CPU,
 //! with the layer's mode and trained tensors taken from ADAPTER (a `cersa-adapter` file,
-//! e.g. written by `cersa_torch.save_adapter`), no bias.
+//! e.g. written by `cersa_torch.save_adapter`; a dense-base layer is the checkpoint's dense
+//! W plus the core in the basis the adapter carries), no bias.
 //!
 //! `X_F32` holds `ROWS × n` little-endian f32 values (row-major); `Y_F32` receives
 //! `ROWS × m`. Exposes the candle path to the Python tests, which check that candle and
 //! `cersa_torch` give the same outputs for the same adapter
 //! (tests/python/test_torch_adapter.py). Exit 2 on any error.
 
-use cersa_loader::adapter::Adapter;
+use cersa_loader::adapter::{Adapter, Base};
 use cersa_loader::candle::candle_core::{Device, Tensor};
 use cersa_loader::candle::candle_nn::{Module, VarMap};
 use cersa_loader::candle::{load_adapter_into, CersaLinear};
@@ -38,7 +39,11 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
     let device = Device::Cpu;
     let vb = ckpt.to_candle(&device, None);
     let varmap = VarMap::new();
-    let layer = CersaLinear::new(&vb, name, None, info.mode, &varmap)?;
+    let layer = match info.base {
+        // A layer the checkpoint keeps dense: W plus the core in the adapter's basis.
+        Base::Dense => CersaLinear::dense_base(&vb, name, None, &adapter, &varmap)?,
+        Base::Factored => CersaLinear::new(&vb, name, None, info.mode, &varmap)?,
+    };
     load_adapter_into(&adapter, &[&layer], &varmap)?;
     let y = layer.forward(&Tensor::from_vec(x, (rows, n), &device)?)?;
     let y: Vec<f32> = y.flatten_all()?.to_vec1()?;

@@ -650,7 +650,7 @@ mod tests {
         };
         let (u, sigma, vt) = (t("adapter_u"), t("adapter_sigma"), t("adapter_vt"));
         // The mode's r×r core M (row-major) as the layer's W' = U·M·Vᵀ.
-        let mut core = vec![0f64; R * R];
+        let mut core = [0f64; R * R];
         for i in 0..R {
             core[i * R + i] = sigma[i];
         }

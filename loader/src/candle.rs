@@ -8,6 +8,9 @@
 //! - [`CersaLinear`] implements `candle_nn::Module` as y = ((x·V_r) ⊙ σ)·U_rᵀ + b, in
 //!   that order (W is never formed), in one of the [`Mode`]s; trainable parameters live
 //!   in a `candle_nn::VarMap`, so any candle optimizer (e.g. `AdamW`) trains them.
+//! - [`CersaLinear::dense_base`] builds a layer the checkpoint keeps dense from its W and
+//!   the basis a dense-base adapter carries (x·Wᵀ + x·V_r·ΔMᵀ·U_rᵀ; no SVD here, so the
+//!   basis comes from the trainer that computed it, e.g. `cersa_torch.load_hf`).
 //! - [`adapter_from_varmap`] / [`load_adapter_into`] save and restore the trained part
 //!   as an adapter file (see [`crate::adapter`]).
 
@@ -226,6 +229,9 @@ pub struct CersaLinear {
     /// `cersa`: the leading t×t block of the core C (variable, initialized to diag σ₁..t).
     core: Option<Tensor>,
     bias: Option<Tensor>,
+    /// A dense-base layer ([`CersaLinear::dense_base`]): Wᵀ [n, m] (frozen) and the σ_r
+    /// the core starts from; the layer adds x·V_r·ΔMᵀ·U_rᵀ to x·Wᵀ.
+    dense: Option<(Tensor, Tensor)>,
 }
 
 impl CersaLinear {
@@ -264,7 +270,95 @@ impl CersaLinear {
             lr: None,
             core: None,
             bias,
+            dense: None,
         };
+        layer.init_mode(u, s, vt, varmap, vb.device)?;
+        Ok(layer)
+    }
+
+    /// Builds the layer for `weight` stored dense in `vb`'s checkpoint and adapted by the
+    /// dense-base layer of `adapter` of that name (see [`crate::adapter`]): the frozen W
+    /// plus the mode's core in the basis the adapter carries (the loader computes no SVD).
+    /// The trainable parameters start at ΔM = 0; [`load_adapter_into`] sets the trained ones.
+    pub fn dense_base(
+        vb: &CersaVarBuilder<'_>,
+        weight: &str,
+        bias: Option<&str>,
+        adapter: &Adapter,
+        varmap: &VarMap,
+    ) -> Result<Self> {
+        let dtype = vb.dtype.unwrap_or(DType::F32);
+        let info = adapter
+            .layers
+            .get(weight)
+            .filter(|i| i.base == Base::Dense)
+            .ok_or_else(|| {
+                candle_core::Error::msg(format!("{weight}: not a dense-base layer of the adapter"))
+            })?;
+        let ([m, n], r) = (info.matrix_shape, info.rank);
+        let w = vb.dense(weight)?.to_dtype(dtype)?;
+        if w.elem_count() != m * n {
+            candle_core::bail!(
+                "{weight}: dense {:?}, the adapter's matrix is [{m}, {n}]",
+                w.dims()
+            );
+        }
+        let basis = |what: &str, shape: &[usize]| -> Result<Tensor> {
+            let t = var_name(weight, what);
+            let values = adapter
+                .tensors
+                .get(&t)
+                .ok_or_else(|| candle_core::Error::msg(format!("adapter has no tensor {t}")))?;
+            Tensor::from_slice(values, shape, vb.device)?.to_dtype(dtype)
+        };
+        let (u, s, vt) = (
+            basis("u", &[m, r])?,
+            basis("sigma", &[r])?,
+            basis("vt", &[r, n])?,
+        );
+        let bias = match bias {
+            Some(b) => Some(vb.dense(b)?.to_dtype(dtype)?.reshape(m)?),
+            None => None,
+        };
+        let mut layer = CersaLinear {
+            name: weight.to_string(),
+            mode: info.mode,
+            rank: r,
+            matrix_shape: [m, n],
+            v: None,
+            ut: None,
+            s: None,
+            ab: None,
+            lr: None,
+            core: None,
+            bias,
+            dense: Some((w.reshape((m, n))?.t()?.contiguous()?, s.clone())),
+        };
+        layer.init_mode(u, s, vt, varmap, vb.device)?;
+        Ok(layer)
+    }
+
+    /// The mode's frozen tensors and variables from U [m, r], σ [r], Vᵀ [r, n].
+    fn init_mode(
+        &mut self,
+        u: Tensor,
+        s: Tensor,
+        vt: Tensor,
+        varmap: &VarMap,
+        device: &Device,
+    ) -> Result<()> {
+        let (mode, r, weight) = (self.mode, self.rank, self.name.clone());
+        let weight = weight.as_str();
+        let dtype = u.dtype();
+        let layer = self;
+        if layer.dense.is_some()
+            && !matches!(mode, Mode::Scale | Mode::Core { .. } | Mode::Cersa { .. })
+        {
+            candle_core::bail!(
+                "{weight}: mode {} cannot adapt a dense base layer",
+                mode.name()
+            );
+        }
         if mode == Mode::Factors {
             let root = s.sqrt()?;
             let left = u.broadcast_mul(&root.reshape((1, r))?)?;
@@ -273,7 +367,7 @@ impl CersaLinear {
                 insert_var(varmap, var_name(weight, "left"), &left)?,
                 insert_var(varmap, var_name(weight, "right"), &right)?,
             ));
-            return Ok(layer);
+            return Ok(());
         }
         layer.v = Some(vt.t()?.contiguous()?);
         layer.ut = Some(u.t()?.contiguous()?);
@@ -298,14 +392,14 @@ impl CersaLinear {
             if k == 0 || k > r {
                 candle_core::bail!("{weight}: core k = {k} outside 1..={r}");
             }
-            let a = Tensor::from_vec(core_a_init(weight, r, k), (r, k), vb.device)?;
-            let b = Tensor::zeros((k, r), DType::F32, vb.device)?;
+            let a = Tensor::from_vec(core_a_init(weight, r, k), (r, k), device)?;
+            let b = Tensor::zeros((k, r), DType::F32, device)?;
             layer.ab = Some((
                 insert_var(varmap, var_name(weight, "a"), &a.to_dtype(dtype)?)?,
                 insert_var(varmap, var_name(weight, "b"), &b.to_dtype(dtype)?)?,
             ));
         }
-        Ok(layer)
+        Ok(())
     }
 
     /// The weight's source name.
@@ -324,14 +418,20 @@ impl CersaLinear {
             mode: self.mode,
             rank: self.rank,
             matrix_shape: self.matrix_shape,
-            base: Base::Factored,
+            base: match self.dense {
+                Some(_) => Base::Dense,
+                None => Base::Factored,
+            },
         }
     }
 
-    /// The frozen tensors (V_r, U_rᵀ, and σ except in `scale` mode): what training must
-    /// leave untouched.
+    /// The frozen tensors (V_r, U_rᵀ, σ except in `scale` mode, and a dense base's Wᵀ and
+    /// starting σ): what training must leave untouched.
     pub fn frozen_tensors(&self) -> Vec<Tensor> {
         let mut out: Vec<Tensor> = self.v.iter().chain(&self.ut).cloned().collect();
+        if let Some((wt, s0)) = &self.dense {
+            out.extend([wt.clone(), s0.clone()]);
+        }
         if !matches!(self.mode, Mode::Scale | Mode::Factors) {
             out.extend(self.s.iter().cloned());
         }
@@ -363,6 +463,9 @@ impl candle_nn::Module for CersaLinear {
                 _ => return Err(unexpected(&self.name)),
             };
             let t = x2.matmul(v)?; // x·V_r [rows, r]
+            if let Some((wt, s0)) = &self.dense {
+                return self.finish(self.dense_forward(&x2, &t, wt, s0, ut, s)?, lead, m);
+            }
             let mut z = t.broadcast_mul(s)?; // ⊙ σ
             if let Some((a, b)) = &self.ab {
                 z = (z + t.matmul(a)?.matmul(b)?)?; // + x·V_r·A·B
@@ -379,6 +482,42 @@ impl candle_nn::Module for CersaLinear {
             }
             z.matmul(ut)? // ·U_rᵀ [rows, m]
         };
+        self.finish(y, lead, m)
+    }
+}
+
+impl CersaLinear {
+    /// x·Wᵀ + x·V_r·ΔMᵀ·U_rᵀ of a dense-base layer, `t` = x·V_r.
+    fn dense_forward(
+        &self,
+        x2: &Tensor,
+        t: &Tensor,
+        wt: &Tensor,
+        s0: &Tensor,
+        ut: &Tensor,
+        s: &Tensor,
+    ) -> Result<Tensor> {
+        let y = x2.matmul(wt)?;
+        let delta = match (&self.ab, &self.core) {
+            (Some((a, b)), _) => t.matmul(a)?.matmul(b)?.matmul(ut)?,
+            (None, Some(c)) => {
+                // x·V_t·(C − diag σ_t)ᵀ·U_tᵀ: only the leading block changes.
+                let tb = c.dims()[0];
+                let lead = s0.narrow(0, 0, tb)?;
+                let diag = Tensor::eye(tb, lead.dtype(), lead.device())?
+                    .broadcast_mul(&lead.reshape((1, tb))?)?;
+                t.narrow(1, 0, tb)?
+                    .matmul(&(c - diag)?.t()?)?
+                    .matmul(&ut.narrow(0, 0, tb)?)?
+            }
+            // scale: x·V_r·diag(s − σ)·U_rᵀ
+            (None, None) => t.broadcast_mul(&(s - s0)?)?.matmul(ut)?,
+        };
+        y + delta
+    }
+
+    /// Adds the bias and restores the input's leading dimensions.
+    fn finish(&self, y: Tensor, lead: &[usize], m: usize) -> Result<Tensor> {
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -407,6 +546,20 @@ pub fn adapter_from_varmap(
     };
     for layer in layers.iter().filter(|l| l.mode != Mode::Frozen) {
         let info = layer.layer_info();
+        if let (Some((_, s0)), Some(v), Some(ut)) = (&layer.dense, &layer.v, &layer.ut) {
+            // A dense-base layer's basis, in the checkpoint's orientation.
+            let f32s = |t: &Tensor| -> Result<Vec<f32>> {
+                t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+            };
+            let name = &layer.name;
+            adapter
+                .tensors
+                .insert(var_name(name, "u"), f32s(&ut.t()?.contiguous()?)?);
+            adapter.tensors.insert(var_name(name, "sigma"), f32s(s0)?);
+            adapter
+                .tensors
+                .insert(var_name(name, "vt"), f32s(&v.t()?.contiguous()?)?);
+        }
         for (t, _) in info.mode.tensors(&layer.name, info.rank, info.matrix_shape) {
             let var = data
                 .get(&t)

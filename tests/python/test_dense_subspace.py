@@ -2,7 +2,8 @@
 the exact W frozen plus the mode's adaptation in W's own top-r subspace, computed at load.
 Checked against numpy float64: the basis and its rank (the converter's rule), a start that is
 the dense model bit for bit, adapters that round-trip with their basis, and `cersa merge` /
-`cersa export` folding W + U·(M − diag σ)·Vᵀ into the dense tensor."""
+`cersa export` folding W + U·(M − diag σ)·Vᵀ into the dense tensor, and candle giving the
+PyTorch layer's outputs for the same adapter."""
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ sys.path.insert(0, os.path.join(ROOT, "python"))
 import cersa_torch  # noqa: E402
 from cersa_torch.dense import DenseSubspaceLinear  # noqa: E402
 from helpers import perturb_trainable, stored_tensors  # noqa: E402
+from test_torch_adapter import candle_apply_bin  # noqa: E402,F401 (the fixture)
 
 MODES = ["core", "scale", "cersa"]
 
@@ -187,3 +189,37 @@ def test_factored_only_adapters_stay_version_1(bases, tmp_path):
     assert "base" not in layers["model.layers.0.self_attn.q_proj.weight"]
     with safe_open(str(adapter), framework="np") as f:
         assert f.metadata()["adapter_version"] == "1"
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("mode", MODES)
+def test_candle_and_torch_agree_on_dense_base_layers(family, mode, bases, candle_apply_bin,
+                                                      tmp_path):
+    """loader/examples/candle_apply.rs builds a dense-base layer from the checkpoint's W and
+    the adapter's basis (`CersaLinear::dense_base`) and gives the PyTorch layer's outputs."""
+    import subprocess
+
+    _, base = bases[family]
+    model = cersa_torch.load_hf(base, mode=mode, k=3, beta=0.5)
+    g = torch.Generator().manual_seed(6)
+    perturb_trainable(model, g)
+    adapter = tmp_path / "adapter.safetensors"
+    layers = cersa_torch.save_adapter(model, adapter)
+    by_name = dense_layers(model)
+    assert by_name
+    for name, layer in by_name.items():
+        m, n = layers[name]["matrix_shape"]
+        x = torch.randn(5, n, generator=g)
+        xp, yp = tmp_path / "x.f32", tmp_path / "y.f32"
+        x.numpy().astype("<f4").tofile(xp)
+        p = subprocess.run([candle_apply_bin, str(base), str(adapter), name, "5", str(xp),
+                            str(yp)], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        y_candle = np.fromfile(yp, dtype="<f4").reshape(5, m)
+        with torch.no_grad():
+            if layer.cersa_transposed:  # Conv1D: candle applies the [in, out] matrix as x·Wᵀ
+                want = (x.double() @ layer.adapted_weight()).numpy()
+            else:
+                y = layer(x)
+                want = (y if layer.bias is None else y - layer.bias).double().numpy()
+        assert np.abs(y_candle - want).max() <= 1e-5 * np.abs(want).max(), (name, mode)
