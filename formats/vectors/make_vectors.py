@@ -624,7 +624,7 @@ def invalid_cases():
 
     @case("format-minor-too-new", "unsupported-version", MANIFEST, make=quant_base)
     def _(m, sb):
-        m["format_minor"] = 3
+        m["format_minor"] = 4
 
     @case("whitening-bad-axis", "whitening-invalid", MANIFEST, W)
     def _(m, sb):

@@ -22,6 +22,16 @@ pub enum Precision {
     F64,
 }
 
+impl Precision {
+    /// Bytes per value.
+    pub fn size(self) -> usize {
+        match self {
+            Precision::F32 => 4,
+            Precision::F64 => 8,
+        }
+    }
+}
+
 /// A tensor's values decoded for decomposition, row-major.
 #[derive(Debug, Clone)]
 pub enum FloatData {
