@@ -4,12 +4,12 @@
 //! stored.
 
 use super::ConvertOptions;
-use crate::decompose::rank::{energy_at, frobenius2, saves};
+use crate::decompose::rank::{energy_at, saves};
 use crate::decompose::svd::{stored_residual_norm2, StoredFactors};
 use crate::decompose::{Decomposer, Factorization};
 use crate::error::{ConvertError, Result};
 use crate::input::{FloatData, Source};
-use crate::matrix::{read_matrix, Matrix};
+use crate::matrix::{read_expert, read_matrix, Matrix};
 use crate::rank_rules::{rule_for, ModuleRule, PLAN_RULE};
 use crate::select::MatrixView;
 use cersa_loader::dtype::{decode_f64, encode_f32, encode_f64};
@@ -136,28 +136,17 @@ fn process_experts(
                 .into(),
         });
     }
-    let Some(whole) = read_matrix(src, i)? else {
-        return Ok(Outcome::Dense(DenseReason::Zero));
-    };
-    let slice = m * n;
     let mut pieces = Vec::with_capacity(count);
     let (mut total, mut kept, mut residual) = (0f64, 0f64, 0f64);
     for e in 0..count {
-        let data = match &whole.data {
-            FloatData::F32(v) => FloatData::F32(v[e * slice..(e + 1) * slice].to_vec()),
-            FloatData::F64(v) => FloatData::F64(v[e * slice..(e + 1) * slice].to_vec()),
-        };
-        let norm2 = match &data {
-            FloatData::F32(v) => frobenius2(v),
-            FloatData::F64(v) => frobenius2(v),
-        };
-        total += norm2;
-        if norm2 == 0.0 {
+        // One expert in memory at a time (plus the factors of those before it).
+        let Some(matrix) = read_expert(src, i, e, count, m, n)? else {
             pieces.push(Piece::Dense(DenseReason::Zero));
             continue;
-        }
+        };
+        let norm2 = matrix.norm2;
+        total += norm2;
         let name = expert_name(&meta.name, e);
-        let matrix = Matrix { data, m, n, norm2 };
         let piece = factor(src, i, &name, None, matrix, opts, decomposer)?;
         match &piece {
             Piece::Dense(_) => kept += norm2,
@@ -168,7 +157,6 @@ fn process_experts(
         }
         pieces.push(piece);
     }
-    drop(whole);
     if !pieces.iter().any(|p| matches!(p, Piece::Factored(_))) {
         // Nothing to gain: the tensor stays dense as a whole, for the first reason that is
         // not `zero` (all zero experts: `zero`).

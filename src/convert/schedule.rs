@@ -96,16 +96,17 @@ fn estimates(job: &Job, plan: &[Result<(), cersa_loader::DenseReason>]) -> Vec<u
                 let view = job.selection.view(t);
                 let (m, n) = (view.m, view.n);
                 if let Some(count) = view.experts {
-                    // The whole tensor is read once, each expert copied out and factored
-                    // in turn; the factors of every expert are held until written.
-                    let whole = (count as u64)
+                    // One expert is read and factored at a time; the factors of every
+                    // expert are held until the tensor is written (each smaller than its
+                    // expert, or it stays dense).
+                    let held = (count as u64)
                         .saturating_mul(m as u64)
                         .saturating_mul(n as u64)
                         .saturating_mul(precision.size() as u64);
                     return job
                         .decomposer
                         .footprint(m, n, precision)
-                        .saturating_add(whole.saturating_mul(2));
+                        .saturating_add(held);
                 }
                 match &job.opts.calibration {
                     // Whitened: A = W·L in f64 is factored, beside W, G and L (d×d each).

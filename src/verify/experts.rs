@@ -6,7 +6,7 @@ use super::{
     expected_found, failure, interrupted, rel_error_tolerance, relative_error_f64, Check, Compared,
 };
 use crate::error::Result;
-use crate::input::{FloatData, Precision, Source};
+use crate::input::{Precision, Source};
 use cersa_loader::manifest::TensorInfo;
 use cersa_loader::{expert_name, Checkpoint, Dtype, TensorView, MANIFEST_FILE};
 use std::sync::atomic::AtomicBool;
@@ -82,16 +82,12 @@ pub(super) fn compare_experts(
         }
     }
     // Factored experts: rel_error recomputed per expert, and over the whole tensor.
-    let data = src.read_float(i)?;
     let precision = src.tensors()[i].float.unwrap_or(Precision::F32);
     let [m, n] = info.matrix_shape.unwrap_or([0, 0]);
     let (mut total, mut residual) = (0f64, 0f64);
     for (e, view) in views.iter().enumerate() {
         interrupted(cancel)?;
-        let part = match &data {
-            FloatData::F32(v) => FloatData::F32(v[e * m * n..(e + 1) * m * n].to_vec()),
-            FloatData::F64(v) => FloatData::F64(v[e * m * n..(e + 1) * m * n].to_vec()),
-        };
+        let part = src.read_float_part(i, e, count)?;
         let norm2: f64 = part.to_f64().iter().map(|x| x * x).sum();
         total += norm2;
         let TensorView::Factored(f) = view else {
