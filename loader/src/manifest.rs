@@ -333,6 +333,12 @@ impl TensorInfo {
         }
     }
 
+    /// Whether some of its values are stored as factors (a factored entry, or an experts
+    /// entry: it always has a factored expert), so reading it recomposes them.
+    pub fn has_factors(&self) -> bool {
+        self.kind != TensorKind::Dense
+    }
+
     /// Number of experts of a stacked experts tensor (0 for other kinds).
     pub fn expert_count(&self) -> usize {
         self.experts.as_ref().map_or(0, Vec::len)

@@ -277,7 +277,7 @@ pub fn export_safetensors(
     let adapter = read_adapter(opts.adapter.as_deref(), &ckpt)?;
     let mut planned = Vec::new();
     for (name, info) in &ckpt.manifest().tensors {
-        let factored = info.rank.is_some();
+        let factored = info.has_factors();
         let stored = info.stored_dtype;
         let dtype = output_dtype(opts.dtype, &info.source_dtype, stored, factored);
         let numel = info.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
@@ -398,7 +398,7 @@ fn write_all(job: &Job, tmp: &Path) -> Result<ExportReport> {
         recomposed: manifest
             .tensors
             .values()
-            .filter(|t| t.rank.is_some())
+            .filter(|t| t.has_factors())
             .count(),
         adapted,
         tensor_bytes,
