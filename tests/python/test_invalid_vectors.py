@@ -347,22 +347,6 @@ def check_against_rust(cersa_bin, d, want):
     return rust
 
 
-@pytest.mark.parametrize("case", sorted(MUTATIONS))
-def test_readers_match_rust_on_mutations(case, cersa_bin, tmp_path):
-    mutate, want = MUTATIONS[case]
-    d = str(tmp_path / case)
-    shutil.copytree(os.path.join(VECTORS, "valid", "basic"), d)
-    mutate(d)
-    check_against_rust(cersa_bin, d, want)
-    for which in OPENERS:
-        if want is None:
-            opener(which)(d)
-            continue
-        with pytest.raises(cersa_torch.CersaFormatError) as err:
-            opener(which)(d)
-        assert_refused(err.value, d, *want)
-
-
 XN = "blk.0.ffn_up_exps.weight"  # valid/experts: expert 0 F16 factors, 1 dense, 2 Q8_0
 
 
@@ -404,19 +388,21 @@ EXPERT_MUTATIONS = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(EXPERT_MUTATIONS))
-def test_readers_match_rust_on_expert_mutations(case, cersa_bin, tmp_path):
-    """Stacked experts entries (revision 1.3): each record is checked as an entry of its own
-    named NAME.cersa_expert.e; both readers stop where the Rust validator does."""
-    mutate, want = EXPERT_MUTATIONS[case]
+@pytest.mark.parametrize("vector,case", [("basic", c) for c in sorted(MUTATIONS)]
+                         + [("experts", c) for c in sorted(EXPERT_MUTATIONS)])
+def test_readers_match_rust_on_mutations(vector, case, cersa_bin, tmp_path):
+    """Both readers stop where the Rust validator does. Stacked experts (revision 1.3):
+    each record is checked as an entry of its own named NAME.cersa_expert.e."""
+    mutate, want = (MUTATIONS if vector == "basic" else EXPERT_MUTATIONS)[case]
     d = str(tmp_path / case)
-    shutil.copytree(os.path.join(VECTORS, "valid", "experts"), d)
+    shutil.copytree(os.path.join(VECTORS, "valid", vector), d)
     mutate(d)
     check_against_rust(cersa_bin, d, want)
     for which in OPENERS:
         if want is None:
             ckpt = opener(which)(d)
-            assert np.asarray(ckpt.experts(XN)).shape == (3, 6, 5, 8)
+            if vector == "experts":
+                assert np.asarray(ckpt.experts(XN)).shape == (3, 6, 5, 8)
             continue
         with pytest.raises(cersa_torch.CersaFormatError) as err:
             opener(which)(d)
