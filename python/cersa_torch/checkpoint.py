@@ -149,16 +149,18 @@ class TorchCheckpoint(ManifestEntries):
                            ) -> torch.Tensor:
         """Expert ``e`` of stacked experts tensor ``name`` as its [d1, d2·…] matrix, read
         from its own stored tensors only (the other experts' are not touched): U·diag σ·Vᵀ
-        formed in float32 when factored (quantized factors dequantized first), then cast to
-        ``dtype`` (default: the checkpoint's, else float32)."""
+        formed in float32 (float64 when that is asked for) when factored (quantized factors
+        dequantized first), then cast to ``dtype`` (default: the checkpoint's, else float32)."""
         key = self.expert_name(name, e)
         m = self.info(name)["shape"][1]
+        dtype = dtype or self.dtype or torch.float32
+        work = torch.float64 if dtype == torch.float64 else torch.float32
         if self.is_factored(key):
-            u, s, vt = self.factors(key, torch.float32)
+            u, s, vt = self.factors(key, work)
             w = (u * s) @ vt
         else:
-            w = self.dense(key, torch.float32).reshape(m, -1)
-        return w.to(dtype or self.dtype or torch.float32)
+            w = self.dense(key, work).reshape(m, -1)
+        return w.to(dtype)
 
     def experts(self, name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """Stacked experts tensor ``name`` in its manifest shape [E, d1, d2, …], every expert

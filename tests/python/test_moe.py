@@ -242,3 +242,19 @@ def test_torch_reader_reads_only_the_experts_tensors(moe):
         base = f"{name}.cersa_expert.{e}"
         want = [base] if e == FLAT else [base + s for s in (".cersa_u", ".cersa_vt", ".cersa_s")]
         assert sorted(read) == sorted(want), (e, read)
+
+
+def test_readers_match_the_experts_vector():
+    """formats/vectors/valid/experts (written by make_vectors.py with numpy only): the
+    stacked tensor of both readers equals expected.json (torch in float64: to rounding)."""
+    d = os.path.join(ROOT, "formats", "vectors", "valid", "experts")
+    name = "blk.0.ffn_up_exps.weight"
+    want = json.load(open(os.path.join(d, "expected.json")))["tensors"][name]
+    values = np.array(want["values"])
+    import torch
+
+    got64 = cersa_torch.open_checkpoint(d).experts(name, torch.float64).numpy()
+    assert list(got64.shape) == want["shape"]
+    np.testing.assert_allclose(got64.reshape(-1), values, rtol=0, atol=1e-12)
+    got32 = cersa_torch.load_cersa(d).experts(name)
+    np.testing.assert_allclose(got32.reshape(-1), values, rtol=0, atol=1e-5)
