@@ -14,7 +14,7 @@ use crate::convert::{add_totals, commit, prepare_output, Progress};
 use crate::error::{ConvertError, Result};
 use cersa_loader::manifest::Totals;
 use cersa_loader::writer::PlannedEntry;
-use cersa_loader::{factor_names, Checkpoint, CheckpointWriter, Manifest, TensorView};
+use cersa_loader::{Checkpoint, CheckpointWriter, Manifest};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -220,9 +220,13 @@ fn write_whole(
     let list = &parts[0].record.tensors;
     let mut writer = CheckpointWriter::new(tmp, template.config.max_shard_size).with_plan(
         list.iter()
-            .map(|t| PlannedEntry {
-                name: t.name.clone(),
-                ndims: parts[t.part].ckpt.manifest().tensors[&t.name].shape.len(),
+            .map(|t| {
+                let info = &parts[t.part].ckpt.manifest().tensors[&t.name];
+                PlannedEntry {
+                    name: t.name.clone(),
+                    ndims: info.shape.len(),
+                    experts: info.expert_count(),
+                }
             })
             .collect(),
     );
@@ -234,26 +238,20 @@ fn write_whole(
         }
         let ckpt = &parts[t.part].ckpt;
         let mut info = ckpt.manifest().tensors[&t.name].clone();
-        match ckpt.get(&t.name)? {
-            TensorView::Dense(raw) => {
-                writer.begin_group(&t.name, raw.bytes.len() as u64)?;
-                writer.begin_tensor(&t.name, raw.dtype, raw.shape)?;
-                for chunk in raw.bytes.chunks(COPY_CHUNK) {
-                    if cancel.load(Ordering::Relaxed) {
-                        return Err(ConvertError::Interrupted);
-                    }
-                    writer.write(chunk)?;
+        let stored = ckpt.stored_tensors(&t.name)?;
+        writer.begin_group(
+            &t.name,
+            stored.iter().map(|(_, r)| r.bytes.len() as u64).sum(),
+        )?;
+        for (name, raw) in stored {
+            writer.begin_tensor(&name, raw.dtype, raw.shape)?;
+            for chunk in raw.bytes.chunks(COPY_CHUNK) {
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(ConvertError::Interrupted);
                 }
-                writer.end_tensor()?;
+                writer.write(chunk)?;
             }
-            TensorView::Factored(f) => {
-                let bytes = (f.u.bytes.len() + f.s.bytes.len() + f.vt.bytes.len()) as u64;
-                writer.begin_group(&t.name, bytes)?;
-                let (un, sn, vn) = factor_names(&t.name);
-                for (name, raw) in [(un, f.u), (sn, f.s), (vn, f.vt)] {
-                    writer.write_tensor(&name, raw.dtype, raw.shape, raw.bytes)?;
-                }
-            }
+            writer.end_tensor()?;
         }
         // The shard the tensor lands in is the writer's to fill, as in a single run.
         info.shard = String::new();

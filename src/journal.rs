@@ -254,6 +254,7 @@ mod tests {
                             reason: Some(cersa_loader::DenseReason::NotAMatrix),
                             rule: None,
                             whitening: None,
+                            experts: None,
                         },
                     )
                 })

@@ -25,18 +25,47 @@ pub struct Matrix {
 /// tensor, how many there are and the first one.
 pub fn read_matrix(src: &dyn Source, i: usize) -> Result<Option<Matrix>> {
     let meta = &src.tensors()[i];
-    let data = src.read_float(i)?;
+    let m = meta.shape[0];
+    let n: usize = meta.shape[1..].iter().product();
+    read_part(src, i, 0, 1, m, n)
+}
+
+/// Expert `e` of stacked experts tensor `i` (`[E, m, …]`) as its `[m, n]` matrix, read
+/// without the other experts where the format allows. `Ok(None)` when it is all zeros; a
+/// non-finite value is an error naming the tensor and its index in the whole tensor.
+pub fn read_expert(
+    src: &dyn Source,
+    i: usize,
+    e: usize,
+    experts: usize,
+    m: usize,
+    n: usize,
+) -> Result<Option<Matrix>> {
+    read_part(src, i, e, experts, m, n)
+}
+
+fn read_part(
+    src: &dyn Source,
+    i: usize,
+    part: usize,
+    parts: usize,
+    m: usize,
+    n: usize,
+) -> Result<Option<Matrix>> {
+    let meta = &src.tensors()[i];
+    let data = match parts {
+        1 => src.read_float(i)?,
+        _ => src.read_float_part(i, part, parts)?,
+    };
     if let Some((count, first, index)) = data.non_finite() {
         return Err(ConvertError::NonFinite {
             path: src.file_path(meta.file).to_path_buf(),
             tensor: meta.name.clone(),
             count,
             first,
-            index,
+            index: part * m * n + index,
         });
     }
-    let m = meta.shape[0];
-    let n: usize = meta.shape[1..].iter().product();
     let norm2 = match &data {
         FloatData::F32(v) => frobenius2(v),
         FloatData::F64(v) => frobenius2(v),

@@ -379,6 +379,14 @@ fn write_merged(job: &MergeJob, tmp: &Path) -> Result<(Manifest, Vec<MergedLayer
                 writer.begin_group(name, t.bytes.len() as u64)?;
                 writer.write_tensor(name, t.dtype, t.shape, t.bytes)?;
             }
+            // Stacked experts are never adapted: copied as they are.
+            (TensorView::Experts(_), _) => {
+                let stored = ckpt.stored_tensors(name)?;
+                writer.begin_group(name, stored.iter().map(|(_, t)| t.bytes.len() as u64).sum())?;
+                for (stored, t) in stored {
+                    writer.write_tensor(&stored, t.dtype, t.shape, t.bytes)?;
+                }
+            }
             (TensorView::Factored(f), false) => {
                 let total = (f.u.bytes.len() + f.s.bytes.len() + f.vt.bytes.len()) as u64;
                 writer.begin_group(name, total)?;

@@ -97,8 +97,17 @@ impl Stored {
         }
     }
 
-    /// What the manifest entry `info` stores.
+    /// What the manifest entry `info` stores (an experts tensor: the sum of its experts).
     pub fn of(info: &TensorInfo) -> Stored {
+        if info.kind == TensorKind::Experts {
+            return (0..info.expert_count())
+                .filter_map(|e| info.expert(e))
+                .map(|x| Stored::of(&x))
+                .fold(Stored::default(), |a, b| Stored {
+                    params: a.params + b.params,
+                    bytes: a.bytes + b.bytes,
+                });
+        }
         match (info.kind, info.matrix_shape, info.rank) {
             (TensorKind::Factored, Some([m, n]), Some(r)) => {
                 Stored::factored(m, n, r, FactorEncoding::of(info))

@@ -12,6 +12,9 @@ valid/<case>/    a checkpoint + expected.json: for every tensor its kind, shape 
                  quant-q8_0, quant-q5_0, quant-q4_0 hold quantized factors (spec §2
                  "Quantized factors", format_minor 1), written by the numpy quantizers
                  below; their expected values come from the dequantized rows.
+                 experts holds a stacked experts entry (spec §2 "Stacked experts",
+                 format_minor 3): one expert factored in F16, one dense, one factored in
+                 Q8_0; its expected values are the whole reconstructed [E, d1, …] tensor.
 invalid/<case>/  a broken checkpoint + expected_issues.json:
                  {"validate": [kinds], "open": {"kind", "file", "tensor"} or null}
                  `validate` lists the `IssueKind` names (kebab-case, as serialized) that
@@ -182,17 +185,9 @@ class Ckpt:
         """A factored F32 source matrix with Q8_0/Q5_0/Q4_0 factors, rows = singular vectors."""
         w = np.asarray(w, dtype=np.float64)
         m, n = w.shape
-        u, s, vt = self.svd(w)
-        ub, uv = quantize_rows(quant, u[:, :rank].T)
-        sb, sv = encode("F32", s[:rank])
-        vb, vv = quantize_rows(quant, vt[:rank, :])
-        lst = self.shards.setdefault(shard, [])
-        lst.append((name + ".cersa_u", "U8", list(ub.shape), ub.tobytes()))
-        lst.append((name + ".cersa_s", "F32", [rank], sb))
-        lst.append((name + ".cersa_vt", "U8", list(vb.shape), vb.tobytes()))
-        rec = uv.T @ np.diag(sv) @ vv
-        energy = float((s[:rank] ** 2).sum() / (w ** 2).sum())
-        rel = float(np.linalg.norm(w - rec) / np.linalg.norm(w))
+        parts, rec, energy, rel = self.factor_parts(w, rank, None, quant)
+        self.shards.setdefault(shard, []).extend((name + sfx, d, shp, raw)
+                                                 for sfx, d, shp, raw in parts)
         self.tensors[name] = {
             "kind": "factored", "shape": [m, n], "source_dtype": "F32", "stored_dtype": "U8",
             "quant": quant, "shard": shard, "matrix_shape": [m, n], "rank": rank,
@@ -205,17 +200,9 @@ class Ckpt:
     def add_factored(self, name, shard, w, rank, dtype, shape=None):
         w = np.asarray(w, dtype=np.float64)
         m, n = w.shape
-        u, s, vt = self.svd(w)
-        ub, uv = encode(dtype, u[:, :rank])
-        sb, sv = encode("F32", s[:rank])
-        vb, vv = encode(dtype, vt[:rank, :])
-        lst = self.shards.setdefault(shard, [])
-        lst.append((name + ".cersa_u", dtype, [m, rank], ub))
-        lst.append((name + ".cersa_s", "F32", [rank], sb))
-        lst.append((name + ".cersa_vt", dtype, [rank, n], vb))
-        rec = uv.reshape(m, rank) @ np.diag(sv) @ vv.reshape(rank, n)
-        energy = float((s[:rank] ** 2).sum() / (w ** 2).sum())
-        rel = float(np.linalg.norm(w - rec) / np.linalg.norm(w))
+        parts, rec, energy, rel = self.factor_parts(w, rank, dtype)
+        self.shards.setdefault(shard, []).extend((name + sfx, d, shp, raw)
+                                                 for sfx, d, shp, raw in parts)
         shape = list(shape or [m, n])
         self.tensors[name] = {
             "kind": "factored", "shape": shape, "source_dtype": dtype, "stored_dtype": dtype,
@@ -223,6 +210,67 @@ class Ckpt:
             "rel_error": rel,
         }
         self.expected[name] = ("factored", shape, rec.reshape(-1))
+
+    def factor_parts(self, w, rank, dtype, quant=None):
+        """One matrix's stored factors (suffix, dtype, shape, raw), its reconstruction from
+        them as stored (f64), its energy and rel_error; `quant` makes U8 rows (§2)."""
+        m, n = w.shape
+        u, s, vt = self.svd(w)
+        sb, sv = encode("F32", s[:rank])
+        if quant is None:
+            ub, uv = encode(dtype, u[:, :rank])
+            vb, vv = encode(dtype, vt[:rank, :])
+            parts = [(".cersa_u", dtype, [m, rank], ub), (".cersa_vt", dtype, [rank, n], vb)]
+            rec = uv.reshape(m, rank) @ np.diag(sv) @ vv.reshape(rank, n)
+        else:
+            ub, uv = quantize_rows(quant, u[:, :rank].T)
+            vb, vv = quantize_rows(quant, vt[:rank, :])
+            parts = [(".cersa_u", "U8", list(ub.shape), ub.tobytes()),
+                     (".cersa_vt", "U8", list(vb.shape), vb.tobytes())]
+            rec = uv.T @ np.diag(sv) @ vv
+        parts.insert(1, (".cersa_s", "F32", [rank], sb))
+        energy = float((s[:rank] ** 2).sum() / (w ** 2).sum())
+        rel = float(np.linalg.norm(w - rec) / np.linalg.norm(w))
+        return parts, rec, energy, rel
+
+    def add_experts(self, name, shard, ws, how, dtype="F32"):
+        """A stacked experts entry (§2 "Stacked experts", revision 1.3) of the source
+        tensor `ws` [E, d1, d2, …]: expert e stored as `how[e]`, one of ("factored", dtype,
+        rank), ("quant", quant, rank) or ("dense", reason); the dense copy is in `dtype`."""
+        ws = np.asarray(ws, dtype=np.float64)
+        shape = list(ws.shape)
+        m, n = shape[1], int(np.prod(shape[2:]))
+        lst = self.shards.setdefault(shard, [])
+        records, recs, num = [], [], 0.0
+        for e, h in enumerate(how):
+            base = f"{name}.cersa_expert.{e}"
+            w = ws[e].reshape(m, n)
+            if h[0] == "dense":
+                raw, vals = encode(dtype, w.reshape(-1))
+                lst.append((base, dtype, shape[1:], raw))
+                records.append({"kind": "dense", "stored_dtype": dtype, "reason": h[1]})
+                recs.append(vals.reshape(m, n))
+                num += (w ** 2).sum()
+                continue
+            quant = h[1] if h[0] == "quant" else None
+            parts, rec, energy, rel = self.factor_parts(w, h[2], h[1], quant)
+            lst.extend((base + suffix, d, shp, raw) for suffix, d, shp, raw in parts)
+            record = {"kind": "factored", "stored_dtype": "U8" if quant else h[1]}
+            if quant:
+                record["quant"] = quant
+            records.append({**record, "rank": h[2], "energy": energy, "rel_error": rel})
+            recs.append(rec)
+            num += energy * (w ** 2).sum()
+        rec = np.stack(recs)
+        self.tensors[name] = {
+            "kind": "experts", "shape": shape, "source_dtype": dtype, "stored_dtype": dtype,
+            "shard": shard, "matrix_shape": [m, n], "energy": float(num / (ws ** 2).sum()),
+            "rel_error": float(np.linalg.norm(ws.reshape(-1) - rec.reshape(-1))
+                               / np.linalg.norm(ws)),
+            "experts": records,
+        }
+        self.expected[name] = ("experts", shape, rec.reshape(-1))
+        self.format_minor = 3
 
     def add_dense(self, name, shard, x, dtype, reason="not-a-matrix", shape=None):
         x = np.asarray(x, dtype=np.float64)
@@ -274,6 +322,20 @@ def quant_base(quant="Q8_0"):
     c = Ckpt()
     c.add_quantized("layer.weight", SHARD1, rng(11).standard_normal((40, 70)), 3, quant)
     c.add_dense("layer.bias", SHARD1, rng(12).standard_normal(40), "F32")
+    return c
+
+
+EXPERTS = "moe.experts"
+
+
+def experts_base():
+    """The checkpoint the experts invalid cases break: a stacked [3, 4, 6] tensor whose
+    expert 0 is factored (F32, rank 2), expert 1 dense, expert 2 factored in Q8_0 (rank 1),
+    and a bias."""
+    c = Ckpt()
+    c.add_experts(EXPERTS, SHARD1, rng(50).standard_normal((3, 4, 6)),
+                  [("factored", "F32", 2), ("dense", "no-saving"), ("quant", "Q8_0", 1)])
+    c.add_dense("layer.bias", SHARD1, rng(51).standard_normal(3), "F32")
     return c
 
 
@@ -329,6 +391,19 @@ def valid_cases():
         c.add_quantized("small.weight", SHARD1, rng(30 + i).standard_normal((20, 45)), 2, quant)
         c.add_dense("big.bias", SHARD1, rng(40 + i).standard_normal(40), "F32")
         cases["quant-" + quant.lower()] = c
+
+    # Stacked experts (§2, revision 1.3): a 4-D [E, d1, d2, d3] tensor (matrix view
+    # [d1, d2·d3]) whose experts are stored three ways, next to ordinary entries. Expert 0
+    # is rank 1 plus a little noise, so its rank-2 factors are a close fit.
+    c = Ckpt()
+    ws = rng(60).standard_normal((3, 6, 5, 8))
+    ws[0] = 3 * np.outer(rng(61).standard_normal(6), rng(62).standard_normal(40)).reshape(
+        6, 5, 8) + 0.1 * ws[0]
+    c.add_experts("blk.0.ffn_up_exps.weight", SHARD1, ws,
+                  [("factored", "F16", 2), ("dense", "no-saving"), ("quant", "Q8_0", 3)])
+    c.add_factored("blk.0.attn_q.weight", SHARD1, rng(63).standard_normal((6, 5)), 2, "F32")
+    c.add_dense("blk.0.attn_norm.weight", SHARD1, rng(64).standard_normal(6), "F32")
+    cases["experts"] = c
 
     for name, c in cases.items():
         sb = c.shard_bytes()
@@ -624,12 +699,56 @@ def invalid_cases():
 
     @case("format-minor-too-new", "unsupported-version", MANIFEST, make=quant_base)
     def _(m, sb):
-        m["format_minor"] = 3
+        m["format_minor"] = 4
 
     @case("whitening-bad-axis", "whitening-invalid", MANIFEST, W)
     def _(m, sb):
         m["format_minor"] = 2
         m["tensors"][W]["whitening"] = {"input_axis": 2, "output_rel_error": 0.25}
+
+    # Stacked experts (§2, revision 1.3): rules of the entry are `experts-invalid` (the
+    # entry's stored tensors are then claimed, not stray); an expert's own rules and stored
+    # tensors are reported under its name NAME.cersa_expert.e.
+    X = EXPERTS
+
+    @case("experts-count-mismatch", "experts-invalid", MANIFEST, X,
+          more=["stray-tensor"] * 3, make=experts_base)
+    def _(m, sb):
+        # Two records for a first dimension of 3: expert 2's factors claimed by none.
+        m["tensors"][X]["experts"].pop()
+
+    @case("experts-matrix-shape", "experts-invalid", MANIFEST, X, make=experts_base)
+    def _(m, sb):
+        m["tensors"][X]["matrix_shape"] = [4, 18]  # the [E, m·n] view, not one expert's
+
+    @case("experts-nested-kind", "experts-invalid", MANIFEST, X, make=experts_base)
+    def _(m, sb):
+        m["tensors"][X]["experts"][1]["kind"] = "experts"
+
+    @case("experts-shape-2d", "experts-invalid", MANIFEST, X, make=experts_base)
+    def _(m, sb):
+        m["tensors"][X]["shape"] = [3, 24]
+
+    @case("experts-list-on-dense", "experts-invalid", MANIFEST, "layer.bias",
+          make=experts_base)
+    def _(m, sb):
+        m["tensors"]["layer.bias"]["experts"] = [{"kind": "dense", "stored_dtype": "F32"}]
+
+    @case("experts-expert-rank-zero", "rank-out-of-range", MANIFEST, X + ".cersa_expert.0",
+          make=experts_base)
+    def _(m, sb):
+        m["tensors"][X]["experts"][0]["rank"] = 0
+
+    @case("experts-missing-expert-tensor", "tensor-missing", SHARD1, X + ".cersa_expert.1",
+          make=experts_base)
+    def _(m, sb):
+        c = experts_base()
+        sb[SHARD1] = safetensors([t for t in c.shards[SHARD1] if t[0] != X + ".cersa_expert.1"])
+
+    @case("experts-quant-factor-shape", "shape-mismatch", SHARD1,
+          X + ".cersa_expert.2.cersa_u", more=["shape-mismatch"], make=experts_base)
+    def _(m, sb):
+        m["tensors"][X]["experts"][2]["quant"] = "Q4_0"  # rows of 18 bytes, stored 34
 
     for name, fn, expected, rehash_after, make in cases:
         c = make()

@@ -110,61 +110,105 @@ impl<'a> CersaVarBuilder<'a> {
         match self.ckpt.get(name).map_err(wrap)? {
             TensorView::Dense(t) => self.load(name, t),
             TensorView::Factored(_) => candle_core::bail!("{name} is factored; use factors()"),
+            TensorView::Experts(_) => candle_core::bail!("{name} holds experts; use expert()"),
         }
     }
 
     /// The factors of a factored tensor.
     pub fn factors(&self, name: &str) -> Result<CandleFactors> {
         match self.ckpt.get(name).map_err(wrap)? {
-            TensorView::Factored(f) if f.encoding.quant().is_some() => {
-                // Quantized factors are dequantized at load into the compute dtype (f32
-                // unless the builder says otherwise).
-                let [m, n] = f.matrix_shape;
-                let (u, _, vt) = f.values().map_err(|what| {
-                    candle_core::Error::msg(format!("{name}: {what} cannot be dequantized"))
-                })?;
-                let to = |v: Vec<f32>, shape: &[usize]| -> Result<Tensor> {
-                    let t = Tensor::from_vec(v, shape, self.device)?;
-                    match self.dtype {
-                        Some(d) if d != DType::F32 => t.to_dtype(d),
-                        _ => Ok(t),
-                    }
-                };
-                Ok(CandleFactors {
-                    u: to(u, &[m, f.rank])?,
-                    s: self.load(name, f.s)?,
-                    vt: to(vt, &[f.rank, n])?,
-                })
-            }
-            TensorView::Factored(f) => Ok(CandleFactors {
-                u: self.load(name, f.u)?,
-                s: self.load(name, f.s)?,
-                vt: self.load(name, f.vt)?,
-            }),
+            TensorView::Factored(f) => self.load_factors(name, &f),
             TensorView::Dense(_) => candle_core::bail!("{name} is stored dense; use dense()"),
+            TensorView::Experts(_) => candle_core::bail!("{name} holds experts; use expert()"),
         }
     }
 
-    /// Every stored tensor by its stored name (`NAME`, or `NAME.cersa_u/_s/_vt`), factors in
-    /// the plain layout (`[m, r]`, `[r]`, `[r, n]`; quantized factors dequantized).
+    /// Expert `e` of stacked experts tensor `name` (format revision 1.3), read without the
+    /// other experts: its dense `[d1, d2, …]` tensor or its factors.
+    pub fn expert(&self, name: &str, e: usize) -> Result<CandleExpert> {
+        let stored = crate::manifest::expert_name(name, e);
+        match self.ckpt.expert(name, e).map_err(wrap)? {
+            TensorView::Dense(t) => Ok(CandleExpert::Dense(self.load(&stored, t)?)),
+            TensorView::Factored(f) => Ok(CandleExpert::Factored(self.load_factors(&stored, &f)?)),
+            TensorView::Experts(_) => candle_core::bail!("{stored}: experts do not nest"),
+        }
+    }
+
+    fn load_factors(
+        &self,
+        name: &str,
+        f: &crate::checkpoint::Factors<'_>,
+    ) -> Result<CandleFactors> {
+        if f.encoding.quant().is_none() {
+            return Ok(CandleFactors {
+                u: self.load(name, f.u)?,
+                s: self.load(name, f.s)?,
+                vt: self.load(name, f.vt)?,
+            });
+        }
+        // Quantized factors are dequantized at load into the compute dtype (f32 unless the
+        // builder says otherwise).
+        let [m, n] = f.matrix_shape;
+        let (u, _, vt) = f.values().map_err(|what| {
+            candle_core::Error::msg(format!("{name}: {what} cannot be dequantized"))
+        })?;
+        let to = |v: Vec<f32>, shape: &[usize]| -> Result<Tensor> {
+            let t = Tensor::from_vec(v, shape, self.device)?;
+            match self.dtype {
+                Some(d) if d != DType::F32 => t.to_dtype(d),
+                _ => Ok(t),
+            }
+        };
+        Ok(CandleFactors {
+            u: to(u, &[m, f.rank])?,
+            s: self.load(name, f.s)?,
+            vt: to(vt, &[f.rank, n])?,
+        })
+    }
+
+    /// Every stored tensor by its stored name (`NAME`, `NAME.cersa_u/_s/_vt`, and each
+    /// expert's `NAME.cersa_expert.e[.cersa_u/_s/_vt]`), factors in the plain layout
+    /// (`[m, r]`, `[r]`, `[r, n]`; quantized factors dequantized).
     pub fn all(&self) -> Result<BTreeMap<String, Tensor>> {
         let mut out = BTreeMap::new();
+        let mut insert_factors = |stored: &str, f: CandleFactors| {
+            let (u, s, vt) = crate::factor_names(stored);
+            out.insert(u, f.u);
+            out.insert(s, f.s);
+            out.insert(vt, f.vt);
+        };
+        let mut dense = BTreeMap::new();
         for name in self.ckpt.names() {
             match self.ckpt.get(name).map_err(wrap)? {
                 TensorView::Dense(t) => {
-                    out.insert(name.to_string(), self.load(name, t)?);
+                    dense.insert(name.to_string(), self.load(name, t)?);
                 }
-                TensorView::Factored(_) => {
-                    let f = self.factors(name)?;
-                    let (u, s, vt) = crate::factor_names(name);
-                    out.insert(u, f.u);
-                    out.insert(s, f.s);
-                    out.insert(vt, f.vt);
+                TensorView::Factored(_) => insert_factors(name, self.factors(name)?),
+                TensorView::Experts(count) => {
+                    for e in 0..count {
+                        let stored = crate::manifest::expert_name(name, e);
+                        match self.expert(name, e)? {
+                            CandleExpert::Dense(t) => {
+                                dense.insert(stored, t);
+                            }
+                            CandleExpert::Factored(f) => insert_factors(&stored, f),
+                        }
+                    }
                 }
             }
         }
+        out.extend(dense);
         Ok(out)
     }
+}
+
+/// One expert of a stacked experts tensor, as [`CersaVarBuilder::expert`] loads it.
+#[derive(Debug, Clone)]
+pub enum CandleExpert {
+    /// Stored dense: the `[d1, d2, …]` slice.
+    Dense(Tensor),
+    /// Stored as factors.
+    Factored(CandleFactors),
 }
 
 /// Deterministic N(0, 1/r) start for the core's A (B starts at zero, so ΔM = 0): a

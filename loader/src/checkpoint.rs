@@ -127,6 +127,9 @@ pub enum TensorView<'a> {
     Dense(RawTensor<'a>),
     /// Stored as factors.
     Factored(Factors<'a>),
+    /// A stacked mixture-of-experts tensor with this many experts, each stored on its own
+    /// (read one with [`Checkpoint::expert`]).
+    Experts(usize),
 }
 
 /// A row-major f32 matrix.
@@ -243,7 +246,32 @@ impl Checkpoint {
             .tensors
             .get(name)
             .ok_or_else(|| Error::UnknownTensor(name.to_string()))?;
+        self.view(name, info)
+    }
+
+    /// The stored form of expert `e` of stacked experts tensor `name` (its `[d1, d2, …]`
+    /// slice, dense or factored), read without touching the other experts.
+    pub fn expert(&self, name: &str, e: usize) -> Result<TensorView<'_>> {
+        let info = self
+            .manifest
+            .tensors
+            .get(name)
+            .ok_or_else(|| Error::UnknownTensor(name.to_string()))?;
+        let count = info.expert_count();
+        let expert = info.expert(e).ok_or_else(|| Error::Usage {
+            tensor: name.to_string(),
+            reason: match info.kind {
+                TensorKind::Experts => format!("expert {e} out of range (it has {count})"),
+                _ => "not a stacked experts tensor".into(),
+            },
+        })?;
+        self.view(&crate::manifest::expert_name(name, e), &expert)
+    }
+
+    /// The stored form of entry `info` whose stored tensors are named after `name`.
+    fn view(&self, name: &str, info: &crate::manifest::TensorInfo) -> Result<TensorView<'_>> {
         match info.kind {
+            TensorKind::Experts => Ok(TensorView::Experts(info.expert_count())),
             TensorKind::Dense => Ok(TensorView::Dense(self.raw(name)?)),
             TensorKind::Factored => {
                 let (m, n, r) = validate::factored_dims(name, info).map_err(|issues| {
@@ -263,10 +291,56 @@ impl Checkpoint {
         }
     }
 
-    /// The matrix W (factored: U·diag(s)·Vᵀ; dense: the tensor viewed as
-    /// `[shape[0], rest]`) as f32.
-    pub fn reconstruct(&self, name: &str) -> Result<Matrix> {
+    /// Every stored tensor of entry `name` (dense: itself; factored: `cersa_u`, `cersa_s`,
+    /// `cersa_vt`; experts: each expert's in turn), with its stored name, in the order a
+    /// writer stores them.
+    pub fn stored_tensors<'a>(&'a self, name: &str) -> Result<Vec<(String, RawTensor<'a>)>> {
+        let mut out: Vec<(String, RawTensor<'a>)> = Vec::new();
+        let mut push = |stored: String, view: TensorView<'a>| match view {
+            TensorView::Dense(raw) => out.push((stored, raw)),
+            TensorView::Factored(f) => {
+                let (u, s, vt) = factor_names(&stored);
+                out.extend([(u, f.u), (s, f.s), (vt, f.vt)]);
+            }
+            TensorView::Experts(_) => {}
+        };
         match self.get(name)? {
+            TensorView::Experts(count) => {
+                for e in 0..count {
+                    push(crate::manifest::expert_name(name, e), self.expert(name, e)?);
+                }
+            }
+            view => push(name.to_string(), view),
+        }
+        Ok(out)
+    }
+
+    /// The matrix W (factored: U·diag(s)·Vᵀ; dense: the tensor viewed as
+    /// `[shape[0], rest]`; stacked experts: every expert's matrix in turn, viewed as
+    /// `[E, d1·d2·…]`) as f32.
+    pub fn reconstruct(&self, name: &str) -> Result<Matrix> {
+        if let TensorView::Experts(count) = self.get(name)? {
+            let mut data = Vec::new();
+            for e in 0..count {
+                data.extend(self.reconstruct_expert(name, e)?.data);
+            }
+            return Ok(Matrix {
+                rows: count,
+                cols: data.len().checked_div(count).unwrap_or(0),
+                data,
+            });
+        }
+        self.reconstruct_view(name, self.get(name)?)
+    }
+
+    /// Expert `e` of stacked experts tensor `name` as its `[d1, d2·…]` matrix, f32.
+    pub fn reconstruct_expert(&self, name: &str, e: usize) -> Result<Matrix> {
+        self.reconstruct_view(name, self.expert(name, e)?)
+    }
+
+    fn reconstruct_view(&self, name: &str, view: TensorView<'_>) -> Result<Matrix> {
+        match view {
+            TensorView::Experts(_) => Err(experts_usage(name)),
             TensorView::Dense(t) => {
                 let (rows, cols) = dense_matrix_dims(name, t.shape)?;
                 let data = t.to_f32().ok_or_else(|| Error::Usage {
@@ -300,11 +374,27 @@ impl Checkpoint {
     /// y = x · Wᵀ for `x` of shape [rows, n] (row-major), computed through the factors
     /// ((x·V)·diag(s))·Uᵀ without forming W. Returns [rows, m].
     pub fn apply(&self, name: &str, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        self.apply_view(name, self.get(name)?, x, rows)
+    }
+
+    /// [`Checkpoint::apply`] for expert `e` of stacked experts tensor `name`.
+    pub fn apply_expert(&self, name: &str, e: usize, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        self.apply_view(name, self.expert(name, e)?, x, rows)
+    }
+
+    fn apply_view(
+        &self,
+        name: &str,
+        view: TensorView<'_>,
+        x: &[f32],
+        rows: usize,
+    ) -> Result<Vec<f32>> {
         let usage = |reason: String| Error::Usage {
             tensor: name.to_string(),
             reason,
         };
-        match self.get(name)? {
+        match view {
+            TensorView::Experts(_) => Err(experts_usage(name)),
             TensorView::Dense(t) => {
                 let (m, n) = dense_matrix_dims(name, t.shape)?;
                 if x.len() != rows * n {
@@ -337,6 +427,15 @@ impl Checkpoint {
                 Ok(matmul_bt(&t, rows, r, &u, m))
             }
         }
+    }
+}
+
+fn experts_usage(name: &str) -> Error {
+    Error::Usage {
+        tensor: name.to_string(),
+        reason: "a stacked experts tensor: use its experts one at a time (expert, \
+                 reconstruct_expert, apply_expert)"
+            .into(),
     }
 }
 

@@ -88,6 +88,11 @@ pub enum IssueKind {
     /// A whitened entry's `whitening` is malformed: `input_axis` not 0 or 1, or
     /// `output_rel_error` negative or not finite (format revision 1.2).
     WhiteningInvalid,
+    /// A stacked experts entry (format revision 1.3) whose shape has fewer than 3
+    /// dimensions, whose `experts` list is missing or not one entry per index of the first
+    /// dimension, whose `matrix_shape` is not `[d1, d2·…]`, or that lists an expert of kind
+    /// `experts`; or an `experts` list on an entry of another kind.
+    ExpertsInvalid,
     // ---- manifest ↔ shards
     /// An entry names a shard that is not in `shards`.
     ShardNotListed,
@@ -169,6 +174,7 @@ impl IssueKind {
             | FactorDtypeNotFloat
             | QuantStoredDtype
             | WhiteningInvalid
+            | ExpertsInvalid
             | ShardNotListed
             | ClaimedTwice => "was the manifest edited by hand?",
             TensorMissing | WrongShard | StoredInTwoShards | DtypeMismatch | ShapeMismatch

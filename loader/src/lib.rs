@@ -27,8 +27,8 @@ pub use encoding::FactorEncoding;
 pub use error::{Error, Result, SafetensorsError};
 pub use issue::{Issue, IssueKind};
 pub use manifest::{
-    factor_names, shard_file_name, DenseReason, Manifest, TensorInfo, TensorKind, FORMAT_NAME,
-    FORMAT_VERSION, MANIFEST_FILE, SUFFIX_S, SUFFIX_U, SUFFIX_VT,
+    expert_name, factor_names, shard_file_name, DenseReason, ExpertInfo, Manifest, TensorInfo,
+    TensorKind, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, SUFFIX_S, SUFFIX_U, SUFFIX_VT,
 };
 pub use quant::Quant;
 pub use validate::{non_finite_factors, validate, validate_with, Interrupted, ValidateOptions};

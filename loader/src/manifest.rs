@@ -11,8 +11,8 @@ pub const FORMAT_NAME: &str = "cersa";
 pub const FORMAT_VERSION: u32 = 1;
 /// The highest format revision (`format_minor`) this crate reads: 1 adds quantized
 /// factors, 2 whitened (output-metric) factors whose `cersa_vt` or `cersa_u` is not
-/// orthonormal.
-pub const FORMAT_MINOR: u32 = 2;
+/// orthonormal, 3 stacked mixture-of-experts tensors factored one expert at a time.
+pub const FORMAT_MINOR: u32 = 3;
 /// File name of the manifest inside a CERSA directory.
 pub const MANIFEST_FILE: &str = "cersa.json";
 /// Suffix of the left factor `U_r` ([m, r]).
@@ -21,6 +21,9 @@ pub const SUFFIX_U: &str = ".cersa_u";
 pub const SUFFIX_S: &str = ".cersa_s";
 /// Suffix of the right factor `V_rᵀ` ([r, n]).
 pub const SUFFIX_VT: &str = ".cersa_vt";
+/// Infix of one expert of a stacked experts tensor: expert `e` of `NAME` is stored as the
+/// tensor `NAME.cersa_expert.e` (dense) or its three factors (factored).
+pub const INFIX_EXPERT: &str = ".cersa_expert.";
 
 /// The whole manifest.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -174,6 +177,9 @@ pub enum TensorKind {
     Factored,
     /// As `NAME`, unchanged.
     Dense,
+    /// A stacked mixture-of-experts tensor `[E, d1, …]`, each expert's `[d1, d2·…]` slice
+    /// stored on its own, factored or dense (format revision 1.3).
+    Experts,
 }
 
 /// Why a tensor is stored dense.
@@ -236,6 +242,36 @@ pub struct TensorInfo {
     /// `energy` is the retained share of the (damped) output energy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub whitening: Option<Whitening>,
+    /// How each expert of a stacked experts tensor is stored (kind `experts` only; one
+    /// entry per index of the first dimension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experts: Option<Vec<ExpertInfo>>,
+}
+
+/// How one expert of a stacked experts tensor is stored. Its shape is the tensor's shape
+/// without the first dimension; its source dtype, shard, matrix shape and rule are the
+/// tensor's (see [`TensorInfo::expert`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExpertInfo {
+    /// `factored` or `dense` (never `experts`).
+    pub kind: TensorKind,
+    /// Dtype of the expert's dense copy, or of its factors (`U8` when quantized).
+    pub stored_dtype: Dtype,
+    /// Block quantization of the factors (factored only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quant: Option<Quant>,
+    /// Kept rank (factored only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<usize>,
+    /// Retained energy of this expert's matrix (factored only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub energy: Option<f64>,
+    /// ‖W_e − Ŵ_e‖_F / ‖W_e‖_F of this expert, factors as stored (factored only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rel_error: Option<f64>,
+    /// Why the expert is dense (dense only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<DenseReason>,
 }
 
 /// Sums over all tensors.
@@ -260,9 +296,13 @@ fn is_zero(v: &u32) -> bool {
 }
 
 impl Manifest {
-    /// The `format_minor` a manifest with these tensors needs: 2 when any is whitened, 1
-    /// when any is quantized or kept dense by a plan.
+    /// The `format_minor` a manifest with these tensors needs: 3 when any is a stacked
+    /// experts tensor, 2 when any is whitened, 1 when any is quantized or kept dense by a
+    /// plan.
     pub fn required_minor(tensors: &BTreeMap<String, TensorInfo>) -> u32 {
+        if tensors.values().any(|t| t.kind == TensorKind::Experts) {
+            return 3;
+        }
         if tensors.values().any(|t| t.whitening.is_some()) {
             return 2;
         }
@@ -275,13 +315,64 @@ impl Manifest {
 }
 
 impl TensorInfo {
-    /// The factor type as people read it: the quantization's name, else the dtype's.
+    /// The factor type as people read it: the quantization's name, else the dtype's (for
+    /// an experts tensor: that of its first factored expert).
     pub fn factor_type(&self) -> String {
-        match self.quant {
+        let factored = self
+            .experts
+            .iter()
+            .flatten()
+            .find(|e| e.kind == TensorKind::Factored);
+        let (quant, dtype) = match factored {
+            Some(e) => (e.quant, e.stored_dtype),
+            None => (self.quant, self.stored_dtype),
+        };
+        match quant {
             Some(q) => q.to_string(),
-            None => self.stored_dtype.to_string(),
+            None => dtype.to_string(),
         }
     }
+
+    /// Whether some of its values are stored as factors (a factored entry, or an experts
+    /// entry: it always has a factored expert), so reading it recomposes them.
+    pub fn has_factors(&self) -> bool {
+        self.kind != TensorKind::Dense
+    }
+
+    /// Number of experts of a stacked experts tensor (0 for other kinds).
+    pub fn expert_count(&self) -> usize {
+        self.experts.as_ref().map_or(0, Vec::len)
+    }
+
+    /// Expert `e` of a stacked experts tensor as an entry of its own: shape without the
+    /// first dimension; the tensor's source dtype, shard, matrix shape and rule. `None`
+    /// when this is not an experts tensor or `e` is out of range.
+    pub fn expert(&self, e: usize) -> Option<TensorInfo> {
+        let x = self.experts.as_ref()?.get(e)?;
+        let factored = x.kind == TensorKind::Factored;
+        Some(TensorInfo {
+            kind: x.kind,
+            shape: self.shape.get(1..)?.to_vec(),
+            source_dtype: self.source_dtype.clone(),
+            stored_dtype: x.stored_dtype,
+            quant: x.quant,
+            shard: self.shard.clone(),
+            matrix_shape: if factored { self.matrix_shape } else { None },
+            rank: x.rank,
+            energy: x.energy,
+            rel_error: x.rel_error,
+            reason: x.reason,
+            rule: if factored { self.rule.clone() } else { None },
+            whitening: None,
+            experts: None,
+        })
+    }
+}
+
+/// Stored name of expert `e` of experts tensor `name` (its dense tensor, or the prefix of
+/// its factors' names).
+pub fn expert_name(name: &str, e: usize) -> String {
+    format!("{name}{INFIX_EXPERT}{e}")
 }
 
 /// Names of the three stored tensors of factored tensor `name`: (u, s, vt).

@@ -10,8 +10,8 @@ use crate::dtype::{decode_f64, Dtype};
 use crate::encoding::FactorEncoding;
 use crate::issue::{Issue, IssueKind};
 use crate::manifest::{
-    factor_names, Manifest, TensorInfo, TensorKind, FORMAT_MINOR, FORMAT_NAME, FORMAT_VERSION,
-    MANIFEST_FILE,
+    expert_name, factor_names, Manifest, TensorInfo, TensorKind, FORMAT_MINOR, FORMAT_NAME,
+    FORMAT_VERSION, MANIFEST_FILE,
 };
 use crate::mmap::MappedFile;
 use crate::safetensors;
@@ -99,16 +99,35 @@ pub(crate) fn open_checked(dir: &Path, verify_checksums: bool) -> Result<Checkpo
 /// factor that holds NaN or ±Inf. [`validate`] runs it on every factored tensor; callers
 /// with their own thread pool can run it per tensor.
 pub fn non_finite_factors(ckpt: &Checkpoint, name: &str) -> Vec<Issue> {
-    let Ok(TensorView::Factored(f)) = ckpt.get(name) else {
-        return Vec::new();
-    };
+    match ckpt.get(name) {
+        Ok(TensorView::Factored(f)) => non_finite_in(ckpt, name, name, &f),
+        Ok(TensorView::Experts(count)) => (0..count)
+            .filter_map(|e| match ckpt.expert(name, e) {
+                Ok(TensorView::Factored(f)) => {
+                    Some(non_finite_in(ckpt, name, &expert_name(name, e), &f))
+                }
+                _ => None,
+            })
+            .flatten()
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The non-finite values of factors `f` stored under `stored` (entry `name`).
+fn non_finite_in(
+    ckpt: &Checkpoint,
+    name: &str,
+    stored: &str,
+    f: &crate::Factors<'_>,
+) -> Vec<Issue> {
     let shard = ckpt
         .manifest()
         .tensors
         .get(name)
         .map(|info| info.shard.as_str())
         .unwrap_or(MANIFEST_FILE);
-    let (un, sn, vn) = factor_names(name);
+    let (un, sn, vn) = factor_names(stored);
     let mut out = Vec::new();
     let [m, n] = f.matrix_shape;
     let quant = f.encoding.quant();
@@ -226,6 +245,70 @@ pub fn parse_manifest(text: &[u8]) -> Result<Manifest, Box<Issue>> {
         ));
     }
     Ok(manifest)
+}
+
+/// The stored names entry `name` claims when its rules are broken (so its tensors are
+/// not also reported as stray).
+fn claimed_names(name: &str, info: &TensorInfo) -> Vec<String> {
+    match info.kind {
+        TensorKind::Dense => vec![name.to_string()],
+        TensorKind::Factored => {
+            let (u, s, vt) = factor_names(name);
+            vec![u, s, vt]
+        }
+        TensorKind::Experts => (0..info.expert_count())
+            .flat_map(|e| {
+                let base = expert_name(name, e);
+                let (u, s, vt) = factor_names(&base);
+                [base, u, s, vt]
+            })
+            .collect(),
+    }
+}
+
+/// (E, m, n) of stacked experts entry `name` (format revision 1.3): at least 3 dimensions,
+/// one `experts` entry per index of the first, `matrix_shape` `[d1, d2·…]`, and no expert of
+/// kind `experts`. Public (hidden) for the in-process fuzz targets.
+#[doc(hidden)]
+pub fn experts_dims(name: &str, info: &TensorInfo) -> Result<(usize, usize, usize), Box<Issue>> {
+    let bad = |detail: String| {
+        Box::new(Issue::new(IssueKind::ExpertsInvalid, MANIFEST_FILE, detail).tensor(name))
+    };
+    let Some(experts) = &info.experts else {
+        return Err(bad("kind experts without an experts list".into()));
+    };
+    let [e, m, rest @ ..] = info.shape.as_slice() else {
+        return Err(bad(format!(
+            "shape {:?} has fewer than 3 dimensions",
+            info.shape
+        )));
+    };
+    if rest.is_empty() {
+        return Err(bad(format!(
+            "shape {:?} has fewer than 3 dimensions",
+            info.shape
+        )));
+    }
+    let n = rest.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    let Some(n) = n.filter(|n| m.checked_mul(*n).is_some()) else {
+        return Err(bad(format!("shape {:?} overflows", info.shape)));
+    };
+    if experts.len() != *e {
+        return Err(bad(format!(
+            "{} experts listed for a first dimension of {e}",
+            experts.len()
+        )));
+    }
+    if info.matrix_shape != Some([*m, n]) {
+        return Err(bad(format!(
+            "matrix_shape {:?} is not [{m}, {n}], the view of one expert of shape {:?}",
+            info.matrix_shape, info.shape
+        )));
+    }
+    if let Some(i) = experts.iter().position(|x| x.kind == TensorKind::Experts) {
+        return Err(bad(format!("expert {i} is of kind experts")));
+    }
+    Ok((*e, *m, n))
 }
 
 /// (m, n, r) of factored entry `name`, or every rule of a factored entry it breaks
@@ -517,7 +600,7 @@ impl Run<'_> {
                 .manifest()
                 .tensors
                 .iter()
-                .filter(|(_, info)| info.kind == TensorKind::Factored)
+                .filter(|(_, info)| info.kind != TensorKind::Dense)
                 .map(|(name, _)| name)
                 .collect();
             for name in names {
@@ -662,13 +745,9 @@ impl Run<'_> {
                     self.stored(manifest, shards, index, k, e)?;
                 }
             }
-            let names = match (expected, info.kind) {
-                (Some(expected), _) => expected.into_iter().map(|e| e.0).collect(),
-                (None, TensorKind::Dense) => vec![name.clone()],
-                (None, TensorKind::Factored) => {
-                    let (u, s, vt) = factor_names(name);
-                    vec![u, s, vt]
-                }
+            let names = match expected {
+                Some(expected) => expected.into_iter().map(|e| e.0).collect(),
+                None => claimed_names(name, info),
             };
             for stored in names {
                 if claimed.contains(&stored) {
@@ -694,8 +773,34 @@ impl Run<'_> {
         name: &str,
         info: &TensorInfo,
     ) -> Result<Option<Vec<Expected>>, Halt> {
+        if info.experts.is_some() != (info.kind == TensorKind::Experts) {
+            self.push(
+                Issue::new(
+                    IssueKind::ExpertsInvalid,
+                    MANIFEST_FILE,
+                    format!("an entry of kind {:?} with an experts list", info.kind),
+                )
+                .tensor(name),
+            )?;
+            return Ok(None);
+        }
         Ok(Some(match info.kind {
             TensorKind::Dense => vec![(name.to_string(), info.stored_dtype, info.shape.clone())],
+            TensorKind::Experts => {
+                if let Err(issue) = experts_dims(name, info) {
+                    self.push(*issue)?;
+                    return Ok(None);
+                }
+                let mut all = Vec::new();
+                for e in 0..info.expert_count() {
+                    let expert = info.expert(e).expect("experts_dims checked the count");
+                    match self.expected_stored(&expert_name(name, e), &expert)? {
+                        Some(v) => all.extend(v),
+                        None => return Ok(None),
+                    }
+                }
+                all
+            }
             TensorKind::Factored => match factored_dims(name, info) {
                 Ok((m, n, r)) => {
                     let (u, s, vt) = factor_names(name);

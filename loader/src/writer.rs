@@ -56,15 +56,25 @@ pub struct PlannedEntry {
     pub name: String,
     /// Number of dimensions of its source shape.
     pub ndims: usize,
+    /// Number of experts when it may be stored as a stacked experts tensor (each expert
+    /// dense or factored, format revision 1.3); 0 otherwise.
+    pub experts: usize,
 }
 
 impl PlannedEntry {
-    /// Upper bound on the header bytes this entry adds, dense or factored.
+    /// Upper bound on the header bytes this entry adds, dense, factored or per expert.
     fn header_bound(&self) -> u64 {
-        let (un, sn, vn) = factor_names(&self.name);
-        let factored =
-            header_entry_bound(&un, 2) + header_entry_bound(&sn, 1) + header_entry_bound(&vn, 2);
-        factored.max(header_entry_bound(&self.name, self.ndims))
+        let one = |name: &str, ndims: usize| {
+            let (un, sn, vn) = factor_names(name);
+            let factored = header_entry_bound(&un, 2)
+                + header_entry_bound(&sn, 1)
+                + header_entry_bound(&vn, 2);
+            factored.max(header_entry_bound(name, ndims))
+        };
+        let experts: u64 = (0..self.experts)
+            .map(|e| one(&crate::manifest::expert_name(&self.name, e), self.ndims - 1))
+            .sum();
+        one(&self.name, self.ndims).max(experts)
     }
 }
 

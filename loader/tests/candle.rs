@@ -207,3 +207,41 @@ fn scale_and_factors_modes_train_too() {
         assert!(last < losses[0] / 20.0, "{mode:?}: {} -> {last}", losses[0]);
     }
 }
+
+/// One expert of a stacked experts tensor (format revision 1.3; the `experts` test vector:
+/// an F16-factored, a dense and a Q8_0-factored expert) loads alone and equals the
+/// reference `reconstruct_expert`; `all()` lists every expert's stored tensors.
+#[test]
+fn experts_load_one_at_a_time() {
+    use cersa_loader::candle::CandleExpert;
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../formats/vectors/valid/experts");
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let device = Device::Cpu;
+    let vb = ckpt.to_candle(&device, Some(DType::F32));
+    let name = "blk.0.ffn_up_exps.weight";
+    let mut kinds = Vec::new();
+    for e in 0..3 {
+        let want = ckpt.reconstruct_expert(name, e).unwrap();
+        let got = match vb.expert(name, e).unwrap() {
+            CandleExpert::Dense(t) => {
+                kinds.push("dense");
+                assert_eq!(t.dims(), &[6, 5, 8]);
+                values(&t)
+            }
+            CandleExpert::Factored(f) => {
+                kinds.push("factored");
+                let us = f.u.broadcast_mul(&f.s.unsqueeze(0).unwrap()).unwrap();
+                values(&us.matmul(&f.vt).unwrap())
+            }
+        };
+        assert_close(&got, &want.data, &format!("expert {e}"));
+    }
+    assert_eq!(kinds, ["factored", "dense", "factored"]);
+    assert!(vb.expert(name, 3).is_err());
+    assert!(vb.dense(name).is_err() && vb.factors(name).is_err());
+    let all = vb.all().unwrap();
+    assert!(all.contains_key("blk.0.ffn_up_exps.weight.cersa_expert.1"));
+    assert!(all.contains_key("blk.0.ffn_up_exps.weight.cersa_expert.2.cersa_vt"));
+    assert!(!all.contains_key(name));
+}

@@ -60,6 +60,7 @@ fn dense_info(shape: Vec<usize>, dtype: Dtype) -> TensorInfo {
         reason: Some(DenseReason::Excluded),
         rule: None,
         whitening: None,
+        experts: None,
     }
 }
 
@@ -298,6 +299,7 @@ fn plan_of_five() -> Vec<PlannedEntry> {
         .map(|i| PlannedEntry {
             name: format!("layer.{i}.bias"),
             ndims: 2,
+            experts: 0,
         })
         .collect()
 }

@@ -23,6 +23,8 @@ The format is specified in ``formats/cersa-v1.md``; every size read from a file 
 against the manifest before use (:class:`CersaFormatError` names the file and tensor).
 Quantized factors (format revision 1.1: ``quant`` Q8_0, Q5_0 or Q4_0, U8 rows of GGML
 blocks) are dequantized on read, so both readers hand out float U [m, r] and Vᵀ [r, n].
+Stacked mixture-of-experts tensors (format revision 1.3) are read one expert at a time
+(``reconstruct_expert``; ``load_hf`` fills fused experts parameters, frozen: docs/experts.md).
 Both readers refuse a directory with the first issue the Rust loader reports (sha256 and
 non-finite factors included unless ``verify_checksums=False``).
 Names are imported on first use, so ``load_cersa`` works without torch installed.

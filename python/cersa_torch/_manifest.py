@@ -18,6 +18,9 @@ import os
 import stat
 from typing import Callable, Dict, List, Optional, Tuple
 
+from ._experts import (ExpertEntries, check_experts_list, expert_info, expert_name,
+                       experts_dims, factored_units)
+
 MANIFEST_FILE = "cersa.json"
 SUFFIX_U, SUFFIX_S, SUFFIX_VT = ".cersa_u", ".cersa_s", ".cersa_vt"
 # Caps on what is read before it is checked (as the Rust loader's).
@@ -28,8 +31,9 @@ DTYPE_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16"
               "U32": 4, "U64": 8}
 FACTOR_DTYPES = ("F64", "F32", "F16", "BF16")
 # The highest format revision (`format_minor`) this reader knows: 1 adds quantized factors,
-# 2 whitened factors (one side not orthonormal; read and recomposed exactly as before).
-FORMAT_MINOR = 2
+# 2 whitened factors (one side not orthonormal; read and recomposed exactly as before), 3
+# stacked mixture-of-experts tensors stored one expert at a time (``_experts``).
+FORMAT_MINOR = 3
 # Bytes read (and hashed) at a time when shards are verified.
 HASH_CHUNK = 8 << 20
 _U64 = 1 << 64
@@ -47,7 +51,7 @@ _HINTS = {
     **{k: "was the manifest edited by hand?" for k in (
         "factored-without-matrix-shape", "factored-without-rank", "matrix-shape-mismatch",
         "rank-out-of-range", "factor-dtype-not-float", "quant-stored-dtype",
-        "whitening-invalid", "shard-not-listed", "claimed-twice")},
+        "whitening-invalid", "experts-invalid", "shard-not-listed", "claimed-twice")},
     **{k: "do the manifest and the shards come from the same conversion?" for k in (
         "tensor-missing", "wrong-shard", "stored-in-two-shards", "dtype-mismatch",
         "shape-mismatch", "stray-tensor")},
@@ -218,8 +222,10 @@ def _struct(fields):
 
 _U = _int(64)
 _QUANTS = ("Q8_0", "Q5_0", "Q4_0")
+_KINDS = ("factored", "dense", "experts")
+_REASONS = ("excluded", "not-a-matrix", "non-float", "no-saving", "zero", "planned")
 _TENSOR = _struct({
-    "kind": (REQ, _enum(("factored", "dense"))),
+    "kind": (REQ, _enum(_KINDS)),
     "shape": (REQ, _list(_U)),
     "source_dtype": (REQ, _str),
     "stored_dtype": (REQ, _enum(tuple(DTYPE_SIZE))),
@@ -229,11 +235,16 @@ _TENSOR = _struct({
     "rank": (OPT, _U),
     "energy": (OPT, _f64),
     "rel_error": (OPT, _f64),
-    "reason": (OPT, _enum(("excluded", "not-a-matrix", "non-float", "no-saving", "zero",
-                           "planned"))),
+    "reason": (OPT, _enum(_REASONS)),
     "rule": (OPT, _str),
     "whitening": (OPT, _struct({"input_axis": (REQ, _int(8)),
                                 "output_rel_error": (REQ, _f64)})),
+    "experts": (OPT, _list(_struct({  # `cersa_loader::ExpertInfo` (revision 1.3)
+        "kind": (REQ, _enum(_KINDS)),
+        "stored_dtype": (REQ, _enum(tuple(DTYPE_SIZE))),
+        "quant": (OPT, _enum(_QUANTS, " (a newer cersa_torch may know it)")),
+        "rank": (OPT, _U), "energy": (OPT, _f64), "rel_error": (OPT, _f64),
+        "reason": (OPT, _enum(_REASONS))}))),
 })
 _FILE = _struct({"file": (REQ, _str), "bytes": (REQ, _U), "sha256": (REQ, _str)})
 # `cersa_loader::Manifest` (loader/src/manifest.rs): what serde requires of a manifest.
@@ -386,7 +397,16 @@ def quant_of(mpath: str, name: str, info: dict):
 
 
 def expected_stored(directory: str, name: str, info: dict) -> List[Tuple[str, str, list]]:
-    """The stored tensors (name, dtype, shape) entry ``name`` implies (spec §2)."""
+    """The stored tensors (name, dtype, shape) entry ``name`` implies (spec §2; an experts
+    entry: those of each expert in turn, as the entry ``NAME.cersa_expert.e``)."""
+    def rule(kind, detail):
+        return issue(directory, kind, MANIFEST_FILE, detail, tensor=name)
+
+    check_experts_list(rule, name, info)
+    if info["kind"] == "experts":
+        count = experts_dims(rule, name, info)[0]
+        return [t for e in range(count)
+                for t in expected_stored(directory, expert_name(name, e), expert_info(info, e))]
     if info["kind"] == "dense":
         return [(name, info["stored_dtype"], list(info["shape"]))]
     m, n, r = factored_dims(directory, name, info)
@@ -613,12 +633,10 @@ def open_shards(directory: str, manifest: dict, verify_checksums: bool = True,
     # stored factor → (entry name, 0/1/2 for u/s/vt, shard, values): the order of the issues
     order: Dict[str, tuple] = {}
     if verify_checksums and count_nonfinite is not None:
-        for name in sorted(tensors):
-            info = tensors[name]
-            if info["kind"] != "factored":
-                continue
+        for name, e, base, info in factored_units(tensors):
             try:
-                stored = expected_stored(directory, name, info)
+                expected_stored(directory, name, tensors[name])  # the whole entry's rules
+                stored = expected_stored(directory, base, info)
             except CersaFormatError:
                 continue
             m, n = info["matrix_shape"]
@@ -628,7 +646,7 @@ def open_shards(directory: str, manifest: dict, verify_checksums: bool = True,
                 if key not in order:
                     # total values as Rust counts them: quantized rows without padding
                     total = math.prod(shape) if quant is None else r * length
-                    order[key] = (name, i, info["shard"], total)
+                    order[key] = (name, e, i, info["shard"], total)
                     scan.setdefault(info["shard"], {})[key] = (dtype, quant, length, shape)
     bad: Dict[str, int] = {}
     shard_of_file: Dict[str, int] = {}
@@ -722,9 +740,9 @@ def open_shards(directory: str, manifest: dict, verify_checksums: bool = True,
         if stray:
             raise issue(directory, "stray-tensor", file,
                         "stored in a shard but not listed in the manifest", tensor=stray[0])
-    if bad:  # the first in Rust's order: entries by name, then u, s, vt
-        key = min(bad, key=lambda key: order[key][:2])
-        _, _, shard, total = order[key]
+    if bad:  # the first in Rust's order: entries by name, experts in order, then u, s, vt
+        key = min(bad, key=lambda key: order[key][:3])
+        _, _, _, shard, total = order[key]
         raise nonfinite_error(directory, shard, key, bad[key], total)
     where = {key: os.path.join(directory, files[k]) for key, k in index.items()}
     return Shards(where, headers, verify_checksums and count_nonfinite is not None)
@@ -736,7 +754,7 @@ def index(directory: str, manifest: dict, verify_checksums: bool = False):
     return tuple(open_shards(directory, manifest, verify_checksums))
 
 
-class ManifestEntries:
+class ManifestEntries(ExpertEntries):
     """Lookups over ``self.manifest`` shared by the numpy and torch checkpoints."""
 
     dir: str
@@ -747,11 +765,16 @@ class ManifestEntries:
         return sorted(self.manifest["tensors"])
 
     def info(self, name: str) -> dict:
-        """The manifest entry of source tensor ``name``."""
+        """The manifest entry of source tensor ``name``, or of expert ``NAME.cersa_expert.e``
+        of an experts entry (as an entry of its own)."""
         try:
             return self.manifest["tensors"][name]
         except KeyError:
-            raise KeyError(f"{self.dir}: no tensor {name!r}") from None
+            pass
+        x = self._expert_entry(name)
+        if x is None:
+            raise KeyError(f"{self.dir}: no tensor {name!r}")
+        return x
 
     def is_factored(self, name: str) -> bool:
         return self.info(name)["kind"] == "factored"

@@ -4,7 +4,10 @@ Needs only ``numpy`` and ``safetensors``. :func:`load_cersa` checks the director
 loader does (``_manifest``) and verifies every shard's sha256 on the way (one read in
 chunks, which also checks the factors for NaN/±Inf). :meth:`CersaCheckpoint.apply` computes
 ``y = x · Wᵀ`` through the factors without forming ``W``; it is the reference the torch
-modules and the Rust loader are compared with in the tests.
+modules and the Rust loader are compared with in the tests. Stacked experts (format revision
+1.3) are read per expert (:meth:`CersaCheckpoint.reconstruct_expert`, or ``factors`` and
+``dense`` of the expert's stored name ``NAME.cersa_expert.e``); this reader holds every
+tensor in memory — the torch reader (``open_checkpoint``) reads one expert's tensors only.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import numpy as np
 
 from ._manifest import (SUFFIX_S, SUFFIX_U, SUFFIX_VT, CersaFormatError, ManifestEntries,
                         nonfinite_error, open_shards, read_manifest)
+from ._experts import factored_units
 from ._quant import BLOCK_BYTES, BLOCK_VALUES, dequantize_numpy
 
 # Exponent bits of each factor dtype: all set means NaN or ±Inf.
@@ -76,7 +80,8 @@ class CersaCheckpoint(ManifestEntries):
         """(U_r [m, r], σ_r [r], V_rᵀ [r, n]) as stored (BF16 decoded to f32; quantized
         factors dequantized to f32, U the transpose of the stored rows u_i)."""
         if not self.is_factored(name):
-            raise ValueError(f"{self.dir}: {name} is stored dense")
+            raise ValueError(f"{self.dir}: {name} is not factored (kind "
+                             f"{self.info(name)['kind']})")
         u, s, vt = (self.stored[name + SUFFIX_U], self.stored[name + SUFFIX_S],
                     self.stored[name + SUFFIX_VT])
         info = self.info(name)
@@ -88,13 +93,26 @@ class CersaCheckpoint(ManifestEntries):
         return u, s, vt
 
     def dense(self, name: str) -> np.ndarray:
-        """A dense tensor with its manifest shape."""
-        if self.is_factored(name):
-            raise ValueError(f"{self.dir}: {name} is factored; use factors() or reconstruct()")
+        """A dense tensor (or dense expert) with its manifest shape."""
+        self._not_dense(name)
         return self.stored[name]
 
+    def reconstruct_expert(self, name: str, e: int) -> np.ndarray:
+        """Expert ``e`` of stacked experts tensor ``name`` as its float32 [d1, d2·…] matrix
+        (Rust's ``reconstruct_expert``)."""
+        return self.reconstruct(self.expert_name(name, e))
+
+    def experts(self, name: str) -> np.ndarray:
+        """Stacked experts tensor ``name`` as float32 in its manifest shape [E, d1, d2, …]."""
+        shape = self.info(name)["shape"]
+        return np.stack([self.reconstruct_expert(name, e).reshape(shape[1:])
+                         for e in range(self.expert_count(name))]).reshape(shape)
+
     def reconstruct(self, name: str) -> np.ndarray:
-        """W as float32 [m, n] (dense tensors viewed as [shape[0], rest])."""
+        """W as float32 [m, n] (dense tensors viewed as [shape[0], rest]; stacked experts as
+        [E, d1·d2·…], every expert's matrix in turn, as Rust's ``reconstruct``)."""
+        if self.info(name)["kind"] == "experts":
+            return self.experts(name).reshape(self.expert_count(name), -1)
         if self.is_factored(name):
             u, s, vt = (a.astype(np.float64) for a in self.factors(name))
             return ((u * s) @ vt).astype(np.float32)
@@ -104,7 +122,8 @@ class CersaCheckpoint(ManifestEntries):
         return w.astype(np.float32).reshape(w.shape[0], -1)
 
     def apply(self, name: str, x: np.ndarray) -> np.ndarray:
-        """y = x · Wᵀ for x [rows, n], through ((x·V)·diag σ)·Uᵀ (never forms W). f32 out."""
+        """y = x · Wᵀ for x [rows, n], through ((x·V)·diag σ)·Uᵀ (never forms W). f32 out.
+        Expert e of a stacked experts tensor: ``apply(ckpt.expert_name(name, e), x)``."""
         x = np.asarray(x, dtype=np.float64)
         if self.is_factored(name):
             u, s, vt = (a.astype(np.float64) for a in self.factors(name))
@@ -139,12 +158,10 @@ def load_cersa(directory: str, verify_checksums: bool = True) -> CersaCheckpoint
 
 
 def _check_finite(ckpt: CersaCheckpoint) -> None:
-    """Raises for the first factor (entries by name; U, σ, Vᵀ) holding NaN or ±Inf."""
-    for name in ckpt.names():
-        if not ckpt.is_factored(name):
-            continue
+    """Raises for the first factor (entries by name, experts in order; U, σ, Vᵀ) holding
+    NaN or ±Inf."""
+    for _, _, name, info in factored_units(ckpt.manifest["tensors"]):
         for suffix, values in zip((SUFFIX_U, SUFFIX_S, SUFFIX_VT), ckpt.factors(name)):
             bad = values.size - int(np.count_nonzero(np.isfinite(values)))
             if bad:
-                raise nonfinite_error(ckpt.dir, ckpt.info(name)["shard"], name + suffix, bad,
-                                      values.size)
+                raise nonfinite_error(ckpt.dir, info["shard"], name + suffix, bad, values.size)

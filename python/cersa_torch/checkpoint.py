@@ -7,6 +7,11 @@ opened, as the Rust loader checks them (see ``_manifest.open_shards``). By defau
 is also read once, in chunks, for its sha256 (and the factors' values are checked for NaN
 and ±Inf on the way); with ``verify_checksums=False`` no tensor data is read when the
 directory is opened, and each factor is checked for NaN/±Inf when it is first read.
+
+Stacked experts (format revision 1.3) are read one expert at a time: an expert's stored name
+``NAME.cersa_expert.e`` (:meth:`~TorchCheckpoint.expert_name`) goes to ``factors``, ``dense``
+and ``info`` as a tensor of its own, :meth:`~TorchCheckpoint.reconstruct_expert` recomposes
+it, and only that expert's tensors are read from the shard.
 """
 from __future__ import annotations
 
@@ -111,7 +116,8 @@ class TorchCheckpoint(ManifestEntries):
         Quantized factors (``quant`` in the entry) are dequantized to float32 on ``device``
         (U is the transpose of the stored rows u_i), then cast to ``dtype`` when given."""
         if not self.is_factored(name):
-            raise ValueError(f"{self.dir}: {name} is stored dense")
+            raise ValueError(f"{self.dir}: {name} is not factored (kind "
+                             f"{self.info(name)['kind']})")
         dtype = dtype or self.dtype
         info = self.info(name)
         quant = info.get("quant")
@@ -130,14 +136,38 @@ class TorchCheckpoint(ManifestEntries):
         return u, self._cast(s, dtype), vt
 
     def dense(self, name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """A tensor stored dense, with its manifest shape (float ones in ``dtype``)."""
-        if self.is_factored(name):
-            raise ValueError(f"{self.dir}: {name} is factored; use factors()")
+        """A tensor stored dense (or a dense expert), with its manifest shape (float ones in
+        ``dtype``)."""
+        self._not_dense(name)
         return self._get(name, dtype or self.dtype)
 
     def dense_state(self, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
         """Every dense tensor by name (norms, embeddings, biases, unfactored matrices)."""
-        return {n: self.dense(n, dtype) for n in self.names() if not self.is_factored(n)}
+        return {n: self.dense(n, dtype) for n in self.names() if self.info(n)["kind"] == "dense"}
+
+    def reconstruct_expert(self, name: str, e: int, dtype: Optional[torch.dtype] = None
+                           ) -> torch.Tensor:
+        """Expert ``e`` of stacked experts tensor ``name`` as its [d1, d2·…] matrix, read
+        from its own stored tensors only (the other experts' are not touched): U·diag σ·Vᵀ
+        formed in float32 (float64 when that is asked for) when factored (quantized factors
+        dequantized first), then cast to ``dtype`` (default: the checkpoint's, else float32)."""
+        key = self.expert_name(name, e)
+        m = self.info(name)["shape"][1]
+        dtype = dtype or self.dtype or torch.float32
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        if self.is_factored(key):
+            u, s, vt = self.factors(key, work)
+            w = (u * s) @ vt
+        else:
+            w = self.dense(key, work).reshape(m, -1)
+        return w.to(dtype)
+
+    def experts(self, name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """Stacked experts tensor ``name`` in its manifest shape [E, d1, d2, …], every expert
+        recomposed (:meth:`reconstruct_expert`)."""
+        shape = self.info(name)["shape"]
+        return torch.stack([self.reconstruct_expert(name, e, dtype).reshape(shape[1:])
+                            for e in range(self.expert_count(name))])
 
 
 def open_checkpoint(directory, device="cpu", dtype: Optional[torch.dtype] = None,

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from .checkpoint import open_checkpoint
 from .dense import DENSE_MODES, DENSE_REASONS, DenseSubspaceLinear, top_subspace
+from .experts import stacked_experts
 from .modules import CersaLinear, trainable_rank
 
 
@@ -214,7 +215,9 @@ def load_hf(cersa_dir, auto_class=None, mode: str = "frozen", k: Optional[int] =
         if name.rpartition(".")[0] in cersa_layers:
             continue
         key = names.get(name)
-        if key is not None and not ckpt.is_factored(key):
+        if key is not None and ckpt.is_experts(key):  # fused MoE experts: recomposed, frozen
+            _set_tensor(model, name, stacked_experts(ckpt, key, model, name), False)
+        elif key is not None and not ckpt.is_factored(key):
             _set_tensor(model, name, ckpt.dense(key), train_dense)
     if hasattr(model, "tie_weights"):
         model.tie_weights()

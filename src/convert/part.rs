@@ -258,10 +258,10 @@ fn work(src: &dyn Source, opts: &ConvertOptions, selection: &Selection) -> Vec<u
             if selection.check(t).is_err() {
                 return io;
             }
-            let m = t.shape[0] as u128;
-            let n: u128 = t.shape[1..].iter().map(|&d| d as u128).product();
+            let view = selection.view(t);
+            let (m, n) = (view.m as u128, view.n as u128);
             let k = m.min(n);
-            io + (2 * m * n * k + 10 * k * k * k) / 20
+            io + view.count() as u128 * (2 * m * n * k + 10 * k * k * k) / 20
         })
         .collect()
 }

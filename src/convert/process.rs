@@ -1,6 +1,7 @@
-//! One tensor's work, on a worker thread: read it as a matrix, factor it, keep it dense
-//! when factoring saves nothing, encode the factors in the stored dtype and measure the
-//! error of the factors exactly as stored.
+//! One tensor's work, on a worker thread: read it as a matrix (or, for a stacked experts
+//! tensor, one matrix per expert), factor it, keep it dense when factoring saves nothing,
+//! encode the factors in the stored dtype and measure the error of the factors exactly as
+//! stored.
 
 use super::ConvertOptions;
 use crate::decompose::rank::{energy_at, saves};
@@ -8,31 +9,56 @@ use crate::decompose::svd::{stored_residual_norm2, StoredFactors};
 use crate::decompose::{Decomposer, Factorization};
 use crate::error::{ConvertError, Result};
 use crate::input::{FloatData, Source};
-use crate::matrix::{read_matrix, Matrix};
+use crate::matrix::{read_expert, read_matrix, Matrix};
 use crate::rank_rules::{rule_for, ModuleRule, PLAN_RULE};
+use crate::select::MatrixView;
 use cersa_loader::dtype::{decode_f64, encode_f32, encode_f64};
 use cersa_loader::manifest::Whitening;
-use cersa_loader::{DenseReason, Dtype, FactorEncoding};
+use cersa_loader::{expert_name, DenseReason, Dtype, FactorEncoding};
+
+/// Encoded factors of one matrix.
+pub(super) struct Factored {
+    pub(super) m: usize,
+    pub(super) n: usize,
+    pub(super) rank: usize,
+    pub(super) energy: f64,
+    pub(super) rel_error: f64,
+    pub(super) enc: FactorEncoding,
+    /// The per-module rule that chose the rank (`None`: the global rule).
+    pub(super) rule: Option<String>,
+    /// How the factors were whitened (`None`: plain truncation).
+    pub(super) whitening: Option<Whitening>,
+    pub(super) u: Vec<u8>,
+    pub(super) s: Vec<u8>,
+    pub(super) vt: Vec<u8>,
+}
+
+impl Factored {
+    fn bytes(&self) -> u64 {
+        (self.u.len() + self.s.len() + self.vt.len()) as u64
+    }
+}
+
+/// One expert of a stacked experts tensor.
+pub(super) enum Expert {
+    /// Its slice of the tensor's dense bytes, streamed from the source by the writer.
+    Dense(DenseReason),
+    /// Encoded factors.
+    Factored(Factored),
+}
 
 /// What the writer stores for one tensor.
 pub(super) enum Outcome {
     /// The tensor's own bytes, streamed from the source by the writer.
     Dense(DenseReason),
     /// Encoded factors.
-    Factored {
-        m: usize,
-        n: usize,
-        rank: usize,
+    Factored(Factored),
+    /// A stacked experts tensor with at least one expert factored: every expert in order,
+    /// with the tensor's energy and relative error over all experts.
+    Experts {
+        experts: Vec<Expert>,
         energy: f64,
         rel_error: f64,
-        enc: FactorEncoding,
-        /// The per-module rule that chose the rank (`None`: the global rule).
-        rule: Option<String>,
-        /// How the factors were whitened (`None`: plain truncation).
-        whitening: Option<Whitening>,
-        u: Vec<u8>,
-        s: Vec<u8>,
-        vt: Vec<u8>,
     },
 }
 
@@ -41,34 +67,147 @@ impl Outcome {
     pub(super) fn held_bytes(&self) -> u64 {
         match self {
             Outcome::Dense(_) => 0,
-            Outcome::Factored { u, s, vt, .. } => (u.len() + s.len() + vt.len()) as u64,
+            Outcome::Factored(f) => f.bytes(),
+            Outcome::Experts { experts, .. } => experts
+                .iter()
+                .map(|e| match e {
+                    Expert::Dense(_) => 0,
+                    Expert::Factored(f) => f.bytes(),
+                })
+                .sum(),
         }
     }
 }
 
-/// Reads, checks and factors tensor `i`.
+/// A matrix's result before it becomes an [`Outcome`] or an [`Expert`].
+enum Piece {
+    Dense(DenseReason),
+    Factored(Factored),
+}
+
+/// Reads, checks and factors tensor `i`, viewed as `view` says.
 pub(super) fn process(
     src: &dyn Source,
     i: usize,
+    view: MatrixView,
+    opts: &ConvertOptions,
+    decomposer: &dyn Decomposer,
+) -> Result<Outcome> {
+    let Some(count) = view.experts else {
+        let meta = &src.tensors()[i];
+        let Some(matrix) = read_matrix(src, i)? else {
+            return Ok(Outcome::Dense(DenseReason::Zero));
+        };
+        return Ok(
+            match factor(
+                src,
+                i,
+                &meta.name,
+                Some(&meta.name),
+                matrix,
+                opts,
+                decomposer,
+            )? {
+                Piece::Dense(reason) => Outcome::Dense(reason),
+                Piece::Factored(f) => Outcome::Factored(f),
+            },
+        );
+    };
+    process_experts(src, i, count, view, opts, decomposer)
+}
+
+/// A stacked experts tensor `[E, m, …]`: each expert's `[m, n]` slice is a matrix of its
+/// own (own rank, own energy, own saving test; plans name it `NAME.cersa_expert.e`).
+fn process_experts(
+    src: &dyn Source,
+    i: usize,
+    count: usize,
+    MatrixView { m, n, .. }: MatrixView,
     opts: &ConvertOptions,
     decomposer: &dyn Decomposer,
 ) -> Result<Outcome> {
     let meta = &src.tensors()[i];
-    let Some(Matrix { data, m, n, norm2 }) = read_matrix(src, i)? else {
-        return Ok(Outcome::Dense(DenseReason::Zero));
-    };
+    if opts.calibration.as_ref().is_some_and(|c| c.has(&meta.name)) {
+        return Err(ConvertError::Tensor {
+            path: src.file_path(meta.file).to_path_buf(),
+            tensor: meta.name.clone(),
+            reason: "calibration statistics for a stacked experts tensor are not supported \
+                     (its experts are factored one at a time without whitening)"
+                .into(),
+        });
+    }
+    let mut pieces = Vec::with_capacity(count);
+    let (mut total, mut kept, mut residual) = (0f64, 0f64, 0f64);
+    for e in 0..count {
+        // One expert in memory at a time (plus the factors of those before it).
+        let Some(matrix) = read_expert(src, i, e, count, m, n)? else {
+            pieces.push(Piece::Dense(DenseReason::Zero));
+            continue;
+        };
+        let norm2 = matrix.norm2;
+        total += norm2;
+        let name = expert_name(&meta.name, e);
+        let piece = factor(src, i, &name, None, matrix, opts, decomposer)?;
+        match &piece {
+            Piece::Dense(_) => kept += norm2,
+            Piece::Factored(f) => {
+                kept += f.energy * norm2;
+                residual += f.rel_error * f.rel_error * norm2;
+            }
+        }
+        pieces.push(piece);
+    }
+    if !pieces.iter().any(|p| matches!(p, Piece::Factored(_))) {
+        // Nothing to gain: the tensor stays dense as a whole, for the first reason that is
+        // not `zero` (all zero experts: `zero`).
+        let reason = pieces
+            .iter()
+            .filter_map(|p| match p {
+                Piece::Dense(r) if *r != DenseReason::Zero => Some(*r),
+                _ => None,
+            })
+            .next()
+            .unwrap_or(DenseReason::Zero);
+        return Ok(Outcome::Dense(reason));
+    }
+    Ok(Outcome::Experts {
+        experts: pieces
+            .into_iter()
+            .map(|p| match p {
+                Piece::Dense(r) => Expert::Dense(r),
+                Piece::Factored(f) => Expert::Factored(f),
+            })
+            .collect(),
+        energy: kept / total,
+        rel_error: (residual / total).sqrt(),
+    })
+}
+
+/// Factors matrix `name` (tensor `i` itself, or one of its experts). `whiten_as`: the
+/// tensor name calibration statistics are looked up under (`None`: never whitened).
+fn factor(
+    src: &dyn Source,
+    i: usize,
+    name: &str,
+    whiten_as: Option<&str>,
+    Matrix { data, m, n, norm2 }: Matrix,
+    opts: &ConvertOptions,
+    decomposer: &dyn Decomposer,
+) -> Result<Piece> {
+    let meta = &src.tensors()[i];
     crate::trace::rss("convert: read");
     let planned = match &opts.plan {
         None => None,
-        Some(plan) => match plan.get(&meta.name) {
-            Some(None) => return Ok(Outcome::Dense(DenseReason::Planned)),
+        Some(plan) => match plan.get(name) {
+            Some(None) => return Ok(Piece::Dense(DenseReason::Planned)),
             Some(Some(r)) => Some(*r),
             None => {
                 return Err(ConvertError::Tensor {
                     path: src.file_path(meta.file).to_path_buf(),
-                    tensor: meta.name.clone(),
+                    tensor: name.to_string(),
                     reason: "the plan has no entry for this selected matrix (made with \
-                             another --include/--exclude?)"
+                             another --include/--exclude, or by a cersa without per-expert \
+                             plans?)"
                         .into(),
                 })
             }
@@ -82,24 +221,24 @@ pub(super) fn process(
         }
     };
     // With calibration statistics the matrix factored is the whitened A (f64), not W.
-    let whitening = match &opts.calibration {
-        Some(cal) => cal.whitener(src, i, m, n)?,
-        None => None,
+    let whitening = match (&opts.calibration, whiten_as) {
+        (Some(cal), Some(_)) => cal.whitener(src, i, m, n)?,
+        _ => None,
     };
     let whitened = whitening
         .as_ref()
         .map(|w| FloatData::F64(w.whiten(&data, m, n)));
     let f = decomposer
-        .factorize_named(&meta.name, whitened.as_ref().unwrap_or(&data), m, n, &rule)
+        .factorize_named(name, whitened.as_ref().unwrap_or(&data), m, n, &rule)
         .map_err(|source| ConvertError::Decompose {
-            tensor: meta.name.clone(),
+            tensor: name.to_string(),
             source,
         })?;
     crate::trace::rss("convert: factorized");
     let r = f.rank;
     let energy = energy_at(&f.sigma, f.norm2, r);
     if planned.is_none() && !opts.force_factor && !saves(r, m, n) {
-        return Ok(Outcome::Dense(DenseReason::NoSaving));
+        return Ok(Piece::Dense(DenseReason::NoSaving));
     }
     let f = match &whitening {
         Some(w) => w.unwhiten(f, m, n),
@@ -176,7 +315,7 @@ pub(super) fn process(
     drop(dequantized);
     crate::trace::rss("convert: residual");
     drop(data);
-    Ok(Outcome::Factored {
+    Ok(Piece::Factored(Factored {
         m,
         n,
         rank: r,
@@ -188,5 +327,5 @@ pub(super) fn process(
         u,
         s,
         vt,
-    })
+    }))
 }

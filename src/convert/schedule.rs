@@ -93,10 +93,21 @@ fn estimates(job: &Job, plan: &[Result<(), cersa_loader::DenseReason>]) -> Vec<u
         .zip(plan)
         .map(|(t, p)| match (p, t.float) {
             (Ok(()), Some(precision)) if !t.shape.is_empty() => {
-                let m = t.shape[0];
-                let n = t.shape[1..]
-                    .iter()
-                    .fold(1usize, |a, &d| a.saturating_mul(d));
+                let view = job.selection.view(t);
+                let (m, n) = (view.m, view.n);
+                if let Some(count) = view.experts {
+                    // One expert is read and factored at a time; the factors of every
+                    // expert are held until the tensor is written (each smaller than its
+                    // expert, or it stays dense).
+                    let held = (count as u64)
+                        .saturating_mul(m as u64)
+                        .saturating_mul(n as u64)
+                        .saturating_mul(precision.size() as u64);
+                    return job
+                        .decomposer
+                        .footprint(m, n, precision)
+                        .saturating_add(held);
+                }
                 match &job.opts.calibration {
                     // Whitened: A = W·L in f64 is factored, beside W, G and L (d×d each).
                     Some(cal) if cal.has(&t.name) => {
@@ -173,7 +184,8 @@ pub(super) fn run(
                 let outcome = match plan[i] {
                     Err(reason) => Ok(Outcome::Dense(reason)),
                     Ok(()) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        process(job.src, i, job.opts, job.decomposer)
+                        let view = job.selection.view(&metas[i]);
+                        process(job.src, i, view, job.opts, job.decomposer)
                     }))
                     .unwrap_or_else(|_| {
                         Err(ConvertError::Decompose {

@@ -2,16 +2,20 @@
 //! source, writes factors, journals every shard the writer closes, and assembles the
 //! manifest.
 
-use super::process::Outcome;
+use super::process::{Expert, Factored, Outcome};
 use super::schedule::{Job, Results};
 use super::Progress;
 use crate::error::{ConvertError, Result};
+use crate::input::{Source, TensorMeta};
 use crate::journal::{self, Journal, Recovered, ShardRecord};
 use crate::rank_rules::{ModuleRule, PLAN_RULE};
 use crate::storage::Stored;
 use cersa_loader::manifest::{ConvertConfig, Producer, SourceInfo, Totals};
 use cersa_loader::writer::{ClosedShard, PlannedEntry};
-use cersa_loader::{factor_names, CheckpointWriter, Dtype, Manifest, TensorInfo, TensorKind};
+use cersa_loader::{
+    expert_name, factor_names, CheckpointWriter, Dtype, ExpertInfo, Manifest, TensorInfo,
+    TensorKind,
+};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
@@ -73,6 +77,10 @@ pub(super) fn write_all(
             .map(|t| PlannedEntry {
                 name: t.name.clone(),
                 ndims: t.shape.len(),
+                experts: match job.selection.check(t) {
+                    Ok(()) => job.selection.view(t).experts.unwrap_or(0),
+                    Err(_) => 0,
+                },
             })
             .collect(),
     );
@@ -141,46 +149,59 @@ pub(super) fn write_all(
                     reason: Some(reason),
                     rule: None,
                     whitening: None,
+                    experts: None,
                 }
             }
-            Outcome::Factored {
-                m,
-                n,
-                rank,
-                energy,
-                rel_error,
-                enc,
-                rule,
-                whitening,
-                u,
-                s,
-                vt,
-            } => {
-                let dtype = enc.stored_dtype();
-                let u_shape = enc.u_shape(m, rank).expect("encoded, so it fits");
-                let vt_shape = enc.vt_shape(rank, n).expect("encoded, so it fits");
-                let nbytes = (u.len() + s.len() + vt.len()) as u64;
-                let (un, sn, vn) = factor_names(&meta.name);
+            Outcome::Factored(f) => {
+                let nbytes = f.bytes_total();
                 if let Some(closed) = writer.begin_group(&meta.name, nbytes)? {
                     open_shard.journal(closed, i, journal)?;
                 }
-                writer.write_tensor(&un, dtype, &u_shape, &u)?;
-                writer.write_tensor(&sn, Dtype::F32, &[rank], &s)?;
-                writer.write_tensor(&vn, dtype, &vt_shape, &vt)?;
+                write_factors(&mut writer, &meta.name, &f)?;
+                factored_info(meta, f)
+            }
+            Outcome::Experts {
+                experts,
+                energy,
+                rel_error,
+            } => {
+                let [m, n] = experts_matrix(meta);
+                let slice = (m * n * meta.dense_dtype.size()) as u64;
+                let nbytes = experts
+                    .iter()
+                    .map(|e| match e {
+                        Expert::Dense(_) => slice,
+                        Expert::Factored(f) => f.bytes_total(),
+                    })
+                    .sum();
+                if let Some(closed) = writer.begin_group(&meta.name, nbytes)? {
+                    open_shard.journal(closed, i, journal)?;
+                }
+                write_experts(&mut writer, src, i, &experts, slice, cancel)?;
+                let rule = experts.iter().find_map(|e| match e {
+                    Expert::Factored(f) => f.rule.clone(),
+                    Expert::Dense(_) => None,
+                });
                 TensorInfo {
-                    kind: TensorKind::Factored,
+                    kind: TensorKind::Experts,
                     shape: meta.shape.clone(),
                     source_dtype: meta.source_dtype.clone(),
-                    stored_dtype: dtype,
+                    stored_dtype: meta.dense_dtype,
                     shard: String::new(),
                     matrix_shape: Some([m, n]),
-                    rank: Some(rank),
+                    rank: None,
                     energy: Some(energy),
                     rel_error: Some(rel_error),
-                    quant: enc.quant(),
+                    quant: None,
                     reason: None,
                     rule,
-                    whitening,
+                    whitening: None,
+                    experts: Some(
+                        experts
+                            .into_iter()
+                            .map(|e| expert_info(meta.dense_dtype, e))
+                            .collect(),
+                    ),
                 }
             }
         };
@@ -204,6 +225,139 @@ pub(super) fn write_all(
         });
     }
     Ok(writer.finish(manifest(job, tensors, totals))?)
+}
+
+impl Factored {
+    /// Bytes of the three stored factors.
+    fn bytes_total(&self) -> u64 {
+        (self.u.len() + self.s.len() + self.vt.len()) as u64
+    }
+}
+
+/// Writes the three factor tensors of `f` under the names of entry (or expert) `name`.
+fn write_factors(writer: &mut CheckpointWriter, name: &str, f: &Factored) -> Result<()> {
+    let dtype = f.enc.stored_dtype();
+    let u_shape = f.enc.u_shape(f.m, f.rank).expect("encoded, so it fits");
+    let vt_shape = f.enc.vt_shape(f.rank, f.n).expect("encoded, so it fits");
+    let (un, sn, vn) = factor_names(name);
+    writer.write_tensor(&un, dtype, &u_shape, &f.u)?;
+    writer.write_tensor(&sn, Dtype::F32, &[f.rank], &f.s)?;
+    writer.write_tensor(&vn, dtype, &vt_shape, &f.vt)?;
+    Ok(())
+}
+
+/// The manifest entry of a tensor stored as factors `f`.
+fn factored_info(meta: &TensorMeta, f: Factored) -> TensorInfo {
+    TensorInfo {
+        kind: TensorKind::Factored,
+        shape: meta.shape.clone(),
+        source_dtype: meta.source_dtype.clone(),
+        stored_dtype: f.enc.stored_dtype(),
+        shard: String::new(),
+        matrix_shape: Some([f.m, f.n]),
+        rank: Some(f.rank),
+        energy: Some(f.energy),
+        rel_error: Some(f.rel_error),
+        quant: f.enc.quant(),
+        reason: None,
+        rule: f.rule,
+        whitening: f.whitening,
+        experts: None,
+    }
+}
+
+/// The manifest record of one expert (dense experts keep the tensor's dense dtype).
+fn expert_info(dense_dtype: Dtype, e: Expert) -> ExpertInfo {
+    match e {
+        Expert::Dense(reason) => ExpertInfo {
+            kind: TensorKind::Dense,
+            stored_dtype: dense_dtype,
+            quant: None,
+            rank: None,
+            energy: None,
+            rel_error: None,
+            reason: Some(reason),
+        },
+        Expert::Factored(f) => ExpertInfo {
+            kind: TensorKind::Factored,
+            stored_dtype: f.enc.stored_dtype(),
+            quant: f.enc.quant(),
+            rank: Some(f.rank),
+            energy: Some(f.energy),
+            rel_error: Some(f.rel_error),
+            reason: None,
+        },
+    }
+}
+
+/// [m, n] of one expert of stacked experts tensor `meta` ([E, m, …]).
+fn experts_matrix(meta: &TensorMeta) -> [usize; 2] {
+    [meta.shape[1], meta.shape[2..].iter().product()]
+}
+
+/// Writes the experts of tensor `i` in order: a dense expert as its `slice` bytes of the
+/// tensor's dense copy (streamed from the source once, byte-identical to a dense entry's
+/// bytes), a factored one as its factors.
+fn write_experts(
+    writer: &mut CheckpointWriter,
+    src: &dyn Source,
+    i: usize,
+    experts: &[Expert],
+    slice: u64,
+    cancel: &std::sync::atomic::AtomicBool,
+) -> Result<()> {
+    let meta = &src.tensors()[i];
+    let dense_shape = &meta.shape[1..];
+    let write_factored = |writer: &mut CheckpointWriter, e: usize| -> Result<()> {
+        if let Some(Expert::Factored(f)) = experts.get(e) {
+            write_factors(writer, &expert_name(&meta.name, e), f)?;
+        }
+        Ok(())
+    };
+    if experts.iter().all(|e| matches!(e, Expert::Factored(_))) {
+        // Nothing to copy: the source is not read again.
+        return (0..experts.len()).try_for_each(|e| write_factored(writer, e));
+    }
+    // Position in the dense copy; expert `pos / slice` is the one being passed.
+    let mut pos = 0u64;
+    src.copy_dense(i, &mut |mut chunk| {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(ConvertError::Interrupted);
+        }
+        while !chunk.is_empty() {
+            let e = (pos / slice) as usize;
+            let offset = pos % slice;
+            let take = chunk.len().min((slice - offset) as usize);
+            match experts.get(e) {
+                Some(Expert::Dense(_)) => {
+                    if offset == 0 {
+                        let name = expert_name(&meta.name, e);
+                        writer.begin_tensor(&name, meta.dense_dtype, dense_shape)?;
+                    }
+                    writer.write(&chunk[..take])?;
+                    if offset + take as u64 == slice {
+                        writer.end_tensor()?;
+                    }
+                }
+                Some(Expert::Factored(_)) if offset == 0 => write_factored(writer, e)?,
+                _ => {}
+            }
+            pos += take as u64;
+            chunk = &chunk[take..];
+        }
+        Ok(())
+    })?;
+    if pos != slice * experts.len() as u64 {
+        return Err(ConvertError::Tensor {
+            path: src.file_path(meta.file).to_path_buf(),
+            tensor: meta.name.clone(),
+            reason: format!(
+                "its dense copy has {pos} bytes, expected {}",
+                slice * experts.len() as u64
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// The manifest of this run (shards and each tensor's shard are filled by the writer).
@@ -255,7 +409,7 @@ pub(crate) fn add_totals(totals: &mut Totals, source_bytes: u64, info: &TensorIn
     totals.stored_params += stored.params;
     totals.stored_bytes += stored.bytes;
     match info.kind {
-        TensorKind::Factored => totals.factored_tensors += 1,
+        TensorKind::Factored | TensorKind::Experts => totals.factored_tensors += 1,
         TensorKind::Dense => totals.dense_tensors += 1,
     }
 }

@@ -215,7 +215,7 @@ fn plan(ckpt: &Checkpoint, target: GgufTarget, meta: &Metadata) -> Result<Vec<Pl
             [] => vec![1],
             s => s.iter().rev().map(|&d| d as u64).collect(),
         };
-        let factored = info.rank.is_some();
+        let factored = info.has_factors();
         let (ty, fallback) =
             tensor_type(target, &info.source_dtype, info.stored_dtype, factored, &ne)
                 .ok_or_else(|| fail(format!("GGUF has no type for {}", info.stored_dtype)))?;
@@ -358,7 +358,7 @@ pub fn export_gguf(
         recomposed: manifest
             .tensors
             .values()
-            .filter(|t| t.rank.is_some())
+            .filter(|t| t.has_factors())
             .count(),
         adapted: adapter.as_ref().map_or(0, |a| {
             (planned.iter())

@@ -192,19 +192,38 @@ fn tensor_values<'a>(
                     let (left, right, q) = a.adapted_product(ckpt, name)?;
                     product(&left, &right, m, q, n)
                 }
-                None => {
-                    let (mut u, s, vt) = f
-                        .values_f64()
-                        .map_err(|what| fail(format!("cannot decode {what} ({})", f.encoding)))?;
-                    let r = f.rank;
-                    for row in u.chunks_exact_mut(r.max(1)) {
-                        row.iter_mut().zip(&s).for_each(|(x, sv)| *x *= sv);
-                    }
-                    product(&u, &vt, m, r, n)
-                }
+                None => recompose(&f).map_err(fail)?,
             }
         }),
+        // Every expert in turn, dense ones decoded (adapters never adapt experts).
+        TensorView::Experts(count) => {
+            let mut values = Vec::new();
+            for e in 0..count {
+                match ckpt.expert(name, e)? {
+                    TensorView::Factored(f) => values.extend(recompose(&f).map_err(fail)?),
+                    TensorView::Dense(t) => values.extend(
+                        decode_f64(t.dtype, t.bytes)
+                            .ok_or_else(|| fail(format!("cannot read {} values", t.dtype)))?,
+                    ),
+                    TensorView::Experts(_) => unreachable!("experts are dense or factored"),
+                }
+            }
+            Values::F64(values)
+        }
     })
+}
+
+/// U·diag(σ)·Vᵀ of stored factors, in f64.
+fn recompose(f: &cersa_loader::Factors<'_>) -> std::result::Result<Vec<f64>, String> {
+    let [m, n] = f.matrix_shape;
+    let (mut u, s, vt) = f
+        .values_f64()
+        .map_err(|what| format!("cannot decode {what} ({})", f.encoding))?;
+    let r = f.rank;
+    for row in u.chunks_exact_mut(r.max(1)) {
+        row.iter_mut().zip(&s).for_each(|(x, sv)| *x *= sv);
+    }
+    Ok(product(&u, &vt, m, r, n))
 }
 
 /// The bytes of one output tensor.
@@ -271,7 +290,7 @@ pub fn export_safetensors(
     let adapter = read_adapter(opts.adapter.as_deref(), &ckpt)?;
     let mut planned = Vec::new();
     for (name, info) in &ckpt.manifest().tensors {
-        let factored = info.rank.is_some();
+        let factored = info.has_factors();
         let stored = info.stored_dtype;
         let dtype = output_dtype(opts.dtype, &info.source_dtype, stored, factored);
         let numel = info.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
@@ -392,7 +411,7 @@ fn write_all(job: &Job, tmp: &Path) -> Result<ExportReport> {
         recomposed: manifest
             .tensors
             .values()
-            .filter(|t| t.rank.is_some())
+            .filter(|t| t.has_factors())
             .count(),
         adapted,
         tensor_bytes,

@@ -22,6 +22,16 @@ pub enum Precision {
     F64,
 }
 
+impl Precision {
+    /// Bytes per value.
+    pub fn size(self) -> usize {
+        match self {
+            Precision::F32 => 4,
+            Precision::F64 => 8,
+        }
+    }
+}
+
 /// A tensor's values decoded for decomposition, row-major.
 #[derive(Debug, Clone)]
 pub enum FloatData {
@@ -162,6 +172,17 @@ pub trait Source: Send + Sync {
     fn set_requantized_dtype(&mut self, _dtype: Dtype) {}
     /// Decodes tensor `i` to floats in its [`TensorMeta::float`] precision.
     fn read_float(&self, i: usize) -> Result<FloatData>;
+    /// Decodes part `part` of `parts` equal consecutive parts of tensor `i` (one expert of
+    /// a stacked experts tensor; `parts` divides the first dimension). Formats whose bytes
+    /// split the same way read only that part; the default decodes the whole tensor.
+    fn read_float_part(&self, i: usize, part: usize, parts: usize) -> Result<FloatData> {
+        let whole = self.read_float(i)?;
+        let len = whole.len() / parts.max(1);
+        Ok(match whole {
+            FloatData::F32(v) => FloatData::F32(v[part * len..(part + 1) * len].to_vec()),
+            FloatData::F64(v) => FloatData::F64(v[part * len..(part + 1) * len].to_vec()),
+        })
+    }
     /// Streams tensor `i` as bytes of its [`TensorMeta::dense_dtype`], in bounded chunks.
     fn copy_dense(&self, i: usize, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()>;
     /// Fails when a source file's size or mtime differs from when it was opened.

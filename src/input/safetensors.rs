@@ -177,6 +177,23 @@ impl Source for SafetensorsSource {
         Ok(out)
     }
 
+    fn read_float_part(&self, i: usize, part: usize, parts: usize) -> Result<FloatData> {
+        let (f, range) = self.bytes(i);
+        // Block-scaled FP8 needs its 2-D scale grid: decoded whole.
+        if self.scale_inv.contains_key(&i) || parts == 0 || range.len() % parts != 0 {
+            let whole = self.read_float(i)?;
+            let len = whole.len() / parts.max(1);
+            return Ok(match whole {
+                FloatData::F32(v) => FloatData::F32(v[part * len..(part + 1) * len].to_vec()),
+                FloatData::F64(v) => FloatData::F64(v[part * len..(part + 1) * len].to_vec()),
+            });
+        }
+        let len = range.len() / parts;
+        let start = range.start + part * len;
+        f.file
+            .read_float(start..start + len, &self.catalog.tensors[i])
+    }
+
     fn details(&self) -> std::collections::BTreeMap<String, serde_json::Value> {
         let mut names: Vec<&str> = self
             .scale_inv

@@ -13,6 +13,7 @@
 //! Every failed check is listed (the run does not stop at the first one); errors that make
 //! checking impossible (unreadable manifest or source, Ctrl-C) are returned as `Err`.
 
+mod experts;
 mod output_error;
 
 pub use output_error::output_relative_error;
@@ -281,7 +282,7 @@ fn check_finite(ckpt: &Checkpoint, report: &mut VerifyReport, cancel: &AtomicBoo
         .manifest()
         .tensors
         .par_iter()
-        .filter(|(_, info)| info.kind == TensorKind::Factored)
+        .filter(|(_, info)| info.kind != TensorKind::Dense)
         .map(|(name, _)| {
             interrupted(cancel)?;
             Ok(cersa_loader::non_finite_factors(ckpt, name))
@@ -460,6 +461,9 @@ fn compare_one(
         )));
     }
     match ckpt.get(name)? {
+        TensorView::Experts(count) => {
+            experts::compare_experts(ckpt, src, i, name, info, count, cancel)
+        }
         TensorView::Dense(raw) => {
             let mut offset = 0usize;
             let mut first_diff: Option<usize> = None;

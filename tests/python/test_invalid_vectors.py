@@ -69,15 +69,28 @@ def factor_values(raw, start, entry, info, suffix):
                          ).astype(np.float64)
 
 
-def non_finite_factors(d):
-    """[(shard file, stored factor name)] holding NaN/±Inf, in the order Rust's validate
-    lists them (entries by name, then u, s, vt)."""
-    manifest = json.load(open(os.path.join(d, "cersa.json")))
+def factored_matrices(manifest):
+    """(stored name, entry) of every factored matrix — factored entries, and the factored
+    experts NAME.cersa_expert.e of stacked experts entries (spec §2, revision 1.3) — in the
+    order Rust's validate scans them (entries by name, experts in order)."""
     out = []
     for name in sorted(manifest["tensors"]):
         info = manifest["tensors"][name]
-        if info["kind"] != "factored":
-            continue
+        if info["kind"] == "factored":
+            out.append((name, info))
+        for e, x in enumerate(info.get("experts") or []):
+            if x["kind"] == "factored":
+                out.append((f"{name}.cersa_expert.{e}", {
+                    **x, "shard": info["shard"], "matrix_shape": info["matrix_shape"]}))
+    return out
+
+
+def non_finite_factors(d):
+    """[(shard file, stored factor name)] holding NaN/±Inf, in the order Rust's validate
+    lists them (entries by name, experts in order, then u, s, vt)."""
+    manifest = json.load(open(os.path.join(d, "cersa.json")))
+    out = []
+    for name, info in factored_matrices(manifest):
         header, start, raw = read_shard(os.path.join(d, info["shard"]))
         for suffix in FACTOR_SUFFIXES:
             with np.errstate(invalid="ignore", over="ignore"):  # d = ±Inf times q = 0
@@ -136,7 +149,10 @@ def test_readers_open_valid_vector(case, which):
         assert ckpt.names() == sorted(json.load(open(os.path.join(d, "expected.json")))[
             "tensors"])
         for name in ckpt.names():
-            if ckpt.is_factored(name):
+            if ckpt.is_experts(name):
+                for e in range(ckpt.expert_count(name)):
+                    ckpt.reconstruct_expert(name, e)
+            elif ckpt.is_factored(name):
                 ckpt.factors(name)
             else:
                 ckpt.dense(name)
@@ -331,16 +347,62 @@ def check_against_rust(cersa_bin, d, want):
     return rust
 
 
-@pytest.mark.parametrize("case", sorted(MUTATIONS))
-def test_readers_match_rust_on_mutations(case, cersa_bin, tmp_path):
-    mutate, want = MUTATIONS[case]
+XN = "blk.0.ffn_up_exps.weight"  # valid/experts: expert 0 F16 factors, 1 dense, 2 Q8_0
+
+
+def _expert(e, **fields):
+    def edit(m):
+        m["tensors"][XN]["experts"][e].update(fields)
+        for k in [k for k, v in fields.items() if v is None]:
+            del m["tensors"][XN]["experts"][e][k]
+    return edit_manifest(edit)
+
+
+def _extra_expert_tensor(d):
+    p = os.path.join(d, SHARD)
+    header, start, raw = read_shard(p)
+    end = max(e["data_offsets"][1] for e in header.values())
+    header[XN + ".cersa_expert.3"] = {"dtype": "F32", "shape": [1], "data_offsets": [end, end + 4]}
+    set_header(p, json.dumps(header).encode(), raw[start:] + b"\0" * 4)
+    rehash(d)
+
+
+# (mutation of a copy of valid/experts, the issue: kind, file, tensor; None: valid)
+EXPERT_MUTATIONS = {
+    "without-format-minor": (_drop("format_minor"), None),
+    "record-unknown-quant": (_expert(2, quant="Q3_K"), ("manifest-invalid", "cersa.json", None)),
+    "record-without-stored-dtype": (_expert(0, stored_dtype=None),
+                                    ("manifest-invalid", "cersa.json", None)),
+    "record-without-rank": (_expert(2, rank=None),
+                            ("factored-without-rank", "cersa.json", XN + ".cersa_expert.2")),
+    "record-rank-above-min": (_expert(0, rank=7),
+                              ("rank-out-of-range", "cersa.json", XN + ".cersa_expert.0")),
+    "record-quant-not-u8": (_expert(2, stored_dtype="F16"),
+                            ("quant-stored-dtype", "cersa.json", XN + ".cersa_expert.2")),
+    "dense-expert-dtype": (_expert(1, stored_dtype="F16"),
+                           ("dtype-mismatch", SHARD, XN + ".cersa_expert.1")),
+    "factored-as-dense": (_expert(0, kind="dense"),
+                          ("tensor-missing", SHARD, XN + ".cersa_expert.0")),
+    "expert-past-the-last": (_extra_expert_tensor,
+                             ("stray-tensor", SHARD, XN + ".cersa_expert.3")),
+}
+
+
+@pytest.mark.parametrize("vector,case", [("basic", c) for c in sorted(MUTATIONS)]
+                         + [("experts", c) for c in sorted(EXPERT_MUTATIONS)])
+def test_readers_match_rust_on_mutations(vector, case, cersa_bin, tmp_path):
+    """Both readers stop where the Rust validator does. Stacked experts (revision 1.3):
+    each record is checked as an entry of its own named NAME.cersa_expert.e."""
+    mutate, want = (MUTATIONS if vector == "basic" else EXPERT_MUTATIONS)[case]
     d = str(tmp_path / case)
-    shutil.copytree(os.path.join(VECTORS, "valid", "basic"), d)
+    shutil.copytree(os.path.join(VECTORS, "valid", vector), d)
     mutate(d)
     check_against_rust(cersa_bin, d, want)
     for which in OPENERS:
         if want is None:
-            opener(which)(d)
+            ckpt = opener(which)(d)
+            if vector == "experts":
+                assert np.asarray(ckpt.experts(XN)).shape == (3, 6, 5, 8)
             continue
         with pytest.raises(cersa_torch.CersaFormatError) as err:
             opener(which)(d)
@@ -358,9 +420,8 @@ def poisoned_factors():
     out = []
     for case in VALID:
         m = json.load(open(os.path.join(VECTORS, "valid", case, "cersa.json")))
-        for name in sorted(m["tensors"]):
-            if m["tensors"][name]["kind"] == "factored":
-                out += [(case, name + suffix) for suffix in FACTOR_SUFFIXES]
+        for name, _ in factored_matrices(m):
+            out += [(case, name + suffix) for suffix in FACTOR_SUFFIXES]
     return out
 
 
@@ -371,7 +432,7 @@ def test_non_finite_factor_refused_in_every_dtype(case, stored, cersa_bin, tmp_p
     d = str(tmp_path / "ckpt")
     shutil.copytree(os.path.join(VECTORS, "valid", case), d)
     m = json.load(open(os.path.join(d, "cersa.json")))
-    info = m["tensors"][stored.rsplit(".cersa_", 1)[0]]
+    info = dict(factored_matrices(m))[stored.rsplit(".cersa_", 1)[0]]
     path = os.path.join(d, info["shard"])
     header, start, raw = read_shard(path)
     entry = header[stored]

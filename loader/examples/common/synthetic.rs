@@ -116,6 +116,7 @@ pub fn write_mlp(dir: &Path, layers: &[LayerSpec<'_>], seed: u64) -> cersa_loade
             reason: Some(DenseReason::NotAMatrix),
             rule: None,
             whitening: None,
+            experts: None,
         };
         tensors.insert(bias_name, base.clone());
         tensors.insert(

@@ -302,9 +302,21 @@ impl Source for GgufSource {
     }
 
     fn read_float(&self, i: usize) -> Result<FloatData> {
-        let (bytes, ty) = self.data(i)?;
+        self.read_float_part(i, 0, 1)
+    }
+
+    /// Expert slices of a stacked tensor are whole rows, so whole blocks: the part's bytes
+    /// are decoded alone.
+    fn read_float_part(&self, i: usize, index: usize, parts: usize) -> Result<FloatData> {
+        let (all, ty) = self.data(i)?;
         let (part, t) = self.header_tensor(i);
         let meta = &self.catalog.tensors[i];
+        if parts == 0 || all.len() % parts != 0 {
+            let reason = format!("{} bytes do not split into {parts} equal parts", all.len());
+            return Err(part.file.tensor_error(&meta.name, reason));
+        }
+        let len = all.len() / parts;
+        let bytes = &all[index * len..(index + 1) * len];
         let out = match meta.float {
             Some(Precision::F64) => {
                 FloatData::F64(decode_f64(Dtype::F64, bytes).ok_or_else(|| {
@@ -322,7 +334,8 @@ impl Source for GgufSource {
                 return Err(part.file.tensor_error(&meta.name, reason));
             }
         };
-        part.file.release(t.range.clone());
+        let start = t.range.start + index * len;
+        part.file.release(start..start + len);
         Ok(out)
     }
 
