@@ -223,3 +223,27 @@ def test_candle_and_torch_agree_on_dense_base_layers(family, mode, bases, candle
                 y = layer(x)
                 want = (y if layer.bias is None else y - layer.bias).double().numpy()
         assert np.abs(y_candle - want).max() <= 1e-5 * np.abs(want).max(), (name, mode)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_peft_export_of_dense_base_layers(family, bases, run_cersa, tmp_path):
+    """`export --to peft` writes a dense-base layer's update U·ΔM·Vᵀ as its LoRA: on the
+    plain export, PEFT gives the trained model's outputs."""
+    peft = pytest.importorskip("peft")
+    config, base = bases[family]
+    model = cersa_torch.load_hf(base, mode="core", k=3)
+    g = torch.Generator().manual_seed(7)
+    perturb_trainable(model, g)
+    adapter, plain, lora = tmp_path / "a.safetensors", tmp_path / "plain", tmp_path / "lora"
+    layers = cersa_torch.save_adapter(model, adapter)
+    ids = torch.randint(0, config.vocab_size, (2, 9), generator=g)
+    trained = logits(model, ids)
+    run_cersa("export", "-q", base, plain)
+    report = json.loads(run_cersa("export", "--to", "peft", "--adapter", adapter, "--json",
+                                  base, lora).stdout)
+    assert {m["module"] + ".weight" for m in report["modules"]} == set(layers)
+    assert all(m["rank"] == 3 for m in report["modules"])
+    peft_model = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(plain), str(lora)).eval()
+    got = logits(peft_model, ids)
+    assert np.abs(got - trained).max() <= 1e-5 * np.abs(trained).max()
