@@ -300,10 +300,17 @@ impl Adapter {
                     return Err(bad(
                         &mpath,
                         name,
-                        format!(
-                            "adapter expects a factored {:?} of rank {}",
-                            info.matrix_shape, info.rank
-                        ),
+                        match info.base {
+                            Base::Factored => format!(
+                                "adapter expects a factored {:?} of rank {}",
+                                info.matrix_shape, info.rank
+                            ),
+                            Base::Dense => format!(
+                                "adapter expects a dense {:?} matrix, the checkpoint stores \
+                                 stacked experts",
+                                info.matrix_shape
+                            ),
+                        },
                     ))
                 }
             }
