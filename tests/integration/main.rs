@@ -4,6 +4,7 @@ mod util;
 
 mod convert;
 mod cuda_route;
+mod experts;
 mod export;
 mod faults;
 mod gguf;
