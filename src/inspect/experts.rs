@@ -3,11 +3,10 @@
 //! sums over them.
 
 use super::{fill, InspectOptions, RankAtEnergy, TensorSpectrum};
-use crate::decompose::rank::frobenius2;
 use crate::decompose::Decomposer;
 use crate::error::{ConvertError, Result};
-use crate::input::{FloatData, Source};
-use crate::matrix::read_matrix;
+use crate::input::Source;
+use crate::matrix::{read_expert, Matrix};
 use crate::select::MatrixView;
 use crate::storage::Stored;
 use cersa_loader::{expert_name, DenseReason};
@@ -24,20 +23,7 @@ pub(super) fn analyse(
     spec: &mut TensorSpectrum,
 ) -> Result<()> {
     let t = &src.tensors()[i];
-    if opts.calibration.as_ref().is_some_and(|c| c.has(&t.name)) {
-        // As convert: experts are factored one at a time without whitening.
-        return Err(ConvertError::Tensor {
-            path: src.file_path(t.file).to_path_buf(),
-            tensor: t.name.clone(),
-            reason: "calibration statistics for a stacked experts tensor are not supported \
-                     (its experts are factored one at a time without whitening)"
-                .into(),
-        });
-    }
-    let Some(whole) = read_matrix(src, i)? else {
-        spec.reason = Some(DenseReason::Zero);
-        return Ok(());
-    };
+    crate::calibration::refuse_for_experts(opts.calibration.as_deref(), src, i)?;
     let (count, m, n) = (view.count(), view.m, view.n);
     let slice = m * n;
     // Every expert slice holds the same number of whole rows, so the source bytes divide.
@@ -45,15 +31,8 @@ pub(super) fn analyse(
     let experts = (0..count)
         .into_par_iter()
         .map(|e| {
-            let range = e * slice..(e + 1) * slice;
-            let data = match &whole.data {
-                FloatData::F32(v) => FloatData::F32(v[range].to_vec()),
-                FloatData::F64(v) => FloatData::F64(v[range].to_vec()),
-            };
-            let norm2 = match &data {
-                FloatData::F32(v) => frobenius2(v),
-                FloatData::F64(v) => frobenius2(v),
-            };
+            // One expert read at a time per worker, as convert does.
+            let matrix = read_expert(src, i, e, count, m, n)?;
             let name = expert_name(&t.name, e);
             let mut x = TensorSpectrum {
                 name: name.clone(),
@@ -72,10 +51,10 @@ pub(super) fn analyse(
                 whitened: false,
                 experts: Vec::new(),
             };
-            if norm2 == 0.0 {
+            let Some(Matrix { data, norm2, .. }) = matrix else {
                 x.reason = Some(DenseReason::Zero);
                 return Ok((x, 0.0));
-            }
+            };
             let sigma = decomposer.singular_values(&data, m, n).map_err(|source| {
                 ConvertError::Decompose {
                     tensor: name,
@@ -86,7 +65,13 @@ pub(super) fn analyse(
             Ok((x, norm2))
         })
         .collect::<Result<Vec<_>>>()?;
-    drop(whole);
+    if experts
+        .iter()
+        .all(|(x, _)| x.reason == Some(DenseReason::Zero))
+    {
+        spec.reason = Some(DenseReason::Zero);
+        return Ok(());
+    }
     spec.matrix_shape = Some([m, n]);
     spec.break_even_rank = Some(crate::decompose::rank::break_even_rank(m, n));
     let dense = Stored::dense(slice as u64, t.dense_dtype).bytes;
