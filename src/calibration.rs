@@ -92,6 +92,22 @@ impl std::fmt::Debug for Calibration {
     }
 }
 
+/// Refuses statistics for stacked experts tensor `i` of `src`: its experts are factored
+/// one at a time without whitening (convert and inspect alike).
+pub fn refuse_for_experts(cal: Option<&Calibration>, src: &dyn Source, i: usize) -> Result<()> {
+    let meta = &src.tensors()[i];
+    if !cal.is_some_and(|c| c.has(&meta.name)) {
+        return Ok(());
+    }
+    Err(ConvertError::Tensor {
+        path: src.file_path(meta.file).to_path_buf(),
+        tensor: meta.name.clone(),
+        reason: "calibration statistics for a stacked experts tensor are not supported (its \
+                 experts are factored one at a time without whitening)"
+            .into(),
+    })
+}
+
 impl Calibration {
     /// Opens and checks `path`: a safetensors file whose metadata says `cersa-calibration`
     /// version 1, whose every weight entry names a stored square F32/F64 statistic.

@@ -1,9 +1,16 @@
 //! `inspect`: ranks and energies of a source (singular values only) or of a CERSA
 //! directory (what its validated manifest says). Both reports are a documented JSON wire
-//! format (`schema_version` 2), see README "inspect --json".
+//! format (`schema_version` 3, docs/inspect-json.md). A stacked experts tensor is analysed
+//! one expert at a time, as `convert` factors it.
 
+pub mod checkpoint;
+mod experts;
 pub mod groups;
 pub mod metrics;
+
+pub use checkpoint::{
+    expert_ranks, function_warnings, inspect_checkpoint, CheckpointReport, StoredTensor,
+};
 
 use crate::decompose::rank::{break_even_rank, energy_at, saves, RankRule};
 use crate::decompose::Decomposer;
@@ -12,17 +19,19 @@ use crate::input::Source;
 use crate::matrix::{read_matrix, Matrix};
 use crate::select::Selection;
 use crate::storage::{FactorDtype, Stored};
-use cersa_loader::{Checkpoint, DenseReason, Dtype, TensorKind};
-use groups::{group, Contribution, GroupRow};
+use cersa_loader::{DenseReason, Dtype};
+use groups::{group, At, Contribution, GroupRow};
 use metrics::{kind_and_layer, spectrum_metrics, SpectrumMetrics};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-/// Version of the inspect JSON schema (2: metrics, bytes, groups; 1: ranks only).
-pub const SCHEMA_VERSION: u32 = 2;
+/// Version of the inspect JSON schema (3: stacked experts analysed per expert, `experts`;
+/// 2: metrics, bytes, groups; 1: ranks only).
+pub const SCHEMA_VERSION: u32 = 3;
 
-/// Rank of a matrix at one energy threshold.
+/// Rank of a matrix at one energy threshold. For a stacked experts tensor, the sums over its
+/// experts (see [`TensorSpectrum::experts`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RankAtEnergy {
     /// τ.
@@ -76,6 +85,12 @@ pub struct TensorSpectrum {
     /// spectrum, metrics, ranks and energies are of the whitened matrix W·L (or Lᵀ·W).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub whitened: bool,
+    /// A selected stacked experts tensor: each expert's `[m, n]` matrix analysed on its own,
+    /// named `NAME.cersa_expert.e`, in expert order. The tensor's `matrix_shape` and
+    /// `break_even_rank` are then those of one expert, its `metrics` `null`, and each of its
+    /// `ranks` sums the experts' (see docs/inspect-json.md). Absent for other tensors.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub experts: Vec<TensorSpectrum>,
 }
 
 /// Totals at one threshold.
@@ -194,9 +209,15 @@ pub fn inspect_source(
                 ranks: Vec::new(),
                 singular_values: Vec::new(),
                 whitened: false,
+                experts: Vec::new(),
             };
             if spec.reason.is_none() {
-                analyse(src, i, opts, decomposer, &mut spec)?;
+                match selection.is_experts(t) {
+                    true => {
+                        experts::analyse(src, i, selection.view(t), opts, decomposer, &mut spec)?
+                    }
+                    false => analyse(src, i, opts, decomposer, &mut spec)?,
+                }
             }
             progress(done.fetch_add(1, Ordering::Relaxed) + 1, total);
             Ok(spec)
@@ -213,8 +234,9 @@ pub fn inspect_source(
             let (stored, bytes) = contributions
                 .iter()
                 .map(|c| {
-                    c.at.get(k)
-                        .map_or((c.params, c.source_bytes), |a| (a.0, a.1))
+                    c.at.get(k).map_or((c.params, c.source_bytes), |a| {
+                        (a.stored_params, a.stored_bytes)
+                    })
                 })
                 .fold((0u64, 0u64), |(p, b), (x, y)| (p + x, b + y));
             TotalAtEnergy {
@@ -230,11 +252,7 @@ pub fn inspect_source(
     let totals = SourceTotals {
         tensors: tensors.len(),
         params,
-        selected_params: tensors
-            .iter()
-            .filter(|t| t.matrix_shape.is_some())
-            .map(|t| t.params)
-            .sum(),
+        selected_params: tensors.iter().flat_map(matrices).map(|t| t.params).sum(),
         source_bytes,
         at_energy,
     };
@@ -253,27 +271,48 @@ pub fn inspect_source(
     })
 }
 
+/// The analysed matrices of a source tensor: itself, or its analysed experts.
+pub fn matrices(t: &TensorSpectrum) -> Vec<&TensorSpectrum> {
+    match (t.experts.is_empty(), t.matrix_shape.is_some()) {
+        (false, _) => t
+            .experts
+            .iter()
+            .filter(|x| x.matrix_shape.is_some())
+            .collect(),
+        (true, true) => vec![t],
+        (true, false) => Vec::new(),
+    }
+}
+
 /// What a source tensor adds to the group and total sums at each threshold.
 fn contribution(t: &TensorSpectrum) -> Contribution<'_> {
+    let ms = matrices(t);
     Contribution {
         kind: &t.module_kind,
         layer: t.layer,
         params: t.params,
         source_bytes: t.source_bytes,
-        is_matrix: t.matrix_shape.is_some(),
+        matrices: ms.len(),
         at: t
             .ranks
             .iter()
-            .map(|r| {
-                if r.saves {
-                    (
-                        r.factored_params,
-                        r.stored_bytes,
-                        Some(r.rank_fraction),
-                        true,
-                    )
-                } else {
-                    (t.params, r.stored_bytes, Some(r.rank_fraction), false)
+            .enumerate()
+            .map(|(k, r)| {
+                let at: Vec<&RankAtEnergy> = ms.iter().filter_map(|x| x.ranks.get(k)).collect();
+                // Zero experts stay dense: their params count as stored.
+                let analysed: u64 = ms.iter().map(|x| x.params).sum();
+                let factored: u64 = ms
+                    .iter()
+                    .map(|x| match x.ranks.get(k) {
+                        Some(a) if a.saves => a.factored_params,
+                        _ => x.params,
+                    })
+                    .sum();
+                At {
+                    stored_params: t.params - analysed + factored,
+                    stored_bytes: r.stored_bytes,
+                    rank_fractions: at.iter().map(|a| a.rank_fraction).collect(),
+                    saving: at.iter().filter(|a| a.saves).count(),
                 }
             })
             .collect(),
@@ -325,9 +364,24 @@ fn analyse(
                 source,
             })?;
     drop(data);
-    // Bytes as `convert --dtype source` would store them.
-    let factor_dtype = FactorDtype::Source.resolve(t.dense_dtype);
-    let dense_bytes = Stored::dense(t.numel(), t.dense_dtype).bytes;
+    fill(spec, sigma, norm2, m, n, t.dense_dtype, opts);
+    Ok(())
+}
+
+/// Fills what the singular values `sigma` of an `m`×`n` matrix with ‖W‖_F² = `norm2` tell:
+/// its metrics and, at each τ, the rank and the bytes `convert --dtype source` would store
+/// (`dense_dtype`: the dtype of its dense copy).
+fn fill(
+    spec: &mut TensorSpectrum,
+    sigma: Vec<f64>,
+    norm2: f64,
+    m: usize,
+    n: usize,
+    dense_dtype: Dtype,
+    opts: &InspectOptions,
+) {
+    let factor_dtype = FactorDtype::Source.resolve(dense_dtype);
+    let dense_bytes = Stored::dense(spec.params, dense_dtype).bytes;
     spec.matrix_shape = Some([m, n]);
     spec.break_even_rank = Some(break_even_rank(m, n));
     spec.metrics = spectrum_metrics(&sigma, norm2);
@@ -356,79 +410,6 @@ fn analyse(
     if opts.keep_singular_values {
         spec.singular_values = sigma;
     }
-    Ok(())
-}
-
-/// One tensor of a CERSA directory report.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StoredTensor {
-    /// Tensor name.
-    pub name: String,
-    /// `factored` or `dense`.
-    pub kind: TensorKind,
-    /// Original shape.
-    pub shape: Vec<usize>,
-    /// Dtype in the source.
-    pub source_dtype: String,
-    /// Stored dtype (factored: the factors' dtype, or their quantization, e.g. `Q8_0`).
-    pub stored_dtype: String,
-    /// Module kind: the name without its layer index.
-    pub module_kind: String,
-    /// Layer index (the first all-digit name segment).
-    pub layer: Option<usize>,
-    /// Rank (factored).
-    pub rank: Option<usize>,
-    /// rank / min(m, n) (factored).
-    pub rank_fraction: Option<f64>,
-    /// Retained energy (factored).
-    pub energy: Option<f64>,
-    /// Relative Frobenius error of the stored factors (factored).
-    pub rel_error: Option<f64>,
-    /// What the truncation alone costs, √(1 − energy) (factored).
-    pub truncation_error: Option<f64>,
-    /// Share of the squared error that storing adds to the truncation's (rounding to the
-    /// factor dtype, or quantization): (rel_error² − truncation_error²) / rel_error²,
-    /// at least 0 (factored; 0 when rel_error is 0).
-    pub rounding_share: Option<f64>,
-    /// Whitened entries (`convert --calibration`): ‖(W − Ŵ)·X‖_F / ‖W·X‖_F on the
-    /// calibration inputs. Then `energy`, `truncation_error` and `rounding_share` are of
-    /// the output metric, `rel_error` still of the weights.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub output_rel_error: Option<f64>,
-    /// Why dense (dense).
-    pub reason: Option<DenseReason>,
-    /// Elements in the source tensor.
-    pub params: u64,
-    /// Elements stored.
-    pub stored_params: u64,
-    /// Bytes stored.
-    pub stored_bytes: u64,
-    /// Bytes in the source (`null` for source dtypes without a fixed element size, e.g.
-    /// quantized GGUF blocks).
-    pub source_bytes: Option<u64>,
-}
-
-/// `cersa inspect OUT_DIR --json`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CheckpointReport {
-    /// [`SCHEMA_VERSION`].
-    pub schema_version: u32,
-    /// Always `"cersa"`.
-    pub kind: String,
-    /// τ the checkpoint was made with.
-    pub energy: f64,
-    /// Tensors sorted by name.
-    pub tensors: Vec<StoredTensor>,
-    /// The manifest's totals.
-    pub totals: cersa_loader::manifest::Totals,
-    /// Sums per module kind (one `at_energy` entry: the checkpoint's τ), largest first.
-    pub by_kind: Vec<GroupRow>,
-    /// Sums per layer index, tensors outside layers (`"-"`) last.
-    pub by_layer: Vec<GroupRow>,
-    /// Settings known to break the model's function (see [`function_warnings`]); absent
-    /// when there are none.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub warnings: Vec<String>,
 }
 
 /// Plain truncation that keeps less than this share of any factored matrix's energy was
@@ -441,9 +422,11 @@ pub const PLAIN_ENERGY_THAT_WORKS: f64 = 0.99;
 pub const WHITENED_ENERGY_THAT_WORKS: f64 = 0.99;
 
 /// The measured figures the warnings cite (`bench/quality.py`).
-const PLAIN_MEASURED: &str = "SmolLM2-135M at τ = 0.90: held-out perplexity 4.8 million vs \
+pub(crate) const PLAIN_MEASURED: &str =
+    "SmolLM2-135M at τ = 0.90: held-out perplexity 4.8 million vs \
                               18.7 dense; bench/quality.py";
-const WHITENED_MEASURED: &str = "SmolLM2-135M whitened at τ = 0.95: held-out perplexity 178 \
+pub(crate) const WHITENED_MEASURED: &str =
+    "SmolLM2-135M whitened at τ = 0.95: held-out perplexity 178 \
                                  vs 18.7 dense, at 0.99: 28.7; bench/quality.py";
 
 /// What the measurements say about the thresholds a source is inspected at (`whitened`:
@@ -476,114 +459,4 @@ pub fn source_warnings(energies: &[f64], whitened: bool) -> Vec<String> {
          to keep the model working at fewer bytes.",
         low.join(", ")
     )]
-}
-
-/// What the measurements say about a checkpoint's setting, in words.
-pub fn function_warnings(man: &cersa_loader::Manifest) -> Vec<String> {
-    let low = |whitened: bool, level: f64| {
-        man.tensors
-            .values()
-            .filter(|t| t.whitening.is_some() == whitened)
-            .filter_map(|t| t.energy)
-            .filter(|&e| e < level)
-            .count()
-    };
-    let mut out = Vec::new();
-    let plain_low = low(false, PLAIN_ENERGY_THAT_WORKS);
-    if plain_low > 0 {
-        out.push(format!(
-            "{plain_low} matrices keep less than {PLAIN_ENERGY_THAT_WORKS} of their weight \
-             energy with plain truncation: measured to break the model before any \
-             training ({PLAIN_MEASURED}). Convert with --calibration (whitened truncation) \
-             to keep it working at fewer bytes."
-        ));
-    }
-    let white_low = low(true, WHITENED_ENERGY_THAT_WORKS);
-    if white_low > 0 {
-        out.push(format!(
-            "{white_low} whitened matrices keep less than {WHITENED_ENERGY_THAT_WORKS} of \
-             their output energy on the calibration text: measured to cost the model most \
-             of its function before training ({WHITENED_MEASURED}). Check it with \
-             `python -m cersa_torch.evaluate` before training on it."
-        ));
-    }
-    out
-}
-
-/// Opens and validates a CERSA directory and reports what it stores.
-pub fn inspect_checkpoint(ckpt: &Checkpoint) -> CheckpointReport {
-    let man = ckpt.manifest();
-    let tensors = man
-        .tensors
-        .iter()
-        .map(|(name, t)| {
-            let params: u64 = t.shape.iter().map(|&d| d as u64).product();
-            let stored = Stored::of(t);
-            let (module_kind, layer) = kind_and_layer(name);
-            let truncation_error = t.energy.map(|e| (1.0 - e).max(0.0).sqrt());
-            let output_rel_error = t.whitening.as_ref().map(|w| w.output_rel_error);
-            // The storing's share of the error in the metric the truncation was made in.
-            let measured = output_rel_error.or(t.rel_error);
-            let rounding_share = measured.zip(truncation_error).map(|(rel, trunc)| {
-                if rel > 0.0 {
-                    ((rel * rel - trunc * trunc) / (rel * rel)).max(0.0)
-                } else {
-                    0.0
-                }
-            });
-            StoredTensor {
-                name: name.clone(),
-                kind: t.kind,
-                shape: t.shape.clone(),
-                source_dtype: t.source_dtype.clone(),
-                stored_dtype: t.factor_type(),
-                module_kind,
-                layer,
-                rank: t.rank,
-                rank_fraction: t
-                    .matrix_shape
-                    .zip(t.rank)
-                    .map(|([m, n], r)| r as f64 / m.min(n) as f64),
-                energy: t.energy,
-                rel_error: t.rel_error,
-                truncation_error,
-                rounding_share,
-                output_rel_error,
-                reason: t.reason,
-                params,
-                stored_params: stored.params,
-                stored_bytes: stored.bytes,
-                source_bytes: Dtype::parse(&t.source_dtype)
-                    .and_then(|d| params.checked_mul(d.size() as u64)),
-            }
-        })
-        .collect::<Vec<StoredTensor>>();
-    let contributions: Vec<Contribution<'_>> = tensors
-        .iter()
-        .map(|t| Contribution {
-            kind: &t.module_kind,
-            layer: t.layer,
-            params: t.params,
-            source_bytes: t.source_bytes.unwrap_or(t.stored_bytes),
-            is_matrix: t.kind == TensorKind::Factored,
-            at: vec![(
-                t.stored_params,
-                t.stored_bytes,
-                t.rank_fraction,
-                t.kind == TensorKind::Factored,
-            )],
-        })
-        .collect();
-    let (by_kind, by_layer) = group(&[man.config.energy], &contributions);
-    drop(contributions);
-    CheckpointReport {
-        schema_version: SCHEMA_VERSION,
-        kind: "cersa".into(),
-        energy: man.config.energy,
-        tensors,
-        totals: man.totals.clone(),
-        by_kind,
-        by_layer,
-        warnings: function_warnings(man),
-    }
 }

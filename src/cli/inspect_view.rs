@@ -2,7 +2,9 @@
 
 use super::output::{human, table};
 use crate::inspect::groups::GroupRow;
-use crate::inspect::{CheckpointReport, SourceReport};
+use crate::inspect::{
+    expert_ranks, matrices, CheckpointReport, SourceReport, StoredTensor, TensorSpectrum,
+};
 use clap::ValueEnum;
 use std::fmt::Write;
 
@@ -57,6 +59,53 @@ fn group_table(rows: &[GroupRow], first: &str, thresholds: &[f64]) -> String {
     table(&header, &body)
 }
 
+/// A source tensor, then its experts (stacked experts tensors): one row each.
+fn with_experts(t: &TensorSpectrum) -> impl Iterator<Item = &TensorSpectrum> {
+    std::iter::once(t).chain(&t.experts)
+}
+
+/// A stored tensor, then its experts (experts entries): one row each.
+fn stored_with_experts(t: &StoredTensor) -> impl Iterator<Item = &StoredTensor> {
+    std::iter::once(t).chain(&t.experts)
+}
+
+/// The rank at threshold index `k`: `r (f%)`, `*` when the factors would not be smaller;
+/// for a stacked experts tensor the experts' range and mean fraction, `*` when no expert's
+/// factors would be smaller.
+fn rank_cell(t: &TensorSpectrum, k: usize) -> String {
+    let Some(a) = t.ranks.get(k) else {
+        return String::new();
+    };
+    let star = if a.saves { "" } else { "*" };
+    let ranks = || {
+        t.experts
+            .iter()
+            .filter_map(|x| x.ranks.get(k))
+            .map(|x| x.rank)
+    };
+    match (ranks().min(), t.experts.is_empty()) {
+        (Some(lo), false) if lo != a.rank => {
+            format!("{lo}–{} ({:.0}%){star}", a.rank, 100.0 * a.rank_fraction)
+        }
+        _ => format!("{} ({:.0}%){star}", a.rank, 100.0 * a.rank_fraction),
+    }
+}
+
+/// The stored rank: `r (f%)`; for an experts entry the range and median of its factored
+/// experts' ranks and how many are factored.
+fn stored_rank_cell(t: &StoredTensor) -> String {
+    if let Some((lo, med, hi, factored)) = expert_ranks(t) {
+        return format!(
+            "{lo}–{hi}, median {med} ({factored}/{} factored)",
+            t.experts.len()
+        );
+    }
+    t.rank
+        .zip(t.rank_fraction)
+        .map(|(r, f)| format!("{r} ({:.0}%)", 100.0 * f))
+        .unwrap_or_default()
+}
+
 /// `cersa inspect SRC` on a terminal.
 pub fn source_view(r: &SourceReport, by: GroupBy) -> String {
     let mut out = match by {
@@ -83,6 +132,7 @@ pub fn source_view(r: &SourceReport, by: GroupBy) -> String {
                 .tensors
                 .iter()
                 .filter(|t| t.matrix_shape.is_some())
+                .flat_map(with_experts)
                 .map(|t| {
                     let mut row = vec![t.name.clone(), format!("{:?}", t.shape), t.dtype.clone()];
                     match &t.metrics {
@@ -95,13 +145,8 @@ pub fn source_view(r: &SourceReport, by: GroupBy) -> String {
                         }
                         None => row.extend(vec![String::new(); 5]),
                     }
-                    for k in &t.ranks {
-                        row.push(format!(
-                            "{} ({:.0}%){}",
-                            k.rank,
-                            100.0 * k.rank_fraction,
-                            if k.saves { "" } else { "*" }
-                        ));
+                    for k in 0..t.ranks.len() {
+                        row.push(rank_cell(t, k));
                     }
                     row.push(t.break_even_rank.map(|b| b.to_string()).unwrap_or_default());
                     row
@@ -110,17 +155,23 @@ pub fn source_view(r: &SourceReport, by: GroupBy) -> String {
             table(&header, &rows)
         }
     };
-    let analysed = r
+    let analysed: usize = r.tensors.iter().map(|t| matrices(t).len()).sum();
+    let kept = r
         .tensors
         .iter()
-        .filter(|t| t.matrix_shape.is_some())
+        .filter(|t| t.matrix_shape.is_none())
         .count();
+    let stacked = r.tensors.iter().filter(|t| !t.experts.is_empty()).count();
     let _ = writeln!(
         out,
-        "\n{} tensors ({} matrices analysed, {} kept dense), {} params, {} dense{}",
+        "\n{} tensors ({} matrices analysed{}, {} kept dense), {} params, {} dense{}",
         r.totals.tensors,
         analysed,
-        r.totals.tensors - analysed,
+        match stacked {
+            0 => String::new(),
+            k => format!(", the experts of {k} stacked tensors one by one"),
+        },
+        kept,
         human(r.totals.params),
         bytes(r.totals.source_bytes),
         if by == GroupBy::None {
@@ -190,16 +241,14 @@ pub fn checkpoint_view(r: &CheckpointReport, by: GroupBy) -> String {
             let rows: Vec<Vec<String>> = r
                 .tensors
                 .iter()
+                .flat_map(stored_with_experts)
                 .map(|t| {
                     vec![
                         t.name.clone(),
                         format!("{:?}", t.kind).to_lowercase(),
                         format!("{:?}", t.shape),
                         t.stored_dtype.clone(),
-                        t.rank
-                            .zip(t.rank_fraction)
-                            .map(|(r, f)| format!("{r} ({:.0}%)", 100.0 * f))
-                            .unwrap_or_default(),
+                        stored_rank_cell(t),
                         t.energy.map(|e| format!("{e:.4}")).unwrap_or_default(),
                         t.rel_error.map(|e| format!("{e:.4}")).unwrap_or_default(),
                         share(t.rounding_share),
@@ -287,6 +336,7 @@ pub fn source_csv(r: &SourceReport) -> String {
     let rows: Vec<Vec<String>> = r
         .tensors
         .iter()
+        .flat_map(with_experts)
         .map(|t| {
             let m = t.metrics.as_ref();
             let mut row = vec![
@@ -361,6 +411,7 @@ pub fn checkpoint_csv(r: &CheckpointReport) -> String {
     let rows: Vec<Vec<String>> = r
         .tensors
         .iter()
+        .flat_map(stored_with_experts)
         .map(|t| {
             vec![
                 t.name.clone(),

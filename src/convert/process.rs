@@ -127,15 +127,7 @@ fn process_experts(
     decomposer: &dyn Decomposer,
 ) -> Result<Outcome> {
     let meta = &src.tensors()[i];
-    if opts.calibration.as_ref().is_some_and(|c| c.has(&meta.name)) {
-        return Err(ConvertError::Tensor {
-            path: src.file_path(meta.file).to_path_buf(),
-            tensor: meta.name.clone(),
-            reason: "calibration statistics for a stacked experts tensor are not supported \
-                     (its experts are factored one at a time without whitening)"
-                .into(),
-        });
-    }
+    crate::calibration::refuse_for_experts(opts.calibration.as_deref(), src, i)?;
     let mut pieces = Vec::with_capacity(count);
     let (mut total, mut kept, mut residual) = (0f64, 0f64, 0f64);
     for e in 0..count {

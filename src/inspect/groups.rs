@@ -36,15 +36,26 @@ pub struct GroupRow {
     pub at_energy: Vec<GroupAtEnergy>,
 }
 
-/// What a row contributes to its groups.
+/// What a tensor contributes to its groups at one threshold.
+pub(crate) struct At {
+    pub stored_params: u64,
+    pub stored_bytes: u64,
+    /// r / min(m, n) of each of its matrices (one, or one per expert).
+    pub rank_fractions: Vec<f64>,
+    /// How many of its matrices save memory at τ.
+    pub saving: usize,
+}
+
+/// What a tensor contributes to its groups.
 pub(crate) struct Contribution<'a> {
     pub kind: &'a str,
     pub layer: Option<usize>,
     pub params: u64,
     pub source_bytes: u64,
-    pub is_matrix: bool,
-    /// Per threshold: (stored params, stored bytes, rank fraction if a matrix, saves).
-    pub at: Vec<(u64, u64, Option<f64>, bool)>,
+    /// Analysed (or factored) matrices: 0, 1, or one per expert of a stacked tensor.
+    pub matrices: usize,
+    /// Per threshold; empty when not analysed (then stored dense).
+    pub at: Vec<At>,
 }
 
 /// Groups by kind (sorted by source bytes, largest first, then name) and by layer
@@ -91,11 +102,11 @@ fn sum(key: String, thresholds: &[f64], rows: &[&Contribution<'_>]) -> GroupRow 
             let mut fractions = Vec::new();
             for r in rows {
                 match r.at.get(k) {
-                    Some(&(p, b, f, saves)) => {
-                        out.stored_params += p;
-                        out.stored_bytes += b;
-                        fractions.extend(f);
-                        out.saving_matrices += usize::from(saves);
+                    Some(a) => {
+                        out.stored_params += a.stored_params;
+                        out.stored_bytes += a.stored_bytes;
+                        fractions.extend(&a.rank_fractions);
+                        out.saving_matrices += a.saving;
                     }
                     None => {
                         out.stored_params += r.params;
@@ -113,7 +124,7 @@ fn sum(key: String, thresholds: &[f64], rows: &[&Contribution<'_>]) -> GroupRow 
     GroupRow {
         key,
         tensors: rows.len(),
-        matrices: rows.iter().filter(|r| r.is_matrix).count(),
+        matrices: rows.iter().map(|r| r.matrices).sum(),
         params: rows.iter().map(|r| r.params).sum(),
         source_bytes: rows.iter().map(|r| r.source_bytes).sum(),
         at_energy,

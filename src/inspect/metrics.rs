@@ -50,7 +50,13 @@ pub fn spectrum_metrics(sigma: &[f64], norm2: f64) -> Option<SpectrumMetrics> {
 /// `weight`/`bias` removed (`encoder.layer.3.attention.self.query.weight` →
 /// (`attention.self.query`, 3); `blk.7.attn_q.weight` → (`attn_q`, 7)). Names without an
 /// index keep their prefix (`embeddings.word_embeddings.weight` → `embeddings.word_embeddings`).
+/// Expert `e` of a stacked experts tensor, `NAME.cersa_expert.e`, has the kind and layer of
+/// `NAME`.
 pub fn kind_and_layer(name: &str) -> (String, Option<usize>) {
+    let name = match name.rsplit_once(cersa_loader::manifest::INFIX_EXPERT) {
+        Some((base, e)) if !e.is_empty() && e.bytes().all(|b| b.is_ascii_digit()) => base,
+        _ => name,
+    };
     let parts: Vec<&str> = name.split('.').collect();
     let is_index = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
     let first = parts.iter().position(|p| is_index(p));
@@ -96,6 +102,14 @@ mod tests {
         assert_eq!(
             kind_and_layer("embeddings.word_embeddings.weight"),
             ("embeddings.word_embeddings".into(), None)
+        );
+        assert_eq!(
+            kind_and_layer("blk.2.ffn_up_exps.weight.cersa_expert.11"),
+            ("ffn_up_exps".into(), Some(2))
+        );
+        assert_eq!(
+            kind_and_layer("model.layers.3.mlp.experts.down_proj.cersa_expert.0"),
+            ("mlp.experts.down_proj".into(), Some(3))
         );
         assert_eq!(kind_and_layer("weight"), ("weight".into(), None));
         assert_eq!(kind_and_layer("h.0.weight"), ("weight".into(), Some(0)));

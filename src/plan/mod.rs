@@ -8,7 +8,9 @@ use crate::decompose::Decomposer;
 use crate::error::{ConvertError, Result};
 use crate::input::Source;
 use crate::inspect::{inspect_source, InspectOptions};
+use crate::select::Selection;
 use crate::storage::{FactorDtype, Stored};
+use cersa_loader::manifest::INFIX_EXPERT;
 use cersa_loader::{FactorEncoding, Quant};
 use serde::{Deserialize, Serialize};
 use solve::{Candidate, Choice};
@@ -167,31 +169,38 @@ pub fn make_plan(
     let mut cands = Vec::new();
     let mut keeps = Vec::new();
     for (t, meta) in report.tensors.iter().zip(metas) {
-        let dense = Stored::dense(meta.numel(), meta.dense_dtype).bytes;
-        let (Some([m, n]), Some(metrics)) = (t.matrix_shape, &t.metrics) else {
-            fixed += dense;
-            continue;
+        // A stacked experts tensor is one matrix per expert (named NAME.cersa_expert.e).
+        let experts = match t.experts.is_empty() {
+            true => std::slice::from_ref(t),
+            false => &t.experts[..],
         };
-        let norm2 = metrics.frobenius_norm * metrics.frobenius_norm;
-        let mut cum = 0.0;
-        let energy: Vec<f64> = t
-            .singular_values
-            .iter()
-            .map(|s| {
-                cum += s * s;
-                (cum / norm2).min(1.0)
-            })
-            .collect();
-        let enc = opts.dtype.resolve(meta.dense_dtype);
-        // Quantized factors keep ≈ E(r)·(1 − 2q): each rank-1 term loses σ²(q_u + q_v).
-        let keep = 1.0 - 2.0 * quant_vector_sq_error(enc);
-        cands.push(Candidate {
-            per_rank: Stored::factored(m, n, 1, enc).bytes,
-            dense_bytes: dense,
-            energy: energy.into_iter().map(|e: f64| e * keep).collect(),
-        });
-        keeps.push(keep);
-        names.push((t.name.clone(), [m, n]));
+        for x in experts {
+            let dense = Stored::dense(x.params, meta.dense_dtype).bytes;
+            let (Some([m, n]), Some(metrics)) = (x.matrix_shape, &x.metrics) else {
+                fixed += dense;
+                continue;
+            };
+            let norm2 = metrics.frobenius_norm * metrics.frobenius_norm;
+            let mut cum = 0.0;
+            let energy: Vec<f64> = x
+                .singular_values
+                .iter()
+                .map(|s| {
+                    cum += s * s;
+                    (cum / norm2).min(1.0)
+                })
+                .collect();
+            let enc = opts.dtype.resolve(meta.dense_dtype);
+            // Quantized factors keep ≈ E(r)·(1 − 2q): each rank-1 term loses σ²(q_u + q_v).
+            let keep = 1.0 - 2.0 * quant_vector_sq_error(enc);
+            cands.push(Candidate {
+                per_rank: Stored::factored(m, n, 1, enc).bytes,
+                dense_bytes: dense,
+                energy: energy.into_iter().map(|e: f64| e * keep).collect(),
+            });
+            keeps.push(keep);
+            names.push((x.name.clone(), [m, n]));
+        }
     }
     let source_bytes = report.totals.source_bytes;
     let budget = match opts.budget {
@@ -319,19 +328,14 @@ impl Plan {
         }
         // The plan is a file the user may edit: every entry must name a matrix of this
         // source with its matrix view, and a rank in 1..=min(m, n).
+        let selection = Selection::new(&self.include, &self.exclude, src.default_excludes())?;
         for (name, e) in &self.tensors {
-            let Some(meta) = src.tensors().iter().find(|t| &t.name == name) else {
+            let [m, n] = planned_view(src, &selection, name)?;
+            if e.matrix_shape != [m, n] {
                 return Err(ConvertError::Options(format!(
-                    "plan entry {name:?}: the source has no such tensor"
-                )));
-            };
-            let m = meta.shape.first().copied().unwrap_or(0);
-            let n: usize = meta.shape.iter().skip(1).product();
-            if meta.shape.len() < 2 || e.matrix_shape != [m, n] {
-                return Err(ConvertError::Options(format!(
-                    "plan entry {name:?}: matrix_shape {:?}, but the source tensor has shape \
-                     {:?}",
-                    e.matrix_shape, meta.shape
+                    "plan entry {name:?}: matrix_shape {:?}, but the source's matrix is \
+                     [{m}, {n}]",
+                    e.matrix_shape
                 )));
             }
             if let Some(r) = e.rank {
@@ -345,5 +349,50 @@ impl Plan {
             }
         }
         Ok(())
+    }
+}
+
+/// The `[m, n]` matrix a plan entry `name` stands for: a source tensor (not a stacked
+/// experts one), or expert `e` of stacked experts tensor `NAME`, named `NAME.cersa_expert.e`.
+fn planned_view(src: &dyn Source, selection: &Selection, name: &str) -> Result<[usize; 2]> {
+    let find = |n: &str| src.tensors().iter().find(|t| t.name == n);
+    let fail = |why: String| Err(ConvertError::Options(format!("plan entry {name:?}: {why}")));
+    if let Some(meta) = find(name) {
+        let view = selection.view(meta);
+        if meta.shape.len() < 2 {
+            return fail(format!(
+                "the source tensor has shape {:?}, not a matrix",
+                meta.shape
+            ));
+        }
+        if let Some(count) = view.experts {
+            return fail(format!(
+                "a stacked experts tensor {:?} is planned one expert at a time, as \
+                 {name}{INFIX_EXPERT}0 … {name}{INFIX_EXPERT}{} (re-plan with this cersa)",
+                meta.shape,
+                count.saturating_sub(1)
+            ));
+        }
+        return Ok([view.m, view.n]);
+    }
+    let Some((base, e)) = name.rsplit_once(INFIX_EXPERT) else {
+        return fail("the source has no such tensor".into());
+    };
+    let Some(meta) = find(base) else {
+        return fail(format!("the source has no tensor {base:?}"));
+    };
+    let view = selection.view(meta);
+    let Some(count) = view.experts else {
+        return fail(format!(
+            "{base:?} (shape {:?}) is not a stacked experts tensor",
+            meta.shape
+        ));
+    };
+    // Decimal, no padding: exactly as cersa_loader::expert_name writes it.
+    match e.parse::<usize>() {
+        Ok(i) if i < count && i.to_string() == e => Ok([view.m, view.n]),
+        _ => fail(format!(
+            "{e:?} is not an expert index of {base:?}, which has {count} experts (0..{count})"
+        )),
     }
 }

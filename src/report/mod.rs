@@ -74,9 +74,11 @@ pub struct ReportModel {
 
 /// The model of a source report (it must hold singular values).
 pub fn model_from_source(title: &str, r: &SourceReport) -> ReportModel {
+    // A stacked experts tensor shows each expert's spectrum.
     let matrices = r
         .tensors
         .iter()
+        .flat_map(crate::inspect::matrices)
         .filter(|t| t.matrix_shape.is_some() && !t.singular_values.is_empty())
         .map(|t| {
             let [m, n] = t.matrix_shape.unwrap_or([0, 0]);
@@ -112,6 +114,7 @@ pub fn model_from_source(title: &str, r: &SourceReport) -> ReportModel {
     let table_rows = r
         .tensors
         .iter()
+        .flat_map(|t| std::iter::once(t).chain(&t.experts))
         .map(|t| {
             let m = t.metrics.as_ref();
             let mut cells = vec![
@@ -189,32 +192,18 @@ pub fn model_from_checkpoint(
         if cancel.load(Ordering::Relaxed) {
             return Err(ConvertError::Interrupted);
         }
-        if t.kind != TensorKind::Factored {
-            continue;
-        }
-        let TensorView::Factored(f) = ckpt.get(&t.name)? else {
-            continue;
-        };
-        let sigma: Vec<f64> =
-            cersa_loader::dtype::decode_f64(f.s.dtype, f.s.bytes).ok_or_else(|| {
-                ConvertError::Tensor {
-                    path: ckpt.dir().to_path_buf(),
-                    tensor: t.name.clone(),
-                    reason: "cersa_s is not a float tensor".into(),
+        match t.kind {
+            TensorKind::Factored => matrices.extend(stored_spectrum(ckpt, t, ckpt.get(&t.name)?)?),
+            // Each factored expert's own σ (NAME.cersa_expert.e.cersa_s).
+            TensorKind::Experts => {
+                for (e, x) in t.experts.iter().enumerate() {
+                    if x.kind == TensorKind::Factored {
+                        matrices.extend(stored_spectrum(ckpt, x, ckpt.expert(&t.name, e)?)?);
+                    }
                 }
-            })?;
-        let kept: f64 = sigma.iter().map(|s| s * s).sum();
-        let energy = t.energy.unwrap_or(1.0);
-        let [m, n] = f.matrix_shape;
-        matrices.push(MatrixSpectrum {
-            name: t.name.clone(),
-            kind: t.module_kind.clone(),
-            layer: t.layer,
-            min_dim: m.min(n),
-            sigma,
-            norm2: if energy > 0.0 { kept / energy } else { kept },
-            rank_fraction: t.rank_fraction.into_iter().collect(),
-        });
+            }
+            _ => {}
+        }
     }
     // Whitened checkpoints: their energy is of the layer outputs, and the output-space
     // error is what the model feels.
@@ -244,6 +233,7 @@ pub fn model_from_checkpoint(
     let table_rows = r
         .tensors
         .iter()
+        .flat_map(|t| std::iter::once(t).chain(&t.experts))
         .map(|t| TableRow {
             cells: with_output_error(
                 whitened,
@@ -254,10 +244,17 @@ pub fn model_from_checkpoint(
                     t.layer.map(|l| l.to_string()).unwrap_or_default(),
                     format!("{:?}", t.shape),
                     format!("{:?} {}", t.kind, t.stored_dtype).to_lowercase(),
-                    t.rank
-                        .zip(t.rank_fraction)
-                        .map(|(k, f)| format!("{k} ({:.0}%)", 100.0 * f))
-                        .unwrap_or_default(),
+                    match crate::inspect::expert_ranks(t) {
+                        Some((lo, med, hi, factored)) => format!(
+                            "{lo}–{hi}, median {med} ({factored}/{} factored)",
+                            t.experts.len()
+                        ),
+                        None => t
+                            .rank
+                            .zip(t.rank_fraction)
+                            .map(|(k, f)| format!("{k} ({:.0}%)", 100.0 * f))
+                            .unwrap_or_default(),
+                    },
                     t.energy.map(|e| format!("{e:.4}")).unwrap_or_default(),
                     t.rel_error.map(|e| format!("{e:.4}")).unwrap_or_default(),
                     t.rounding_share
@@ -281,6 +278,38 @@ pub fn model_from_checkpoint(
         table_rows,
         warnings: r.warnings.clone(),
     })
+}
+
+/// The spectrum of stored tensor (or expert) `t` from its stored σ_r (`view`: its stored
+/// form; `None` unless factored). ‖W‖_F² follows from the manifest's energy.
+fn stored_spectrum(
+    ckpt: &Checkpoint,
+    t: &crate::inspect::StoredTensor,
+    view: TensorView<'_>,
+) -> Result<Option<MatrixSpectrum>> {
+    let TensorView::Factored(f) = view else {
+        return Ok(None);
+    };
+    let sigma: Vec<f64> =
+        cersa_loader::dtype::decode_f64(f.s.dtype, f.s.bytes).ok_or_else(|| {
+            ConvertError::Tensor {
+                path: ckpt.dir().to_path_buf(),
+                tensor: t.name.clone(),
+                reason: "cersa_s is not a float tensor".into(),
+            }
+        })?;
+    let kept: f64 = sigma.iter().map(|s| s * s).sum();
+    let energy = t.energy.unwrap_or(1.0);
+    let [m, n] = f.matrix_shape;
+    Ok(Some(MatrixSpectrum {
+        name: t.name.clone(),
+        kind: t.module_kind.clone(),
+        layer: t.layer,
+        min_dim: m.min(n),
+        sigma,
+        norm2: if energy > 0.0 { kept / energy } else { kept },
+        rank_fraction: t.rank_fraction.into_iter().collect(),
+    }))
 }
 
 /// The checkpoint table's cells with the output-error column (after rel_error) when the

@@ -373,7 +373,7 @@ fn inspect_json_round_trips_into_typed_reports() {
     let text = cersa_ok(&["inspect", s(&src), "--json", "-q", "--energy", "0.9,0.95"]);
     let report: cersa::inspect::SourceReport =
         serde_json::from_str(&text).expect("source report parses");
-    assert_eq!(report.schema_version, 2);
+    assert_eq!(report.schema_version, cersa::inspect::SCHEMA_VERSION);
     assert_eq!(report.energies, vec![0.9, 0.95]);
     let reference = reference("minilm-excerpt/reference.json");
     let mut analysed = 0;

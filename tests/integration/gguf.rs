@@ -412,7 +412,7 @@ fn bad_alignment_and_truncation() {
 }
 
 #[test]
-fn stacked_expert_weights_stay_dense_unless_included() {
+fn stacked_expert_weights_are_factored_per_expert_unless_excluded() {
     // A Mixtral-style GGUF layer: ffn_up_exps is [4 experts, 24, 16]; attn_q is 2-D.
     let dir = tmp();
     let src = dir.path().join("moe.gguf");
@@ -426,11 +426,35 @@ fn stacked_expert_weights_stay_dense_unless_included() {
     cersa_ok(&["convert", s(&src), s(&out), "-q", "--force-factor"]);
     let ckpt = Checkpoint::open(&out).unwrap();
     let e = &ckpt.manifest().tensors["blk.0.ffn_up_exps.weight"];
+    // One [24, 16] matrix per expert (never the [E, m·n] view), each factored (forced).
+    assert_eq!(e.kind, TensorKind::Experts);
+    assert_eq!(e.matrix_shape, Some([24, 16]));
+    for k in 0..4 {
+        let x = e.expert(k).unwrap();
+        assert_eq!(x.kind, TensorKind::Factored, "expert {k}");
+        assert!(x.rank.unwrap() <= 16);
+    }
+    assert_eq!(
+        ckpt.manifest().tensors["blk.0.attn_q.weight"].kind,
+        TensorKind::Factored
+    );
+    // Excluded, they stay dense and byte-identical.
+    let out = dir.path().join("out-excluded");
+    cersa_ok(&[
+        "convert",
+        s(&src),
+        s(&out),
+        "-q",
+        "--force-factor",
+        "--exclude",
+        "*_exps*",
+    ]);
+    let ckpt = Checkpoint::open(&out).unwrap();
+    let e = &ckpt.manifest().tensors["blk.0.ffn_up_exps.weight"];
     assert_eq!(
         (e.kind, e.reason),
         (TensorKind::Dense, Some(DenseReason::Excluded))
     );
-    assert_eq!(e.shape, vec![4, 24, 16]);
     match ckpt.get("blk.0.ffn_up_exps.weight").unwrap() {
         TensorView::Dense(t) => {
             let want: Vec<u8> = exps.iter().flat_map(|x| x.to_le_bytes()).collect();
@@ -438,23 +462,4 @@ fn stacked_expert_weights_stay_dense_unless_included() {
         }
         other => panic!("expected dense: {other:?}"),
     }
-    assert_eq!(
-        ckpt.manifest().tensors["blk.0.attn_q.weight"].kind,
-        TensorKind::Factored
-    );
-    // Named by --include, they are factored as the [E, m·n] matrix view.
-    let out = dir.path().join("out-included");
-    cersa_ok(&[
-        "convert",
-        s(&src),
-        s(&out),
-        "-q",
-        "--force-factor",
-        "--include",
-        "*_exps*",
-    ]);
-    let ckpt = Checkpoint::open(&out).unwrap();
-    let e = &ckpt.manifest().tensors["blk.0.ffn_up_exps.weight"];
-    assert_eq!(e.kind, TensorKind::Factored);
-    assert_eq!(e.matrix_shape, Some([4, 24 * 16]));
 }

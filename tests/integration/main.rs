@@ -5,6 +5,7 @@ mod util;
 mod convert;
 mod cuda_route;
 mod experts;
+mod experts_inspect;
 mod export;
 mod faults;
 mod gguf;

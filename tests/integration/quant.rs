@@ -138,7 +138,7 @@ fn a_reader_without_quant_support_refuses_rather_than_misreads() {
     assert!(text.contains("U8"), "{text}");
 
     // A newer revision than this reader knows is refused with a clear error.
-    man["format_minor"] = 3.into();
+    man["format_minor"] = (cersa_loader::manifest::FORMAT_MINOR + 1).into();
     std::fs::write(&path, serde_json::to_vec_pretty(&man).unwrap()).unwrap();
     let err = cersa_loader::Checkpoint::open(&out)
         .unwrap_err()

@@ -86,7 +86,7 @@ fn inspect_groups_csv_and_checkpoint_totals() {
     cersa_ok(&["convert", s(&src), s(&out), "-q"]);
     let c: CheckpointReport =
         serde_json::from_str(&cersa_ok(&["inspect", s(&out), "--json"])).unwrap();
-    assert_eq!(c.schema_version, 2);
+    assert_eq!(c.schema_version, cersa::inspect::SCHEMA_VERSION);
     let stored: u64 = c.tensors.iter().map(|t| t.stored_bytes).sum();
     assert_eq!(stored, c.totals.stored_bytes);
     let kinds: u64 = c.by_kind.iter().map(|g| g.at_energy[0].stored_bytes).sum();
