@@ -40,7 +40,7 @@ def numpy_kind(name):
 
 def test_metrics_match_numpy_f64(inspected):
     src, report, _ = inspected
-    assert report["schema_version"] == 2
+    assert report["schema_version"] == 3
     weights = load_file(src)
     analysed = [t for t in report["tensors"] if t["matrix_shape"]]
     assert len(analysed) == 6
