@@ -211,6 +211,17 @@ pub enum CandleExpert {
     Factored(CandleFactors),
 }
 
+/// Dense `bias` (if given) of `vb` as an [m] tensor of `dtype`.
+fn load_bias(
+    vb: &CersaVarBuilder<'_>,
+    bias: Option<&str>,
+    dtype: DType,
+    m: usize,
+) -> Result<Option<Tensor>> {
+    bias.map(|b| vb.dense(b)?.to_dtype(dtype)?.reshape(m))
+        .transpose()
+}
+
 /// Deterministic N(0, 1/r) start for the core's A (B starts at zero, so ΔM = 0): a
 /// splitmix64 stream seeded by the layer name, so runs are reproducible without a global RNG.
 fn core_a_init(name: &str, r: usize, k: usize) -> Vec<f32> {
@@ -296,28 +307,19 @@ impl CersaLinear {
             f.s.to_dtype(dtype)?,
             f.vt.to_dtype(dtype)?,
         );
-        let (m, r) = u.dims2()?;
+        let (m, _) = u.dims2()?;
         let (_, n) = vt.dims2()?;
-        let bias = match bias {
-            Some(b) => Some(vb.dense(b)?.to_dtype(dtype)?.reshape(m)?),
-            None => None,
-        };
-        let mut layer = CersaLinear {
-            name: weight.to_string(),
+        let bias = load_bias(vb, bias, dtype, m)?;
+        Self::build(
+            weight,
             mode,
-            rank: r,
-            matrix_shape: [m, n],
-            v: None,
-            ut: None,
-            s: None,
-            ab: None,
-            lr: None,
-            core: None,
+            [m, n],
             bias,
-            dense: None,
-        };
-        layer.init_mode(u, s, vt, varmap, vb.device)?;
-        Ok(layer)
+            None,
+            (u, s, vt),
+            varmap,
+            vb.device,
+        )
     }
 
     /// Builds the layer for `weight` stored dense in `vb`'s checkpoint and adapted by the
@@ -360,15 +362,38 @@ impl CersaLinear {
             basis("sigma", &[r])?,
             basis("vt", &[r, n])?,
         );
-        let bias = match bias {
-            Some(b) => Some(vb.dense(b)?.to_dtype(dtype)?.reshape(m)?),
-            None => None,
-        };
+        let bias = load_bias(vb, bias, dtype, m)?;
+        let dense = Some((w.reshape((m, n))?.t()?.contiguous()?, s.clone()));
+        Self::build(
+            weight,
+            info.mode,
+            [m, n],
+            bias,
+            dense,
+            (u, s, vt),
+            varmap,
+            vb.device,
+        )
+    }
+
+    /// A layer of `mode` over the basis (U [m, r], σ [r], Vᵀ [r, n]), with the frozen dense
+    /// part (Wᵀ, σ) of a dense-base layer, its variables registered in `varmap`.
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        weight: &str,
+        mode: Mode,
+        matrix_shape: [usize; 2],
+        bias: Option<Tensor>,
+        dense: Option<(Tensor, Tensor)>,
+        (u, s, vt): (Tensor, Tensor, Tensor),
+        varmap: &VarMap,
+        device: &Device,
+    ) -> Result<Self> {
         let mut layer = CersaLinear {
             name: weight.to_string(),
-            mode: info.mode,
-            rank: r,
-            matrix_shape: [m, n],
+            mode,
+            rank: s.elem_count(),
+            matrix_shape,
             v: None,
             ut: None,
             s: None,
@@ -376,9 +401,9 @@ impl CersaLinear {
             lr: None,
             core: None,
             bias,
-            dense: Some((w.reshape((m, n))?.t()?.contiguous()?, s.clone())),
+            dense,
         };
-        layer.init_mode(u, s, vt, varmap, vb.device)?;
+        layer.init_mode(u, s, vt, varmap, device)?;
         Ok(layer)
     }
 
