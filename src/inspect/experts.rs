@@ -28,28 +28,20 @@ pub(super) fn analyse(
     let slice = m * n;
     // Every expert slice holds the same number of whole rows, so the source bytes divide.
     let source_bytes = t.source_bytes / count.max(1) as u64;
+    let base = spec.clone();
     let experts = (0..count)
         .into_par_iter()
         .map(|e| {
             // One expert read at a time per worker, as convert does.
             let matrix = read_expert(src, i, e, count, m, n)?;
             let name = expert_name(&t.name, e);
+            // The tensor's own (not yet analysed) entry, for one expert's slice.
             let mut x = TensorSpectrum {
                 name: name.clone(),
                 shape: t.shape[1..].to_vec(),
-                dtype: spec.dtype.clone(),
                 params: slice as u64,
                 source_bytes,
-                module_kind: spec.module_kind.clone(),
-                layer: spec.layer,
-                reason: None,
-                matrix_shape: None,
-                break_even_rank: None,
-                metrics: None,
-                ranks: Vec::new(),
-                singular_values: Vec::new(),
-                whitened: false,
-                experts: Vec::new(),
+                ..base.clone()
             };
             let Some(Matrix { data, norm2, .. }) = matrix else {
                 x.reason = Some(DenseReason::Zero);
