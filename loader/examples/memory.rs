@@ -40,10 +40,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "", "frozen", "trainable", "optimizer", "total"
     );
     let mut lora = MemoryUse::default();
-    for mode in [Mode::Frozen, Mode::Scale, Mode::Core { k }, Mode::Factors] {
+    // The paper's core with every component trainable (`checkpoint_totals` caps t at each
+    // layer's rank).
+    let cersa_full = Mode::Cersa {
+        trainable: usize::MAX,
+    };
+    for mode in [
+        Mode::Frozen,
+        Mode::Scale,
+        Mode::Core { k },
+        Mode::Factors,
+        cersa_full,
+    ] {
         let (cersa, dense) = checkpoint_totals(&ckpt, mode, k as u64);
         let label = match mode {
             Mode::Core { k } => format!("cersa core k={k}"),
+            Mode::Cersa { .. } => "cersa paper core".to_string(),
             m => format!("cersa {}", m.name()),
         };
         row(&label, &cersa);

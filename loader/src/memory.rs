@@ -63,7 +63,9 @@ pub fn dense_lora_layer(m: u64, n: u64, weight_bytes: u64, k: u64) -> MemoryUse 
 }
 
 /// Sum of [`cersa_layer`] over every factored tensor of `ckpt`, and of
-/// [`dense_lora_layer`] over the same tensors at their source dtype size.
+/// [`dense_lora_layer`] over the same tensors at their source dtype size. Quantized factors
+/// count as f32: the candle and PyTorch loaders dequantize them at load into the compute
+/// dtype (f32 by default), so their U8 rows are not what a trainer holds.
 pub fn checkpoint_totals(
     ckpt: &crate::Checkpoint,
     mode: Mode,
@@ -89,7 +91,12 @@ pub fn checkpoint_totals(
             },
             other => other,
         };
-        cersa = cersa.plus(cersa_layer(m, n, r, info.stored_dtype.size() as u64, mode));
+        let factor_bytes = if info.quant.is_some() {
+            4
+        } else {
+            info.stored_dtype.size() as u64
+        };
+        cersa = cersa.plus(cersa_layer(m, n, r, factor_bytes, mode));
         dense = dense.plus(dense_lora_layer(m, n, source_bytes, lora_k));
     }
     (cersa, dense)
@@ -117,5 +124,25 @@ mod tests {
         assert_eq!((p.frozen, p.trainable), (c.frozen, 200 * 200 * 4));
         let p = cersa_layer(384, 384, 200, 4, Mode::Cersa { trainable: 50 });
         assert_eq!(p.trainable, 50 * 50 * 4);
+    }
+
+    #[test]
+    fn quantized_factors_count_as_f32() {
+        // formats/vectors/valid/quant-q8_0: big.weight [40, 70] r 3, small.weight [20, 45]
+        // r 2, both Q8_0 (stored U8), sources F32.
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../formats/vectors/valid/quant-q8_0");
+        let ckpt = crate::Checkpoint::open(&dir).unwrap();
+        let (cersa, lora) = checkpoint_totals(&ckpt, Mode::Frozen, 8);
+        assert_eq!(cersa.frozen, (3 * 110 + 2 * 65) * 4 + (3 + 2) * 4);
+        assert_eq!(lora.frozen, (40 * 70 + 20 * 45) * 4);
+        let (paper, _) = checkpoint_totals(
+            &ckpt,
+            Mode::Cersa {
+                trainable: usize::MAX,
+            },
+            8,
+        );
+        assert_eq!(paper.trainable, (9 + 4) * 4);
     }
 }
