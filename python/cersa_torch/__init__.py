@@ -17,7 +17,9 @@ inside their principal subspace.
   run over calibration text, the file ``cersa convert --calibration`` reads
   (``docs/calibration.md``; also ``python -m cersa_torch.calibrate``);
 - :func:`perplexity`, :func:`embedding_similarity` — the function a converted model keeps,
-  measured against the dense one (also ``python -m cersa_torch.evaluate``).
+  measured against the dense one (also ``python -m cersa_torch.evaluate``);
+- :mod:`cersa_torch.memory` — the bytes a fine-tune will hold per mode, from the manifest
+  alone, against the dense model with LoRA (also ``python -m cersa_torch.memory DIR``).
 
 The format is specified in ``formats/cersa-v1.md``; every size read from a file is checked
 against the manifest before use (:class:`CersaFormatError` names the file and tensor).

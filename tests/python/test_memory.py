@@ -1,0 +1,85 @@
+"""cersa_torch.memory: the bytes predicted from the manifest are the bytes a model holds.
+
+The prediction (:func:`cersa_torch.memory.estimate`, from shapes and ranks in cersa.json)
+is checked against :func:`~cersa_torch.memory.measure` of the model that ``load_hf`` builds
+(counting its tensors), for every mode and for bf16, and the LoRA baseline against a PEFT
+model built on the dense source by PEFT itself.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "python"))
+import cersa_torch  # noqa: E402
+from cersa_torch import memory  # noqa: E402
+from test_torch_hf import tiny  # noqa: E402
+
+PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory, cersa_bin):
+    d = tmp_path_factory.mktemp("memory")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(tiny("llama")).save_pretrained(d / "src")
+    # Forced: every projection factored. Plain: tiny random weights have flat spectra, so
+    # the square projections are kept dense (no-saving).
+    for out, extra in (("forced", ["--force-factor"]), ("plain", [])):
+        subprocess.run([cersa_bin, "convert", "-q", "--energy", "0.9", *extra, d / "src",
+                        d / out], check=True)
+    return d
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", cersa_torch.MODES)
+def test_estimate_is_what_load_hf_holds(llama, mode, dtype):
+    est = memory.estimate(llama / "forced", mode, k=3, dtype=dtype)
+    assert est.dense_base_layers == 0
+    model = cersa_torch.load_hf(llama / "forced", mode=mode, k=3, dtype=dtype)
+    assert memory.measure(model) == est.cersa
+    if mode != "frozen":
+        assert est.cersa.trainable > 0 and est.cersa.optimizer == 3 * est.cersa.trainable
+
+
+def test_estimate_with_beta_counts_the_leading_blocks(llama):
+    est = memory.estimate(llama / "forced", "cersa", dtype=torch.float32, beta=0.5)
+    model = cersa_torch.load_hf(llama / "forced", mode="cersa", beta=0.5)
+    assert memory.measure(model) == est.cersa
+    assert est.cersa.trainable < memory.estimate(llama / "forced", "cersa").cersa.trainable
+
+
+def test_lora_baseline_is_peft_on_the_dense_model(llama):
+    import peft
+
+    est = memory.estimate(llama / "forced", "core", k=4)
+    dense = transformers.LlamaForCausalLM.from_pretrained(llama / "src", dtype=torch.float32)
+    lora = peft.get_peft_model(dense, peft.LoraConfig(r=4, target_modules=PROJ))
+    assert memory.measure(lora) == est.lora
+
+
+def test_dense_kept_layers_get_bases_within_the_bound(llama):
+    import json
+
+    est = memory.estimate(llama / "plain", "core", k=3)
+    tensors = json.load(open(llama / "plain" / "cersa.json"))["tensors"]
+    kept = [n for n, i in tensors.items() if i.get("reason") == "no-saving"]
+    assert kept and est.dense_base_layers == len(kept)
+    frozen = cersa_torch.load_hf(llama / "plain", mode="core", k=3, dense_subspace=False)
+    assert memory.measure(frozen) == est.cersa
+    based = memory.measure(cersa_torch.load_hf(llama / "plain", mode="core", k=3))
+    assert 0 < based.total - est.cersa.total <= est.dense_base_bound
+
+
+def test_cli_prints_every_mode(llama):
+    p = subprocess.run([sys.executable, "-m", "cersa_torch.memory", str(llama / "forced"),
+                        "--k", "3"], capture_output=True, text=True,
+                       cwd=os.path.join(ROOT, "python"), check=True)
+    for label in ("cersa frozen", "cersa core", "cersa factors", "cersa (paper core)",
+                  "dense + LoRA r=3"):
+        assert label in p.stdout, p.stdout
