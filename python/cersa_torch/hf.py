@@ -152,6 +152,9 @@ def load_hf(cersa_dir, auto_class=None, mode: str = "frozen", k: Optional[int] =
     a :class:`~cersa_torch.dense.DenseSubspaceLinear`: its exact W frozen, plus the mode's
     adaptation in W's own top-r subspace, computed here (a float64 SVD per layer; r by the
     checkpoint's rank rule). ``False`` keeps those layers dense and frozen.
+    Per-expert MoE checkpoints (Mixtral, Qwen-MoE, …: one matrix per expert that
+    transformers fuses on loading) get a :class:`~cersa_torch.moe.CersaExperts` per experts
+    module, its expert matrices built as above (:mod:`cersa_torch.moe`, docs/experts.md).
     """
     import transformers
 

@@ -95,10 +95,13 @@ class CersaExperts(nn.Module):
 def _unsupported(path: str, module: nn.Module) -> List[str]:
     """What keeps ``module`` (at ``path``) from being a standard experts module."""
     why = []
-    for attr, want in (("gate_up_proj", 3), ("down_proj", 3)):
+    n_exp = getattr(module, "num_experts", None)
+    for attr in ("gate_up_proj", "down_proj"):
         p = getattr(module, attr, None)
-        if not isinstance(p, torch.Tensor) or p.ndim != want:
-            why.append(f"no {want}-D parameter {attr}")
+        if not isinstance(p, torch.Tensor) or p.ndim != 3:
+            why.append(f"no 3-D parameter {attr}")
+        elif p.shape[0] != n_exp:
+            why.append(f"{attr} of {p.shape[0]} experts, num_experts={n_exp!r}")
     for flag, want in (("has_gate", True), ("has_bias", False), ("is_transposed", False),
                        ("is_concatenated", True), ("has_post_expert_norm", False)):
         if getattr(module, flag, want) != want:
@@ -113,8 +116,6 @@ def _unsupported(path: str, module: nn.Module) -> List[str]:
     if not isinstance(getattr(module, "act_fn", None), nn.Module) and not callable(
             getattr(module, "act_fn", None)):
         why.append("no act_fn")
-    if not isinstance(getattr(module, "num_experts", None), int):
-        why.append("no num_experts")
     return why
 
 
@@ -155,9 +156,11 @@ def swap_experts(model, merged: Dict[str, Tuple[str, str]], source: str,
     matrix. Returns the replaced modules' paths. Raises ``ValueError`` for a merge that is
     not per-expert stacking (naming the key, as before), for an experts module of another
     form, and for a missing or surplus expert."""
+    if not merged:  # nothing merged (transformers < 5 merges nothing)
+        return []
     from transformers.core_model_loading import dot_natural_key
 
-    converters = _converters(model) if merged else []
+    converters = _converters(model)
     groups: Dict[str, Dict[str, List[str]]] = {}
     for key, (target, pattern) in merged.items():
         role = _expert_role(converters, target, pattern)
@@ -179,13 +182,13 @@ def swap_experts(model, merged: Dict[str, Tuple[str, str]], source: str,
                              "per-expert checkpoints only into standard experts modules; this "
                              f"one has {'; '.join(why)}")
         n_exp = module.num_experts
-        e_shape, two_i, h = module.gate_up_proj.shape
-        inter = two_i // 2
-        shapes = {"gate": (inter, h), "up": (inter, h), "down": tuple(module.down_proj.shape[1:])}
+        _, two_i, h = module.gate_up_proj.shape
+        shapes = {"gate": (two_i // 2, h), "up": (two_i // 2, h),
+                  "down": tuple(module.down_proj.shape[1:])}
         layers = {}
         for role in ("gate", "up", "down"):
             keys = sorted(by_role.get(role, []), key=dot_natural_key)
-            if len(keys) != n_exp or e_shape != n_exp:
+            if len(keys) != n_exp:
                 raise ValueError(f"{source}: {path} has {n_exp} experts; the checkpoint has "
                                  f"{len(keys)} {role} matrices for it"
                                  + (f" ({keys[0]} …)" if keys else ""))
