@@ -27,6 +27,9 @@ Quantized factors (format revision 1.1: ``quant`` Q8_0, Q5_0 or Q4_0, U8 rows of
 blocks) are dequantized on read, so both readers hand out float U [m, r] and Vᵀ [r, n].
 Stacked mixture-of-experts tensors (format revision 1.3) are read one expert at a time
 (``reconstruct_expert``; ``load_hf`` fills fused experts parameters, frozen: docs/experts.md).
+Per-expert checkpoints (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek: one matrix per expert, which
+transformers fuses on loading) get a :class:`~cersa_torch.moe.CersaExperts` in ``load_hf``:
+one ``CersaLinear`` per expert matrix, trainable in the load mode (:mod:`cersa_torch.moe`).
 Both readers refuse a directory with the first issue the Rust loader reports (sha256 and
 non-finite factors included unless ``verify_checksums=False``).
 Names are imported on first use, so ``load_cersa`` works without torch installed.

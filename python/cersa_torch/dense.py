@@ -112,7 +112,9 @@ class DenseSubspaceLinear(CersaLinear):
     """y = x·Wᵀ + x·V_r·ΔMᵀ·U_rᵀ + b: a frozen exact dense W plus a trainable core in W's
     own top-r subspace (see the module doc). The trainable parameters are those of
     :class:`CersaLinear` in the same mode (``s``; ``a``, ``b``; ``c``); ``s0`` holds the σ_r
-    they start from, ``weight`` the dense W [out, in]."""
+    they start from, ``weight`` the dense W [out, in]. In ``core`` mode a ``k`` above r is
+    lowered to r: r is computed at load and may be tiny (r = 1 for a one-row matrix such as
+    Qwen2-MoE's ``shared_expert_gate``), where a factored layer's r is the checkpoint's."""
 
     def __init__(self, weight, u, s, vt, bias=None, mode: str = "core",
                  k: Optional[int] = None, dtype: torch.dtype = torch.float32, device=None,
@@ -120,6 +122,8 @@ class DenseSubspaceLinear(CersaLinear):
         if mode not in DENSE_MODES:
             raise ValueError(f"mode {mode!r}: a dense layer's subspace adapter is one of "
                              f"{DENSE_MODES}")
+        if mode == "core" and k is not None:
+            k = min(k, len(s))
         super().__init__(u, s, vt, bias, mode, k, dtype=dtype, device=device,
                          trainable=trainable)
         if tuple(weight.shape) != (self.out_features, self.in_features):

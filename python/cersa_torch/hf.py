@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -21,6 +21,7 @@ from .checkpoint import open_checkpoint
 from .dense import DENSE_MODES, DENSE_REASONS, DenseSubspaceLinear, top_subspace
 from .experts import stacked_experts
 from .modules import CersaLinear, trainable_rank
+from .moe import layer_builder, swap_experts
 
 
 @contextlib.contextmanager
@@ -71,8 +72,8 @@ def _model_class(config, auto_class):
 
 
 def _model_names(model, checkpoint_names: Iterable[str], source: str,
-                 what: Optional[str] = "load_hf cannot build that from a CERSA checkpoint yet"
-                 ) -> Dict[str, str]:
+                 what: Optional[str] = "load_hf cannot build that from a CERSA checkpoint yet",
+                 merged: Optional[Dict[str, Tuple[str, str]]] = None) -> Dict[str, str]:
     """Model state-dict name → checkpoint name, for the tensor names ``checkpoint_names`` as
     stored in the files of ``source`` (a CERSA manifest's tensors for :func:`load_hf`, a
     safetensors model's for :func:`cersa_torch.calibrate`), as ``from_pretrained`` would map them:
@@ -81,7 +82,8 @@ def _model_names(model, checkpoint_names: Iterable[str], source: str,
     the base model's prefix added or removed. Tensors that transformers would merge with
     others on loading (fused or stacked weights) cannot be taken from factors (nor given one
     statistic): an error names them, ending with ``what``; with ``what=None`` they are left
-    out of the mapping instead."""
+    out of the mapping instead; with a dict ``merged`` they are recorded there (key →
+    (target, converter source pattern)) for :func:`cersa_torch.moe.swap_experts`."""
     meta = model.state_dict()
     prefix = getattr(model, "base_model_prefix", "") or ""
     try:
@@ -106,12 +108,15 @@ def _model_names(model, checkpoint_names: Iterable[str], source: str,
             return key, None
     names: Dict[str, str] = {}
     for key in checkpoint_names:
-        target, merged = rename(key)
-        if merged is not None:
+        target, pattern = rename(key)
+        if pattern is not None:
+            if merged is not None:
+                merged[key] = (target, pattern)
+                continue
             if what is None:
                 continue
             raise ValueError(f"{source}: {key}: transformers merges it with other tensors "
-                             f"on loading ({merged}); {what}")
+                             f"on loading ({pattern}); {what}")
         names[target] = key
     return names
 
@@ -147,6 +152,9 @@ def load_hf(cersa_dir, auto_class=None, mode: str = "frozen", k: Optional[int] =
     a :class:`~cersa_torch.dense.DenseSubspaceLinear`: its exact W frozen, plus the mode's
     adaptation in W's own top-r subspace, computed here (a float64 SVD per layer; r by the
     checkpoint's rank rule). ``False`` keeps those layers dense and frozen.
+    Per-expert MoE checkpoints (Mixtral, Qwen-MoE, …: one matrix per expert that
+    transformers fuses on loading) get a :class:`~cersa_torch.moe.CersaExperts` per experts
+    module, its expert matrices built as above (:mod:`cersa_torch.moe`, docs/experts.md).
     """
     import transformers
 
@@ -157,7 +165,11 @@ def load_hf(cersa_dir, auto_class=None, mode: str = "frozen", k: Optional[int] =
                            verify_checksums=verify_checksums)
     with _parameters_on_meta():
         model = cls.from_config(cfg) if hasattr(cls, "from_config") else cls(cfg)
-    names = _model_names(model, ckpt.manifest["tensors"], cersa_dir)
+    merged: Dict[str, Tuple[str, str]] = {}
+    names = _model_names(model, ckpt.manifest["tensors"], cersa_dir, merged=merged)
+    # Per-expert (Mixtral-style) matrices: each experts module becomes a CersaExperts.
+    swap_experts(model, merged, cersa_dir, layer_builder(ckpt, cersa_dir, mode, k, beta, dtype,
+                                                         device, dense_subspace, train_dense))
     conv1d = getattr(transformers.pytorch_utils, "Conv1D", ())
     for path, module in list(model.named_modules()):
         if not isinstance(module, (nn.Linear, conv1d)):
