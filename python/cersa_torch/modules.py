@@ -58,6 +58,13 @@ class CersaLinear(nn.Module):
         else:
             self.register_buffer("u", u)
             self.register_buffer("vt", vt)
+        self._init_core(s, bias, mode, k, dtype, device, trainable)
+
+    def _init_core(self, s, bias, mode, k, dtype, device, trainable):
+        """σ (a parameter in ``scale`` mode), the mode's trainable core and the bias, after
+        the factors are registered (shared with :class:`~cersa_torch.packed.PackedCersaLinear`)."""
+        r = s.shape[0]
+        if mode != "factors":
             if mode == "scale":
                 self.s = nn.Parameter(s.clone())
             else:
