@@ -14,7 +14,8 @@ Mirrors the Rust ``cersa_loader::candle::CersaLinear``. With U_r [m, r], σ_r, V
 
 Memory held per layer (e = bytes per element): frozen r·(m+n+1)·e; scale the same, σ
 trainable; core r·(m+n+1)·e + 2·r·k trainable; factors r·(m+n)·e, all trainable; cersa r·(m+n+1)·e + t² trainable. The dense
-W (m·n·e) is never formed.
+W (m·n·e) is never formed. Quantized factors can stay packed (U8 GGML rows, dequantized in
+each forward): :class:`cersa_torch.packed.PackedCersaLinear`.
 """
 from __future__ import annotations
 

@@ -51,6 +51,7 @@ class PackedCersaLinear(CersaLinear):
                  mode: str = "frozen", k: Optional[int] = None,
                  dtype: torch.dtype = torch.float32, device=None,
                  trainable: Optional[int] = None):
+        # CersaLinear.__init__ would register float U and Vᵀ: only its shared tail is run.
         nn.Module.__init__(self)
         if mode not in PACKED_MODES:
             raise ValueError(f"mode {mode!r}: packed quantized factors are frozen, so the mode "
