@@ -10,7 +10,9 @@ every factored layer, three ways to compute y = ((x·V)·diag σ)·Uᵀ for x [t
 - `f32 at load`: U, Vᵀ dequantized to float32 once (what `cersa_torch` does today);
 - `bf16 at load`: the same, stored as bfloat16 (cast to f32 for the matmul);
 - `packed`: the U8 block rows kept as stored, dequantized by `cersa_torch._quant` in each
-  forward (nothing but the packed bytes held between forwards).
+  forward (nothing but the packed bytes held between forwards);
+- `PackedCersaLinear`: the module `cersa_torch.load_hf(..., packed=True)` builds (the same
+  rows; its `forward`, `frozen` mode), to time the real layer rather than the bare formula.
 
 Prints the bytes each holds for all layers and the time of one forward through all layers
 (best of `repeats`), with ratios against `f32 at load` measured in the same process. This is
@@ -28,6 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python"))
 
 from cersa_torch._quant import dequantize_torch  # noqa: E402
 from cersa_torch.checkpoint import open_checkpoint  # noqa: E402
+from cersa_torch.packed import PackedCersaLinear  # noqa: E402
 
 
 def main():
@@ -44,12 +47,9 @@ def main():
     for name, info in sorted(man["tensors"].items()):
         if info["kind"] != "factored" or "quant" not in info:
             continue
-        m, n = info["matrix_shape"]
-        q = info["quant"]
-        raw_u = ckpt._get(name + ".cersa_u", None).clone()
-        raw_vt = ckpt._get(name + ".cersa_vt", None).clone()
-        s = ckpt._get(name + ".cersa_s", None).to(torch.float32).clone()
-        layers.append((name, q, m, n, raw_u, s, raw_vt))
+        raw_u, s, raw_vt, q, (m, n) = ckpt.packed_factors(name, torch.float32)
+        # Copies: held in memory, not read from the memory-mapped shard.
+        layers.append((name, q, m, n, raw_u.clone(), s.clone(), raw_vt.clone()))
     if not layers:
         sys.exit(f"{args.cersa_dir}: no quantized factored layer (convert with --dtype q8_0)")
     torch.manual_seed(0)
@@ -71,6 +71,13 @@ def main():
             u_f = dequantize_torch(u, q, m)  # [r, m]: U as rows
             ((x @ vt_f.t()) * s) @ u_f
 
+    modules = [PackedCersaLinear(u, s, vt, q, (m, n)) for _, q, m, n, u, s, vt in layers]
+
+    def run_module():
+        with torch.no_grad():
+            for layer, (_, _, _, n, *_rest) in zip(modules, layers):
+                layer(xs[n])
+
     def best(fn):
         fn()  # warm-up
         times = []
@@ -89,14 +96,15 @@ def main():
         ("f32 at load", held_bytes(f32), best(lambda: run_dense(f32))),
         ("bf16 at load", held_bytes(bf16), best(lambda: run_dense(bf16))),
         ("packed", packed_bytes, best(run_packed)),
+        ("PackedCersaLinear", sum(ly.packed_bytes() for ly in modules), best(run_module)),
     ]
     quants = sorted({ly[1] for ly in layers})
     print(f"{args.cersa_dir}: {len(layers)} factored layers ({', '.join(quants)}), "
           f"x [{args.tokens}, n] f32, {args.threads} thread(s), best of {args.repeats}")
     base_b, base_t = rows[0][1], rows[0][2]
-    print(f"{'factors held as':<14} {'MiB held':>9} {'× f32':>6} {'ms/forward':>11} {'× f32':>6}")
+    print(f"{'factors held as':<17} {'MiB held':>9} {'× f32':>6} {'ms/forward':>11} {'× f32':>6}")
     for label, b, t in rows:
-        print(f"{label:<14} {b / 2**20:>9.1f} {b / base_b:>6.2f} {t * 1e3:>11.1f} "
+        print(f"{label:<17} {b / 2**20:>9.1f} {b / base_b:>6.2f} {t * 1e3:>11.1f} "
               f"{t / base_t:>6.2f}")
 
 

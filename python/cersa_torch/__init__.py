@@ -6,7 +6,11 @@ inside their principal subspace.
 - :func:`open_checkpoint` — the checkpoint's tensors as ``torch.Tensor`` s, read lazily
   from the memory-mapped shards;
 - :class:`CersaLinear`, :func:`patch_linears`, :func:`linear_from_checkpoint` — the
-  modules, in the ``frozen``, ``scale``, ``core`` and ``factors`` modes (``MODES``);
+  modules, in the ``frozen``, ``scale``, ``core``, ``factors`` and ``cersa`` modes (``MODES``);
+- :class:`PackedCersaLinear` — what ``load_hf(…, packed=True)`` makes of a layer with
+  quantized factors: the U8 block rows kept as stored (0.27× of the f32 factor bytes for
+  Q8_0, 0.14× for Q4_0) and dequantized in each forward; U and V frozen, so every mode but
+  ``factors`` (:mod:`cersa_torch.packed`);
 - :class:`DenseSubspaceLinear` — what ``load_hf`` makes of a matrix the converter kept
   dense (``no-saving``, ``planned``) in a trainable mode: W frozen and exact plus the mode's
   adaptation in W's own top-r subspace, computed at load (:mod:`cersa_torch.dense`);
@@ -24,7 +28,8 @@ inside their principal subspace.
 The format is specified in ``formats/cersa-v1.md``; every size read from a file is checked
 against the manifest before use (:class:`CersaFormatError` names the file and tensor).
 Quantized factors (format revision 1.1: ``quant`` Q8_0, Q5_0 or Q4_0, U8 rows of GGML
-blocks) are dequantized on read, so both readers hand out float U [m, r] and Vᵀ [r, n].
+blocks) are dequantized on read, so both readers hand out float U [m, r] and Vᵀ [r, n];
+``TorchCheckpoint.packed_factors`` hands out the stored rows instead.
 Stacked mixture-of-experts tensors (format revision 1.3) are read one expert at a time
 (``reconstruct_expert``; ``load_hf`` fills fused experts parameters, frozen: docs/experts.md).
 Per-expert checkpoints (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek: one matrix per expert, which
@@ -43,6 +48,7 @@ _LAZY = {
     "CersaCheckpoint": "._numpy",
     "CersaLinear": ".modules",
     "DenseSubspaceLinear": ".dense",
+    "PackedCersaLinear": ".packed",
     "linear_from_checkpoint": ".modules",
     "patch_linears": ".modules",
     "open_checkpoint": ".checkpoint",

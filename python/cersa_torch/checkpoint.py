@@ -45,8 +45,14 @@ def count_nonfinite(chunk, dtype: str, quant=None, length: int = 0) -> int:
     if quant is None:
         bad = _nonfinite(torch.frombuffer(chunk, dtype=_FLOAT[dtype]))
         return 0 if bad is None else int(bad.sum())
+    return _count_quant_nonfinite(torch.frombuffer(chunk, dtype=torch.uint8), quant, length)
+
+
+def _count_quant_nonfinite(raw: torch.Tensor, quant: str, length: int) -> int:
+    """NaN/±Inf values of the U8 quantized rows ``raw`` (any shape holding whole rows of
+    ``length`` values): a block's values are non-finite exactly when its scale is."""
     nb = -(-length // BLOCK_VALUES)
-    blocks = torch.frombuffer(chunk, dtype=torch.uint8).reshape(-1, nb, BLOCK_BYTES[quant])
+    blocks = raw.reshape(-1, nb, BLOCK_BYTES[quant])
     bad = _nonfinite(blocks[..., :2].contiguous().view(torch.float16).reshape(-1, nb))
     if bad is None:
         return 0
@@ -134,6 +140,40 @@ class TorchCheckpoint(ManifestEntries):
         if dtype is not None:
             u, vt = u.to(dtype), vt.to(dtype)
         return u, self._cast(s, dtype), vt
+
+    def packed_factors(self, name: str, dtype: Optional[torch.dtype] = None
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, str,
+                                  Tuple[int, int]]:
+        """The quantized factors of ``name`` as stored, not dequantized: (rows_u [r,
+        row_bytes(m)] U8 holding the vectors u_i as rows, σ_r [r] in ``dtype`` (default: the
+        checkpoint's), rows_vt [r, row_bytes(n)] U8, quant, (m, n)), on ``device``.
+        ``cersa_torch._quant.dequantize_torch(rows_u, quant, m)`` is U_rᵀ [r, m] in float32,
+        the values :meth:`factors` hands out. Raises ``ValueError`` unless ``name`` is
+        factored with quantized factors (``quant`` in its entry)."""
+        if not self.is_factored(name):
+            raise ValueError(f"{self.dir}: {name} is not factored (kind "
+                             f"{self.info(name)['kind']})")
+        info = self.info(name)
+        quant = info.get("quant")
+        if quant is None:
+            raise ValueError(f"{self.dir}: {name}: factors are stored as "
+                             f"{info.get('stored_dtype')}, not quantized (no packed rows)")
+        m, n = info["matrix_shape"]
+        rows_u, rows_vt = self._get(name + SUFFIX_U, None), self._get(name + SUFFIX_VT, None)
+        s = self._raw(name + SUFFIX_S)
+        if self._finite is not None and name not in self._finite:
+            for suffix, t, length in ((SUFFIX_U, rows_u, m), (SUFFIX_S, s, 0),
+                                      (SUFFIX_VT, rows_vt, n)):
+                if length:
+                    bad = _count_quant_nonfinite(t, quant, length)
+                    total = t.shape[0] * length
+                else:
+                    found = _nonfinite(t)
+                    bad, total = (0 if found is None else int(found.sum())), t.numel()
+                if bad:
+                    raise nonfinite_error(self.dir, info["shard"], name + suffix, bad, total)
+            self._finite.add(name)
+        return rows_u, self._cast(s, dtype or self.dtype), rows_vt, quant, (m, n)
 
     def dense(self, name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """A tensor stored dense (or a dense expert), with its manifest shape (float ones in

@@ -6,12 +6,15 @@ whose weight is stored transposed) becomes a :class:`CersaLinear` holding U_r, �
 and only the checkpoint's dense tensors (embeddings, norms, biases, unfactored matrices)
 are loaded. The dense W of a factored layer is never allocated. A layer kept dense for lack
 of saving (``no-saving``, ``planned``) gets, in the trainable modes, a frozen W plus an
-adapter in its own top-r subspace (:mod:`cersa_torch.dense`).
+adapter in its own top-r subspace (:mod:`cersa_torch.dense`). With ``packed=True``,
+quantized factors stay packed and are dequantized in each forward
+(:mod:`cersa_torch.packed`).
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from typing import Dict, Iterable, Optional, Tuple
 
 import torch
@@ -22,6 +25,7 @@ from .dense import DENSE_MODES, DENSE_REASONS, DenseSubspaceLinear, top_subspace
 from .experts import stacked_experts
 from .modules import CersaLinear, trainable_rank
 from .moe import layer_builder, swap_experts
+from .packed import PACKED_MODES, PackedCersaLinear
 
 
 @contextlib.contextmanager
@@ -133,7 +137,8 @@ def _set_tensor(model, name: str, value: torch.Tensor, trainable: bool) -> None:
 def load_hf(cersa_dir, auto_class=None, mode: str = "frozen", k: Optional[int] = 8,
             device="cpu", dtype: torch.dtype = torch.float32, config=None,
             train_dense: bool = False, beta: Optional[float] = None,
-            verify_checksums: bool = True, dense_subspace: bool = True):
+            verify_checksums: bool = True, dense_subspace: bool = True,
+            packed: bool = False):
     """A transformers model whose factored linear layers are :class:`CersaLinear` s.
 
     ``auto_class``: e.g. ``transformers.AutoModelForCausalLM`` (default: the class named in
@@ -155,9 +160,19 @@ def load_hf(cersa_dir, auto_class=None, mode: str = "frozen", k: Optional[int] =
     Per-expert MoE checkpoints (Mixtral, Qwen-MoE, …: one matrix per expert that
     transformers fuses on loading) get a :class:`~cersa_torch.moe.CersaExperts` per experts
     module, its expert matrices built as above (:mod:`cersa_torch.moe`, docs/experts.md).
+    ``packed`` (default off): every factored layer whose factors are quantized (``--dtype
+    q8_0|q5_0|q4_0``) keeps them as stored, U8 rows of GGML blocks, and dequantizes them in
+    each forward (a :class:`~cersa_torch.packed.PackedCersaLinear`): 0.27× (Q8_0) / 0.14×
+    (Q4_0) of the f32 factor bytes held, the same outputs as ``packed=False``, the factor
+    path 1.2–1.4× slower at 256 tokens (bench/RESULTS.md). Layers whose factors are not
+    quantized are unaffected. U and V stay frozen, so ``mode="factors"`` with ``packed``
+    raises ``ValueError``.
     """
     import transformers
 
+    if packed and mode not in PACKED_MODES:
+        raise ValueError(f"packed=True keeps the quantized U and V frozen as stored; mode "
+                         f"{mode!r} trains them. Use one of {PACKED_MODES}, or packed=False")
     cersa_dir = os.fspath(cersa_dir)
     cfg = _config(cersa_dir, config)
     cls = _model_class(cfg, auto_class)
@@ -182,7 +197,12 @@ def load_hf(cersa_dir, auto_class=None, mode: str = "frozen", k: Optional[int] =
                 name).get("reason") in DENSE_REASONS):
             continue
         weight = None
-        if base == "factored":
+        quant = ckpt.info(name).get("quant") if packed and base == "factored" else None
+        if quant is not None:
+            # The stored rows: rows_u holds the u_i (length m), rows_vt the v_i (length n).
+            rows_u, s, rows_vt, _, (m, n) = ckpt.packed_factors(name)
+            energy = ckpt.info(name)["energy"]
+        elif base == "factored":
             u, s, vt = ckpt.factors(name)
             energy = ckpt.info(name)["energy"]
         else:
@@ -192,14 +212,18 @@ def load_hf(cersa_dir, auto_class=None, mode: str = "frozen", k: Optional[int] =
                                             ckpt.manifest["config"], name)
         if isinstance(module, nn.Linear):
             want = (module.out_features, module.in_features)
+        elif quant is not None:
+            rows_u, rows_vt, m, n = rows_vt, rows_u, n, m  # as for u, vt below
+            want = (module.nf, module.weight.shape[0])
         else:
             # Conv1D computes x·W with W [in, out]: y = x·U·diag σ·Vᵀ, i.e. a linear layer
             # whose weight Wᵀ has the factors (V, σ, U) in CersaLinear's orientation.
             u, vt = vt.T, u.T
             weight = None if weight is None else weight.T
             want = (module.nf, module.weight.shape[0])
-        if (u.shape[0], vt.shape[1]) != want:
-            raise ValueError(f"{cersa_dir}: {name} is {u.shape[0]}×{vt.shape[1]} (out×in), "
+        got = (m, n) if quant is not None else (u.shape[0], vt.shape[1])
+        if got != want:
+            raise ValueError(f"{cersa_dir}: {name} is {got[0]}×{got[1]} (out×in), "
                              f"the model's {path} is {want[0]}×{want[1]}")
         bias = None
         if getattr(module, "bias", None) is not None:
@@ -210,7 +234,10 @@ def load_hf(cersa_dir, auto_class=None, mode: str = "frozen", k: Optional[int] =
         t = None
         if mode == "cersa" and beta is not None:
             t = trainable_rank(s, energy, beta)
-        if base == "factored":
+        if quant is not None:
+            layer = PackedCersaLinear(rows_u, s, rows_vt, quant, (m, n), bias, mode, k,
+                                      dtype=dtype, device=device, trainable=t)
+        elif base == "factored":
             layer = CersaLinear(u, s, vt, bias, mode, k, dtype=dtype, device=device,
                                 trainable=t)
         else:
@@ -221,6 +248,10 @@ def load_hf(cersa_dir, auto_class=None, mode: str = "frozen", k: Optional[int] =
         parent_path, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         setattr(parent, child, layer)
+    if packed and not any(isinstance(m, PackedCersaLinear) for m in model.modules()):
+        warnings.warn(f"{cersa_dir}: packed=True, but no factored layer has quantized factors "
+                      "(convert with --dtype q8_0, q5_0 or q4_0): nothing is packed",
+                      stacklevel=2)
     # Everything else comes from the checkpoint's dense tensors.
     cersa_layers = {p for p, m in model.named_modules() if isinstance(m, CersaLinear)}
     for name, _ in list(model.named_parameters()) + list(model.named_buffers()):

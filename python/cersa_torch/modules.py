@@ -14,7 +14,8 @@ Mirrors the Rust ``cersa_loader::candle::CersaLinear``. With U_r [m, r], σ_r, V
 
 Memory held per layer (e = bytes per element): frozen r·(m+n+1)·e; scale the same, σ
 trainable; core r·(m+n+1)·e + 2·r·k trainable; factors r·(m+n)·e, all trainable; cersa r·(m+n+1)·e + t² trainable. The dense
-W (m·n·e) is never formed.
+W (m·n·e) is never formed. Quantized factors can stay packed (U8 GGML rows, dequantized in
+each forward): :class:`cersa_torch.packed.PackedCersaLinear`.
 """
 from __future__ import annotations
 
@@ -58,6 +59,13 @@ class CersaLinear(nn.Module):
         else:
             self.register_buffer("u", u)
             self.register_buffer("vt", vt)
+        self._init_core(s, bias, mode, k, dtype, device, trainable)
+
+    def _init_core(self, s, bias, mode, k, dtype, device, trainable):
+        """σ (a parameter in ``scale`` mode), the mode's trainable core and the bias, after
+        the factors are registered (shared with :class:`~cersa_torch.packed.PackedCersaLinear`)."""
+        r = s.shape[0]
+        if mode != "factors":
             if mode == "scale":
                 self.s = nn.Parameter(s.clone())
             else:

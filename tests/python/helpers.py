@@ -33,3 +33,14 @@ def smollm2():
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
     from fetch_smollm2 import cached_path
     return os.environ.get("CERSA_SMOLLM2", cached_path())
+
+
+def gguf_dequant_rows(raw, quant, length):
+    """The reference for quantized factors: gguf-py's dequantization of the U8 rows `raw`
+    (`quant` "Q8_0", "Q5_0" or "Q4_0"), the padding cut, as float64 [r, length]."""
+    import gguf
+    import numpy as np
+
+    return gguf.quants.dequantize(np.asarray(raw, dtype=np.uint8),
+                                  gguf.GGMLQuantizationType[quant])[:, :length].astype(
+                                      np.float64)

@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, os.path.join(ROOT, "python"))
 import cersa_torch  # noqa: E402
 from cersa_torch._quant import BLOCK_BYTES, dequantize_numpy, dequantize_torch  # noqa: E402
-from helpers import perturb_trainable, stored_tensors  # noqa: E402
+from helpers import gguf_dequant_rows, perturb_trainable, stored_tensors  # noqa: E402
 
 VECTORS = os.path.join(ROOT, "formats", "vectors")
 EXCERPT = os.path.join(ROOT, "fixtures", "minilm-excerpt", "model.safetensors")
@@ -55,12 +55,6 @@ def pad_rows(rows):
     out = np.zeros((rows.shape[0], -(-rows.shape[1] // 32) * 32), dtype=np.float32)
     out[:, :rows.shape[1]] = rows
     return out
-
-
-def gguf_dequant_rows(raw, quant, length):
-    """The reference: gguf-py's dequantization of U8 rows, padding cut, as f64."""
-    return gguf.quants.dequantize(np.asarray(raw, dtype=np.uint8),
-                                  QUANTS[quant])[:, :length].astype(np.float64)
 
 
 def edge_data():

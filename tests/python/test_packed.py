@@ -1,0 +1,299 @@
+"""``load_hf(packed=True)``: quantized factors kept as their stored U8 rows and dequantized in
+each forward (``cersa_torch.PackedCersaLinear``, issue 16).
+
+Tiny random Llama (``nn.Linear``) and GPT-2 (``Conv1D``, transposed) models are converted by
+the cersa binary with ``--dtype q8_0`` and ``q4_0``. Checked against two independent paths:
+the dequantize-at-load model (``packed=False``, plain ``CersaLinear`` s), which must give the
+same outputs in every mode that allows packing, and gguf-py's dequantization of the stored
+rows (numpy f64), which each packed layer's matrix must equal. Also: the bytes held are the
+U8 rows' (from the manifest's shapes and the GGML block sizes), training moves only the
+adapter, adapter files round-trip between packed and unpacked models, ``factors`` mode is
+refused, bfloat16 compute works, and ``TorchCheckpoint.packed_factors`` hands out the
+stored bytes and refuses non-finite scales.
+"""
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "python"))
+import cersa_torch  # noqa: E402
+from cersa_torch.packed import PackedCersaLinear  # noqa: E402
+from helpers import gguf_dequant_rows, perturb_trainable, stored_tensors  # noqa: E402
+
+# GGML block sizes (formats/cersa-v1.md §2), bytes per 32 values.
+BLOCK = {"Q8_0": 34, "Q4_0": 18}
+MODES = ["frozen", "scale", "core", "cersa"]
+
+
+def tiny(family):
+    if family == "gpt2":
+        return transformers.GPT2Config(vocab_size=96, n_embd=64, n_layer=1, n_head=4,
+                                       n_positions=32, architectures=["GPT2LMHeadModel"])
+    # intermediate 80: rows of 80 values are padded to 96 (3 blocks).
+    return transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=80,
+                                    num_hidden_layers=1, num_attention_heads=4,
+                                    num_key_value_heads=2, architectures=["LlamaForCausalLM"])
+
+
+@pytest.fixture(scope="module")
+def converted(cersa_bin, tmp_path_factory):
+    """(family, quant) → (config, source dir, cersa dir), converted once per module."""
+    help_text = subprocess.run([cersa_bin, "convert", "--help"], capture_output=True,
+                               text=True).stdout
+    if "q8_0" not in help_text:
+        pytest.skip(f"{cersa_bin} has no --dtype q8_0 (quantized factors)")
+    made = {}
+
+    def get(family, quant):
+        if (family, quant) not in made:
+            config = tiny(family)
+            work = tmp_path_factory.mktemp(f"{family}-{quant}")
+            torch.manual_seed(0)
+            getattr(transformers, config.architectures[0])(config).save_pretrained(work / "src")
+            args = ["convert", "-q", "--force-factor", "--energy", "0.8"]
+            if quant != "F32":
+                args += ["--dtype", quant.lower()]
+            subprocess.run([cersa_bin, *args, str(work / "src"), str(work / "cersa")],
+                           check=True, capture_output=True)
+            made[family, quant] = config, work / "src", work / "cersa"
+        return made[family, quant]
+    return get
+
+
+def load(cersa_dir, src, mode, packed, **kw):
+    return cersa_torch.load_hf(cersa_dir, config=src, mode=mode, k=3, beta=0.5, packed=packed,
+                               **kw)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def ids_for(config):
+    return torch.randint(0, config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
+
+
+def factored_entries(cersa_dir):
+    manifest = json.load(open(os.path.join(cersa_dir, "cersa.json")))
+    return {n: i for n, i in manifest["tensors"].items() if i["kind"] == "factored"}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("quant", ["Q8_0", "Q4_0"])
+@pytest.mark.parametrize("mode", MODES)
+def test_packed_forward_equals_dequantized_at_load(family, quant, mode, converted):
+    config, src, cdir = converted(family, quant)
+    ids = ids_for(config)
+    outs = []
+    for packed in (False, True):
+        torch.manual_seed(7)  # core's A is drawn at load
+        model = load(cdir, src, mode, packed)
+        # The same trainable state in both (parameters are registered in the same order).
+        perturb_trainable(model, torch.Generator().manual_seed(5))
+        outs.append(logits(model, ids))
+    entries = factored_entries(cdir)
+    layers = [m for m in model.modules() if isinstance(m, cersa_torch.CersaLinear)]
+    assert len(layers) == len(entries) > 0
+    assert all(isinstance(m, PackedCersaLinear) and m.quant == quant for m in layers)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("quant", ["Q8_0", "Q4_0"])
+def test_packed_layers_apply_gguf_dequantized_factors(family, quant, converted):
+    """Each packed layer's matrix is U·diag σ·Vᵀ from gguf-py's dequantization of the stored
+    rows (numpy f64), transposed for a GPT-2 Conv1D layer."""
+    config, src, cdir = converted(family, quant)
+    manifest, stored = stored_tensors(cdir)
+    model = load(cdir, src, "frozen", True)
+    layers = {m.cersa_name: m for m in model.modules() if isinstance(m, PackedCersaLinear)}
+    assert set(layers) == set(factored_entries(cdir))
+    for name, layer in layers.items():
+        m, n = manifest["tensors"][name]["matrix_shape"]
+        w = (gguf_dequant_rows(stored[name + ".cersa_u"], quant, m).T
+             * stored[name + ".cersa_s"].astype(np.float64)) @ \
+            gguf_dequant_rows(stored[name + ".cersa_vt"], quant, n)
+        assert layer.cersa_transposed == (family == "gpt2")
+        got = layer.adapted_weight().numpy()
+        want = w.T if layer.cersa_transposed else w
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("quant", ["Q8_0", "Q4_0"])
+def test_packed_model_holds_the_u8_rows(family, quant, converted):
+    config, src, cdir = converted(family, quant)
+    entries = factored_entries(cdir)
+    # Σ r·(⌈m/32⌉ + ⌈n/32⌉)·block bytes, from the manifest alone.
+    want = sum(i["rank"] * (-(-i["matrix_shape"][0] // 32) - (-i["matrix_shape"][1] // 32))
+               * BLOCK[quant] for i in entries.values())
+    f32 = sum(i["rank"] * sum(i["matrix_shape"]) * 4 for i in entries.values())
+    packed, plain = load(cdir, src, "core", True), load(cdir, src, "core", False)
+    held = {n: b for n, b in packed.named_buffers()}
+    rows = [b for n, b in held.items() if n.endswith((".u_rows", ".vt_rows"))]
+    assert all(b.dtype == torch.uint8 for b in rows)
+    assert sum(b.numel() * b.element_size() for b in rows) == want
+    assert sum(m.packed_bytes() for m in packed.modules()
+               if isinstance(m, PackedCersaLinear)) == want
+    # No float copy of a factor is held: per layer only σ (and the bias) besides the rows.
+    for name, layer in packed.named_modules():
+        if isinstance(layer, PackedCersaLinear):
+            assert set(layer._buffers) <= {"u_rows", "vt_rows", "s", "bias"}, name
+    # The unpacked model holds the f32 factors, r·(m+n)·4 bytes.
+    assert sum(b.numel() * b.element_size() for n, b in plain.named_buffers()
+               if n.endswith((".u", ".vt"))) == f32
+    if family == "gpt2":  # every dimension a multiple of 32: exactly the block ratio
+        assert want / f32 == BLOCK[quant] / 128
+    else:  # the 80-value rows pad to 96
+        assert want / f32 > BLOCK[quant] / 128
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("mode", ["scale", "core", "cersa"])
+def test_packed_training_step_and_adapter_round_trip(family, mode, converted, tmp_path):
+    config, src, cdir = converted(family, "Q8_0")
+    ids = ids_for(config)
+    model = load(cdir, src, mode, True).train()
+    before = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.rpartition(".")[2] in {"s", "a", "b", "c"} for n in trainable)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):  # core's A gets a gradient once B is off zero
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all()
+                   for n, p in model.named_parameters() if n in trainable)
+        opt.step()
+    after = model.state_dict()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and changed <= trainable, changed - trainable
+    assert any(n.endswith(".u_rows") for n in before)  # …and those stayed as they were
+    model.eval()
+    trained = logits(model, ids)
+
+    adapter = tmp_path / "adapter.safetensors"
+    cersa_torch.save_adapter(model, adapter)
+    fresh = load(cdir, src, mode, True)
+    cersa_torch.load_adapter(fresh, adapter)
+    torch.testing.assert_close(logits(fresh, ids), trained, rtol=0, atol=0)
+    # Trained packed, applied to a dequantize-at-load model: the same function.
+    plain = load(cdir, src, mode, False)
+    cersa_torch.load_adapter(plain, adapter)
+    torch.testing.assert_close(logits(plain, ids), trained, rtol=1e-5, atol=1e-6)
+    # …and the plain model writes back the same adapter file contents.
+    again = tmp_path / "again.safetensors"
+    cersa_torch.save_adapter(plain, again)
+    from safetensors.torch import load_file
+    a, b = load_file(adapter), load_file(again)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_factors_mode_is_refused(converted):
+    config, src, cdir = converted("llama", "Q8_0")
+    with pytest.raises(ValueError, match="factors.*packed=False|packed=False.*factors"):
+        load(cdir, src, "factors", True)
+    with pytest.raises(ValueError, match="factors"):
+        PackedCersaLinear(torch.zeros(2, 34, dtype=torch.uint8), torch.ones(2),
+                          torch.zeros(2, 34, dtype=torch.uint8), "Q8_0", (32, 32),
+                          mode="factors")
+    # Without packing, factors mode still loads the quantized checkpoint.
+    model = load(cdir, src, "factors", False)
+    assert any(m.mode == "factors" for m in model.modules()
+               if isinstance(m, cersa_torch.CersaLinear))
+
+
+def test_packed_on_unquantized_checkpoint_warns_and_changes_nothing(converted):
+    config, src, cdir = converted("llama", "F32")
+    ids = ids_for(config)
+    with pytest.warns(UserWarning, match="nothing is packed"):
+        model = load(cdir, src, "core", True)
+    assert not any(isinstance(m, PackedCersaLinear) for m in model.modules())
+    torch.testing.assert_close(logits(model, ids), logits(load(cdir, src, "core", False), ids),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_packed_bfloat16(family, converted):
+    config, src, cdir = converted(family, "Q4_0")
+    ids = ids_for(config)
+    packed = load(cdir, src, "cersa", True, dtype=torch.bfloat16)
+    plain = load(cdir, src, "cersa", False, dtype=torch.bfloat16)
+    layer = next(m for m in packed.modules() if isinstance(m, PackedCersaLinear))
+    assert layer.u.dtype == layer.vt.dtype == torch.bfloat16
+    # The same bf16 values of U and Vᵀ in both models.
+    ref = next(m for m in plain.modules() if getattr(m, "cersa_name", None) == layer.cersa_name)
+    assert torch.equal(layer.u, ref.u) and torch.equal(layer.vt, ref.vt)
+    got, want = logits(packed, ids), logits(plain, ids)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+    # A gradient reaches the trainable cores in bf16.
+    packed.train()(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in packed.parameters() if p.requires_grad)
+
+
+def test_packed_layer_follows_model_dtype(converted):
+    """``.to(float64)`` casts σ and the cores, not the U8 rows; the factors are then
+    dequantized in float64 and the outputs match an unpacked model cast the same way."""
+    config, src, cdir = converted("gpt2", "Q8_0")
+    ids = ids_for(config)
+    packed = load(cdir, src, "frozen", True).to(torch.float64)
+    plain = load(cdir, src, "frozen", False).to(torch.float64)
+    layer = next(m for m in packed.modules() if isinstance(m, PackedCersaLinear))
+    assert layer.u_rows.dtype == torch.uint8 and layer.vt.dtype == torch.float64
+    torch.testing.assert_close(logits(packed, ids), logits(plain, ids), rtol=1e-12, atol=1e-12)
+
+
+def _shard_offset(path, tensor):
+    """Byte offset of ``tensor``'s data in the safetensors file ``path``."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    return 8 + size + header[tensor]["data_offsets"][0]
+
+
+def test_packed_factors_accessor(converted, tmp_path):
+    import shutil
+
+    config, src, cdir = converted("llama", "Q8_0")
+    manifest, stored = stored_tensors(cdir)
+    ckpt = cersa_torch.open_checkpoint(cdir)
+    name = sorted(factored_entries(cdir))[0]
+    rows_u, s, rows_vt, quant, (m, n) = ckpt.packed_factors(name)
+    assert quant == "Q8_0" and [m, n] == manifest["tensors"][name]["matrix_shape"]
+    assert np.array_equal(rows_u.numpy(), stored[name + ".cersa_u"])
+    assert np.array_equal(rows_vt.numpy(), stored[name + ".cersa_vt"])
+    assert np.array_equal(s.numpy(), stored[name + ".cersa_s"])
+    dense = next(k for k, i in manifest["tensors"].items() if i["kind"] == "dense")
+    with pytest.raises(ValueError, match="not factored"):
+        ckpt.packed_factors(dense)
+    f32 = converted("llama", "F32")[2]
+    with pytest.raises(ValueError, match="not quantized"):
+        cersa_torch.open_checkpoint(f32).packed_factors(name)
+
+    # A NaN block scale in the stored rows: refused on first read when the shards were not
+    # read at open (both accessors), naming the stored tensor.
+    bad = tmp_path / "bad"
+    shutil.copytree(cdir, bad)
+    shard = os.path.join(bad, manifest["tensors"][name]["shard"])
+    at = _shard_offset(shard, name + ".cersa_vt") + BLOCK["Q8_0"]  # row 0, block 1's scale
+    with open(shard, "r+b") as f:
+        f.seek(at)
+        f.write(struct.pack("<e", float("nan")))
+    for read in ("packed_factors", "factors"):
+        ckpt = cersa_torch.open_checkpoint(bad, verify_checksums=False)
+        with pytest.raises(cersa_torch.CersaFormatError, match="non-finite") as err:
+            getattr(ckpt, read)(name)
+        assert err.value.tensor == name + ".cersa_vt"
+        assert "32 non-finite value(s)" in str(err.value), str(err.value)
