@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import open_checkpoint
-from .dense import DENSE_MODES, DENSE_REASONS, DenseSubspaceLinear, top_subspace
 from .experts import stacked_experts
-from .modules import CersaLinear, trainable_rank
+from .layers import adapts, build_layer
+from .modules import CersaLinear
 from .moe import layer_builder, swap_experts
 from .packed import PACKED_MODES, PackedCersaLinear
 
@@ -145,10 +145,12 @@ def load_hf(cersa_dir, auto_class=None, mode: str = "frozen", k: Optional[int] =
     the config's ``architectures``, else ``AutoModel``). ``config``: a directory or
     ``PretrainedConfig`` (default: ``config.json`` in ``cersa_dir``, which ``cersa convert``
     copies from the source directory with the tokenizer files; needed when the source had
-    none, e.g. a lone GGUF file). ``mode``/``k``: the adaptation of every factored layer (``frozen``, ``scale``,
-    ``core``, ``factors``, ``cersa``; with ``cersa``, ``beta`` < τ trains only each core's
-    leading components up to cumulative energy β). Dense parameters are frozen unless ``train_dense``. Raises
-    ``ValueError`` naming every model parameter the checkpoint does not provide.
+    none, e.g. a lone GGUF file). ``mode``/``k``: the adaptation of every factored layer
+    (``frozen``, ``scale``, ``core``, ``factors``, ``cersa``; in ``core`` mode a layer of rank
+    r < k gets k = r; with ``cersa``, ``beta`` < τ trains only each core's leading
+    components up to cumulative energy β). Dense parameters are frozen unless
+    ``train_dense``. Raises ``ValueError`` naming every model parameter the checkpoint does
+    not provide.
     ``verify_checksums``: see :func:`open_checkpoint` (default: every shard's sha256 is
     checked, one read of each shard).
     ``dense_subspace`` (default on; measured better, README "Training"): in the ``scale``,
@@ -184,7 +186,8 @@ def load_hf(cersa_dir, auto_class=None, mode: str = "frozen", k: Optional[int] =
     names = _model_names(model, ckpt.manifest["tensors"], cersa_dir, merged=merged)
     # Per-expert (Mixtral-style) matrices: each experts module becomes a CersaExperts.
     swap_experts(model, merged, cersa_dir, layer_builder(ckpt, cersa_dir, mode, k, beta, dtype,
-                                                         device, dense_subspace, train_dense))
+                                                         device, dense_subspace, train_dense,
+                                                         packed))
     conv1d = getattr(transformers.pytorch_utils, "Conv1D", ())
     for path, module in list(model.named_modules()):
         if not isinstance(module, (nn.Linear, conv1d)):
@@ -192,59 +195,24 @@ def load_hf(cersa_dir, auto_class=None, mode: str = "frozen", k: Optional[int] =
         name = names.get(f"{path}.weight")
         if name is None:
             continue
-        base = "factored" if ckpt.is_factored(name) else "dense"
-        if base == "dense" and not (dense_subspace and mode in DENSE_MODES and ckpt.info(
-                name).get("reason") in DENSE_REASONS):
+        if not adapts(ckpt, name, mode, dense_subspace):
             continue
-        weight = None
-        quant = ckpt.info(name).get("quant") if packed and base == "factored" else None
-        if quant is not None:
-            # The stored rows: rows_u holds the u_i (length m), rows_vt the v_i (length n).
-            rows_u, s, rows_vt, _, (m, n) = ckpt.packed_factors(name)
-            energy = ckpt.info(name)["energy"]
-        elif base == "factored":
-            u, s, vt = ckpt.factors(name)
-            energy = ckpt.info(name)["energy"]
-        else:
-            # Checkpoint orientation [m, n], as stored; the basis from its exact values.
-            weight = ckpt.dense(name)
-            u, s, vt, energy = top_subspace(ckpt.dense(name, torch.float64),
-                                            ckpt.manifest["config"], name)
-        if isinstance(module, nn.Linear):
-            want = (module.out_features, module.in_features)
-        elif quant is not None:
-            rows_u, rows_vt, m, n = rows_vt, rows_u, n, m  # as for u, vt below
-            want = (module.nf, module.weight.shape[0])
-        else:
-            # Conv1D computes x·W with W [in, out]: y = x·U·diag σ·Vᵀ, i.e. a linear layer
-            # whose weight Wᵀ has the factors (V, σ, U) in CersaLinear's orientation.
-            u, vt = vt.T, u.T
-            weight = None if weight is None else weight.T
-            want = (module.nf, module.weight.shape[0])
-        got = (m, n) if quant is not None else (u.shape[0], vt.shape[1])
-        if got != want:
-            raise ValueError(f"{cersa_dir}: {name} is {got[0]}×{got[1]} (out×in), "
-                             f"the model's {path} is {want[0]}×{want[1]}")
+        transposed = not isinstance(module, nn.Linear)
+        # Conv1D computes x·W with W [in, out]: its layer is built from the factors of Wᵀ.
+        want = ((module.nf, module.weight.shape[0]) if transposed
+                else (module.out_features, module.in_features))
         bias = None
         if getattr(module, "bias", None) is not None:
             bias_name = names.get(f"{path}.bias")
             if bias_name is None:
                 raise ValueError(f"{cersa_dir}: {path}.bias is not in the checkpoint")
             bias = ckpt.dense(bias_name)
-        t = None
-        if mode == "cersa" and beta is not None:
-            t = trainable_rank(s, energy, beta)
-        if quant is not None:
-            layer = PackedCersaLinear(rows_u, s, rows_vt, quant, (m, n), bias, mode, k,
-                                      dtype=dtype, device=device, trainable=t)
-        elif base == "factored":
-            layer = CersaLinear(u, s, vt, bias, mode, k, dtype=dtype, device=device,
-                                trainable=t)
-        else:
-            layer = DenseSubspaceLinear(weight, u, s, vt, bias, mode, k, dtype=dtype,
-                                        device=device, trainable=t)
-        # For adapter files: the checkpoint's name and whether the layer holds W transposed.
-        layer.cersa_name, layer.cersa_transposed = name, not isinstance(module, nn.Linear)
+        layer = build_layer(ckpt, name, mode, k, beta, dtype, device, dense_subspace, packed,
+                            transposed, bias)
+        got = (layer.out_features, layer.in_features)
+        if got != want:
+            raise ValueError(f"{cersa_dir}: {name} is {got[0]}×{got[1]} (out×in), "
+                             f"the model's {path} is {want[0]}×{want[1]}")
         parent_path, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         setattr(parent, child, layer)

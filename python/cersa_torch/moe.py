@@ -202,15 +202,14 @@ def swap_experts(model, merged: Dict[str, Tuple[str, str]], source: str,
 
 
 def layer_builder(ckpt, source: str, mode: str, k, beta, dtype, device, dense_subspace: bool,
-                  train_dense: bool) -> Callable[[str, Tuple[int, int]], nn.Module]:
+                  train_dense: bool, packed: bool = False
+                  ) -> Callable[[str, Tuple[int, int]], nn.Module]:
     """``build`` for :func:`swap_experts`: one expert matrix as :func:`load_hf` makes any
-    linear layer — a :class:`CersaLinear` in ``mode`` when factored; when kept dense, a
-    :class:`DenseSubspaceLinear` under the same rule (``dense_subspace``, a mode of
-    ``DENSE_MODES`` and a reason of ``DENSE_REASONS``), else a :class:`DenseExpertLinear`
-    (trainable only with ``train_dense``). Factored layers carry ``cersa_name`` (the
-    checkpoint entry) and ``cersa_transposed=False`` for adapter files."""
-    from .dense import DENSE_MODES, DENSE_REASONS, DenseSubspaceLinear, top_subspace
-    from .modules import CersaLinear, trainable_rank
+    linear layer (:func:`cersa_torch.layers.build_layer`: a :class:`CersaLinear` in ``mode``,
+    packed with ``packed``, when factored; a :class:`DenseSubspaceLinear` when kept dense
+    under the ``dense_subspace`` rule), else a :class:`DenseExpertLinear` (trainable only
+    with ``train_dense``)."""
+    from .layers import build_layer
 
     def build(name: str, want: Tuple[int, int]) -> nn.Module:
         info = ckpt.info(name)
@@ -222,24 +221,10 @@ def layer_builder(ckpt, source: str, mode: str, k, beta, dtype, device, dense_su
         if shape != tuple(want):
             raise ValueError(f"{source}: {name} has shape {list(shape)} (out×in), the model's "
                              f"expert layer is {want[0]}×{want[1]}")
-        if not factored and not (dense_subspace and mode in DENSE_MODES
-                                 and info.get("reason") in DENSE_REASONS):
+        layer = build_layer(ckpt, name, mode, k, beta, dtype, device, dense_subspace, packed)
+        if layer is None:
             return DenseExpertLinear(ckpt.dense(name).to(device=device, dtype=dtype),
                                      train_dense)
-        if factored:
-            u, s, vt = ckpt.factors(name)
-            energy = info["energy"]
-        else:
-            u, s, vt, energy = top_subspace(ckpt.dense(name, torch.float64),
-                                            ckpt.manifest["config"], name)
-        t = trainable_rank(s, energy, beta) if mode == "cersa" and beta is not None else None
-        if factored:
-            layer = CersaLinear(u, s, vt, None, mode, k, dtype=dtype, device=device,
-                                trainable=t)
-        else:
-            layer = DenseSubspaceLinear(ckpt.dense(name), u, s, vt, None, mode, k,
-                                        dtype=dtype, device=device, trainable=t)
-        layer.cersa_name, layer.cersa_transposed = name, False
         return layer
 
     return build

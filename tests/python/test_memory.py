@@ -83,3 +83,18 @@ def test_cli_prints_every_mode(llama):
     for label in ("cersa frozen", "cersa core", "cersa factors", "cersa (paper core)",
                   "dense + LoRA r=3"):
         assert label in p.stdout, p.stdout
+
+
+def test_core_k_is_capped_at_a_layer_rank_below_it(llama, cersa_bin):
+    """A budget plan or a rule can leave a layer at rank 1: core k = 4 then gives that layer
+    a full r×r core instead of failing the load, and the estimate counts the same."""
+    out = llama / "rank2"
+    subprocess.run([cersa_bin, "convert", "-q", "--force-factor", "--rank", "*q_proj*=2",
+                    llama / "src", out], check=True)
+    model = cersa_torch.load_hf(out, mode="core", k=4)
+    cores = {m.cersa_name: tuple(m.a.shape) for m in model.modules()
+             if isinstance(m, cersa_torch.CersaLinear)}
+    assert {n: a for n, a in cores.items() if "q_proj" in n} == {
+        f"model.layers.{i}.self_attn.q_proj.weight": (2, 2) for i in range(2)}
+    assert all(a[1] == 4 for n, a in cores.items() if "q_proj" not in n)
+    assert memory.measure(model) == memory.estimate(out, "core", k=4).cersa

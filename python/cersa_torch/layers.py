@@ -1,0 +1,79 @@
+"""What :func:`cersa_torch.load_hf` makes of one checkpoint matrix, for plain linear layers
+and for the experts of :mod:`cersa_torch.moe` alike.
+
+- a factored matrix: a :class:`~cersa_torch.modules.CersaLinear` in the load mode, or with
+  ``packed`` and quantized factors a :class:`~cersa_torch.packed.PackedCersaLinear`;
+- a matrix kept dense for lack of saving (reasons ``no-saving``, ``planned``), in the
+  modes of ``DENSE_MODES`` with ``dense_subspace``: a
+  :class:`~cersa_torch.dense.DenseSubspaceLinear` (the basis computed here);
+- anything else: nothing (``None``): it stays a dense tensor of the model.
+
+A layer built here carries ``cersa_name`` (the checkpoint entry) and ``cersa_transposed``
+(whether it holds the checkpoint's W transposed, GPT-2's ``Conv1D``) for adapter files.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .dense import DENSE_MODES, DENSE_REASONS, DenseSubspaceLinear, top_subspace
+from .modules import CersaLinear, trainable_rank
+from .packed import PackedCersaLinear
+
+
+def adapts(ckpt, name: str, mode: str, dense_subspace: bool) -> bool:
+    """Whether :func:`build_layer` makes a layer of ``name`` (else it stays dense)."""
+    if ckpt.is_factored(name):
+        return True
+    return (dense_subspace and mode in DENSE_MODES
+            and ckpt.info(name).get("reason") in DENSE_REASONS)
+
+
+def build_layer(ckpt, name: str, mode: str, k: Optional[int], beta: Optional[float],
+                dtype: torch.dtype, device, dense_subspace: bool, packed: bool,
+                transposed: bool = False, bias=None):
+    """The layer of checkpoint matrix ``name`` (see the module doc), or ``None`` when it
+    stays dense. ``transposed``: the module computes x·W with W [in, out] as stored (GPT-2
+    ``Conv1D``), so the layer is built from the factors of Wᵀ: (V, σ, U) in
+    :class:`CersaLinear`'s orientation. ``beta``: in ``cersa`` mode, each core trains only
+    its leading components up to cumulative energy β. ``k``: in ``core`` mode, the core rank,
+    lowered to the layer's rank r where r < k."""
+    if not adapts(ckpt, name, mode, dense_subspace):
+        return None
+    info = ckpt.info(name)
+    factored = ckpt.is_factored(name)
+    quant = info.get("quant") if packed and factored else None
+    weight = None
+    if quant is not None:
+        # The stored rows: rows_u holds the u_i (length m), rows_vt the v_i (length n).
+        rows_u, s, rows_vt, _, (m, n) = ckpt.packed_factors(name)
+        if transposed:
+            rows_u, rows_vt, m, n = rows_vt, rows_u, n, m
+        energy = info["energy"]
+    elif factored:
+        u, s, vt = ckpt.factors(name)
+        energy = info["energy"]
+    else:
+        # Checkpoint orientation [m, n], as stored; the basis from its exact values.
+        weight = ckpt.dense(name)
+        u, s, vt, energy = top_subspace(ckpt.dense(name, torch.float64),
+                                        ckpt.manifest["config"], name)
+    if quant is None and transposed:
+        u, vt = vt.T, u.T
+        weight = None if weight is None else weight.T
+    t = trainable_rank(s, energy, beta) if mode == "cersa" and beta is not None else None
+    if mode == "core" and k is not None:
+        # k is the model's cap: a layer of rank r < k (a budget plan gives some rank 1) gets
+        # a full r×r core instead of failing the whole load.
+        k = min(k, s.shape[0])
+    if quant is not None:
+        layer = PackedCersaLinear(rows_u, s, rows_vt, quant, (m, n), bias, mode, k,
+                                  dtype=dtype, device=device, trainable=t)
+    elif factored:
+        layer = CersaLinear(u, s, vt, bias, mode, k, dtype=dtype, device=device, trainable=t)
+    else:
+        layer = DenseSubspaceLinear(weight, u, s, vt, bias, mode, k, dtype=dtype,
+                                    device=device, trainable=t)
+    layer.cersa_name, layer.cersa_transposed = name, transposed
+    return layer
