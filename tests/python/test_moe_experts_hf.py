@@ -169,6 +169,26 @@ def test_no_dense_expert_tensor_is_allocated(moe):
         assert held < E * 3 * I * H / 2   # under half of the dense experts
 
 
+def test_packed_q8_0_experts_hold_their_rows_and_give_the_same_logits(moe, run_cersa, tmp_path):
+    """--dtype q8_0 with load_hf(packed=True): every factored expert matrix is a
+    PackedCersaLinear holding U8 rows, with the logits of the same checkpoint dequantized
+    at load."""
+    _, _, _, _, d = moe
+    run_cersa("convert", "-q", "--energy", "0.9", "--dtype", "q8_0", d / "src", tmp_path / "q8")
+    packed = cersa_torch.load_hf(tmp_path / "q8", mode="core", k=2, packed=True)
+    plain = cersa_torch.load_hf(tmp_path / "q8", mode="core", k=2)
+    experts = packed.model.layers[0].mlp.experts
+    kinds = [type(m).__name__ for role in ("gate_proj", "up_proj", "down_proj")
+             for m in getattr(experts, role)]
+    assert kinds.count("PackedCersaLinear") == 3 * (E - 1), kinds
+    for model in (packed, plain):  # the same non-zero cores in both
+        torch.manual_seed(3)
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.data.normal_(0, 0.05)
+    torch.testing.assert_close(logits(packed), logits(plain), rtol=1e-5, atol=1e-6)
+
+
 def test_core_step_trains_only_adapters(moe):
     family, _, _, _, d = moe
     ours = cersa_torch.load_hf(d / "ckpt", mode="core", k=2)
