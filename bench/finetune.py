@@ -6,6 +6,7 @@ seed, on SmolLM2-135M-Instruct through transformers, on CPU.
                               [--length 64] [--taus 0.90,0.95] [--train-taus 0.90,0.95]
                               [--modes core,cersa,scale] [--threads 1] [--full]
                               [--frozen-dense] [--force-factor] [--only TEXT]
+                              [--whitened-budgets 0.8] [--calib-tokens 16384]
 
 Model: the SmolLM2-135M-Instruct Q4_1 GGUF (bench/fetch_smollm2.py) as a dense f32
 Hugging Face directory (bench/quality.py). Text: bench/quality.py's split of CPython's
@@ -24,6 +25,11 @@ Runs, each in its own process (so its peak RSS is its own):
   attention and MLP projection of the dense model; with --full, full fine-tuning of the
   dense model; with --force-factor, `core` on a conversion at each train τ with
   `--force-factor` (every matrix factored: the third trainable path for those matrices).
+With --whitened-budgets B,…: for each byte budget B (a ratio of the source's bytes), a
+whitened conversion under the planner (`cersa convert --budget Bx --calibration`, the
+statistics G = Σ xxᵀ of every linear layer's inputs on --calib-tokens of the *training*
+text, as bench/quality.py collects them), frozen and trained in --modes: the compressed
+checkpoint that still works, as a fine-tuning start.
 Learning rates, fixed and not tuned: 1e-3 for core, scale and LoRA; 1e-4 for the paper's
 core and full fine-tuning (both move whole weight matrices).
 
@@ -116,6 +122,33 @@ def child(spec, args):
     return out
 
 
+def whitened(args, dense_dir, budget):
+    """(directory, stored/source bytes) of the whitened conversion of the dense model under
+    byte budget ``budget``, with calibration statistics from the training text."""
+    import quality
+    import torch
+    import transformers
+
+    calib = os.path.join(args.work, f"calib-{args.calib_tokens}.safetensors")
+    if not os.path.exists(calib):
+        tok = transformers.AutoTokenizer.from_pretrained(dense_dir)
+        train, _ = quality.texts()
+        ids = quality.chunks(tok, train, 512, args.calib_tokens)
+        dense = transformers.AutoModelForCausalLM.from_pretrained(dense_dir,
+                                                                  dtype=torch.float32).eval()
+
+        def feed(model):
+            for row in ids:
+                model(input_ids=row[None])
+
+        stats = quality.capture_stats(dense, feed, quality.checkpoint_names(dense_dir))
+        quality.write_calibration(calib, stats, dense_dir, ids.numel())
+        del dense, stats
+    out = os.path.join(args.work, f"smollm2-whitened-{budget:.2f}")
+    info = quality.convert(args.cersa, dense_dir, out, None, calib, budget)
+    return out, info["byte_ratio"]
+
+
 def peak_rss_mib():
     """This process's peak RSS: VmHWM of its own address space. (ru_maxrss is not: exec
     keeps the high-water mark of the address space it replaced, the parent's under vfork.)"""
@@ -143,6 +176,10 @@ def main():
     ap.add_argument("--force-factor", action="store_true",
                     help="also train core adapters on a --force-factor conversion")
     ap.add_argument("--only", help="run only the runs whose name contains this text")
+    ap.add_argument("--whitened-budgets", default="",
+                    help="byte budgets of whitened planned conversions to train, e.g. 0.8")
+    ap.add_argument("--calib-tokens", type=int, default=16384,
+                    help="training-text tokens for the whitened conversions' statistics")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -181,6 +218,14 @@ def main():
         t = json.load(open(os.path.join(d, "cersa.json")))["totals"]
         specs.append({"name": f"cersa τ{tt:.2f} --force-factor core", "kind": "cersa",
                       "mode": "core", "dir": d, "bytes": t["stored_bytes"] / t["source_bytes"]})
+    for budget in sorted(float(b) for b in args.whitened_budgets.split(",") if b):
+        d, ratio = whitened(args, dense_dir, budget)
+        specs += [{"name": f"cersa whitened {budget:.2f}× {m}", "kind": "cersa", "mode": m,
+                   "dir": d, "bytes": ratio} for m in ["frozen", *modes]]
+        if args.frozen_dense:
+            specs += [{"name": f"cersa whitened {budget:.2f}× {m}, dense frozen",
+                       "kind": "cersa", "mode": m, "dir": d, "bytes": ratio,
+                       "dense_subspace": False} for m in modes]
     specs.append({"name": "dense + LoRA r8", "kind": "dense", "mode": "lora", "bytes": 1.0})
     if args.full:
         specs.append({"name": "dense, full fine-tune", "kind": "dense", "mode": "full",
