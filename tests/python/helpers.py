@@ -44,3 +44,18 @@ def gguf_dequant_rows(raw, quant, length):
     return gguf.quants.dequantize(np.asarray(raw, dtype=np.uint8),
                                   gguf.GGMLQuantizationType[quant])[:, :length].astype(
                                       np.float64)
+
+
+def planted_torch(gen, rank, m, n):
+    """An m×n float32 matrix of `rank` equal singular values (0.5) plus 1 % noise, drawn
+    from the torch generator `gen`; rank 0 gives a flat spectrum (the converter keeps it
+    dense)."""
+    import torch
+
+    k = min(m, n) if rank == 0 else rank
+    q1, _ = torch.linalg.qr(torch.randn(m, k, generator=gen, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))
+    w = q1 @ q2.T
+    if rank:
+        w += 0.1 * (k / (m * n)) ** 0.5 * torch.randn(m, n, generator=gen, dtype=torch.float64)
+    return (0.5 * w).float()

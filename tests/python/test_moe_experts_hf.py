@@ -32,23 +32,13 @@ except ImportError:
     pytest.skip("transformers < 5 keeps per-expert modules", allow_module_level=True)
 
 import cersa_torch  # noqa: E402
+from helpers import planted_torch as planted  # noqa: E402
 from cersa_torch.dense import DenseSubspaceLinear  # noqa: E402
 from cersa_torch.moe import CersaExperts, DenseExpertLinear  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 E, H, I = 4, 32, 24
 IDS = torch.tensor([[1, 5, 9, 33, 2, 70, 14, 3, 8, 60], [4, 4, 90, 17, 23, 6, 41, 11, 0, 2]])
-
-
-def planted(gen, rank, m, n):
-    """rank equal singular values plus 1 % noise (rank 0: a flat spectrum, kept dense)."""
-    k = min(m, n) if rank == 0 else rank
-    q1, _ = torch.linalg.qr(torch.randn(m, k, generator=gen, dtype=torch.float64))
-    q2, _ = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))
-    w = q1 @ q2.T
-    if rank:
-        w += 0.1 * (k / (m * n)) ** 0.5 * torch.randn(m, n, generator=gen, dtype=torch.float64)
-    return (0.5 * w).float()
 
 
 def config(family):

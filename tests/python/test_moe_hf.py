@@ -23,20 +23,10 @@ if not hasattr(transformers, "GptOssConfig"):
     pytest.skip("transformers without gpt-oss", allow_module_level=True)
 
 import cersa_torch  # noqa: E402
+from helpers import planted_torch as planted  # noqa: E402
 
 E, H, I = 4, 32, 24
 FUSED = ("gate_up_proj", "down_proj")
-
-
-def planted(gen, rank, m, n):
-    """rank equal singular values plus 1 % noise (rank 0: a flat spectrum, kept dense)."""
-    k = min(m, n) if rank == 0 else rank
-    q1, _ = torch.linalg.qr(torch.randn(m, k, generator=gen, dtype=torch.float64))
-    q2, _ = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))
-    w = q1 @ q2.T
-    if rank:
-        w += 0.1 * (k / (m * n)) ** 0.5 * torch.randn(m, n, generator=gen, dtype=torch.float64)
-    return (0.5 * w).float()
 
 
 @pytest.fixture(scope="module")
