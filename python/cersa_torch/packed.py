@@ -7,9 +7,9 @@ as rows, ``NAME.cersa_vt`` [r, row_bytes(n)] the v_i. :meth:`TorchCheckpoint.fac
 dequantizes them to float at load; this module keeps the stored rows as the U8 buffers
 ``u_rows`` and ``vt_rows`` and dequantizes them (:func:`cersa_torch._quant.dequantize_torch`,
 pure torch, any device) each time ``u`` or ``vt`` is read, in the dtype of σ (the layer's
-compute dtype, which follows ``.to(dtype)``). ``forward``, ``adapted_weight`` and the
-adapter files therefore work unchanged, on exactly the values the dequantize-at-load path
-holds. Between forwards a layer holds the packed bytes only: Q8_0 34 bytes per 32 values,
+compute dtype, which follows ``.to(dtype)``). ``adapted_weight`` and the adapter files
+therefore work unchanged, and ``forward`` (below) computes :class:`CersaLinear`'s math, on
+exactly the values the dequantize-at-load path holds. Between forwards a layer holds the packed bytes only: Q8_0 34 bytes per 32 values,
 Q5_0 22, Q4_0 18, i.e. 0.27×, 0.17×, 0.14× of the f32 factors (plus the row padding to a
 multiple of 32).
 
@@ -18,11 +18,17 @@ U and V are frozen as stored, so the modes are ``frozen``, ``scale``, ``core`` a
 In training, ``forward`` multiplies by the factors through two autograd functions
 (:class:`_RowsT` for x·V_r, :class:`_Rows` for z·U_rᵀ) that save only the packed rows
 (already held by the layer) and dequantize again in the backward pass; the mode's middle
-(σ, core A·B, cersa C) is ordinary autograd. So no dequantized factor is kept from the
-forward to the backward pass: at most one layer's U or Vᵀ exists at a time, and a training
-step's peak gains only the packed bytes' saving (measured: bench/RESULTS.md, session 15,
-``bench/packed_train_peak.py``). The price is a second dequantization of each factor whose
-input needs a gradient, in the backward pass.
+(σ, core A·B, cersa C) is ordinary autograd, and the gradients are those of the
+dequantize-at-load layer. No dequantized factor is kept from the forward to the backward
+pass, so the saving holds at the peak of a training step too: on SmolLM2-135M Q8_0 (74
+factored layers, ``core`` k = 8, 256 tokens, f32) a step keeps 14.9 MiB for the backward
+pass instead of 77.9 MiB when autograd saved the dequantized U and Vᵀ, and the layers' part
+of the step's peak (held + step) is 32–34 MiB against 93–96 MiB before and 77–79 MiB with
+f32 factors at load; the whole model's step peak above what it holds falls by 62 MiB
+(bench/RESULTS.md, session 15, ``bench/packed_train_peak.py``). The price: each factor
+whose input needs a gradient is dequantized a second time in the backward pass (a step
+took 1.1–1.6× the time of the packed layer as it was at 256 tokens, 1.8× at 16, on a
+shared VM).
 
 A GPT-2 ``Conv1D`` layer (W stored [in, out]) is built with the two row sets swapped, as
 :func:`cersa_torch.load_hf` swaps U and Vᵀ: ``u_rows`` are then the stored ``cersa_vt``
