@@ -61,14 +61,14 @@ class _RowsT(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, rows, quant, length, dtype):
-        ctx.quant, ctx.length, ctx.dtype = quant, length, dtype
+        ctx.quant, ctx.length = quant, length
         ctx.save_for_backward(rows)
         return x @ _dequant(rows, quant, length, dtype).t()
 
     @staticmethod
     def backward(ctx, grad):
         (rows,) = ctx.saved_tensors
-        gx = (_Rows.apply(grad, rows, ctx.quant, ctx.length, ctx.dtype)
+        gx = (_Rows.apply(grad, rows, ctx.quant, ctx.length, grad.dtype)
               if ctx.needs_input_grad[0] else None)
         return gx, None, None, None, None
 
@@ -76,18 +76,20 @@ class _RowsT(torch.autograd.Function):
 class _Rows(torch.autograd.Function):
     """z·R for R = the dequantized rows [r, length] (z [.., r] → [.., length]); the U_r
     product, R = U_rᵀ. Saves only the U8 rows: grad_z = grad·Rᵀ, R dequantized again.
-    Each is the other's backward, so double backward works too."""
+    Each is the other's backward, so double backward works too. The backward pass
+    dequantizes in the gradient's dtype (the forward's ``dtype`` unless autocast ran the
+    forward product in a lower precision, as autograd's own matmul backward would)."""
 
     @staticmethod
     def forward(ctx, z, rows, quant, length, dtype):
-        ctx.quant, ctx.length, ctx.dtype = quant, length, dtype
+        ctx.quant, ctx.length = quant, length
         ctx.save_for_backward(rows)
         return z @ _dequant(rows, quant, length, dtype)
 
     @staticmethod
     def backward(ctx, grad):
         (rows,) = ctx.saved_tensors
-        gz = (_RowsT.apply(grad, rows, ctx.quant, ctx.length, ctx.dtype)
+        gz = (_RowsT.apply(grad, rows, ctx.quant, ctx.length, grad.dtype)
               if ctx.needs_input_grad[0] else None)
         return gz, None, None, None, None
 

@@ -412,3 +412,24 @@ def test_packed_factor_products_gradcheck():
         f = lambda a, fn=fn: fn(a, rows, "Q8_0", length, torch.float64)  # noqa: E731
         assert torch.autograd.gradcheck(f, (inp,))
         assert torch.autograd.gradgradcheck(f, (inp,))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_packed_gradients_under_autocast(family, converted):
+    """Under CPU autocast (bf16) the products run in bf16 and their gradients come back in
+    bf16: the backward pass dequantizes in the gradient's dtype, as the plain layer's matmul
+    backward does with its autocast copies; the gradients are the plain model's."""
+    config, src, cdir = converted(family, "Q8_0")
+    ids = ids_for(config)
+    got = []
+    for packed in (False, True):
+        torch.manual_seed(7)
+        model = load(cdir, src, "core", packed).eval()
+        perturb_trainable(model, torch.Generator().manual_seed(5))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got.append(_grads(model, ids))
+    (gx0, gp0), (gx1, gp1) = got
+    torch.testing.assert_close(gx1, gx0, rtol=1e-6, atol=1e-7)
+    assert gp0 and gp1.keys() == gp0.keys()
+    for n in gp0:
+        torch.testing.assert_close(gp1[n], gp0[n], rtol=1e-6, atol=1e-7)
