@@ -165,8 +165,10 @@ def load_hf(cersa_dir, auto_class=None, mode: str = "frozen", k: Optional[int] =
     ``packed`` (default off): every factored layer whose factors are quantized (``--dtype
     q8_0|q5_0|q4_0``) keeps them as stored, U8 rows of GGML blocks, and dequantizes them in
     each forward (a :class:`~cersa_torch.packed.PackedCersaLinear`): 0.27× (Q8_0) / 0.14×
-    (Q4_0) of the f32 factor bytes held, the same outputs as ``packed=False``, the factor
-    path 1.2–1.4× slower at 256 tokens (bench/RESULTS.md). Layers whose factors are not
+    (Q4_0) of the f32 factor bytes held, the same outputs and gradients as
+    ``packed=False``, the factor path 1.2–1.4× slower at 256 tokens; in training no
+    dequantized factor is kept for the backward pass (dequantized again there), so a
+    step's peak keeps the saving too (bench/RESULTS.md). Layers whose factors are not
     quantized are unaffected. U and V stay frozen, so ``mode="factors"`` with ``packed``
     raises ``ValueError``.
     """

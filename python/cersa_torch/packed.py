@@ -7,17 +7,28 @@ as rows, ``NAME.cersa_vt`` [r, row_bytes(n)] the v_i. :meth:`TorchCheckpoint.fac
 dequantizes them to float at load; this module keeps the stored rows as the U8 buffers
 ``u_rows`` and ``vt_rows`` and dequantizes them (:func:`cersa_torch._quant.dequantize_torch`,
 pure torch, any device) each time ``u`` or ``vt`` is read, in the dtype of σ (the layer's
-compute dtype, which follows ``.to(dtype)``). ``forward``, ``adapted_weight`` and the
-adapter files therefore work unchanged, on exactly the values the dequantize-at-load path
-holds. Between forwards a layer holds the packed bytes only: Q8_0 34 bytes per 32 values,
+compute dtype, which follows ``.to(dtype)``). ``adapted_weight`` and the adapter files
+therefore work unchanged, and ``forward`` (below) computes :class:`CersaLinear`'s math, on
+exactly the values the dequantize-at-load path holds. Between forwards a layer holds the packed bytes only: Q8_0 34 bytes per 32 values,
 Q5_0 22, Q4_0 18, i.e. 0.27×, 0.17×, 0.14× of the f32 factors (plus the row padding to a
 multiple of 32).
 
 U and V are frozen as stored, so the modes are ``frozen``, ``scale``, ``core`` and
 ``cersa``; ``factors`` mode (which trains U·√σ and √σ·Vᵀ as float parameters) is refused.
-In training, autograd keeps the dequantized factors of each layer until the backward pass
-(the matmuls save their inputs), so the saving is in what the model holds, not in the peak
-of a training step.
+In training, ``forward`` multiplies by the factors through two autograd functions
+(:class:`_RowsT` for x·V_r, :class:`_Rows` for z·U_rᵀ) that save only the packed rows
+(already held by the layer) and dequantize again in the backward pass; the mode's middle
+(σ, core A·B, cersa C) is ordinary autograd, and the gradients are those of the
+dequantize-at-load layer. No dequantized factor is kept from the forward to the backward
+pass, so the saving holds at the peak of a training step too: on SmolLM2-135M Q8_0 (74
+factored layers, ``core`` k = 8, 256 tokens, f32) a step keeps 14.9 MiB for the backward
+pass instead of 77.9 MiB when autograd saved the dequantized U and Vᵀ, and the layers' part
+of the step's peak (held + step) is 32–34 MiB against 93–96 MiB before and 77–79 MiB with
+f32 factors at load; the whole model's step peak above what it holds falls by 62 MiB
+(bench/RESULTS.md, session 15, ``bench/packed_train_peak.py``). The price: each factor
+whose input needs a gradient is dequantized a second time in the backward pass (a step
+took 1.1–1.6× the time of the packed layer as it was at 256 tokens, 1.8× at 16, on a
+shared VM).
 
 A GPT-2 ``Conv1D`` layer (W stored [in, out]) is built with the two row sets swapped, as
 :func:`cersa_torch.load_hf` swaps U and Vᵀ: ``u_rows`` are then the stored ``cersa_vt``
@@ -36,6 +47,51 @@ from .modules import CersaLinear, _as_tensor
 
 #: The modes a packed layer supports (U and V frozen).
 PACKED_MODES = tuple(m for m in MODES if m != "factors")
+
+
+def _dequant(rows, quant, length, dtype):
+    """R = the stored rows dequantized, [r, length] in ``dtype`` (what ``u``/``vt`` read)."""
+    return dequantize_torch(rows, quant, length).to(dtype)
+
+
+class _RowsT(torch.autograd.Function):
+    """x·Rᵀ for R = the dequantized rows [r, length] (x [.., length] → [.., r]); the V_r
+    product, R = V_rᵀ. Saves only the U8 rows, not R nor x (R is frozen, so x is not needed
+    for any gradient): the backward pass dequantizes R again, grad_x = grad·R."""
+
+    @staticmethod
+    def forward(ctx, x, rows, quant, length, dtype):
+        ctx.quant, ctx.length = quant, length
+        ctx.save_for_backward(rows)
+        return x @ _dequant(rows, quant, length, dtype).t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (rows,) = ctx.saved_tensors
+        gx = (_Rows.apply(grad, rows, ctx.quant, ctx.length, grad.dtype)
+              if ctx.needs_input_grad[0] else None)
+        return gx, None, None, None, None
+
+
+class _Rows(torch.autograd.Function):
+    """z·R for R = the dequantized rows [r, length] (z [.., r] → [.., length]); the U_r
+    product, R = U_rᵀ. Saves only the U8 rows: grad_z = grad·Rᵀ, R dequantized again.
+    Each is the other's backward, so double backward works too. The backward pass
+    dequantizes in the gradient's dtype (the forward's ``dtype`` unless autocast ran the
+    forward product in a lower precision, as autograd's own matmul backward would)."""
+
+    @staticmethod
+    def forward(ctx, z, rows, quant, length, dtype):
+        ctx.quant, ctx.length = quant, length
+        ctx.save_for_backward(rows)
+        return z @ _dequant(rows, quant, length, dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (rows,) = ctx.saved_tensors
+        gz = (_RowsT.apply(grad, rows, ctx.quant, ctx.length, grad.dtype)
+              if ctx.needs_input_grad[0] else None)
+        return gz, None, None, None, None
 
 
 class PackedCersaLinear(CersaLinear):
@@ -85,6 +141,20 @@ class PackedCersaLinear(CersaLinear):
     def vt(self) -> torch.Tensor:
         """V_rᵀ [r, in], dequantized now in σ's dtype."""
         return dequantize_torch(self.vt_rows, self.quant, self.in_features).to(self.s.dtype)
+
+    def forward(self, x):
+        """:meth:`CersaLinear.forward`'s math, the factor products through :class:`_RowsT`
+        and :class:`_Rows` so that autograd keeps no dequantized factor (module doc)."""
+        dt = self.s.dtype  # the factors are dequantized in σ's dtype, as ``u``/``vt`` read
+        t = _RowsT.apply(x, self.vt_rows, self.quant, self.in_features, dt)  # x·V_r  [.., r]
+        z = t * self.s                                                      # ⊙ σ
+        if self.mode == "core":
+            z = z + (t @ self.a) @ self.b                                   # + x·V_r·A·B
+        if self.mode == "cersa":                   # x·V_r·Cᵀ: leading block through C
+            tb = self.c.shape[0]
+            z = torch.cat([t[..., :tb] @ self.c.T, z[..., tb:]], dim=-1)
+        y = _Rows.apply(z, self.u_rows, self.quant, self.out_features, dt)    # ·U_rᵀ [.., m]
+        return y if self.bias is None else y + self.bias
 
     def packed_bytes(self) -> int:
         """Bytes of the packed factors held (``u_rows`` and ``vt_rows``)."""

@@ -297,3 +297,139 @@ def test_packed_factors_accessor(converted, tmp_path):
             getattr(ckpt, read)(name)
         assert err.value.tensor == name + ".cersa_vt"
         assert "32 non-finite value(s)" in str(err.value), str(err.value)
+
+
+# ---------------------------------------------------------------- gradients (training peak)
+def _grads(model, ids):
+    """d loss / d input embeddings, and d loss / d every trainable parameter (by name)."""
+    x = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    model(inputs_embeds=x, labels=ids).loss.backward()
+    return x.grad, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_packed_gradients_equal_unpacked(family, mode, dtype, converted):
+    """The backward pass through the packed layers (factors dequantized again there, not
+    saved) gives the gradients of the dequantize-at-load model: of the input and of every
+    trainable tensor (σ, A and B, C; none in ``frozen`` mode)."""
+    config, src, cdir = converted(family, "Q8_0")
+    ids = ids_for(config)
+    got = []
+    for packed in (False, True):
+        torch.manual_seed(7)
+        model = load(cdir, src, mode, packed, dtype=dtype).eval()  # no dropout
+        perturb_trainable(model, torch.Generator().manual_seed(5))  # B off zero, C off diag
+        got.append(_grads(model, ids))
+    (gx0, gp0), (gx1, gp1) = got
+    assert any(isinstance(m, PackedCersaLinear) for m in model.modules())
+    assert gp1.keys() == gp0.keys() and (mode == "frozen") == (not gp0)
+    assert all(n.rpartition(".")[2] in {"s", "a", "b", "c"} for n in gp0)
+    tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)
+    assert gx1.dtype == dtype and gx1.abs().max() > 0
+    torch.testing.assert_close(gx1, gx0, **tol)
+    for n in gp0:
+        assert gp0[n] is not None and gp0[n].abs().max() > 0, n
+        torch.testing.assert_close(gp1[n], gp0[n], **tol, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def _saved_by_forward(layer, x):
+    """Every tensor autograd saves for the backward pass during ``layer(x)``."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    return saved
+
+
+def _factor_shaped(saved, layer, x):
+    """The saved tensors shaped like U [m, r] or Vᵀ [r, n] (or transposed), those sharing
+    storage with the input excepted."""
+    m, n, r = layer.out_features, layer.in_features, layer.rank
+    shapes = {(m, r), (r, m), (r, n), (n, r)}
+    xs = x.untyped_storage().data_ptr()
+    return [t for t in saved
+            if tuple(t.shape) in shapes and t.untyped_storage().data_ptr() != xs]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("mode", MODES)
+def test_packed_forward_saves_no_dequantized_factor(family, mode, converted):
+    """What autograd keeps of a packed layer's forward for the backward pass: no tensor of
+    U's or Vᵀ's shape (only the U8 rows the layer holds anyway), where the plain layer keeps
+    its U and Vᵀ buffers and the packed layer through ``CersaLinear.forward`` (the path
+    before the autograd functions) keeps freshly dequantized copies of both."""
+    config, src, cdir = converted(family, "Q8_0")
+    torch.manual_seed(7)
+    packed = load(cdir, src, mode, True)
+    torch.manual_seed(7)
+    plain = load(cdir, src, mode, False)
+    ref = {m.cersa_name: m for m in plain.modules() if isinstance(m, cersa_torch.CersaLinear)}
+    layers = [m for m in packed.modules() if isinstance(m, PackedCersaLinear)]
+    assert layers
+    for layer in layers:
+        m, n, r = layer.out_features, layer.in_features, layer.rank
+        tokens = next(t for t in range(7, 40) if 2 * t not in (m, n, r) and t not in (m, n, r))
+        x = torch.randn(2, tokens, n, requires_grad=True)
+        saved = _saved_by_forward(layer, x)
+        assert _factor_shaped(saved, layer, x) == [], layer.cersa_name
+        held = {b.untyped_storage().data_ptr() for b in (layer.u_rows, layer.vt_rows)}
+        assert all(t.untyped_storage().data_ptr() in held for t in saved
+                   if t.dtype == torch.uint8)
+        # The test can fail: the plain layer saves U and Vᵀ (views of its buffers) …
+        plain_saved = _factor_shaped(_saved_by_forward(ref[layer.cersa_name], x), layer, x)
+        assert {tuple(t.shape) for t in plain_saved} == {(n, r), (r, m)}, layer.cersa_name
+        # … and the packed layer through the parent's forward saves dequantized copies.
+        old = []
+        pack = lambda t: old.append(t) or t  # noqa: E731
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            cersa_torch.CersaLinear.forward(layer, x)
+        old = _factor_shaped(old, layer, x)
+        assert {tuple(t.shape) for t in old} == {(n, r), (r, m)}, layer.cersa_name
+        assert all(t.dtype == torch.float32 for t in old)
+
+
+def test_packed_factor_products_gradcheck():
+    """The two autograd functions' gradients (and second gradients: each is the other's
+    backward) against finite differences, in float64."""
+    from cersa_torch._quant import row_bytes
+    from cersa_torch.packed import _Rows, _RowsT
+
+    g = torch.Generator().manual_seed(3)
+    r, length = 3, 40
+    rows = torch.randint(0, 256, (r, row_bytes("Q8_0", length)), dtype=torch.uint8,
+                         generator=g).view(r, -1, 34)
+    rows[..., :2] = torch.tensor([0.02], dtype=torch.float16).view(torch.uint8)  # finite d
+    rows = rows.reshape(r, -1)
+    x = torch.randn(2, 5, length, dtype=torch.float64, generator=g, requires_grad=True)
+    z = torch.randn(2, 5, r, dtype=torch.float64, generator=g, requires_grad=True)
+    for fn, inp in ((_RowsT.apply, x), (_Rows.apply, z)):
+        f = lambda a, fn=fn: fn(a, rows, "Q8_0", length, torch.float64)  # noqa: E731
+        assert torch.autograd.gradcheck(f, (inp,))
+        assert torch.autograd.gradgradcheck(f, (inp,))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_packed_gradients_under_autocast(family, converted):
+    """Under CPU autocast (bf16) the products run in bf16 and their gradients come back in
+    bf16: the backward pass dequantizes in the gradient's dtype, as the plain layer's matmul
+    backward does with its autocast copies; the gradients are the plain model's."""
+    config, src, cdir = converted(family, "Q8_0")
+    ids = ids_for(config)
+    got = []
+    for packed in (False, True):
+        torch.manual_seed(7)
+        model = load(cdir, src, "core", packed).eval()
+        perturb_trainable(model, torch.Generator().manual_seed(5))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got.append(_grads(model, ids))
+    (gx0, gp0), (gx1, gp1) = got
+    torch.testing.assert_close(gx1, gx0, rtol=1e-6, atol=1e-7)
+    assert gp0 and gp1.keys() == gp0.keys()
+    for n in gp0:
+        torch.testing.assert_close(gp1[n], gp0[n], rtol=1e-6, atol=1e-7)
