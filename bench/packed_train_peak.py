@@ -228,7 +228,7 @@ def main():
               f"{r['peak_kib'] / 1024:>14.1f} {(r['held'] / 2**20 + r['peak_kib'] / 1024):>12.1f} "
               f"{r['step_s'] * 1e3:>8.1f}")
     g = [r["grad_abs_sum"] for r in rows]
-    print(f"Σ|grad| per variant (x's, or the model's parameters'; the same function): "
+    print("Σ|grad| per variant (x's, or the model's parameters'; the same function): "
           + ", ".join(f"{v:.6e}" for v in g))
 
 
