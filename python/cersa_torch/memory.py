@@ -1,10 +1,12 @@
 """Memory of fine-tuning a CERSA checkpoint in PyTorch, per mode, known before loading it.
 
-``python -m cersa_torch.memory CERSA_DIR [--k 8] [--dtype float32|bfloat16|float16]``
+``python -m cersa_torch.memory CERSA_DIR [--k 8] [--dtype float32|bfloat16|float16]
+[--packed]``
 prints, for every mode of :func:`cersa_torch.load_hf`, the bytes of frozen weights, of
 trainable parameters and of AdamW's state, next to the dense model with LoRA of rank k.
 Every tensor is held in the compute dtype (e bytes per element; quantized factors are
-dequantized to it at load). For a factored layer [m, n] of rank r:
+dequantized to it at load, or with ``--packed`` held as their U8 rows, r·(row_bytes(m) +
+row_bytes(n)) bytes in place of r·(m+n)·e). For a factored layer [m, n] of rank r:
 
 ===========  ===========================  ======================
 mode         frozen                       trainable
@@ -42,6 +44,7 @@ import torch
 
 from . import MODES
 from ._manifest import read_manifest
+from ._quant import row_bytes
 
 #: AdamW's gradient, first and second moments, per trainable element.
 ADAMW_STATE = 3
@@ -79,22 +82,29 @@ class Estimate:
 
 
 def layer_memory(m: int, n: int, r: int, mode: str, k: int = 8, t: Optional[int] = None,
-                 elem_bytes: int = 4) -> MemoryUse:
-    """Bytes of one factored layer [m, n] of rank r trained in ``mode`` (the module table)."""
+                 elem_bytes: int = 4, packed: Optional[str] = None) -> MemoryUse:
+    """Bytes of one factored layer [m, n] of rank r trained in ``mode`` (the module table).
+    ``packed``: the factors' quantization (``Q8_0``, …) when they are held packed
+    (``load_hf(packed=True)``): U and Vᵀ then cost r·(row_bytes(m) + row_bytes(n)) bytes."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: expected one of {MODES}")
-    use, uv = MemoryUse(), r * (m + n)
+    use = MemoryUse()
+    uv = (r * (row_bytes(packed, m) + row_bytes(packed, n)) if packed
+          else r * (m + n) * elem_bytes)
+    sigma = r * elem_bytes
     if mode == "frozen":
-        use.add(frozen=(uv + r) * elem_bytes)
+        use.add(frozen=uv + sigma)
     elif mode == "scale":
-        use.add(frozen=uv * elem_bytes, trainable=r * elem_bytes)
+        use.add(frozen=uv, trainable=sigma)
     elif mode == "core":
-        use.add(frozen=(uv + r) * elem_bytes, trainable=2 * r * min(k, r) * elem_bytes)
+        use.add(frozen=uv + sigma, trainable=2 * r * min(k, r) * elem_bytes)
     elif mode == "factors":
-        use.add(trainable=uv * elem_bytes)
+        if packed:
+            raise ValueError("factors mode trains U and V: they cannot stay packed")
+        use.add(trainable=uv)
     else:
         t = r if t is None else min(t, r)
-        use.add(frozen=(uv + r) * elem_bytes, trainable=t * t * elem_bytes)
+        use.add(frozen=uv + sigma, trainable=t * t * elem_bytes)
     return use
 
 
@@ -107,10 +117,11 @@ def _numel(shape) -> int:
 
 def estimate(cersa_dir, mode: str, k: int = 8, dtype: torch.dtype = torch.float32,
              beta: Optional[float] = None, train_dense: bool = False,
-             dense_subspace: bool = True) -> Estimate:
+             dense_subspace: bool = True, packed: bool = False) -> Estimate:
     """What :func:`cersa_torch.load_hf` (same arguments) will hold for ``cersa_dir``, from its
     manifest alone (σ is read too when ``beta`` is given). Stacked experts count as frozen
-    dense tensors, as ``load_hf`` fills them."""
+    dense tensors, as ``load_hf`` fills them. With ``packed``, quantized factors count their
+    stored U8 rows."""
     from .dense import DENSE_MODES, DENSE_REASONS
     from .modules import trainable_rank
 
@@ -132,7 +143,7 @@ def estimate(cersa_dir, mode: str, k: int = 8, dtype: torch.dtype = torch.float3
             t = None
             if ckpt is not None:
                 t = trainable_rank(ckpt.factors(name, torch.float64)[1], info["energy"], beta)
-            use = layer_memory(m, n, r, mode, k, t, e)
+            use = layer_memory(m, n, r, mode, k, t, e, info.get("quant") if packed else None)
             out.cersa.add(use.frozen, use.trainable)
             out.lora.add(frozen=m * n * e, trainable=k * (m + n) * e)
             continue
@@ -186,10 +197,13 @@ def main(argv=None) -> int:
     ap.add_argument("cersa_dir")
     ap.add_argument("--k", type=int, default=8, help="core rank k, and LoRA's rank (default 8)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--packed", action="store_true",
+                    help="quantized factors held packed (load_hf(packed=True); no factors mode)")
     ap.add_argument("--json", action="store_true", help="print the estimates as JSON")
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    rows = [estimate(args.cersa_dir, mode, args.k, dtype) for mode in MODES]
+    modes = [m for m in MODES if not (args.packed and m == "factors")]
+    rows = [estimate(args.cersa_dir, mode, args.k, dtype, packed=args.packed) for mode in modes]
     if args.json:
         print(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
         return 0

@@ -98,3 +98,16 @@ def test_core_k_is_capped_at_a_layer_rank_below_it(llama, cersa_bin):
         f"model.layers.{i}.self_attn.q_proj.weight": (2, 2) for i in range(2)}
     assert all(a[1] == 4 for n, a in cores.items() if "q_proj" not in n)
     assert memory.measure(model) == memory.estimate(out, "core", k=4).cersa
+
+
+@pytest.mark.parametrize("mode", ["frozen", "scale", "core", "cersa"])
+def test_packed_estimate_counts_the_stored_rows(llama, cersa_bin, mode):
+    out = llama / "q8"
+    if not out.exists():
+        subprocess.run([cersa_bin, "convert", "-q", "--force-factor", "--dtype", "q8_0",
+                        llama / "src", out], check=True)
+    est = memory.estimate(out, mode, k=3, packed=True)
+    model = cersa_torch.load_hf(out, mode=mode, k=3, packed=True)
+    assert memory.measure(model) == est.cersa
+    # Q8_0: 34 bytes per 32 values, against 4 per value dequantized.
+    assert est.cersa.frozen < memory.estimate(out, mode, k=3).cersa.frozen
