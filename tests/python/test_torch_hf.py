@@ -30,6 +30,11 @@ def tiny(family):
         return t.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=160,
                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                              tie_word_embeddings=True, architectures=["LlamaForCausalLM"])
+    if family == "mistral":
+        return t.MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=160,
+                               num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, sliding_window=8,
+                               architectures=["MistralForCausalLM"])
     if family == "qwen2":
         return t.Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=160,
                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -93,7 +98,8 @@ def reference(src_dir, cersa_dir, tmp_path):
     return getattr(transformers, config.architectures[0]).from_pretrained(ref_dir).eval()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "bert", "gpt2", "vit"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma", "bert", "gpt2",
+                                    "vit"])
 def test_load_hf_matches_recomposed_dense_model(family, run_cersa, tmp_path):
     config = tiny(family)
     torch.manual_seed(0)
