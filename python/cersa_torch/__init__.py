@@ -16,6 +16,8 @@ inside their principal subspace.
   adaptation in W's own top-r subspace, computed at load (:mod:`cersa_torch.dense`);
 - :func:`save_adapter`, :func:`load_adapter` — the trained part as a ``cersa-adapter`` file
   (the Rust crate's format: ``cersa merge`` folds it into a new checkpoint);
+  :func:`save_bases` — the bases of the dense-subspace layers, which ``load_hf(…, bases=)``
+  reads instead of recomputing their SVDs;
 - :func:`load_cersa` — a numpy reader (numpy + safetensors only, no torch);
 - :func:`calibrate` — each linear layer's input statistics G = Σ x xᵀ from the dense model
   run over calibration text, the file ``cersa convert --calibration`` reads
@@ -56,6 +58,7 @@ _LAZY = {
     "load_hf": ".hf",
     "save_adapter": ".adapter",
     "load_adapter": ".adapter",
+    "save_bases": ".adapter",
     "calibrate": ".calibrate",
     "perplexity": ".evaluate",
     "embedding_similarity": ".evaluate",

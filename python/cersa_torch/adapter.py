@@ -105,6 +105,26 @@ def save_adapter(model, path) -> Dict[str, dict]:
     return meta
 
 
+def save_bases(model, path) -> int:
+    """Writes the basis of every dense-subspace layer of ``model`` (from :func:`load_hf`) to
+    ``path`` (safetensors, ``format: cersa-bases``, the base manifest's sha256; tensors as in
+    an adapter file), so that ``load_hf(…, bases=path)`` skips their SVDs. Returns the number
+    of layers written."""
+    from safetensors.torch import save_file
+
+    sha = getattr(model, "cersa_manifest_sha256", None)
+    if sha is None:
+        raise ValueError("the model does not record its CERSA checkpoint (use load_hf)")
+    tensors = {}
+    for m in model.modules():
+        if isinstance(m, DenseSubspaceLinear) and getattr(m, "cersa_name", None):
+            tensors.update(_basis(m, m.cersa_name))
+    if not tensors:
+        raise ValueError("the model has no dense-subspace layer: no basis to save")
+    save_file(tensors, str(path), metadata={"format": "cersa-bases", "manifest_sha256": sha})
+    return len(tensors) // 3
+
+
 def load_adapter(model, path) -> None:
     """Loads an adapter file into the matching :class:`CersaLinear` layers of ``model``
     (built by :func:`load_hf` on the same checkpoint, in the same modes)."""

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from .checkpoint import open_checkpoint
 from .experts import stacked_experts
-from .layers import adapts, build_layer
+from .layers import Bases, adapts, build_layer
 from .modules import CersaLinear
 from .moe import layer_builder, swap_experts
 from .packed import PACKED_MODES, PackedCersaLinear
@@ -138,7 +138,7 @@ def load_hf(cersa_dir, auto_class=None, mode: str = "frozen", k: Optional[int] =
             device="cpu", dtype: torch.dtype = torch.float32, config=None,
             train_dense: bool = False, beta: Optional[float] = None,
             verify_checksums: bool = True, dense_subspace: bool = True,
-            packed: bool = False):
+            packed: bool = False, bases=None):
     """A transformers model whose factored linear layers are :class:`CersaLinear` s.
 
     ``auto_class``: e.g. ``transformers.AutoModelForCausalLM`` (default: the class named in
@@ -162,6 +162,10 @@ def load_hf(cersa_dir, auto_class=None, mode: str = "frozen", k: Optional[int] =
     Per-expert MoE checkpoints (Mixtral, Qwen-MoE, …: one matrix per expert that
     transformers fuses on loading) get a :class:`~cersa_torch.moe.CersaExperts` per experts
     module, its expert matrices built as above (:mod:`cersa_torch.moe`, docs/experts.md).
+    ``bases``: a file written by :func:`cersa_torch.save_bases` (or an adapter file from
+    :func:`cersa_torch.save_adapter`) for this checkpoint: the dense-subspace layers take
+    their basis from it instead of computing an SVD (the SVDs dominate the load time of a
+    large model; layers the file lacks are still computed).
     ``packed`` (default off): every factored layer whose factors are quantized (``--dtype
     q8_0|q5_0|q4_0``) keeps them as stored, U8 rows of GGML blocks, and dequantizes them in
     each forward (a :class:`~cersa_torch.packed.PackedCersaLinear`): 0.27× (Q8_0) / 0.14×
@@ -187,9 +191,11 @@ def load_hf(cersa_dir, auto_class=None, mode: str = "frozen", k: Optional[int] =
     merged: Dict[str, Tuple[str, str]] = {}
     names = _model_names(model, ckpt.manifest["tensors"], cersa_dir, merged=merged)
     # Per-expert (Mixtral-style) matrices: each experts module becomes a CersaExperts.
+    if bases is not None:
+        bases = Bases(bases, ckpt.manifest_sha256)
     swap_experts(model, merged, cersa_dir, layer_builder(ckpt, cersa_dir, mode, k, beta, dtype,
                                                          device, dense_subspace, train_dense,
-                                                         packed))
+                                                         packed, bases))
     conv1d = getattr(transformers.pytorch_utils, "Conv1D", ())
     for path, module in list(model.named_modules()):
         if not isinstance(module, (nn.Linear, conv1d)):
@@ -210,7 +216,7 @@ def load_hf(cersa_dir, auto_class=None, mode: str = "frozen", k: Optional[int] =
                 raise ValueError(f"{cersa_dir}: {path}.bias is not in the checkpoint")
             bias = ckpt.dense(bias_name)
         layer = build_layer(ckpt, name, mode, k, beta, dtype, device, dense_subspace, packed,
-                            transposed, bias)
+                            transposed, bias, bases)
         got = (layer.out_features, layer.in_features)
         if got != want:
             raise ValueError(f"{cersa_dir}: {name} is {got[0]}×{got[1]} (out×in), "

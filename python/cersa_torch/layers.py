@@ -32,13 +32,14 @@ def adapts(ckpt, name: str, mode: str, dense_subspace: bool) -> bool:
 
 def build_layer(ckpt, name: str, mode: str, k: Optional[int], beta: Optional[float],
                 dtype: torch.dtype, device, dense_subspace: bool, packed: bool,
-                transposed: bool = False, bias=None):
+                transposed: bool = False, bias=None, bases=None):
     """The layer of checkpoint matrix ``name`` (see the module doc), or ``None`` when it
     stays dense. ``transposed``: the module computes x·W with W [in, out] as stored (GPT-2
     ``Conv1D``), so the layer is built from the factors of Wᵀ: (V, σ, U) in
     :class:`CersaLinear`'s orientation. ``beta``: in ``cersa`` mode, each core trains only
     its leading components up to cumulative energy β. ``k``: in ``core`` mode, the core rank,
-    lowered to the layer's rank r where r < k."""
+    lowered to the layer's rank r where r < k. ``bases``: a :class:`Bases` whose basis of a
+    dense matrix is taken instead of computing its SVD."""
     if not adapts(ckpt, name, mode, dense_subspace):
         return None
     info = ckpt.info(name)
@@ -57,8 +58,14 @@ def build_layer(ckpt, name: str, mode: str, k: Optional[int], beta: Optional[flo
     else:
         # Checkpoint orientation [m, n], as stored; the basis from its exact values.
         weight = ckpt.dense(name)
-        u, s, vt, energy = top_subspace(ckpt.dense(name, torch.float64),
-                                        ckpt.manifest["config"], name)
+        w64 = ckpt.dense(name, torch.float64)
+        stored = bases.get(name, tuple(w64.shape)) if bases is not None else None
+        if stored is None:
+            u, s, vt, energy = top_subspace(w64, ckpt.manifest["config"], name)
+        else:
+            u, s, vt = stored
+            energy = float((s.double() ** 2).sum()) / float((w64 * w64).sum())
+        del w64
     if quant is None and transposed:
         u, vt = vt.T, u.T
         weight = None if weight is None else weight.T
@@ -77,3 +84,41 @@ def build_layer(ckpt, name: str, mode: str, k: Optional[int], beta: Optional[flo
                                     device=device, trainable=t)
     layer.cersa_name, layer.cersa_transposed = name, transposed
     return layer
+
+
+class Bases:
+    """The bases of dense-subspace layers from a file :func:`cersa_torch.save_bases` or
+    :func:`cersa_torch.save_adapter` wrote (``NAME.adapter_u`` [m, r], ``adapter_sigma``
+    [r], ``adapter_vt`` [r, n]), for the checkpoint whose manifest sha256 it records."""
+
+    FORMATS = ("cersa-bases", "cersa-adapter")
+
+    def __init__(self, path, manifest_sha256: str):
+        from safetensors import safe_open
+
+        self.path = str(path)
+        self._file = safe_open(self.path, framework="pt")
+        md = self._file.metadata() or {}
+        if md.get("format") not in self.FORMATS:
+            raise ValueError(f"{self.path}: not a cersa-bases or cersa-adapter file "
+                             f"(format {md.get('format')!r})")
+        if md.get("manifest_sha256") != manifest_sha256:
+            raise ValueError(f"{self.path}: made for another CERSA checkpoint (manifest sha256 "
+                             "differs)")
+        self._keys = set(self._file.keys())
+
+    def get(self, name: str, shape):
+        """(U, σ, Vᵀ) of ``name`` [m, n] = ``shape`` in float64, or ``None`` if the file has
+        none; a basis of the wrong shape is an error naming the file and tensor."""
+        keys = [f"{name}.adapter_{x}" for x in ("u", "sigma", "vt")]
+        if not all(k in self._keys for k in keys):
+            return None
+        u, s, vt = (self._file.get_tensor(k).to(torch.float64) for k in keys)
+        m, n = shape
+        r = s.shape[0] if s.ndim == 1 else -1
+        if s.ndim != 1 or tuple(u.shape) != (m, r) or tuple(vt.shape) != (r, n) or not (
+                1 <= r <= min(m, n)):
+            raise ValueError(f"{self.path}: {name}: basis shapes {tuple(u.shape)}, "
+                             f"{tuple(s.shape)}, {tuple(vt.shape)} do not fit the matrix "
+                             f"[{m}, {n}]")
+        return u, s, vt

@@ -202,7 +202,7 @@ def swap_experts(model, merged: Dict[str, Tuple[str, str]], source: str,
 
 
 def layer_builder(ckpt, source: str, mode: str, k, beta, dtype, device, dense_subspace: bool,
-                  train_dense: bool, packed: bool = False
+                  train_dense: bool, packed: bool = False, bases=None
                   ) -> Callable[[str, Tuple[int, int]], nn.Module]:
     """``build`` for :func:`swap_experts`: one expert matrix as :func:`load_hf` makes any
     linear layer (:func:`cersa_torch.layers.build_layer`: a :class:`CersaLinear` in ``mode``,
@@ -221,7 +221,8 @@ def layer_builder(ckpt, source: str, mode: str, k, beta, dtype, device, dense_su
         if shape != tuple(want):
             raise ValueError(f"{source}: {name} has shape {list(shape)} (out×in), the model's "
                              f"expert layer is {want[0]}×{want[1]}")
-        layer = build_layer(ckpt, name, mode, k, beta, dtype, device, dense_subspace, packed)
+        layer = build_layer(ckpt, name, mode, k, beta, dtype, device, dense_subspace, packed,
+                            bases=bases)
         if layer is None:
             return DenseExpertLinear(ckpt.dense(name).to(device=device, dtype=dtype),
                                      train_dense)

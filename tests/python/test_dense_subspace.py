@@ -247,3 +247,35 @@ def test_peft_export_of_dense_base_layers(family, bases, run_cersa, tmp_path):
         transformers.AutoModelForCausalLM.from_pretrained(plain), str(lora)).eval()
     got = logits(peft_model, ids)
     assert np.abs(got - trained).max() <= 1e-5 * np.abs(trained).max()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_saved_bases_replace_the_svds_at_load(family, bases, tmp_path, monkeypatch):
+    """save_bases → load_hf(bases=) builds the same layers without one SVD; an adapter file
+    serves as well; a file for another checkpoint is refused."""
+    config, base = bases[family]
+    ids = torch.randint(0, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
+    model = cersa_torch.load_hf(base, mode="cersa", beta=0.5)
+    n = cersa_torch.save_bases(model, tmp_path / "bases.safetensors")
+    assert n == len(dense_layers(model)) >= 4
+    perturb_trainable(model, torch.Generator().manual_seed(3))
+    cersa_torch.save_adapter(model, tmp_path / "adapter.safetensors")
+
+    def no_svd(*a, **kw):
+        raise AssertionError("an SVD was computed")
+
+    monkeypatch.setattr(torch.linalg, "svd", no_svd)
+    for source in ("bases.safetensors", "adapter.safetensors"):
+        again = cersa_torch.load_hf(base, mode="cersa", beta=0.5, bases=tmp_path / source)
+        for name, layer in dense_layers(again).items():
+            want = dense_layers(model)[name]
+            assert layer.rank == want.rank and layer.c.shape == want.c.shape, name
+            for attr in ("u", "vt", "s0", "weight"):
+                torch.testing.assert_close(getattr(layer, attr), getattr(want, attr),
+                                           rtol=0, atol=0)
+    cersa_torch.load_adapter(again, tmp_path / "adapter.safetensors")
+    np.testing.assert_array_equal(logits(again, ids), logits(model, ids))
+    other = "gpt2" if family == "llama" else "llama"
+    with pytest.raises(ValueError, match="another CERSA checkpoint"):
+        cersa_torch.load_hf(bases[other][1], mode="core", k=3,
+                            bases=tmp_path / "bases.safetensors")
