@@ -121,4 +121,8 @@ class Bases:
             raise ValueError(f"{self.path}: {name}: basis shapes {tuple(u.shape)}, "
                              f"{tuple(s.shape)}, {tuple(vt.shape)} do not fit the matrix "
                              f"[{m}, {n}]")
+        for key, t in zip(keys, (u, s, vt)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{self.path}: {key}: {int((~torch.isfinite(t)).sum())} of "
+                                 f"{t.numel()} values are NaN or ±Inf")
         return u, s, vt

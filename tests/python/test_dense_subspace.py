@@ -279,3 +279,24 @@ def test_saved_bases_replace_the_svds_at_load(family, bases, tmp_path, monkeypat
     with pytest.raises(ValueError, match="another CERSA checkpoint"):
         cersa_torch.load_hf(bases[other][1], mode="core", k=3,
                             bases=tmp_path / "bases.safetensors")
+
+
+def test_bases_file_with_wrong_shapes_or_nan_is_refused(bases, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    config, base = bases["llama"]
+    model = cersa_torch.load_hf(base, mode="core", k=3)
+    cersa_torch.save_bases(model, tmp_path / "b.safetensors")
+    with safe_open(str(tmp_path / "b.safetensors"), "pt") as f:
+        meta = f.metadata()
+    good = load_file(tmp_path / "b.safetensors")
+    name = sorted(k for k in good if k.endswith(".adapter_u"))[0][:-len(".adapter_u")]
+    for what, edit, msg in (
+            ("shape", lambda t: t[:, :-1].contiguous(), "do not fit"),
+            ("nan", lambda t: t.index_fill(0, torch.tensor([0]), float("nan")), "NaN")):
+        bad = dict(good)
+        bad[f"{name}.adapter_u"] = edit(good[f"{name}.adapter_u"])
+        save_file(bad, tmp_path / f"{what}.safetensors", metadata=meta)
+        with pytest.raises(ValueError, match=msg) as e:
+            cersa_torch.load_hf(base, mode="core", k=3, bases=tmp_path / f"{what}.safetensors")
+        assert name in str(e.value) and f"{what}.safetensors" in str(e.value)
