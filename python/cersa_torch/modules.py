@@ -89,15 +89,19 @@ class CersaLinear(nn.Module):
         if self.mode == "factors":
             y = (x @ self.right.T) @ self.left.T
         else:
-            t = x @ self.vt.T                     # x·V_r        [.., r]
-            z = t * self.s                        # ⊙ σ
-            if self.mode == "core":
-                z = z + (t @ self.a) @ self.b     # + x·V_r·A·B
-            if self.mode == "cersa":              # x·V_r·Cᵀ: leading block through C
-                tb = self.c.shape[0]
-                z = torch.cat([t[..., :tb] @ self.c.T, z[..., tb:]], dim=-1)
-            y = z @ self.u.T                      # ·U_rᵀ        [.., m]
+            y = self._through_core(x @ self.vt.T) @ self.u.T   # x·V_r, the core, ·U_rᵀ
         return y if self.bias is None else y + self.bias
+
+    def _through_core(self, t):
+        """t = x·V_r [.., r] through the mode's core (the r×r middle of every mode but
+        ``factors``): t ⊙ σ, + t·A·B (``core``), or t·Cᵀ in the leading block (``cersa``)."""
+        z = t * self.s
+        if self.mode == "core":
+            z = z + (t @ self.a) @ self.b
+        if self.mode == "cersa":
+            tb = self.c.shape[0]
+            z = torch.cat([t[..., :tb] @ self.c.T, z[..., tb:]], dim=-1)
+        return z
 
     @torch.no_grad()
     def adapted_weight(self) -> torch.Tensor:

@@ -147,12 +147,7 @@ class PackedCersaLinear(CersaLinear):
         and :class:`_Rows` so that autograd keeps no dequantized factor (module doc)."""
         dt = self.s.dtype  # the factors are dequantized in σ's dtype, as ``u``/``vt`` read
         t = _RowsT.apply(x, self.vt_rows, self.quant, self.in_features, dt)  # x·V_r  [.., r]
-        z = t * self.s                                                      # ⊙ σ
-        if self.mode == "core":
-            z = z + (t @ self.a) @ self.b                                   # + x·V_r·A·B
-        if self.mode == "cersa":                   # x·V_r·Cᵀ: leading block through C
-            tb = self.c.shape[0]
-            z = torch.cat([t[..., :tb] @ self.c.T, z[..., tb:]], dim=-1)
+        z = self._through_core(t)
         y = _Rows.apply(z, self.u_rows, self.quant, self.out_features, dt)    # ·U_rᵀ [.., m]
         return y if self.bias is None else y + self.bias
 
