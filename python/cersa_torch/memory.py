@@ -177,7 +177,10 @@ def measure(model) -> MemoryUse:
         if id(p) not in seen:
             seen.add(id(p))
             nbytes = p.numel() * p.element_size()
-            use.add(trainable=nbytes) if p.requires_grad else use.add(frozen=nbytes)
+            if p.requires_grad:
+                use.add(trainable=nbytes)
+            else:
+                use.add(frozen=nbytes)
     for module in model.modules():
         skip = getattr(module, "_non_persistent_buffers_set", set())
         for name, b in module._buffers.items():
