@@ -57,15 +57,16 @@ def build_layer(ckpt, name: str, mode: str, k: Optional[int], beta: Optional[flo
         energy = info["energy"]
     else:
         # Checkpoint orientation [m, n], as stored; the basis from its exact values.
-        weight = ckpt.dense(name)
-        w64 = ckpt.dense(name, torch.float64)
-        stored = bases.get(name, tuple(w64.shape)) if bases is not None else None
+        # Read once, in float64 (exact for every stored float dtype): the SVD's input, and W
+        # itself, which DenseSubspaceLinear casts to the layer's dtype (the same rounding as
+        # reading it in that dtype).
+        weight = ckpt.dense(name, torch.float64)
+        stored = bases.get(name, tuple(weight.shape)) if bases is not None else None
         if stored is None:
-            u, s, vt, energy = top_subspace(w64, ckpt.manifest["config"], name)
+            u, s, vt, energy = top_subspace(weight, ckpt.manifest["config"], name)
         else:
             u, s, vt = stored
-            energy = float((s.double() ** 2).sum()) / float((w64 * w64).sum())
-        del w64
+            energy = float((s.double() ** 2).sum()) / float((weight * weight).sum())
     if quant is None and transposed:
         u, vt = vt.T, u.T
         weight = None if weight is None else weight.T
